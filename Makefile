@@ -1,0 +1,71 @@
+# dynoagent — the two front-door commands are `make run` and `make test`.
+# Set-up is idempotent: Debian packages are installed only when missing, the virtualenv
+# only when pyproject.toml changed since it was last built.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+APT_PACKAGES := nftables iproute2 tini runc crun busybox-static libsystemd-dev pkg-config \
+                gcc procps util-linux systemd
+VM_APT_PACKAGES := qemu-system-x86 linux-image-amd64
+PYTEST := $(BIN)/pytest
+CHECKED := agent cgroups netns
+
+.PHONY: setup setup-vm run test test-unit test-privileged test-e2e test-vm lint bench clean
+
+setup: $(STAMPS)/apt $(BIN)/.installed
+
+# dpkg-query answers in milliseconds; apt-get runs only for what is missing.
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+setup-vm: setup
+	@missing=$$(for p in $(VM_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@test -x $(BIN)/vng || $(BIN)/pip install -q virtme-ng
+
+$(BIN)/.installed: pyproject.toml $(STAMPS)/apt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+lint: setup
+	$(BIN)/ruff check $(CHECKED) tests
+	$(BIN)/mypy $(CHECKED)
+
+test-unit: setup
+	$(PYTEST) tests/unit
+
+test-privileged: setup
+	$(PYTEST) tests/privileged
+
+test-e2e: setup
+	$(PYTEST) tests/e2e
+
+test-vm: setup-vm
+	$(PYTEST) tests/vm
+
+test: lint
+	$(PYTEST) tests/unit tests/privileged tests/e2e
+	$(MAKE) --no-print-directory test-vm
+
+run: setup
+	$(BIN)/dynoagent serve --config examples/dev-agent.toml
+
+bench: setup
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) $(STAMPS) build *.egg-info
