@@ -65,7 +65,7 @@ run: setup
 	$(BIN)/dynoagent serve --config examples/dev-agent.toml
 
 bench: setup
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) $(STAMPS) build *.egg-info
