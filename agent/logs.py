@@ -1,0 +1,425 @@
+"""Log lines of DESIGN §6: their format, Heroku's platform messages, line splitting, the per-app
+tail buffer and the hub that fans lines out to followers without ever blocking the publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import TracebackType
+from typing import Final
+
+MAX_LINE_BYTES: Final = 10_000  # Heroku splits longer lines into 10,000-byte chunks
+TAIL_LINES: Final = 1_500  # Heroku's per-app log history
+DEFAULT_FOLLOWER_QUEUE: Final = 10_000
+
+
+class LogError(Exception):
+    """Base of this module's errors; carries the offending value."""
+
+    def __init__(self, message: str, value: object) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class LogSource(StrEnum):
+    APP = "app"  # what a dyno's processes printed
+    AGENT = "agent"  # platform messages (Heroku writes `heroku[...]`)
+
+
+def format_timestamp(at: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, as Heroku prints it:
+    `2026-11-26T10:00:00.123456+00:00`."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise LogError(f"timestamp {at.isoformat()} has no timezone", at)
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _seconds(value: float) -> str:
+    # "30 seconds", not "30.0 seconds"; shortened test timeouts keep their fraction.
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# Platform messages. The wording is Heroku's (reference/heroku.md), because people and tools
+# grep for it; do not "improve" it.
+
+def starting_process(command: str) -> str:
+    return f"Starting process with command `{command}`"
+
+
+def state_changed(previous: str, new: str) -> str:
+    return f"State changed from {previous} to {new}"
+
+
+def stopping_all_sigterm() -> str:
+    return "Stopping all processes with SIGTERM"
+
+
+def r12_exit_timeout(stop_timeout_s: float) -> str:
+    return ("Error R12 (Exit timeout) -> At least one process failed to exit within "
+            f"{_seconds(stop_timeout_s)} seconds of SIGTERM")
+
+
+def stopping_remaining_sigkill() -> str:
+    return "Stopping remaining processes with SIGKILL"
+
+
+def stopping_process_sigkill() -> str:
+    """After R10 and R15 Heroku kills without a grace period and says so in these words."""
+    return "Stopping process with SIGKILL"
+
+
+def process_exited(status: int) -> str:
+    return f"Process exited with status {status}"
+
+
+def r10_boot_timeout(boot_timeout_s: float) -> str:
+    return ("Error R10 (Boot timeout) -> Web process failed to bind to $PORT within "
+            f"{_seconds(boot_timeout_s)} seconds of launch")
+
+
+def process_running_mem(usage_bytes: int, quota_bytes: int) -> str:
+    """`Process running mem=1028M(103.3%)`: usage in MiB (Heroku's "MB" is 2**20 bytes)."""
+    if quota_bytes <= 0:
+        raise LogError(f"memory quota must be positive, got {quota_bytes}", quota_bytes)
+    mib = round(usage_bytes / 2**20)
+    return f"Process running mem={mib}M({usage_bytes * 100 / quota_bytes:.1f}%)"
+
+
+def r14_memory_quota_exceeded() -> str:
+    return "Error R14 (Memory quota exceeded)"
+
+
+def r15_memory_quota_vastly_exceeded() -> str:
+    return "Error R15 (Memory quota vastly exceeded)"
+
+
+def cycling() -> str:
+    return "Cycling"
+
+
+def restarting() -> str:
+    return "Restarting"
+
+
+def l10_buffer_overflow(dropped: int) -> str:
+    return f"Error L10 (output buffer overflow): {dropped} messages dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line of a dyno's output or one platform message about it."""
+
+    at: datetime
+    source: LogSource
+    dyno: str  # the dyno's name, e.g. "web.1"
+    app: str
+    text: str
+    dyno_id: str = ""
+
+    @classmethod
+    def agent(cls, at: datetime, app: str, dyno: str, text: str, dyno_id: str = "") -> LogLine:
+        return cls(at, LogSource.AGENT, dyno, app, text, dyno_id)
+
+    @classmethod
+    def output(cls, at: datetime, app: str, dyno: str, text: str, dyno_id: str = "") -> LogLine:
+        return cls(at, LogSource.APP, dyno, app, text, dyno_id)
+
+    def format(self) -> str:
+        """`2026-11-26T10:00:00.123456+00:00 app[web.1]: text`"""
+        return f"{format_timestamp(self.at)} {self.source}[{self.dyno}]: {self.text}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"at": format_timestamp(self.at), "source": str(self.source), "app": self.app,
+                "dyno": self.dyno, "id": self.dyno_id, "text": self.text, "line": self.format()}
+
+    def matches(self, app: str | None, dyno: str | None) -> bool:
+        """Filter of `logs -a APP -d DYNO`; a dyno is named by its name or its id."""
+        if app is not None and self.app != app:
+            return False
+        return dyno is None or dyno in (self.dyno, self.dyno_id)
+
+
+def _cut(data: bytes, limit: int) -> int:
+    """Largest cut point <= limit that does not split a UTF-8 sequence (unless none exists)."""
+    cut = limit
+    # Continuation bytes are 0b10xxxxxx; back up at most 3 to the lead byte of the character.
+    while cut > limit - 3 and cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > 0 and (data[cut] & 0xC0) != 0x80 else limit
+
+
+def split_line(line: str | bytes, limit_bytes: int = MAX_LINE_BYTES) -> list[str]:
+    """Split one line (its trailing newline removed) into chunks of at most `limit_bytes` bytes.
+
+    Chunks end on a UTF-8 character boundary when the text is UTF-8; bytes that are not valid
+    UTF-8 are replaced (U+FFFD) only after cutting, so the byte bound holds on the input.
+    """
+    if limit_bytes < 4:
+        raise LogError(f"line limit must be at least 4 bytes, got {limit_bytes}", limit_bytes)
+    data = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line
+    if data.endswith(b"\n"):
+        data = data[:-1]
+        if data.endswith(b"\r"):
+            data = data[:-1]
+    chunks: list[str] = []
+    while len(data) > limit_bytes:
+        cut = _cut(data, limit_bytes)
+        chunks.append(data[:cut].decode("utf-8", "replace"))
+        data = data[cut:]
+    chunks.append(data.decode("utf-8", "replace"))
+    return chunks
+
+
+class LineAssembler:
+    """Turns a byte stream (a dyno's pipe) into lines, holding at most `limit_bytes` of a
+    partial line: a process that prints without newlines still has its output delivered."""
+
+    def __init__(self, limit_bytes: int = MAX_LINE_BYTES) -> None:
+        if limit_bytes < 4:
+            raise LogError(f"line limit must be at least 4 bytes, got {limit_bytes}",
+                           limit_bytes)
+        self._limit = limit_bytes
+        self._partial = bytearray()
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._partial)
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Add bytes read from the pipe; return the lines completed (or cut) so far."""
+        self._partial += chunk
+        lines: list[str] = []
+        start = 0
+        buf = self._partial
+        while True:
+            newline = buf.find(b"\n", start)
+            if newline < 0:
+                break
+            lines.extend(split_line(bytes(buf[start:newline]), self._limit))
+            start = newline + 1
+        rest = bytes(buf[start:])
+        while len(rest) > self._limit:
+            cut = _cut(rest, self._limit)
+            lines.append(rest[:cut].decode("utf-8", "replace"))
+            rest = rest[cut:]
+        self._partial = bytearray(rest)
+        return lines
+
+    def flush(self) -> list[str]:
+        """End of stream: the unterminated tail, if any, becomes a line."""
+        if not self._partial:
+            return []
+        rest, self._partial = bytes(self._partial), bytearray()
+        return split_line(rest, self._limit)
+
+
+class LogBuffer:
+    """The last `capacity` lines of one app (Heroku's `heroku logs` history)."""
+
+    def __init__(self, capacity: int = TAIL_LINES) -> None:
+        if capacity < 1:
+            raise LogError(f"buffer capacity must be positive, got {capacity}", capacity)
+        self._lines: deque[tuple[int, LogLine]] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def append(self, line: LogLine, seq: int = 0) -> None:
+        """`seq` orders lines across apps when several buffers are merged (see LogHub)."""
+        self._lines.append((seq, line))
+
+    def entries(self) -> Iterator[tuple[int, LogLine]]:
+        return iter(self._lines)
+
+    def tail(self, n: int | None = None, dyno: str | None = None) -> list[LogLine]:
+        """The last `n` lines (all when None), oldest first, optionally of one dyno."""
+        lines = [line for _, line in self._lines if line.matches(None, dyno)]
+        if n is None:
+            return lines
+        return lines[-n:] if n > 0 else []
+
+
+class Follower:
+    """A bounded subscription to a LogHub, consumed with `async for line in follower`.
+
+    When it falls behind, lines that do not fit are dropped and counted; once it has read what
+    it had, it receives one `Error L10 (output buffer overflow): N messages dropped` line.
+    """
+
+    def __init__(self, hub: LogHub, app: str | None, dyno: str | None, max_queue: int,
+                 clock: Callable[[], datetime]) -> None:
+        if max_queue < 1:
+            raise LogError(f"follower queue must hold at least one line, got {max_queue}",
+                           max_queue)
+        self.app = app
+        self.dyno = dyno
+        self.max_queue = max_queue
+        self.dropped = 0  # lines lost by this follower since it subscribed
+        self._hub = hub
+        self._clock = clock
+        self._queue: deque[LogLine] = deque()
+        self._gap = 0  # dropped since the last L10 this follower was given
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def offer(self, line: LogLine) -> bool:
+        """Called by the hub; never blocks. Returns whether the line was kept."""
+        if self._closed:
+            return False
+        if len(self._queue) >= self.max_queue:
+            self._gap += 1
+            self.dropped += 1
+            return False
+        if self._gap:
+            # The gap lies before this line: report it here, so the L10 line sits where the
+            # lines went missing. It may take the queue one over its bound, once per gap.
+            self._queue.append(self._l10())
+        self._queue.append(line)
+        self._wakeup.set()
+        return True
+
+    def _preload(self, lines: Iterable[LogLine]) -> None:
+        self._queue.extend(lines)
+        self._wakeup.set()
+
+    def _l10(self) -> LogLine:
+        gap, self._gap = self._gap, 0
+        return LogLine.agent(self._clock(), self.app or "", "logs", l10_buffer_overflow(gap))
+
+    def close(self) -> None:
+        """Stop following: iteration ends at once and the hub forgets this follower."""
+        if not self._closed:
+            self._closed = True
+            self._queue.clear()
+            self._wakeup.set()
+            self._hub._forget(self)
+
+    def get_nowait(self) -> LogLine | None:
+        """The next line if one is ready (including a due L10 line), else None."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._gap and not self._closed:
+            return self._l10()
+        return None
+
+    def __aiter__(self) -> Follower:
+        return self
+
+    async def __anext__(self) -> LogLine:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            line = self.get_nowait()
+            if line is not None:
+                return line
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class LogHub:
+    """Keeps each app's tail and fans published lines out to followers.
+
+    `publish` never blocks and never raises for a slow or gone follower: it is called from the
+    code that reads dynos' pipes, and a dyno must never stall because someone reads slowly.
+    Must be used from one event loop thread.
+    """
+
+    def __init__(self, *, tail_lines: int = TAIL_LINES,
+                 max_line_bytes: int = MAX_LINE_BYTES,
+                 clock: Callable[[], datetime] = _utc_now) -> None:
+        if tail_lines < 1:
+            raise LogError(f"tail must keep at least one line, got {tail_lines}", tail_lines)
+        self._tail_lines = tail_lines
+        self._max_line_bytes = max_line_bytes
+        self._clock = clock
+        self._buffers: dict[str, LogBuffer] = {}
+        self._followers: set[Follower] = set()
+        self._seq = itertools.count()
+        self.published = 0
+        self.dropped = 0  # lines lost by all followers together
+
+    @property
+    def followers(self) -> int:
+        return len(self._followers)
+
+    def publish(self, line: LogLine) -> None:
+        """Add a line to its app's tail and offer it to every matching follower."""
+        # Cheap pre-check: a str of n characters is at most 4n bytes in UTF-8.
+        if len(line.text) * 4 > self._max_line_bytes and \
+                len(line.text.encode("utf-8", "surrogateescape")) > self._max_line_bytes:
+            for text in split_line(line.text, self._max_line_bytes):
+                self._publish_one(LogLine(line.at, line.source, line.dyno, line.app, text,
+                                          line.dyno_id))
+        else:
+            self._publish_one(line)
+
+    def _publish_one(self, line: LogLine) -> None:
+        buffer = self._buffers.get(line.app)
+        if buffer is None:
+            buffer = self._buffers[line.app] = LogBuffer(self._tail_lines)
+        buffer.append(line, next(self._seq))
+        self.published += 1
+        for follower in self._followers:
+            if line.matches(follower.app, follower.dyno) and not follower.offer(line):
+                self.dropped += 1
+
+    def tail(self, app: str | None = None, dyno: str | None = None,
+             n: int | None = None) -> list[LogLine]:
+        """The last `n` lines kept (all kept when None), oldest first, across apps when
+        `app` is None."""
+        if app is not None:
+            buffer = self._buffers.get(app)
+            return [] if buffer is None else buffer.tail(n, dyno)
+        merged = heapq.merge(*(b.entries() for b in self._buffers.values()),
+                             key=lambda entry: entry[0])
+        lines = [line for _, line in merged if line.matches(None, dyno)]
+        if n is None:
+            return lines
+        return lines[-n:] if n > 0 else []
+
+    def subscribe(self, app: str | None = None, dyno: str | None = None, tail: int = 0,
+                  max_queue: int = DEFAULT_FOLLOWER_QUEUE) -> Follower:
+        """A follower that first yields the last `tail` matching lines, then new ones."""
+        follower = Follower(self, app, dyno, max_queue, self._clock)
+        if tail > 0:
+            follower._preload(self.tail(app, dyno, tail))
+        self._followers.add(follower)
+        return follower
+
+    def forget_app(self, app: str) -> None:
+        """Drop an app's tail (the app is gone from this host)."""
+        self._buffers.pop(app, None)
+
+    def close(self) -> None:
+        """End every follower (agent shutdown)."""
+        for follower in list(self._followers):
+            follower.close()
+
+    def _forget(self, follower: Follower) -> None:
+        self._followers.discard(follower)
