@@ -170,6 +170,23 @@ def prepare_cgroup2() -> CgroupView:
     )
 
 
+def simulate_hybrid() -> None:
+    """Rebuild the guest's /sys/fs/cgroup the way a hybrid host has it (tmpfs, a named v1
+    hierarchy, cgroup2 at `unified`), so that the fix-up in prepare_cgroup2 gets exercised.
+    A named hierarchy carries no controller, so cgroup_no_v1=all does not refuse it."""
+    subprocess.run(["umount", "-l", str(CGROUP_MOUNT)], check=True)
+    steps = [
+        ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", str(CGROUP_MOUNT)],
+        ["mkdir", str(CGROUP_MOUNT / "unified"), str(CGROUP_MOUNT / "dtvm")],
+        ["mount", "-t", "cgroup2", "cgroup2", str(CGROUP_MOUNT / "unified")],
+        ["mount", "-t", "cgroup", "-o", "none,name=dtvm", "cgroup", str(CGROUP_MOUNT / "dtvm")],
+    ]
+    for argv in steps:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise GuestError(f"{' '.join(argv)} failed: {done.stderr.strip()}", argv[-1])
+
+
 def _memory_events(group: Path) -> dict[str, int]:
     events: dict[str, int] = {}
     for line in (group / "memory.events").read_text().splitlines():
@@ -270,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pytest-timeout-s", type=float, default=600.0)
     parser.add_argument("--bench", action="append", default=[])
     parser.add_argument("--bench-timeout-s", type=float, default=600.0)
+    parser.add_argument("--simulate-hybrid", action="store_true")
     args = parser.parse_args(argv)
 
     share: Path = args.share
@@ -282,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         "cgroup": None, "probe": None, "pytest": None, "bench": None, "error": None,
     }
     try:
+        if args.simulate_hybrid:
+            simulate_hybrid()
+            result["layout_before"] = classify_layout(_own_mounts())
         view = prepare_cgroup2()
         result["cgroup"] = asdict(view)
         result["probe"] = probe_oom()

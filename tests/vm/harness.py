@@ -83,6 +83,8 @@ class VmPlan:
     bench_timeout_s: float = 600.0
     cpus: int = 2
     memory: str = "2G"
+    # Give the guest a hybrid-looking /sys/fs/cgroup first, to test the fix-up path.
+    simulate_hybrid: bool = False
 
     @property
     def timeout_s(self) -> float:
@@ -156,6 +158,8 @@ def vng_argv(plan: VmPlan, share: Path) -> list[str]:
         guest_argv.append(f"--pytest-arg={arg}")
     for name in plan.bench:
         guest_argv += ["--bench", name]
+    if plan.simulate_hybrid:
+        guest_argv.append("--simulate-hybrid")
     return [
         str(venv_bin() / "vng"),
         "--run", str(plan.kernel),
@@ -259,11 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-pytest", action="store_true", help="only the built-in probe")
     parser.add_argument("--bench", action="append", default=[], help="benchmark name(s)")
     parser.add_argument("--pytest-timeout-s", type=float, default=600.0)
+    parser.add_argument("--simulate-hybrid", action="store_true",
+                        help="start the guest from a hybrid-looking /sys/fs/cgroup")
     args = parser.parse_args(argv)
     try:
         plan = VmPlan(kernel=find_kernel(),
                       pytest_paths=() if args.no_pytest else tuple(args.paths),
-                      bench=tuple(args.bench), pytest_timeout_s=args.pytest_timeout_s)
+                      bench=tuple(args.bench), pytest_timeout_s=args.pytest_timeout_s,
+                      simulate_hybrid=args.simulate_hybrid)
         result = run_vm(plan)
     except VmError as exc:
         print(exc, file=sys.stderr)

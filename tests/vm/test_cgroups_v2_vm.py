@@ -79,3 +79,24 @@ def test_cgroup_privileged_tests_pass_in_the_guest(vm_run: VmResult) -> None:
     assert vm_run.junit.failures == 0 and vm_run.junit.errors == 0, _explain(vm_run)
     assert vm_run.junit.passed > 0, _explain(vm_run)
     assert run["exit_code"] == 0, _explain(vm_run)
+
+
+def test_guest_turns_a_hybrid_layout_into_pure_v2(tmp_path: Path) -> None:
+    """A second boot whose guest starts from a hybrid-looking /sys/fs/cgroup: the guest
+    script must tear it down, mount cgroup2 alone and still enforce memory.max."""
+    try:
+        check_capabilities()
+    except VmCapabilityMissing as exc:
+        pytest.skip(f"VM tier: missing {exc.what}")
+    result = run_vm(VmPlan(kernel=find_kernel(), pytest_paths=(), simulate_hybrid=True),
+                    share=tmp_path)
+    guest = result.guest
+    assert guest["error"] is None, summary(result)
+    assert guest["layout_before"] == "hybrid", summary(result)
+    cg = guest["cgroup"]
+    assert [(m["fstype"], m["mount_point"]) for m in cg["mounts"]] == [
+        ("cgroup2", "/sys/fs/cgroup")], summary(result)
+    assert "mount cgroup2 /sys/fs/cgroup" in cg["fixups"]
+    assert {"memory", "cpu", "pids"} <= set(cg["subtree_control"])
+    assert guest["probe"]["ok"], summary(result)
+    assert guest["pytest"] is None
