@@ -27,11 +27,14 @@ $(STAMPS)/apt: Makefile
 	fi
 	@touch $@
 
+# The VM tier (tests/vm): qemu + Debian's stock kernel + virtme-ng in the venv, each only
+# when missing. Another apt run may hold the dpkg lock (first boot): wait for it, bounded.
 setup-vm: setup
 	@missing=$$(for p in $(VM_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing; \
 	fi
 	@test -x $(BIN)/vng || $(BIN)/pip install -q virtme-ng
 
@@ -54,6 +57,7 @@ test-privileged: setup
 test-e2e: setup
 	$(PYTEST) tests/e2e
 
+# Two TCG boots of ≈ 20 s each plus the cgroup tests inside the guest.
 test-vm: setup-vm
 	$(PYTEST) tests/vm
 
