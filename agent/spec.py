@@ -166,7 +166,7 @@ def _type_name(value: Any) -> str:
 def _reject_unknown(field: str, data: Mapping[Any, Any], known: tuple[str, ...]) -> None:
     for key in data:
         if key not in known:
-            if isinstance(key, str):
+            if isinstance(key, str) and key:
                 where = f"{field}.{key}" if field else key
             else:
                 where = field or "spec"
