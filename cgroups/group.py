@@ -1,0 +1,259 @@
+"""One cgroup in every hierarchy of the layout: attach, limits, stats, freeze, kill, remove."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from cgroups.discovery import Hierarchy, Layout
+from cgroups.errors import (
+    Busy,
+    CgroupError,
+    ControllerMissing,
+    NotEmpty,
+    NotFound,
+    Timeout,
+)
+from cgroups.fs import normalise
+from cgroups.limits import Limits, Mode, plan_writes
+from cgroups.stats import (
+    PRESSURE_FILES,
+    V1_FILES,
+    V2_FILES,
+    Stats,
+    parse_flat,
+    stats_v1,
+    stats_v2,
+)
+
+if TYPE_CHECKING:
+    from cgroups.notify import GroupWatch
+
+# First and last pause between rmdir attempts while the kernel still holds the group (EBUSY
+# right after the last task exited, until its css references are dropped).
+_RETRY_FIRST_S = 0.001
+_RETRY_MAX_S = 0.05
+
+
+class Group:
+    """The group at relative path `rel` in every hierarchy of `layout` (no I/O on construction).
+
+    Every method is a few cgroupfs syscalls; the ones that take a deadline (freeze, kill's
+    fallback, remove) block at most that long and have async variants or belong in a thread.
+    """
+
+    def __init__(self, layout: Layout, rel: str) -> None:
+        self.layout = layout
+        self.rel = normalise(rel)
+        if not self.rel:
+            raise CgroupError("a group may not be the top of the hierarchy", path=rel)
+
+    def __repr__(self) -> str:
+        return f"Group({self.rel!r}, mode={self.layout.mode.value})"
+
+    @property
+    def name(self) -> str:
+        return self.rel.rsplit("/", 1)[-1]
+
+    @property
+    def _unified(self) -> Hierarchy:
+        return self.layout.unified
+
+    def directories(self) -> dict[str, str]:
+        """Hierarchy name -> absolute directory of this group."""
+        return {h.name: str(h.fs.path(self.rel)) for h in self.layout.hierarchies}
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def procs_paths(self) -> tuple[str, ...]:
+        """The cgroup.procs files a forked child writes "0" into, in order, before it execs:
+        limit hierarchies first so it is never tracked without its limits in force."""
+        return tuple(str(h.fs.path(self.rel, "cgroup.procs")) for h in self.layout.hierarchies)
+
+    def attach(self, pid: int) -> None:
+        """Move a process (all its threads) into the group in every hierarchy."""
+        for h in self.layout.hierarchies:
+            h.fs.write(self.rel, "cgroup.procs", str(pid))
+
+    def exists(self) -> bool:
+        return self._unified.fs.exists(self.rel)
+
+    def pids(self) -> list[int]:
+        """Every process in the group in any hierarchy (a half-attached one counts too)."""
+        found: set[int] = set()
+        for h in self.layout.hierarchies:
+            try:
+                found.update(h.fs.procs(self.rel))
+            except NotFound:
+                continue
+        return sorted(found)
+
+    def events(self) -> dict[str, int]:
+        """cgroup.events of the unified group: populated, frozen."""
+        return parse_flat(self._unified.fs.read(self.rel, "cgroup.events"),
+                          file="cgroup.events")
+
+    def populated(self) -> bool:
+        return self.events().get("populated", 0) == 1
+
+    # -- limits -------------------------------------------------------------------------------
+
+    def swap_accounting(self) -> bool:
+        """Whether swap can be capped per group on this host (needs the group to exist)."""
+        try:
+            memory = self.layout.hierarchy_for("memory")
+        except ControllerMissing:
+            return False
+        name = "memory.swap.max" if self.layout.mode is Mode.V2 else "memory.memsw.limit_in_bytes"
+        return memory.fs.exists(self.rel, name)
+
+    def apply(self, limits: Limits) -> None:
+        """Write the limits; the first write the kernel refuses raises, naming file and value."""
+        writes = plan_writes(limits, self.layout.mode, swap_accounting=self.swap_accounting())
+        targets = [(self.layout.hierarchy_for(w.controller), w) for w in writes]
+        for hierarchy, write in targets:
+            hierarchy.fs.write(self.rel, write.file, write.value)
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Current statistics; files this kernel lacks leave their fields None."""
+        if not self.exists():
+            raise NotFound("group does not exist", path=str(self._unified.fs.path(self.rel)))
+        if self.layout.mode is Mode.V2:
+            return stats_v2(self._read_present(self._unified, V2_FILES))
+        by_hierarchy: dict[str, str] = {}
+        for file in V1_FILES:
+            try:
+                hierarchy = self.layout.hierarchy_for(file.split(".", 1)[0])
+            except ControllerMissing:
+                continue
+            by_hierarchy.update(self._read_present(hierarchy, (file,)))
+        unified = self._read_present(self._unified, ("cpu.stat", *PRESSURE_FILES))
+        return stats_v1(by_hierarchy, unified)
+
+    def _read_present(self, hierarchy: Hierarchy, files: tuple[str, ...]) -> dict[str, str]:
+        out = {}
+        for file in files:
+            try:
+                out[file] = hierarchy.fs.read(self.rel, file)
+            except NotFound:
+                continue
+        return out
+
+    # -- freeze, kill -------------------------------------------------------------------------
+
+    def freeze(self, timeout_s: float = 1.0) -> None:
+        """Freeze every task and wait until the kernel says the group is frozen."""
+        self._write_freeze("1")
+        deadline = time.monotonic() + timeout_s
+        pause = _RETRY_FIRST_S
+        while self.events().get("frozen", 0) != 1:
+            if time.monotonic() >= deadline:
+                raise Timeout(f"not frozen within {timeout_s}s",
+                              path=str(self._unified.fs.path(self.rel)), file="cgroup.events")
+            # cgroup.events changes are also inotify-visible, but a freeze is sub-millisecond
+            # and only used on the rare kill fallback: a short bounded poll is simpler.
+            time.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
+
+    def thaw(self) -> None:
+        self._write_freeze("0")
+
+    def _write_freeze(self, value: str) -> None:
+        if not self._unified.fs.exists(self.rel, "cgroup.freeze"):
+            # cgroup.freeze appeared in kernel 5.2.
+            raise ControllerMissing("freezer", "cgroup.freeze not available",
+                                    path=str(self._unified.fs.path(self.rel)))
+        self._unified.fs.write(self.rel, "cgroup.freeze", value)
+
+    def kill(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL every process in the group at once. Does not wait for them to be gone: the
+        group's EMPTY notification (or populated()) says when they are."""
+        if self._unified.fs.exists(self.rel, "cgroup.kill"):
+            # cgroup.kill (kernel 5.14) kills atomically, including tasks forked meanwhile.
+            self._unified.fs.write(self.rel, "cgroup.kill", "1")
+            return
+        self._kill_by_pid(timeout_s)
+
+    def _kill_by_pid(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        can_freeze = self._unified.fs.exists(self.rel, "cgroup.freeze")
+        while True:
+            if can_freeze:
+                self.freeze(max(0.0, deadline - time.monotonic()))
+            try:
+                victims = self.pids()
+                for pid in victims:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            finally:
+                if can_freeze:
+                    # Always thaw: a SIGKILLed task that is frozen does not die until thawed
+                    # (true of the v1 freezer and of v2 before the kill reaches it).
+                    self.thaw()
+            # Frozen, nobody could fork between listing and killing: one pass is enough.
+            # Unfrozen, a forking process can outrun us, so go again until nothing is new.
+            if can_freeze or not victims:
+                return
+            if time.monotonic() >= deadline:
+                raise Timeout(f"processes still forking after {timeout_s}s",
+                              path=str(self._unified.fs.path(self.rel)))
+            remaining = set(self.pids())
+            if not remaining - set(victims):
+                return
+
+    # -- removal ------------------------------------------------------------------------------
+
+    def try_remove(self) -> bool:
+        """One removal attempt: True when gone from every hierarchy, False if the kernel still
+        says EBUSY. Refuses (NotEmpty) while any process remains in the group."""
+        pids = self.pids()
+        if pids:
+            raise NotEmpty(f"group still has {len(pids)} process(es)",
+                           path=str(self._unified.fs.path(self.rel)), value=str(pids[:10]))
+        done = True
+        # Unified last: it is how a restarted agent finds the group, so it goes only once the
+        # limit hierarchies are gone (a crash in between leaves a findable leftover).
+        for h in self.layout.hierarchies:
+            try:
+                h.fs.rmdir(self.rel)
+            except NotFound:
+                continue
+            except Busy:
+                done = False
+        return done
+
+    def remove(self, timeout_s: float = 5.0) -> None:
+        """Remove the group, retrying EBUSY until `timeout_s`; blocks (use remove_async on a
+        loop). Read stats() first if its counters matter: they go with the group."""
+        deadline = time.monotonic() + timeout_s
+        pause = _RETRY_FIRST_S
+        while not self.try_remove():
+            if time.monotonic() >= deadline:
+                raise Busy(f"still busy after {timeout_s}s",
+                           path=str(self._unified.fs.path(self.rel)))
+            time.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
+
+    async def remove_async(self, timeout_s: float = 5.0) -> None:
+        """remove() for the event loop: the retries wait with asyncio.sleep."""
+        deadline = time.monotonic() + timeout_s
+        pause = _RETRY_FIRST_S
+        while not self.try_remove():
+            if time.monotonic() >= deadline:
+                raise Busy(f"still busy after {timeout_s}s",
+                           path=str(self._unified.fs.path(self.rel)))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
+
+    # -- notifications ------------------------------------------------------------------------
+
+    def watch(self) -> GroupWatch:
+        """Async notifications for this group; use as `async with group.watch() as w:`."""
+        from cgroups.notify import GroupWatch
+        return GroupWatch(self)
