@@ -1,0 +1,230 @@
+"""How the holder starts processes: the isolating launcher (`agent.launcher`) or a plain fork/exec.
+
+The holder calls a Backend from its single thread; the pid it returns must be the holder's
+own child. `IsolatedBackend` is production; `PlainBackend` runs the command without any
+isolation and exists so the holder itself can be tested, and used, without root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.holder.errors import BadRequest, EnterFailed, LaunchFailed, RequestFailed
+
+
+@dataclass(frozen=True)
+class LaunchOutcome:
+    pid: int
+    start_time: int
+    timings_ms: Mapping[str, float]
+
+
+class Backend(Protocol):
+    name: str
+
+    def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+               stderr_fd: int) -> LaunchOutcome: ...
+
+    def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+              stderr_fd: int) -> int: ...
+
+
+def proc_start_time(pid: int) -> int:
+    """Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+def _str_seq(params: Mapping[str, Any], key: str, required: bool = True) -> tuple[str, ...]:
+    value = params.get(key)
+    if value is None and not required:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"{key}: a list of strings is required, got {value!r}")
+    return tuple(value)
+
+
+def _env(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    value = params.get("env", [])
+    pairs: list[tuple[str, str]] = []
+    if not isinstance(value, list | tuple):
+        raise BadRequest(f"env: a list of [name, value] pairs is required, got {value!r}")
+    for pair in value:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(isinstance(v, str) for v in pair)):
+            raise BadRequest(f"env: bad pair {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
+def _opt_int(params: Mapping[str, Any], key: str) -> int | None:
+    value = params.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise BadRequest(f"{key}: an integer is required, got {value!r}")
+    return value
+
+
+class IsolatedBackend:
+    """Adapter to `agent.launcher.launch`/`enter`, imported on first use."""
+
+    name = "isolated"
+
+    def __init__(self, module: str = "agent.launcher") -> None:
+        self._module_name = module
+        self._module: Any = None
+
+    def _launcher(self) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._module_name)
+        return self._module
+
+    def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+               stderr_fd: int) -> LaunchOutcome:
+        launcher = self._launcher()
+        request = self._request(launcher.LaunchRequest, params)
+        try:
+            result = launcher.launch(request, stdin_fd, stdout_fd, stderr_fd)
+        except Exception as exc:
+            raise _launcher_failure(LaunchFailed, exc) from exc
+        return LaunchOutcome(int(result.pid), int(result.start_time),
+                             {str(k): float(v) for k, v in result.timings_ms.items()})
+
+    def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+              stderr_fd: int) -> int:
+        launcher = self._launcher()
+        env = _env(params)
+        try:
+            pid = launcher.enter(
+                target_pid, _str_seq(params, "argv"), env, _opt_int(params, "uid"),
+                _opt_int(params, "gid"), str(params.get("cwd") or "/app"),
+                stdin_fd, stdout_fd, stderr_fd, _str_seq(params, "cgroup_procs", required=False))
+        except Exception as exc:
+            raise _launcher_failure(EnterFailed, exc) from exc
+        return int(pid)
+
+    @staticmethod
+    def _request(cls: Any, params: Mapping[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise BadRequest(f"unknown launch fields: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in params.items():
+            if key == "env":
+                kwargs[key] = _env(params)
+            elif isinstance(value, list):
+                kwargs[key] = tuple(value)
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise BadRequest(f"launch request: {exc}") from exc
+
+
+def _launcher_failure(cls: type[LaunchFailed] | type[EnterFailed],
+                      exc: Exception) -> RequestFailed:
+    errno = getattr(exc, "errno", None)
+    # The launcher's RequestError is a refused field, not a failed launch.
+    if type(exc).__name__ == "RequestError":
+        return BadRequest(str(exc))
+    return cls(str(exc), errno if isinstance(errno, int) and errno else None)
+
+
+class PlainBackend:
+    """fork + exec, no isolation: cwd, uid/gid (when root) and cgroup.procs writes only."""
+
+    name = "plain"
+
+    def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+               stderr_fd: int) -> LaunchOutcome:
+        began = time.perf_counter()
+        cwd = params.get("cwd") or params.get("dyno_dir") or "/"
+        if not isinstance(cwd, str) or not os.path.isdir(cwd):
+            cwd = "/"
+        pid = _spawn(_str_seq(params, "argv"), _env(params), cwd, _opt_int(params, "uid"),
+                     _opt_int(params, "gid"), _str_seq(params, "cgroup_procs", required=False),
+                     (stdin_fd, stdout_fd, stderr_fd), LaunchFailed)
+        timings = {"fork_exec": (time.perf_counter() - began) * 1000.0}
+        return LaunchOutcome(pid, proc_start_time(pid), timings)
+
+    def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+              stderr_fd: int) -> int:
+        cwd = params.get("cwd") or "/"
+        if not isinstance(cwd, str) or not os.path.isdir(cwd):
+            cwd = "/"
+        return _spawn(_str_seq(params, "argv"), _env(params), cwd, _opt_int(params, "uid"),
+                      _opt_int(params, "gid"), _str_seq(params, "cgroup_procs", required=False),
+                      (stdin_fd, stdout_fd, stderr_fd), EnterFailed)
+
+
+# Dispositions the holder changes for itself; a child must start with the defaults.
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+
+def _spawn(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: int | None,
+           gid: int | None, cgroup_procs: Sequence[str], stdio: tuple[int, int, int],
+           failure: type[LaunchFailed] | type[EnterFailed]) -> int:
+    if not argv:
+        raise BadRequest("argv: empty command")
+    # exec failure travels back on a close-on-exec pipe: EOF means exec succeeded.
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(err_r)
+        os.close(err_w)
+        raise failure(f"fork: {exc.strerror}", exc.errno) from exc
+    if pid == 0:  # pragma: no cover - the child never returns into Python's test machinery
+        code = 127
+        try:
+            os.close(err_r)
+            os.setsid()
+            for path in cgroup_procs:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            for target, fd in enumerate(stdio):
+                os.dup2(fd, target, inheritable=True)
+            os.chdir(cwd)
+            if uid is not None and gid is not None and os.geteuid() == 0 and uid != 0:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            for signum in _RESET_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            os.execvpe(argv[0], list(argv), dict(env))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(err_w, f"{exc.errno or 0}:{exc}".encode())
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(err_w, f"0:{exc!r}".encode())
+        finally:
+            os._exit(code)
+    os.close(err_w)
+    chunks = []
+    try:
+        while chunk := os.read(err_r, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(err_r)
+    if chunks:
+        os.waitpid(pid, 0)
+        errno_text, _, message = b"".join(chunks).decode(errors="replace").partition(":")
+        errno = int(errno_text) if errno_text.isdigit() and int(errno_text) else None
+        raise failure(f"{argv[0]}: {message}", errno)
+    return pid

@@ -1,0 +1,448 @@
+"""The daemon's asyncio client of the holder: requests with deadlines, an event stream with acks.
+
+One connection carries both. Output events are acked when the consumer asks for the next
+event (so a daemon killed while handling a batch gets it again from the holder). When the
+consumer falls far behind, reading pauses; the holder then keeps lines in its bounded
+per-dyno buffers, so memory stays bounded on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.holder.errors import (
+    ConnectionLost,
+    HolderTimeout,
+    HolderUnavailable,
+    ProtocolError,
+    error_for_code,
+)
+from agent.holder.protocol import (
+    ANCILLARY_BYTES,
+    MAX_RESPONSE_BYTES,
+    FrameDecoder,
+    Message,
+    encode,
+    fds_from_ancillary,
+    rights,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_ALREADY_RUNNING = 3  # agent.holder.__main__ (not imported: it pulls in the server)
+READ_CHUNK = 1 << 18
+# Events queued for a slow consumer before reading pauses.
+EVENT_QUEUE_PAUSE = 64
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    dyno_id: str
+    pid: int
+    seq: int
+    dropped: int
+    lines: tuple[tuple[float, bytes], ...]
+
+
+@dataclass(frozen=True)
+class ExitEvent:
+    dyno_id: str
+    kind: str
+    pid: int
+    status: int
+    signal: int | None
+    exited_at: float
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """Another connection subscribed; this one receives no more events."""
+
+
+HolderEvent = OutputEvent | ExitEvent | Superseded
+
+
+@dataclass(frozen=True)
+class Launched:
+    pid: int
+    start_time: int
+    timings_ms: Mapping[str, float]
+    pidfd: int  # owned by the caller
+
+
+@dataclass(frozen=True)
+class Entered:
+    pid: int
+    start_time: int
+    pidfd: int  # owned by the caller
+
+
+@dataclass(frozen=True)
+class HeldProcess:
+    dyno_id: str
+    kind: str
+    pid: int
+    start_time: int
+    running: bool
+    status: int | None
+    signal: int | None
+    buffered_lines: int
+    buffered_bytes: int
+    dropped: int
+    pidfd: int | None  # only when listed with pidfds=True and running; owned by the caller
+
+
+_LOST = object()
+
+
+class HolderClient:
+    """A connection to the holder. Create with `connect` or `ensure_running`; `close` when done."""
+
+    def __init__(self, sock: socket.socket, socket_path: str) -> None:
+        self._sock = sock
+        self._path = socket_path
+        self._loop = asyncio.get_running_loop()
+        self._decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        self._outq: deque[tuple[memoryview, list[int]]] = deque()
+        self._writing = False
+        self._pending: dict[int, tuple[str, asyncio.Future[tuple[Message, list[int]]]]] = {}
+        self._next_id = 1
+        self._events: deque[object] = deque()
+        self._event_waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._unacked: OutputEvent | None = None
+        self._closed = False
+        self._lost_reason: str | None = None
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    # -- connecting --------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, socket_path: str, timeout_s: float = 5.0) -> HolderClient:
+        sock = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.get_running_loop().sock_connect(sock, socket_path)
+        except TimeoutError:
+            sock.close()
+            raise HolderUnavailable("connect timed out", socket_path) from None
+        except OSError as exc:
+            sock.close()
+            raise HolderUnavailable("cannot connect", socket_path, exc.errno) from exc
+        return cls(sock, socket_path)
+
+    @classmethod
+    async def ensure_running(cls, socket_path: str, state_dir: str, *,
+                             backend: str = "isolated", timeout_s: float = 10.0,
+                             python: str = sys.executable,
+                             extra_args: Sequence[str] = ()) -> HolderClient:
+        """Connect; if nobody answers, start a detached holder (log in `state_dir`) and connect."""
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(HolderUnavailable):
+            return await cls.connect(socket_path, min(timeout_s, 2.0))
+        os.makedirs(state_dir, exist_ok=True)
+        log_path = os.path.join(state_dir, "holder.log")
+        argv = [python, "-m", "agent.holder", "--socket", socket_path, "--state-dir", state_dir,
+                "--backend", backend, "--log-file", log_path, "--detach", *extra_args]
+        log.info("starting holder", extra={"SOCKET": socket_path, "STATE_DIR": state_dir})
+        # The launcher process exits as soon as the socket is bound (--detach), so waiting
+        # for it is short; it runs in a thread because subprocess waits block.
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                timeout=max(0.1, deadline - time.monotonic()), check=False)
+        except subprocess.TimeoutExpired:
+            raise HolderUnavailable("holder did not start in time", socket_path) from None
+        if done.returncode not in (0, EXIT_ALREADY_RUNNING):
+            stderr = done.stderr.decode(errors="replace").strip()[-500:]
+            raise HolderUnavailable(f"holder exited with {done.returncode} (see {log_path}): "
+                                    f"{stderr}", socket_path)
+        last: HolderUnavailable | None = None
+        while time.monotonic() < deadline:
+            try:
+                return await cls.connect(socket_path, max(0.05, deadline - time.monotonic()))
+            except HolderUnavailable as exc:
+                last = exc  # lost a race with a holder that is still binding: retry
+                await asyncio.sleep(0.02)
+        raise last or HolderUnavailable("holder did not answer", socket_path)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
+    def close(self) -> None:
+        self._lost("closed by client")
+
+    async def __aenter__(self) -> HolderClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def request(self, method: str, params: Mapping[str, Any], fds: Sequence[int] = (),
+                      timeout_s: float = 10.0) -> tuple[Message, list[int]]:
+        """Send one request; its result map and any fds it carries (the caller owns them)."""
+        if self._closed:
+            raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
+        request_id = self._next_id
+        self._next_id += 1
+        message: Message = {"t": "req", "id": request_id, "m": method, "p": dict(params)}
+        if fds:
+            message["nfd"] = len(fds)
+        future: asyncio.Future[tuple[Message, list[int]]] = self._loop.create_future()
+        self._pending[request_id] = (method, future)
+        self._send(message, list(fds))
+        try:
+            async with asyncio.timeout(timeout_s):
+                response, rfds = await future
+        except TimeoutError:
+            raise HolderTimeout(method, timeout_s) from None
+        finally:
+            self._pending.pop(request_id, None)
+        error = response.get("e")
+        if error is not None:
+            _close_all(rfds)
+            raise error_for_code(str(error.get("code")), str(error.get("message")),
+                                 error.get("errno"))
+        result = response.get("p")
+        if not isinstance(result, dict):
+            _close_all(rfds)
+            raise ProtocolError(f"{method}: response without a result map", response)
+        return result, rfds
+
+    async def ping(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        result, _ = await self.request("ping", {}, timeout_s=timeout_s)
+        return result
+
+    async def subscribe(self, timeout_s: float = 5.0) -> bool:
+        """Become the holder's event sink; True if another connection was the sink before."""
+        result, _ = await self.request("subscribe", {}, timeout_s=timeout_s)
+        return bool(result.get("superseded"))
+
+    async def launch(self, request: Mapping[str, Any] | Any, *, stdin: int | None = None,
+                     stdio: tuple[int, int, int] | None = None,
+                     timeout_s: float = 30.0) -> Launched:
+        """Start a dyno (a LaunchRequest or its fields); without `stdio` the holder owns output."""
+        params = _fields(request)
+        fds: list[int] = list(stdio) if stdio is not None else (
+            [stdin] if stdin is not None else [])
+        result, rfds = await self.request("launch", params, fds, timeout_s)
+        return Launched(int(result["pid"]), int(result["start_time"]),
+                        dict(result.get("timings_ms") or {}), _one_fd(rfds, "launch"))
+
+    async def enter(self, dyno_id: str, argv: Sequence[str], env: Sequence[tuple[str, str]],
+                    uid: int, gid: int, cwd: str, cgroup_procs: Sequence[str],
+                    stdio: tuple[int, int, int], timeout_s: float = 30.0) -> Entered:
+        params = {"dyno_id": dyno_id, "argv": list(argv), "env": [list(kv) for kv in env],
+                  "uid": uid, "gid": gid, "cwd": cwd, "cgroup_procs": list(cgroup_procs)}
+        result, rfds = await self.request("enter", params, list(stdio), timeout_s)
+        return Entered(int(result["pid"]), int(result["start_time"]), _one_fd(rfds, "enter"))
+
+    async def list_processes(self, pidfds: bool = False,
+                             timeout_s: float = 10.0) -> list[HeldProcess]:
+        result, rfds = await self.request("list", {"pidfds": pidfds}, timeout_s=timeout_s)
+        procs: list[HeldProcess] = []
+        for entry in result.get("procs", []):
+            index = entry.get("pidfd_index")
+            procs.append(HeldProcess(
+                entry["dyno_id"], entry["kind"], entry["pid"], entry["start_time"],
+                entry["state"] == "running", entry["status"], entry["signal"],
+                entry["buffered_lines"], entry["buffered_bytes"], entry["dropped"],
+                rfds[index] if isinstance(index, int) and index < len(rfds) else None))
+        return procs
+
+    async def release(self, dyno_id: str, pid: int | None = None,
+                      timeout_s: float = 5.0) -> int:
+        params: dict[str, Any] = {"dyno_id": dyno_id}
+        if pid is not None:
+            params["pid"] = pid
+        result, _ = await self.request("release", params, timeout_s=timeout_s)
+        return int(result["released"])
+
+    # -- events ------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[HolderEvent]:
+        """Events until the connection ends (then ConnectionLost). Subscribe first.
+
+        An output event is acked when the next one is requested, i.e. once handled.
+        """
+        while True:
+            self._ack_last()
+            while not self._events:
+                if self._closed:
+                    raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
+                self._event_waiter = self._loop.create_future()
+                try:
+                    await self._event_waiter
+                finally:
+                    self._event_waiter = None
+            item = self._events.popleft()
+            if item is _LOST:
+                raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
+            if self._paused and len(self._events) < EVENT_QUEUE_PAUSE // 2:
+                self._paused = False
+                self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            assert isinstance(item, OutputEvent | ExitEvent | Superseded)
+            if isinstance(item, OutputEvent):
+                self._unacked = item
+            yield item
+
+    def _ack_last(self) -> None:
+        event = self._unacked
+        if event is None or self._closed:
+            return
+        self._unacked = None
+        next_seq = event.seq + len(event.lines)
+        self._send({"t": "ack", "p": {"a": [[event.dyno_id, event.pid, next_seq]]}}, [])
+
+    # -- transport ---------------------------------------------------------------------
+
+    def _send(self, message: Message, fds: list[int]) -> None:
+        self._outq.append((memoryview(encode(message)), fds))
+        if not self._writing:
+            self._on_writable()
+
+    def _on_writable(self) -> None:
+        while self._outq and not self._closed:
+            data, fds = self._outq[0]
+            try:
+                sent = self._sock.sendmsg([data], rights(fds), socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lost(f"write failed: {exc}")
+                return
+            if sent < len(data):
+                self._outq[0] = (data[sent:], [])
+                break
+            self._outq.popleft()
+        want = bool(self._outq) and not self._closed
+        if want and not self._writing:
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+        elif not want and self._writing:
+            self._loop.remove_writer(self._sock.fileno())
+        self._writing = want
+
+    def _on_readable(self) -> None:
+        while not self._closed:
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(
+                    READ_CHUNK, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"read failed: {exc}")
+                return
+            try:
+                fds = fds_from_ancillary(ancdata, flags)
+                if not data and not fds:
+                    self._lost("holder closed the connection")
+                    return
+                self._decoder.feed(data, fds)
+                messages = self._decoder.messages()
+            except ProtocolError as exc:
+                self._lost(f"protocol error: {exc.message}")
+                return
+            for message, mfds in messages:
+                self._on_message(message, mfds)
+            if len(self._events) >= EVENT_QUEUE_PAUSE and not self._paused:
+                self._paused = True
+                self._loop.remove_reader(self._sock.fileno())
+                return
+
+    def _on_message(self, message: Message, fds: list[int]) -> None:
+        kind = message.get("t")
+        if kind == "res":
+            entry = self._pending.get(message.get("id", -1))
+            if entry is None or entry[1].done():
+                _close_all(fds)  # the request timed out; nobody will own these
+                return
+            entry[1].set_result((message, fds))
+            return
+        _close_all(fds)
+        if kind != "evt":
+            return
+        event = _event(message)
+        if event is None:
+            log.warning("unknown holder event", extra={"EVENT": message.get("m")})
+            return
+        self._events.append(event)
+        if self._event_waiter is not None and not self._event_waiter.done():
+            self._event_waiter.set_result(None)
+
+    def _lost(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._lost_reason = reason
+        fd = self._sock.fileno()
+        self._loop.remove_reader(fd)
+        if self._writing:
+            self._loop.remove_writer(fd)
+            self._writing = False
+        self._sock.close()
+        _close_all(self._decoder.take_stray_fds())
+        for method, future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(ConnectionLost(f"{method}: holder connection {reason}"))
+        self._events.append(_LOST)
+        if self._event_waiter is not None and not self._event_waiter.done():
+            self._event_waiter.set_result(None)
+
+
+def _event(message: Message) -> HolderEvent | None:
+    name = message.get("m")
+    p = message.get("p") or {}
+    try:
+        if name == "output":
+            return OutputEvent(p["dyno_id"], p["pid"], p["seq"], p["dropped"],
+                               tuple((float(ts), bytes(data)) for ts, data in p["lines"]))
+        if name == "exit":
+            return ExitEvent(p["dyno_id"], p["kind"], p["pid"], p["status"], p["signal"],
+                             p["exited_at"])
+        if name == "superseded":
+            return Superseded()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {name} event: {exc}", p) from exc
+    return None
+
+
+def _fields(request: Mapping[str, Any] | Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(request) and not isinstance(request, type):
+        return dataclasses.asdict(request)
+    if isinstance(request, Mapping):
+        return dict(request)
+    raise TypeError(f"launch takes a LaunchRequest or a mapping, not {type(request).__name__}")
+
+
+def _one_fd(fds: list[int], method: str) -> int:
+    if len(fds) != 1:
+        _close_all(fds)
+        raise ProtocolError(f"{method}: expected one pidfd, got {len(fds)}", len(fds))
+    return fds[0]
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

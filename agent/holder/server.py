@@ -1,0 +1,688 @@
+"""The holder process: one single-threaded selector loop that starts dynos, reaps them, owns output.
+
+It is every dyno's parent (PR_SET_CHILD_SUBREAPER also makes it the reaper of orphans that
+`enter` leaves behind), keeps exit statuses until the daemon releases them, and buffers
+output, bounded, while no daemon is connected or the daemon reads slowly. It never blocks
+on a client: every client socket is non-blocking with a bounded outgoing queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import __version__
+from agent.holder.backend import Backend, proc_start_time
+from agent.holder.errors import (
+    BadRequest,
+    Conflict,
+    HolderAlreadyRunning,
+    HolderError,
+    NotFound,
+    ProtocolError,
+    RequestFailed,
+)
+from agent.holder.output import BufferLimits, LineSplitter, OutputBuffer
+from agent.holder.protocol import (
+    ANCILLARY_BYTES,
+    MAX_FDS_PER_FRAME,
+    MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Message,
+    encode,
+    fds_from_ancillary,
+    rights,
+)
+
+log = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36
+F_SETPIPE_SZ = 1031
+# A bigger pipe lets a dyno write 1 MiB ahead while the holder is busy launching another.
+PIPE_BYTES = 1 << 20
+READ_CHUNK = 1 << 16
+# Stop moving lines into a client's queue past this; the rest wait in the per-dyno buffers,
+# which are bounded, so a slow daemon costs drops, never holder memory or a blocked dyno.
+SINK_HIGH_WATER = 512 << 10
+BATCH_LINES = 500
+BATCH_BYTES = 128 << 10
+MAX_CLIENTS = 32
+
+
+@dataclass(frozen=True)
+class HolderConfig:
+    socket_path: str
+    state_dir: str
+    limits: BufferLimits = field(default_factory=BufferLimits)
+
+
+@dataclass
+class Held:
+    """One process the holder started: a dyno's PID 1 (`launch`) or an `enter`ed process."""
+
+    handle: int
+    dyno_id: str
+    kind: str
+    pid: int
+    start_time: int
+    pidfd: int
+    buffer: OutputBuffer
+    pipe_fd: int | None = None
+    splitter: LineSplitter | None = None
+    status: int | None = None
+    signal: int | None = None
+    exited_at: float | None = None
+    exit_sent: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    def summary(self) -> dict[str, Any]:
+        return {"dyno_id": self.dyno_id, "kind": self.kind, "pid": self.pid,
+                "start_time": self.start_time,
+                "state": "running" if self.running else "exited", "status": self.status,
+                "signal": self.signal, "buffered_lines": self.buffer.lines,
+                "buffered_bytes": self.buffer.bytes, "dropped": self.buffer.dropped_total}
+
+
+class Client:
+    """One connection: incoming frame decoder and an outgoing queue of (bytes, fds to pass)."""
+
+    def __init__(self, sock: socket.socket, number: int) -> None:
+        self.sock = sock
+        self.number = number
+        self.decoder = FrameDecoder(MAX_REQUEST_BYTES)
+        self.outq: deque[tuple[memoryview, list[int]]] = deque()
+        self.out_bytes = 0
+        self.closed = False
+
+    def queue(self, message: Message, fds: list[int] | None = None) -> None:
+        data = memoryview(encode(message))
+        self.outq.append((data, fds or []))
+        self.out_bytes += len(data)
+
+
+def _status_of(wait_status: int) -> tuple[int, int | None]:
+    """(Heroku-style status, raw signal): exit code, or 128 + signal for a signal death."""
+    if os.WIFSIGNALED(wait_status):
+        signum = os.WTERMSIG(wait_status)
+        return 128 + signum, signum
+    return os.waitstatus_to_exitcode(wait_status), None
+
+
+def _set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+class Holder:
+    """The fork server. `bind()` claims the socket (or refuses), `run()` serves until stopped."""
+
+    def __init__(self, config: HolderConfig, backend: Backend,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._backend = backend
+        self._clock = clock
+        self._sel = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._socket_ino: tuple[int, int] | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._clients: dict[int, Client] = {}
+        self._client_seq = 0
+        self._sink: Client | None = None
+        self._held: dict[int, Held] = {}
+        self._running_by_pid: dict[int, Held] = {}
+        self._by_pipe: dict[int, Held] = {}
+        self._handle_seq = 0
+        self._stop = False
+        self._started_at = clock()
+        self._devnull = -1
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Claim the socket: refuse if a live holder owns it, replace it if stale."""
+        path = self._config.socket_path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(self._config.state_dir, exist_ok=True)
+        # The lock closes the race of two holders both finding a stale socket; it is
+        # close-on-exec, so a dyno can never inherit it and block the next holder.
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise HolderAlreadyRunning(path) from None
+        try:
+            if os.path.exists(path):
+                if _answers(path):
+                    raise HolderAlreadyRunning(path)
+                log.info("removing stale holder socket", extra={"SOCKET": path})
+                os.unlink(path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            old_umask = os.umask(0o177)
+            try:
+                listener.bind(path)
+            finally:
+                os.umask(old_umask)
+            listener.listen(16)
+            listener.setblocking(False)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        st = os.stat(path)
+        self._socket_ino = (st.st_dev, st.st_ino)
+        self._lock_fd = lock_fd
+        self._listener = listener
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or `stop()`; held processes keep running after it returns."""
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        _set_subreaper()
+        with open(os.path.join(self._config.state_dir, "holder.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # Sockets are written with MSG_NOSIGNAL, so the default SIGPIPE can stay (children
+        # inherit dispositions until exec, and an ignored SIGPIPE would survive exec).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        handlers = {s: signal.signal(s, self._on_signal)
+                    for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)}
+        self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        log.info("holder serving", extra={"SOCKET": self._config.socket_path,
+                                          "BACKEND": self._backend.name})
+        try:
+            self._reap()  # children that exited before the handler was installed
+            while not self._stop:
+                for key, mask in self._sel.select():
+                    key.data(key, mask)
+                self._pump()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Only a flag: the real work happens in the loop after the wakeup fd fires.
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop = True
+
+    def _shutdown(self) -> None:
+        log.info("holder stopping", extra={"HELD": len(self._running_by_pid)})
+        for client in list(self._clients.values()):
+            self._close_client(client)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._listener)  # type: ignore[arg-type]
+        if self._listener is not None:
+            self._listener.close()
+        path = self._config.socket_path
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            # Only our own socket: a successor may already have replaced it.
+            if (st.st_dev, st.st_ino) == self._socket_ino and stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)
+        for held in list(self._held.values()):
+            self._forget(held)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(sock)
+                sock.close()
+        if self._devnull >= 0:
+            os.close(self._devnull)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        self._sel.close()
+
+    # -- clients -----------------------------------------------------------------------
+
+    def _accept(self, _key: selectors.SelectorKey, _mask: int) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("accept failed", extra={"ERRNO": exc.errno})
+                return
+            if len(self._clients) >= MAX_CLIENTS:
+                log.warning("too many clients, refusing one", extra={"MAX": MAX_CLIENTS})
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._client_seq += 1
+            client = Client(sock, self._client_seq)
+            self._clients[sock.fileno()] = client
+            self._sel.register(sock, selectors.EVENT_READ, self._on_client)
+            log.debug("client connected", extra={"CLIENT": client.number})
+
+    def _on_client(self, key: selectors.SelectorKey, mask: int) -> None:
+        client = self._clients.get(key.fd)
+        if client is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(client)
+        if mask & selectors.EVENT_READ and not client.closed:
+            self._read_client(client)
+
+    def _read_client(self, client: Client) -> None:
+        try:
+            data, ancdata, flags, _ = client.sock.recvmsg(
+                READ_CHUNK, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.info("client read failed", extra={"CLIENT": client.number, "ERRNO": exc.errno})
+            self._close_client(client)
+            return
+        try:
+            fds = fds_from_ancillary(ancdata, flags)
+        except ProtocolError as exc:
+            log.warning("client protocol error", extra={"CLIENT": client.number,
+                                                        "ERROR": exc.message})
+            self._close_client(client)
+            return
+        if not data and not fds:
+            self._close_client(client)
+            return
+        client.decoder.feed(data, fds)
+        try:
+            messages = client.decoder.messages()
+        except ProtocolError as exc:
+            log.warning("client protocol error", extra={"CLIENT": client.number,
+                                                        "ERROR": exc.message})
+            self._close_client(client)
+            return
+        for message, mfds in messages:
+            self._dispatch(client, message, mfds)
+            if client.closed:
+                return
+
+    def _dispatch(self, client: Client, message: Message, fds: list[int]) -> None:
+        kind = message["t"]
+        if kind == "ack":
+            _close_all(fds)
+            self._on_ack(message.get("p"))
+            return
+        request_id = message.get("id")
+        method = message.get("m")
+        params = message.get("p", {})
+        if kind != "req" or not isinstance(request_id, int) or not isinstance(method, str):
+            _close_all(fds)
+            log.warning("bad frame from client", extra={"CLIENT": client.number, "T": kind})
+            self._close_client(client)
+            return
+        handler = self._methods.get(method)
+        try:
+            if handler is None:
+                raise BadRequest(f"unknown method {method!r}")
+            if not isinstance(params, dict):
+                raise BadRequest("p must be a map")
+            if len(fds) > MAX_FDS_PER_FRAME:
+                raise BadRequest(f"at most {MAX_FDS_PER_FRAME} fds per request")
+            result, out_fds = handler(self, client, params, fds)
+        except RequestFailed as exc:
+            client.queue({"t": "res", "id": request_id,
+                          "e": {"code": exc.code, "message": exc.message, "errno": exc.errno}})
+        except Exception as exc:  # task root: a bug in one request must not end the holder
+            log.exception("request failed", extra={"METHOD": method})
+            client.queue({"t": "res", "id": request_id,
+                          "e": {"code": "internal", "message": repr(exc), "errno": None}})
+        else:
+            response: Message = {"t": "res", "id": request_id, "p": result}
+            if out_fds:
+                response["nfd"] = len(out_fds)
+            client.queue(response, out_fds)
+        finally:
+            _close_all(fds)
+        self._flush(client)
+
+    def _close_client(self, client: Client) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(client.sock)
+        self._clients.pop(client.sock.fileno(), None)
+        for _, fds in client.outq:
+            _close_all(fds)
+        client.outq.clear()
+        _close_all(client.decoder.take_stray_fds())
+        client.sock.close()
+        if self._sink is client:
+            self._sink = None
+            log.info("event sink disconnected", extra={"CLIENT": client.number})
+
+    def _flush(self, client: Client) -> None:
+        """Send what the socket takes now; watch for writability if anything is left."""
+        while client.outq and not client.closed:
+            data, fds = client.outq[0]
+            try:
+                sent = client.sock.sendmsg([data], rights(fds),
+                                           socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.info("client write failed", extra={"CLIENT": client.number,
+                                                       "ERRNO": exc.errno})
+                self._close_client(client)
+                return
+            client.out_bytes -= sent
+            # The fds went with the first byte; the kernel holds its own references now.
+            _close_all(fds)
+            if sent < len(data):
+                client.outq[0] = (data[sent:], [])
+                break
+            client.outq.popleft()
+        if client.closed:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outq else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            if self._sel.get_key(client.sock).events != events:
+                self._sel.modify(client.sock, events, self._on_client)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _m_ping(self, _client: Client, _p: dict[str, Any],
+                _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {"version": PROTOCOL_VERSION, "holder_version": __version__, "pid": os.getpid(),
+                "started_at": self._started_at, "held": len(self._held),
+                "backend": self._backend.name}, []
+
+    def _m_subscribe(self, client: Client, _p: dict[str, Any],
+                     _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        previous = self._sink
+        if previous is not None and previous is not client:
+            previous.queue({"t": "evt", "m": "superseded", "p": {}})
+            self._flush(previous)
+        self._sink = client
+        for held in self._held.values():
+            held.buffer.rewind()
+            held.exit_sent = False
+        log.info("event sink subscribed", extra={"CLIENT": client.number,
+                                                 "HELD": len(self._held)})
+        return {"superseded": previous is not None and previous is not client}, []
+
+    def _m_launch(self, client: Client, p: dict[str, Any],
+                  fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        dyno_id = p.get("dyno_id")
+        if not isinstance(dyno_id, str) or not dyno_id:
+            raise BadRequest("dyno_id: a non-empty string is required")
+        for held in self._running_by_pid.values():
+            if held.dyno_id == dyno_id and held.kind == "launch":
+                raise Conflict(f"dyno {dyno_id} is already running as pid {held.pid}")
+        if len(fds) not in (0, 1, 3):
+            raise BadRequest(f"launch takes 0, 1 or 3 fds, got {len(fds)}")
+        pipe_r: int | None = None
+        pipe_w: int | None = None
+        if len(fds) == 3:
+            stdio = (fds[0], fds[1], fds[2])
+        else:
+            # One pipe for stdout and stderr keeps the order the dyno wrote them in.
+            pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_BYTES)
+            stdio = (fds[0] if fds else self._devnull, pipe_w, pipe_w)
+        try:
+            outcome = self._backend.launch(p, *stdio)
+        except BaseException:
+            if pipe_r is not None:
+                os.close(pipe_r)
+            raise
+        finally:
+            if pipe_w is not None:
+                os.close(pipe_w)
+        held = self._track(dyno_id, "launch", outcome.pid, outcome.start_time)
+        if pipe_r is not None:
+            os.set_blocking(pipe_r, False)
+            held.pipe_fd = pipe_r
+            held.splitter = LineSplitter()
+            self._by_pipe[pipe_r] = held
+            self._sel.register(pipe_r, selectors.EVENT_READ, self._on_pipe)
+        log.info("launched", extra={"DYNO_ID": dyno_id, "PID": outcome.pid,
+                                    "TIMINGS_MS": dict(outcome.timings_ms)})
+        return {"pid": outcome.pid, "start_time": outcome.start_time,
+                "timings_ms": dict(outcome.timings_ms)}, [os.dup(held.pidfd)]
+
+    def _m_enter(self, client: Client, p: dict[str, Any],
+                 fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        dyno_id = p.get("dyno_id")
+        if len(fds) != 3:
+            raise BadRequest(f"enter takes the caller's 3 stdio fds, got {len(fds)}")
+        target = next((h for h in self._running_by_pid.values()
+                       if h.dyno_id == dyno_id and h.kind == "launch"), None)
+        if target is None:
+            raise NotFound(f"no running dyno {dyno_id!r} to enter")
+        pid = self._backend.enter(target.pid, p, fds[0], fds[1], fds[2])
+        held = self._track(str(dyno_id), "enter", pid, _start_time_or_zero(pid))
+        log.info("entered", extra={"DYNO_ID": dyno_id, "PID": pid, "TARGET": target.pid})
+        return {"pid": pid, "start_time": held.start_time}, [os.dup(held.pidfd)]
+
+    def _m_list(self, _client: Client, p: dict[str, Any],
+                _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        procs: list[dict[str, Any]] = []
+        out_fds: list[int] = []
+        for held in self._held.values():
+            entry = held.summary()
+            entry["pidfd_index"] = None
+            if p.get("pidfds") and held.running:
+                entry["pidfd_index"] = len(out_fds)
+                out_fds.append(os.dup(held.pidfd))
+            procs.append(entry)
+        return {"procs": procs}, out_fds
+
+    def _m_release(self, _client: Client, p: dict[str, Any],
+                   _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        dyno_id = p.get("dyno_id")
+        pid = p.get("pid")
+        matches = [h for h in self._held.values()
+                   if h.dyno_id == dyno_id and (pid is None or h.pid == pid)]
+        if not matches:
+            raise NotFound(f"no held process for dyno {dyno_id!r}"
+                           + (f" pid {pid}" if pid is not None else ""))
+        running = [h.pid for h in matches if h.running]
+        if running and pid is not None:
+            raise Conflict(f"dyno {dyno_id} pid {pid} is still running")
+        released = 0
+        for held in matches:
+            if not held.running:
+                self._forget(held)
+                released += 1
+        return {"released": released, "running": running}, []
+
+    _methods: Mapping[str, Callable[[Holder, Client, dict[str, Any], list[int]],
+                                    tuple[dict[str, Any], list[int]]]] = {
+        "ping": _m_ping, "subscribe": _m_subscribe, "launch": _m_launch,
+        "enter": _m_enter, "list": _m_list, "release": _m_release,
+    }
+
+    def _on_ack(self, p: Any) -> None:
+        acks = p.get("a") if isinstance(p, dict) else None
+        if not isinstance(acks, list):
+            return
+        for item in acks:
+            if not isinstance(item, list) or len(item) != 3:
+                continue
+            dyno_id, pid, next_seq = item
+            for held in self._held.values():
+                if held.dyno_id == dyno_id and held.pid == pid and isinstance(next_seq, int):
+                    held.buffer.ack(next_seq)
+
+    # -- processes ---------------------------------------------------------------------
+
+    def _track(self, dyno_id: str, kind: str, pid: int, start_time: int) -> Held:
+        try:
+            # Only this loop reaps, so a child that already exited is still a zombie here and
+            # pidfd_open succeeds; failure means the backend returned a pid that is not ours.
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise RequestFailed(f"pid {pid} is not a child the holder can hold") from None
+        self._handle_seq += 1
+        held = Held(self._handle_seq, dyno_id, kind, pid, start_time, pidfd,
+                    OutputBuffer(self._config.limits))
+        self._held[held.handle] = held
+        self._running_by_pid[pid] = held
+        return held
+
+    def _forget(self, held: Held) -> None:
+        self._close_pipe(held)
+        os.close(held.pidfd)
+        self._held.pop(held.handle, None)
+        if self._running_by_pid.get(held.pid) is held:
+            del self._running_by_pid[held.pid]
+
+    def _on_wakeup(self, _key: selectors.SelectorKey, _mask: int) -> None:
+        assert self._wake_r is not None
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+        self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            held = self._running_by_pid.pop(pid, None)
+            if held is None:
+                # An orphan re-parented to us (we are a subreaper); reaping it is the point.
+                log.debug("reaped orphan", extra={"PID": pid})
+                continue
+            held.status, held.signal = _status_of(wait_status)
+            held.exited_at = self._clock()
+            # Everything the dyno wrote before its PID 1 was reaped is in the pipe now (a pid
+            # namespace's init is reapable only after its other processes are gone): read it
+            # so the exit event follows the last line.
+            if held.pipe_fd is not None:
+                self._read_pipe(held, drain=True)
+            log.info("process exited", extra={"DYNO_ID": held.dyno_id, "PID": pid,
+                                              "KIND": held.kind, "STATUS": held.status})
+
+    def _on_pipe(self, key: selectors.SelectorKey, _mask: int) -> None:
+        held = self._by_pipe.get(key.fd)
+        if held is not None:
+            self._read_pipe(held, drain=False)
+
+    def _read_pipe(self, held: Held, drain: bool) -> None:
+        assert held.pipe_fd is not None and held.splitter is not None
+        while True:
+            try:
+                data = os.read(held.pipe_fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("output pipe read failed", extra={"DYNO_ID": held.dyno_id,
+                                                              "ERRNO": exc.errno})
+                data = b""
+            now = self._clock()
+            if not data:
+                for line in held.splitter.flush():
+                    held.buffer.push(now, line)
+                self._close_pipe(held)
+                return
+            for line in held.splitter.feed(data):
+                held.buffer.push(now, line)
+            # One chunk per readiness event keeps a chatty dyno from starving the others.
+            if not drain:
+                return
+
+    def _close_pipe(self, held: Held) -> None:
+        if held.pipe_fd is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(held.pipe_fd)
+        self._by_pipe.pop(held.pipe_fd, None)
+        os.close(held.pipe_fd)
+        held.pipe_fd = None
+
+    # -- events ------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Move buffered output and exits into the sink's queue, fairly, up to its high water."""
+        sink = self._sink
+        if sink is None or sink.closed:
+            return
+        progress = True
+        while progress and sink.out_bytes < SINK_HIGH_WATER:
+            progress = False
+            for held in list(self._held.values()):
+                if sink.out_bytes >= SINK_HIGH_WATER:
+                    break
+                if held.buffer.unsent:
+                    seq, lines = held.buffer.take(BATCH_LINES, BATCH_BYTES)
+                    dropped = held.buffer.dropped_unreported
+                    held.buffer.dropped_unreported = 0
+                    sink.queue({"t": "evt", "m": "output", "p": {
+                        "dyno_id": held.dyno_id, "pid": held.pid, "seq": seq,
+                        "dropped": dropped, "lines": [[ln.ts, ln.data] for ln in lines]}})
+                    progress = True
+                elif not held.running and not held.exit_sent:
+                    held.exit_sent = True
+                    sink.queue({"t": "evt", "m": "exit", "p": {
+                        "dyno_id": held.dyno_id, "kind": held.kind, "pid": held.pid,
+                        "status": held.status, "signal": held.signal,
+                        "exited_at": held.exited_at}})
+                    progress = True
+        self._flush(sink)
+
+
+def _start_time_or_zero(pid: int) -> int:
+    try:
+        return proc_start_time(pid)
+    except OSError:
+        return 0
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _answers(path: str) -> bool:
+    """True if something accepts connections on the Unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            return False
+        raise HolderError(f"cannot probe {path}: {exc}") from exc
+    finally:
+        probe.close()
+    return True
