@@ -1,0 +1,20 @@
+"""Dyno isolation: launch a request into fresh namespaces, an ephemeral overlay filesystem and
+an unprivileged user under a reaping PID 1; enter running dynos; allocate per-dyno uids."""
+
+from agent.launcher.enter import enter
+from agent.launcher.errors import LauncherError, LaunchError, RequestError, UidAllocationError
+from agent.launcher.launch import launch
+from agent.launcher.request import LaunchRequest, LaunchResult
+from agent.launcher.uids import UidAllocator
+
+__all__ = [
+    "LaunchError",
+    "LaunchRequest",
+    "LaunchResult",
+    "LauncherError",
+    "RequestError",
+    "UidAllocationError",
+    "UidAllocator",
+    "enter",
+    "launch",
+]

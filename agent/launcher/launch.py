@@ -1,0 +1,128 @@
+"""launch(): turn a LaunchRequest into a running, isolated dyno whose PID 1 (the reaper) is a
+direct child of the caller. Must run in a single-threaded process (the holder)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import NoReturn
+
+from agent.launcher import privileges, process, rootfs
+from agent.launcher import report as rep
+from agent.launcher import syscalls as sc
+from agent.launcher.errors import LaunchError
+from agent.launcher.request import LaunchRequest, LaunchResult
+
+PHASES = ("fork", "cgroup", "namespaces", "netns", "mounts", "user")
+_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP
+
+_last_cap: int | None = None
+
+
+def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
+           timeout_s: float = 10.0) -> LaunchResult:
+    """Start `req.reaper -- *req.argv` isolated; return once it has exec'd.
+
+    stdio fds stay owned by the caller (they are duplicated into the child). The reaper is
+    opened on the host and exec'd by fd, so a stack need not contain it (use a static build
+    for stacks without the host's libc). Raises LaunchError(phase, errno, message).
+    """
+    global _last_cap
+    start_ns = time.monotonic_ns()
+    req.validate()
+    if _last_cap is None:
+        _last_cap = sc.last_capability()
+    last_cap = _last_cap
+    plan = rootfs.plan_rootfs(
+        stack_dir=req.stack_dir, slug_dir=req.slug_dir, dyno_dir=req.dyno_dir,
+        writable_limit_bytes=req.writable_limit_bytes, uid=req.uid, gid=req.gid,
+        hide_paths=req.hide_paths,
+        stack_complete=rootfs.stack_has_mount_points(req.stack_dir))
+    argv = [req.reaper, "--", *req.argv]
+    env = dict(req.env)
+    fds: list[int] = []
+    try:
+        reaper_fd = _open(req.reaper, os.O_PATH, "exec", fds)
+        netns_fd = None if req.netns_path is None else _open(req.netns_path, os.O_RDONLY,
+                                                             "netns", fds)
+
+        def child(write_fd: int) -> NoReturn:
+            _child(req, plan, argv, env, reaper_fd, netns_fd, last_cap,
+                   (stdin_fd, stdout_fd, stderr_fd), write_fd)
+
+        pid, report = process.fork_into(lambda: sc.unshare(sc.CLONE_NEWPID), child, timeout_s)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    timings = rep.durations_ms(start_ns, report.marks, report.eof_ns, PHASES)
+    return LaunchResult(pid=pid, start_time=read_start_time(pid), timings_ms=timings)
+
+
+def _open(path: str, flags: int, phase: str, fds: list[int]) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise LaunchError(phase, e.errno or 0, f"cannot open: {e.strerror}", path) from e
+    fds.append(fd)
+    return fd
+
+
+def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict[str, str],
+           reaper_fd: int, netns_fd: int | None, last_cap: int,
+           stdio: tuple[int, int, int], write_fd: int) -> NoReturn:
+    # We are PID 1 of a fresh pid namespace. Nothing of the app may run before the cgroup
+    # join, so that every byte and fork the app ever makes is accounted to the dyno.
+    marks: dict[str, int] = {"fork": process.mark()}
+    phase = "cgroup"
+    try:
+        for path in req.cgroup_procs:
+            _join_cgroup(path)
+        marks["cgroup"] = process.mark()
+        phase = "namespaces"
+        # The cgroup namespace is created after the join so its root is the dyno's cgroup.
+        sc.unshare(_NAMESPACES | (sc.CLONE_NEWNET if netns_fd is None else 0))
+        socket.sethostname(req.hostname)
+        marks["namespaces"] = process.mark()
+        phase = "netns"
+        if netns_fd is not None:
+            sc.setns(netns_fd, sc.CLONE_NEWNET, req.netns_path)
+        marks["netns"] = process.mark()
+        phase = "mounts"
+        # Private, not slave: nothing we mount may propagate to the host, and host mounts
+        # appearing later must not leak into the dyno either.
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        rootfs.apply(plan)
+        marks["mounts"] = process.mark()
+        phase = "user"
+        privileges.install_stdio(*stdio)
+        privileges.reset_signals()
+        privileges.drop_to(req.uid, req.gid, last_cap)
+        os.chdir("/app")
+        marks["user"] = process.mark()
+        os.write(write_fd, rep.encode_marks(marks))
+        phase = "exec"
+        os.execve(reaper_fd, argv, env)
+    except BaseException as e:
+        process.fail(write_fd, phase, e)
+
+
+def _join_cgroup(path: str) -> None:
+    # "0" means the writing task itself, whatever pid namespace it sits in.
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+
+
+def read_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot): pid + this = identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise LaunchError("exec", e.errno or 0, "cannot read start time", f"/proc/{pid}/stat") \
+            from e
+    # comm may contain spaces and ')' — the fields after the LAST ')' are fixed.
+    return int(data[data.rindex(b")") + 2:].split()[19])

@@ -1,0 +1,47 @@
+"""Turning the forked root child into the dyno's unprivileged user, and resetting what a
+process inherits from the holder (stdio, signal dispositions, stray fds)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+
+from agent.launcher import syscalls as sc
+
+
+def drop_to(uid: int, gid: int, last_cap: int) -> None:
+    """No capabilities in any set, no way back (no_new_privs), only uid/gid and no groups."""
+    # The bounding set can only be shrunk while we still hold CAP_SETPCAP, i.e. before setuid.
+    for cap in range(last_cap + 1):
+        sc.prctl(sc.PR_CAPBSET_DROP, cap)
+    sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    # setuid away from 0 empties permitted and effective but leaves inheritable alone.
+    sc.clear_capabilities()
+    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def install_stdio(stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+    """Put the three fds on 0, 1, 2 and make every other fd close on exec."""
+    # Duplicate above 2 first so that e.g. stdout_fd == 0 is not clobbered by the first dup2.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (stdin_fd, stdout_fd, stderr_fd)]
+    for target, fd in enumerate(high):
+        os.dup2(fd, target, inheritable=True)
+    sc.cloexec_from(3)
+
+
+def reset_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ and exec keeps SIG_IGN; a dyno must start clean."""
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue  # realtime signals glibc reserves for itself
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])

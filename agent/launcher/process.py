@@ -1,0 +1,93 @@
+"""Forking a child straight into a pid namespace, and the common child epilogue.
+
+The caller (the holder) stays the direct parent: it points its pid_for_children at the
+target namespace for exactly one fork, then points it back, so no double fork is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from agent.launcher import report as rep
+from agent.launcher import syscalls as sc
+from agent.launcher.errors import LaunchError
+
+_own_pidns_fd: int | None = None
+
+
+def own_pidns_fd() -> int:
+    """An fd on the caller's own pid namespace, opened once (the holder never changes it)."""
+    global _own_pidns_fd
+    if _own_pidns_fd is None:
+        _own_pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    return _own_pidns_fd
+
+
+def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
+              timeout_s: float) -> tuple[int, rep.Report]:
+    """Fork with `enter_pidns()` in effect, run `child(report_fd)` in the child, and wait for
+    its report (EOF = exec done). Returns (host pid, report); raises LaunchError on failure
+    after reaping the child."""
+    home = own_pidns_fd()
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            enter_pidns()
+        except OSError as e:
+            raise LaunchError("fork", e.errno or 0, f"entering pid namespace: {e.strerror}",
+                              e.filename) from e
+        try:
+            pid = os.fork()
+        except OSError as e:
+            sc.setns(home, sc.CLONE_NEWPID)
+            raise LaunchError("fork", e.errno or 0, f"fork: {e.strerror}") from e
+        if pid == 0:
+            # Never let the child return into the caller's stack, whatever happens.
+            try:
+                os.close(read_fd)
+                child(write_fd)
+            finally:
+                os._exit(127)
+        sc.setns(home, sc.CLONE_NEWPID)
+        os.close(write_fd)
+        write_fd = -1
+        report = rep.read_until_eof(read_fd, timeout_s)
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    if report is None:
+        _reap(pid, kill=True)
+        raise LaunchError("timeout", 0, f"child {pid} did not exec within {timeout_s}s")
+    if report.error is not None:
+        _reap(pid, kill=False)
+        raise report.error
+    return pid, report
+
+
+def _reap(pid: int, *, kill: bool) -> None:
+    try:
+        if kill:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # a caller's own SIGCHLD reaping may have beaten us to it
+
+
+def fail(write_fd: int, phase: str, exc: BaseException) -> NoReturn:
+    """Report an exception from the child and exit without running any caller cleanup."""
+    if isinstance(exc, OSError):
+        msg = rep.encode_error(phase, exc.errno or 0, exc.strerror or str(exc), exc.filename)
+    else:
+        msg = rep.encode_error(phase, 0, f"{type(exc).__name__}: {exc}", None)
+    try:
+        os.write(write_fd, msg)
+    finally:
+        os._exit(127)
+
+
+def mark() -> int:
+    return time.monotonic_ns()

@@ -1,0 +1,73 @@
+"""What the holder asks the launcher for (LaunchRequest) and what it gets back (LaunchResult)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.launcher.errors import RequestError
+
+# The kernel limits a hostname to 64 bytes; keep to the portable label alphabet.
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+_DYNO_ID = re.compile(r"^[a-z0-9-]{1,64}$")
+# Overlay options are a comma-separated string and lowerdir a colon-separated list; the
+# kernel's escaping rules differ between versions, so such paths are refused outright.
+_OVERLAY_UNSAFE = frozenset(",:\\\n")
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    dyno_id: str
+    hostname: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    uid: int
+    gid: int
+    stack_dir: str
+    slug_dir: str
+    dyno_dir: str
+    writable_limit_bytes: int
+    cgroup_procs: tuple[str, ...]
+    netns_path: str | None
+    hide_paths: tuple[str, ...] = ()
+    reaper: str = "/usr/bin/tini"
+
+    def validate(self) -> None:
+        """Refuse what the child could only fail on later, with a clearer message now."""
+        if not _DYNO_ID.match(self.dyno_id):
+            raise RequestError("dyno_id", self.dyno_id, "must match [a-z0-9-]{1,64}")
+        if not _HOSTNAME.match(self.hostname):
+            raise RequestError("hostname", self.hostname, "not a valid hostname")
+        if not self.argv:
+            raise RequestError("argv", self.argv, "empty command")
+        if self.uid <= 0 or self.gid <= 0:
+            raise RequestError("uid/gid", (self.uid, self.gid), "a dyno never runs as root")
+        if self.writable_limit_bytes < 4096:
+            raise RequestError("writable_limit_bytes", self.writable_limit_bytes,
+                               "below one page")
+        for key, value in self.env:
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise RequestError("env", key, "names need no '=' or NUL, values no NUL")
+        for field in ("stack_dir", "slug_dir", "dyno_dir", "reaper"):
+            path = getattr(self, field)
+            if not os.path.isabs(path):
+                raise RequestError(field, path, "must be absolute")
+        for field in ("stack_dir", "slug_dir", "dyno_dir"):
+            path = getattr(self, field)
+            if _OVERLAY_UNSAFE.intersection(path):
+                raise RequestError(field, path, "',', ':', '\\' and newlines cannot be "
+                                   "passed to overlayfs")
+        for path in (*self.cgroup_procs, *self.hide_paths):
+            if not os.path.isabs(path):
+                raise RequestError("path", path, "must be absolute")
+        if self.netns_path is not None and not os.path.isabs(self.netns_path):
+            raise RequestError("netns_path", self.netns_path, "must be absolute")
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    pid: int
+    start_time: int
+    timings_ms: Mapping[str, float]
