@@ -202,7 +202,8 @@ class LineAssembler:
             newline = buf.find(b"\n", start)
             if newline < 0:
                 break
-            lines.extend(split_line(bytes(buf[start:newline]), self._limit))
+            # Keep the newline: split_line drops it with a CR before it.
+            lines.extend(split_line(bytes(buf[start:newline + 1]), self._limit))
             start = newline + 1
         rest = bytes(buf[start:])
         while len(rest) > self._limit:

@@ -7,6 +7,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import logs
 from agent.logs import (
@@ -133,11 +135,34 @@ def test_assembler_lines_partial_and_overlong() -> None:
     assert a.feed(b"x" * 25) == ["threexxxxx", "xxxxxxxxxx"]
     assert a.pending_bytes == 10
     assert a.feed(b"\n") == ["xxxxxxxxxx"]
+    assert a.feed(b"crlf\r\n\r\n") == ["crlf", ""]
     assert a.feed(b"tail") == []
     assert a.flush() == ["tail"]
     assert a.flush() == []
     with pytest.raises(LogError):
         LineAssembler(limit_bytes=0)
+
+
+@given(data=st.binary(max_size=400) | st.text(max_size=200).map(str.encode),
+       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=10),
+       limit=st.integers(min_value=4, max_value=40))
+def test_assembler_does_not_depend_on_how_the_pipe_is_read(data: bytes, cuts: list[int],
+                                                           limit: int) -> None:
+    whole = LineAssembler(limit)
+    expected = whole.feed(data) + whole.flush()
+    pieces = LineAssembler(limit)
+    got: list[str] = []
+    start = 0
+    for cut in sorted(cuts):
+        got += pieces.feed(data[start:cut])
+        start = max(start, cut)
+    got += pieces.feed(data[start:]) + pieces.flush()
+    assert got == expected
+    assert all(len(line.encode("utf-8", "surrogateescape")) <= limit * 3 for line in got)
+    if data.isascii() and b"\r" not in data:
+        # Nothing is lost but the newlines.
+        assert "".join(got) == data.replace(b"\n", b"").decode()
+        assert all(len(line) <= limit for line in got)
 
 
 # --- tail buffer ----------------------------------------------------------------------------
