@@ -1,0 +1,200 @@
+"""The agent's configuration: TOML keys, their defaults, and validation at start.
+
+Every key is optional. Unknown keys, wrong types and impossible values are refused with a
+`ConfigError` naming the key, before the agent touches anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/dynoagent/agent.toml")
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Heroku's cool-offs after the immediate first restart: 20, 40, 60, 180, 320 minutes.
+HEROKU_RESTART_SCHEDULE_S: tuple[float, ...] = (1200.0, 2400.0, 3600.0, 10800.0, 19200.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = Path("/var/lib/dynoagent")
+    run_dir: Path = Path("/run/dynoagent")
+    socket: Path | None = None  # default: <run_dir>/dynoagent.sock
+    socket_group: str = "dynoagent"
+    cgroup_root: str = "dynoagent"
+    address_pool: str = "172.20.0.0/14"
+    coordinator_url: str | None = None
+    coordinator_token_file: Path | None = None
+    coordinator_ca_file: Path | None = None
+    # Empty tuple means "none": every restart is immediate (private spaces).
+    restart_schedule_s: tuple[float, ...] = HEROKU_RESTART_SCHEDULE_S
+    boot_timeout_s: float = 60.0
+    stop_timeout_s: float = 30.0
+    cycle_after_s: float = 86400.0
+    log_level: str = "info"
+    sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket if self.socket is not None else self.run_dir / "dynoagent.sock"
+
+    # Keys that SIGHUP may change on a running agent; the rest need a restart.
+    RELOADABLE = frozenset({"log_level", "restart_schedule_s", "boot_timeout_s",
+                            "stop_timeout_s", "cycle_after_s", "sizes",
+                            "coordinator_token_file"})
+
+
+def _require(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
+    # bool is an int in Python; a TOML `true` is never a valid number here.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(key, f"must be {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(key, f"must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _path(key: str, value: Any) -> Path:
+    _require(key, value, str, "a path string")
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    if not os.path.isabs(value):
+        raise ConfigError(key, f"must be an absolute path, got {value!r}")
+    return Path(value)
+
+
+def _seconds(key: str, value: Any, allow_zero: bool = False) -> float:
+    _require(key, value, (int, float), "a number of seconds")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise ConfigError(key, f"must be a {'non-negative' if allow_zero else 'positive'} "
+                               f"number of seconds, got {value!r}")
+    return number
+
+
+def _schedule(key: str, value: Any) -> tuple[float, ...]:
+    if value == "none":
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(key, f'must be a list of seconds or "none", got {value!r}')
+    return tuple(_seconds(f"{key}[{i}]", v, allow_zero=True) for i, v in enumerate(value))
+
+
+def _identifier(key: str, value: Any) -> str:
+    _require(key, value, str, "a string")
+    if not value or "/" in value or value in (".", "..") or "\0" in value:
+        raise ConfigError(key, f"must be a single path component, got {value!r}")
+    return str(value)
+
+
+def _address_pool(key: str, value: Any) -> str:
+    _require(key, value, str, "a CIDR string")
+    try:
+        net = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ConfigError(key, f"must be an IPv4 CIDR such as 172.20.0.0/14: {exc}") from None
+    if net.prefixlen > 24:
+        raise ConfigError(key, f"must hold at least one /24 (one per space), got /{net.prefixlen}")
+    return str(net)
+
+
+def _coordinator_url(key: str, value: Any) -> str:
+    _require(key, value, str, "a ws:// or wss:// URL")
+    if not value.startswith(("ws://", "wss://")):
+        raise ConfigError(key, f"must start with ws:// or wss://, got {value!r}")
+    return str(value)
+
+
+def _sizes(key: str, value: Any) -> Mapping[str, Mapping[str, Any]]:
+    _require(key, value, dict, "a table of [sizes.NAME] tables")
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{key}.{name}", "must be a table")
+    return {name: dict(table) for name, table in value.items()}
+
+
+def _socket(key: str, value: Any) -> Path:
+    path = _path(key, value)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(key, f"is {len(os.fsencode(path))} bytes; a Unix socket path may "
+                               f"have at most {MAX_SOCKET_PATH_BYTES}")
+    return path
+
+
+def _log_level(key: str, value: Any) -> str:
+    _require(key, value, str, "a string")
+    if value.lower() not in LOG_LEVELS:
+        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return str(value.lower())
+
+
+_PARSERS: dict[str, Any] = {
+    "state_dir": _path,
+    "run_dir": _path,
+    "socket": _socket,
+    "socket_group": _identifier,
+    "cgroup_root": _identifier,
+    "address_pool": _address_pool,
+    "coordinator_url": _coordinator_url,
+    "coordinator_token_file": _path,
+    "coordinator_ca_file": _path,
+    "restart_schedule_s": _schedule,
+    "boot_timeout_s": _seconds,
+    "stop_timeout_s": _seconds,
+    "cycle_after_s": _seconds,
+    "log_level": _log_level,
+    "sizes": _sizes,
+}
+assert set(_PARSERS) == {f.name for f in fields(Config)}
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document into a Config; the first bad key raises ConfigError."""
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        parser = _PARSERS.get(key)
+        if parser is None:
+            known = ", ".join(sorted(_PARSERS))
+            raise ConfigError(key, f"unknown key (known keys: {known})")
+        values[key] = parser(key, value)
+    config = replace(Config(), **values)
+    if config.socket is None and len(os.fsencode(config.socket_path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError("run_dir", f"is too long for the default socket {config.socket_path}")
+    if config.coordinator_url is not None and config.coordinator_token_file is None:
+        raise ConfigError("coordinator_token_file", "is required when coordinator_url is set")
+    return config
+
+
+def load(path: Path | None) -> Config:
+    """Read the config file; a missing default file means built-in defaults."""
+    explicit = path is not None or "DYNOAGENT_CONFIG" in os.environ
+    chosen = path or Path(os.environ.get("DYNOAGENT_CONFIG", DEFAULT_CONFIG_PATH))
+    try:
+        raw = chosen.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("--config", f"{chosen} does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {chosen}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("--config", f"{chosen} is not valid TOML: {exc}") from None
+    return from_mapping(data)
+
+
+def reload_changes(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """What SIGHUP applies: reloadable keys from `new`; the names of keys it had to ignore."""
+    ignored = [f.name for f in fields(Config)
+               if f.name not in Config.RELOADABLE and getattr(old, f.name) != getattr(new, f.name)]
+    applied = {name: getattr(new, name) for name in Config.RELOADABLE}
+    return replace(old, **applied), ignored

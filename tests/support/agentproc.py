@@ -1,0 +1,139 @@
+"""Run the real `dynoagent serve` as a subprocess on a private config, socket and state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.support.names import unique
+from tests.support.wait import wait_for
+
+BIN = Path(sys.executable).parent
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def write_config(path: Path, settings: Mapping[str, Any]) -> None:
+    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()
+             if not isinstance(value, dict)]
+    for key, table in settings.items():
+        if isinstance(table, dict):
+            for name, sub in table.items():
+                lines.append(f"[{key}.{name}]")
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in sub.items())
+    path.write_text("\n".join(lines) + "\n")
+
+
+class AgentProcess:
+    """One daemon: its directories live under a short temp dir (socket paths must stay short)."""
+
+    def __init__(self, extra: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None, netns: str | None = None) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="dt", dir="/tmp"))
+        self.name = unique("dt")
+        self.socket = self.base / "run" / "dynoagent.sock"
+        self.settings: dict[str, Any] = {
+            "state_dir": str(self.base / "state"),
+            "run_dir": str(self.base / "run"),
+            "cgroup_root": f"dynoagent-{self.name}",
+            "log_level": "debug",
+            **(extra or {}),
+        }
+        self.config_path = self.base / "agent.toml"
+        write_config(self.config_path, self.settings)
+        self.env = {**os.environ, **(env or {})}
+        self.netns = netns
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.base / "agent.log"
+
+    def argv(self, *args: str) -> list[str]:
+        prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+        return [*prefix, str(BIN / "dynoagent"), *args]
+
+    def start(self, wait: bool = True) -> AgentProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            self.proc = subprocess.Popen(self.argv("serve", "--config", str(self.config_path)),
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        finally:
+            log.close()
+        if wait:
+            wait_for(lambda: self.ready() or self._died(), 15, what="agent ready")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def ready(self) -> bool:
+        result = self.ctl("info", "--json", check=False)
+        return result.returncode == 0
+
+    def ctl(self, *args: str, check: bool = True, input: bytes | None = None,
+            timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(BIN / "dynoctl"), "--socket", str(self.socket), *args],
+                                capture_output=True, text=True, timeout=timeout_s,
+                                input=None if input is None else input.decode())
+        if check and result.returncode != 0:
+            raise AssertionError(f"dynoctl {' '.join(args)} failed {result.returncode}: "
+                                 f"{result.stderr}")
+        return result
+
+    def ctl_json(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def running_agent(**kwargs: Any) -> Iterator[AgentProcess]:
+    agent = AgentProcess(**kwargs)
+    try:
+        agent.start()
+        yield agent
+    finally:
+        agent.cleanup()

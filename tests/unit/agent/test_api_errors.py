@@ -1,0 +1,61 @@
+"""Operator API plumbing: the error shape, unknown routes and methods, peer credentials."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from agent.api import build_app
+from agent.errors import ERROR_CODES
+from agent.peercred import PeerCred, is_allowed
+
+
+class FakeBackend:
+    socket_gid: int | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {"version": "test"}
+
+
+@pytest.fixture
+async def client() -> Any:
+    async with TestClient(TestServer(build_app(FakeBackend()))) as c:
+        yield c
+
+
+async def test_info(client: TestClient[Any, Any]) -> None:
+    resp = await client.get("/v1/info")
+    assert resp.status == 200
+    assert await resp.json() == {"version": "test"}
+
+
+async def test_unknown_route_is_json_404(client: TestClient[Any, Any]) -> None:
+    resp = await client.get("/v1/nothing")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_wrong_method_is_json_405(client: TestClient[Any, Any]) -> None:
+    resp = await client.post("/v1/info")
+    assert resp.status == 405
+    body = await resp.json()
+    assert body["error"]["code"] == "method_not_allowed"
+    assert "POST" in body["error"]["message"]
+
+
+def test_error_codes_are_unique_and_documented() -> None:
+    assert "invalid_spec" in ERROR_CODES
+    for code, (status, doc) in ERROR_CODES.items():
+        assert 400 <= status < 600, code
+        assert doc, f"{code} has no description"
+
+
+def test_peer_rules() -> None:
+    assert is_allowed(PeerCred(1, 0, 0), None)
+    assert is_allowed(PeerCred(1, os.geteuid(), 0), None)
+    assert not is_allowed(PeerCred(1, 54321, 54321), None)
+    assert is_allowed(PeerCred(1, 54321, 777), 777)
+    assert not is_allowed(PeerCred(1, 54321, 778), 777)
