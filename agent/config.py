@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.sizes import DEFAULT_SIZES, Size, SizeError, apply_overrides
 
 DEFAULT_CONFIG_PATH = Path("/etc/dynoagent/agent.toml")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -42,7 +43,8 @@ class Config:
     stop_timeout_s: float = 30.0
     cycle_after_s: float = 86400.0
     log_level: str = "info"
-    sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The default size table with the config's [sizes.NAME] tables applied.
+    sizes: Mapping[str, Size] = field(default_factory=lambda: dict(DEFAULT_SIZES))
 
     @property
     def socket_path(self) -> Path:
@@ -113,12 +115,12 @@ def _coordinator_url(key: str, value: Any) -> str:
     return str(value)
 
 
-def _sizes(key: str, value: Any) -> Mapping[str, Mapping[str, Any]]:
+def _sizes(key: str, value: Any) -> Mapping[str, Size]:
     _require(key, value, dict, "a table of [sizes.NAME] tables")
-    for name, table in value.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{key}.{name}", "must be a table")
-    return {name: dict(table) for name, table in value.items()}
+    try:
+        return apply_overrides(DEFAULT_SIZES, value)
+    except SizeError as exc:
+        raise ConfigError(exc.key, exc.message) from None
 
 
 def _socket(key: str, value: Any) -> Path:

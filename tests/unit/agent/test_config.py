@@ -28,12 +28,14 @@ def test_every_key_is_accepted() -> None:
         "coordinator_token_file": "/etc/t", "coordinator_ca_file": "/etc/ca.pem",
         "restart_schedule_s": [1, 2.5], "boot_timeout_s": 5, "stop_timeout_s": 2,
         "cycle_after_s": 3600, "log_level": "DEBUG",
-        "sizes": {"tiny": {"memory_mb": 64}},
+        "sizes": {"tiny": {"memory_mb": 64, "pids_max": 10}, "eco": {"kill_at": 3}},
     })
     assert c.socket_path == Path("/r/x.sock")
     assert c.restart_schedule_s == (1.0, 2.5)
     assert c.log_level == "debug"
-    assert c.sizes == {"tiny": {"memory_mb": 64}}
+    assert c.sizes["tiny"].memory_quota_bytes == 64 * 2**20
+    assert c.sizes["eco"].kill_at == 3
+    assert c.sizes["standard-2x"].memory_quota_bytes == 2**30
 
 
 def test_restart_schedule_none_means_no_cool_off() -> None:
@@ -63,6 +65,8 @@ def test_restart_schedule_none_means_no_cool_off() -> None:
     ({"log_level": "loud"}, "log_level"),
     ({"sizes": {"x": 3}}, "sizes.x"),
     ({"sizes": []}, "sizes"),
+    ({"sizes": {"eco": {"memory_mb": -5}}}, "sizes.eco.memory_mb"),
+    ({"sizes": {"eco": {"color": "red"}}}, "sizes.eco.color"),
 ])
 def test_bad_values_name_their_key(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
