@@ -1,0 +1,519 @@
+"""A host's space networks: bridges per space, namespaces attached by veth pairs, addresses
+from the persisted pool, the firewall table and the sweep, all driven from one thread pinned
+to the host's network namespace."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from netns.errors import (
+    LinkError,
+    NamespaceError,
+    NamespaceExistsError,
+    NamespaceNotFoundError,
+    NetnsError,
+)
+from netns.firewall import FirewallSpec, Nft, SpaceRules
+from netns.ipam import DEFAULT_POOL, AddressBook
+from netns.names import (
+    LinkOwner,
+    bridge_alias,
+    bridge_name,
+    check_id,
+    check_prefix,
+    parse_alias,
+    veth_alias,
+    veth_name,
+)
+from netns.namespace import NamespaceDir, netlink_socket_in, open_current, setns
+from netns.netlink import Rtnl
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+INNER_IFNAME = "eth0"
+# In a fresh namespace only lo (1) exists, so asking for index 2 cannot clash and saves a
+# lookup on the critical path; a clash (EBUSY) falls back to a kernel-chosen index.
+_INNER_IFINDEX = 2
+_LO_IFINDEX = 1
+_MARKERS = "namespaces"
+_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+@dataclass(frozen=True)
+class HostNetworkConfig:
+    """Where things live and how they are named. Agents side by side in one network
+    namespace need distinct `state_dir`, `pool`, `link_prefix` and `table`."""
+
+    state_dir: Path
+    netns_dir: Path = Path("/run/netns")
+    shared_netns_dir: bool = True
+    pool: IPv4Network = DEFAULT_POOL
+    link_prefix: str = "dy"
+    table: str = "dynoagent"
+    outbound: tuple[str, ...] = ()
+    allowed_tcp_ports: tuple[int, ...] = ()
+    allowed_udp_ports: tuple[int, ...] = ()
+    host_netns: Path | None = None
+    enable_forwarding: bool = True
+    durable_state: bool = True
+    call_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Space:
+    """A space's network on this host."""
+
+    space_id: str
+    bridge: str
+    subnet: IPv4Network
+    gateway: IPv4Interface
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A namespace wired into a space: `ifname` inside with `address`, default route via
+    `gateway`, `host_ifname` on the space's bridge."""
+
+    space_id: str
+    namespace: str
+    path: Path
+    address: IPv4Interface
+    gateway: IPv4Address
+    host_ifname: str
+    ifname: str = INNER_IFNAME
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What a sweep removed."""
+
+    links: tuple[str, ...]
+    namespaces: tuple[str, ...]
+    addresses: tuple[str, ...]
+    table_removed: bool
+
+
+class _PinnedThread:
+    """One thread that lives in a given network namespace and owns an `Rtnl` there.
+
+    pyroute2 keeps per-thread sockets and a socket stays in the namespace it was opened in,
+    so every netlink call of the library happens on a thread like this one.
+    """
+
+    def __init__(self, name: str, netns_fd: int, timeout_s: float) -> None:
+        self._netns_fd = netns_fd
+        self._timeout_s = timeout_s
+        self._ident: int | None = None
+        self._rtnl: Rtnl | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name,
+                                            initializer=self._start)
+        self.call("start", lambda: None)  # surfaces a failed setns/socket here, not later
+
+    def _start(self) -> None:
+        setns(self._netns_fd)
+        self._ident = threading.get_ident()
+        self._rtnl = Rtnl()
+
+    @property
+    def rtnl(self) -> Rtnl:
+        if self._rtnl is None or threading.get_ident() != self._ident:
+            raise RuntimeError("netlink used outside its pinned thread")
+        return self._rtnl
+
+    def submit(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def call(self, operation: str, fn: Callable[[], T]) -> T:
+        if threading.get_ident() == self._ident:
+            return fn()
+        try:
+            return self._executor.submit(fn).result(self._timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            raise NetnsError(f"no answer within {self._timeout_s}s", operation=operation,
+                             errno=errno.ETIMEDOUT) from exc
+        except concurrent.futures.BrokenExecutor as exc:
+            raise NetnsError("network thread failed to start", operation=operation) from exc
+
+    def close(self) -> None:
+        def stop() -> None:
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
+        with contextlib.suppress(concurrent.futures.BrokenExecutor):
+            self._executor.submit(stop).result(self._timeout_s)
+        self._executor.shutdown(wait=True)
+
+
+class HostNetwork:
+    """Space networks on one host (or test host). Thread-safe: every method may be called
+    from any thread (from asyncio through `asyncio.to_thread`); the work itself runs on a
+    thread pinned to the host namespace, so callers' threads never change namespace.
+
+    Slow teardown (the kernel unregisters a veth in tens of milliseconds) has its own
+    pinned thread: `destroy_later` returns a future at once.
+    """
+
+    def __init__(self, config: HostNetworkConfig) -> None:
+        check_prefix(config.link_prefix)
+        self.config = config
+        self._namespaces = NamespaceDir(config.netns_dir, shared=config.shared_netns_dir)
+        self._markers = config.state_dir / _MARKERS
+        self._markers.mkdir(parents=True, exist_ok=True)
+        self._book = AddressBook(config.state_dir, config.pool, durable=config.durable_state)
+        self._nft = Nft()
+        self._spaces: dict[str, tuple[Space, int]] = {}
+        self._forwarding_done = False
+        self._main: _PinnedThread | None = None
+        self._reaper: _PinnedThread | None = None
+        try:
+            self._host_fd = (os.open(config.host_netns, os.O_RDONLY | os.O_CLOEXEC)
+                             if config.host_netns is not None else open_current())
+        except OSError as exc:
+            self._book.close()
+            raise NamespaceNotFoundError("cannot open host namespace", operation="open-host",
+                                         path=config.host_netns, errno=exc.errno) from exc
+        try:
+            self._main = _PinnedThread("netns", self._host_fd, config.call_timeout_s)
+            self._reaper = _PinnedThread("netns-reaper", self._host_fd, config.call_timeout_s)
+            if self._book.spaces():
+                # After a restart the table may be stale or gone; make it match the records.
+                self._main.call("firewall", self._apply_firewall)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the threads (waiting for queued teardowns) and release the state lock.
+        Kernel objects stay: a restarted agent adopts them."""
+        for thread in (self._reaper, self._main):
+            if thread is not None:
+                thread.close()
+        self._reaper = self._main = None
+        if self._host_fd >= 0:
+            os.close(self._host_fd)
+            self._host_fd = -1
+        self._book.close()
+
+    def __enter__(self) -> HostNetwork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pinned(self) -> _PinnedThread:
+        if self._main is None:
+            raise NetnsError("host network is closed", operation="call")
+        return self._main
+
+    def _run(self, operation: str, fn: Callable[[], T]) -> T:
+        return self._pinned().call(operation, fn)
+
+    # --- namespaces -----------------------------------------------------------------------
+
+    def namespace_path(self, name: str) -> Path:
+        return self._namespaces.path(name)
+
+    def create_namespace(self, name: str, *, exist_ok: bool = False) -> Path:
+        """Create and mount the namespace `name` (recorded so that a sweep can remove it)."""
+        return self._run("create-namespace", lambda: self._create_namespace(name, exist_ok))
+
+    def delete_namespace(self, name: str) -> None:
+        """Unmount the namespace now (the kernel frees it once nothing holds it)."""
+        self._run("delete-namespace", lambda: self._delete_namespace(name))
+
+    def namespaces(self) -> list[str]:
+        """Namespaces this host network created that are still mounted."""
+        return [n for n in self._marker_names() if self._namespaces.exists(n)]
+
+    def _create_namespace(self, name: str, exist_ok: bool) -> Path:
+        marker = self._markers / check_id("namespace name", name)
+        marker.touch()  # before the mount, so that a crash in between leaves it sweepable
+        try:
+            return self._namespaces.create(name)
+        except NamespaceExistsError:
+            if exist_ok:
+                return self._namespaces.path(name)
+            raise
+        except BaseException:
+            marker.unlink(missing_ok=True)
+            raise
+
+    def _delete_namespace(self, name: str) -> None:
+        self._namespaces.delete(name)
+        (self._markers / check_id("namespace name", name)).unlink(missing_ok=True)
+
+    def _marker_names(self) -> list[str]:
+        return sorted(os.listdir(self._markers))
+
+    # --- spaces ---------------------------------------------------------------------------
+
+    def ensure_space(self, space_id: str) -> Space:
+        """The space's bridge with its gateway address, created on first use."""
+        return self._run("ensure-space", lambda: self._ensure_space(space_id)[0])
+
+    def spaces(self) -> list[Space]:
+        """Every space that holds a subnet (whether or not its bridge exists right now)."""
+        return [self._space_of(lease.space_id, lease.subnet) for lease in self._book.spaces()]
+
+    def remove_space(self, space_id: str) -> None:
+        """Delete the bridge, forget the subnet and every address in it, update the firewall."""
+        self._run("remove-space", lambda: self._remove_space(space_id))
+
+    def _space_of(self, space_id: str, subnet: IPv4Network) -> Space:
+        gateway = IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+        return Space(space_id, bridge_name(self.config.link_prefix, space_id), subnet, gateway)
+
+    def _ensure_space(self, space_id: str) -> tuple[Space, int]:
+        cached = self._spaces.get(space_id)
+        if cached is not None:
+            return cached
+        rtnl = self._pinned().rtnl
+        new_lease = self._book.space(space_id) is None
+        lease = self._book.lease_space(space_id)
+        space = self._space_of(space_id, lease.subnet)
+        created = False
+        try:
+            link = rtnl.link(space.bridge)
+            if link is None:
+                index = rtnl.add_bridge(space.bridge)
+                created = True
+            elif link.kind != "bridge" or parse_alias(link.alias) not in (
+                    None, LinkOwner("bridge", space_id)):
+                raise LinkError("name taken by a link of someone else", operation="add-bridge",
+                                interface=space.bridge, errno=errno.EEXIST)
+            else:
+                index = link.index
+            rtnl.set_alias(space.bridge, bridge_alias(space_id))
+            if space.gateway not in rtnl.addresses(index, space.bridge):
+                rtnl.add_address(index, space.bridge, space.gateway)
+            rtnl.set_up(index, space.bridge)
+            self._enable_forwarding()
+            self._apply_firewall()
+        except BaseException:
+            if created:
+                rtnl.delete_link(space.bridge)
+            if new_lease:
+                self._book.release_space(space_id)
+            raise
+        log.info("space ready", extra={"SPACE": space_id, "BRIDGE": space.bridge,
+                                       "SUBNET": str(space.subnet)})
+        self._spaces[space_id] = (space, index)
+        return space, index
+
+    def _remove_space(self, space_id: str) -> None:
+        rtnl = self._pinned().rtnl
+        self._spaces.pop(space_id, None)
+        rtnl.delete_link(bridge_name(self.config.link_prefix, space_id))
+        self._book.release_space(space_id)
+        self._sync_firewall()
+
+    def _enable_forwarding(self) -> None:
+        # Written from the pinned thread: /proc/sys/net resolves to the writer's namespace.
+        if not self.config.enable_forwarding or self._forwarding_done:
+            return
+        try:
+            fd = os.open(_IP_FORWARD, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise NetnsError("cannot enable forwarding", operation="ip-forward",
+                             path=Path(_IP_FORWARD), errno=exc.errno) from exc
+        self._forwarding_done = True
+
+    def _firewall_spec(self) -> FirewallSpec:
+        return FirewallSpec(
+            table=self.config.table,
+            spaces=tuple(SpaceRules(s.bridge, s.subnet) for s in self.spaces()),
+            outbound=self.config.outbound,
+            allowed_tcp_ports=self.config.allowed_tcp_ports,
+            allowed_udp_ports=self.config.allowed_udp_ports,
+        )
+
+    def _apply_firewall(self) -> None:
+        self._nft.apply(self._firewall_spec())
+
+    def _sync_firewall(self) -> bool:
+        """Apply the table, or delete it when no space is left; True if it was deleted."""
+        if self._book.spaces():
+            self._apply_firewall()
+            return False
+        return self._nft.delete_table(self.config.table)
+
+    # --- attachments ----------------------------------------------------------------------
+
+    def attach(self, space_id: str, namespace: str) -> Attachment:
+        """Wire an existing namespace into the space. Idempotent: attaching again returns
+        the same address; a half-made attachment is rebuilt."""
+        return self._run("attach", lambda: self._attach(space_id, namespace))
+
+    def create_attached(self, space_id: str, namespace: str) -> Attachment:
+        """`create_namespace` + `attach` in one trip to the network thread (the fast path
+        of a dyno start); the namespace is removed again if attaching fails."""
+        def both() -> Attachment:
+            self._create_namespace(namespace, exist_ok=False)
+            try:
+                return self._attach(space_id, namespace)
+            except BaseException:
+                self._delete_namespace(namespace)
+                raise
+        return self._run("create-attached", both)
+
+    def detach(self, space_id: str, namespace: str) -> None:
+        """Remove the namespace's veth pair and release its address."""
+        self._run("detach", lambda: self._detach(self._pinned().rtnl, space_id, namespace))
+
+    def destroy(self, space_id: str, namespace: str) -> None:
+        """Detach and delete the namespace, waiting for it."""
+        self._run("destroy", lambda: self._destroy(self._pinned().rtnl, space_id, namespace))
+
+    def destroy_later(self, space_id: str, namespace: str) -> Future[None]:
+        """Detach and delete the namespace on the teardown thread; returns at once.
+        The address is released only after the veth is gone."""
+        reaper = self._reaper
+        if reaper is None:
+            raise NetnsError("host network is closed", operation="destroy-later")
+        return reaper.submit(lambda: self._destroy(reaper.rtnl, space_id, namespace))
+
+    def _attach(self, space_id: str, namespace: str) -> Attachment:
+        space, bridge_index = self._ensure_space(space_id)
+        rtnl = self._pinned().rtnl
+        path = self._namespaces.path(namespace)
+        if not self._namespaces.exists(namespace):
+            raise NamespaceNotFoundError("no such namespace", operation="attach", path=path,
+                                         errno=errno.ENOENT)
+        had_address = self._book.address_of(space_id, namespace) is not None
+        address = self._book.assign(space_id, namespace)
+        host_if = veth_name(self.config.link_prefix, namespace)
+        alias = veth_alias(space_id, namespace)
+        attachment = Attachment(space_id, namespace, path, address, space.gateway.ip, host_if)
+        with Rtnl(netlink_socket_in(path), share_loop_with=rtnl) as inner:
+            # Optimistic: on a fresh namespace the veth cannot exist yet, so try to create
+            # it and look at what is there only when the kernel says EEXIST.
+            try:
+                self._wire(rtnl, inner, path, host_if, alias, bridge_index, address,
+                           space.gateway.ip)
+                return attachment
+            except BaseException as exc:
+                exists = (isinstance(exc, LinkError) and exc.errno == errno.EEXIST
+                          and exc.operation == "add-veth")
+                if not exists:
+                    self._undo_attach(rtnl, space_id, namespace, host_if, had_address)
+                    raise
+            existing = rtnl.link(host_if)
+            if (existing is not None and existing.alias == alias
+                    and existing.master == bridge_index and self._inner_ready(inner, address)):
+                return attachment
+            rtnl.delete_link(host_if)  # half-made or moved: rebuild from scratch
+            try:
+                self._wire(rtnl, inner, path, host_if, alias, bridge_index, address,
+                           space.gateway.ip)
+            except BaseException:
+                self._undo_attach(rtnl, space_id, namespace, host_if, had_address)
+                raise
+        return attachment
+
+    def _undo_attach(self, rtnl: Rtnl, space_id: str, namespace: str, host_if: str,
+                     had_address: bool) -> None:
+        rtnl.delete_link(host_if)
+        if not had_address:
+            self._book.release(space_id, namespace)
+
+    @staticmethod
+    def _inner_ready(inner: Rtnl, address: IPv4Interface) -> bool:
+        link = inner.link(INNER_IFNAME)
+        return (link is not None and link.up
+                and address in inner.addresses(link.index, INNER_IFNAME))
+
+    @staticmethod
+    def _wire(rtnl: Rtnl, inner: Rtnl, path: Path, host_if: str, alias: str,
+              bridge_index: int, address: IPv4Interface, gateway: IPv4Address) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NamespaceError("cannot open namespace", operation="attach", path=path,
+                                 errno=exc.errno) from exc
+        try:
+            try:
+                rtnl.add_veth(host_if, master=bridge_index, peer_name=INNER_IFNAME,
+                              peer_netns_fd=fd, peer_index=_INNER_IFINDEX)
+                inner_index = _INNER_IFINDEX
+            except LinkError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                rtnl.add_veth(host_if, master=bridge_index, peer_name=INNER_IFNAME,
+                              peer_netns_fd=fd, peer_index=None)
+                link = inner.link(INNER_IFNAME)
+                if link is None:
+                    raise LinkError("peer missing after creation", operation="add-veth",
+                                    interface=INNER_IFNAME, errno=errno.ENODEV) from exc
+                inner_index = link.index
+        finally:
+            os.close(fd)
+        rtnl.set_alias(host_if, alias)
+        inner.set_up(_LO_IFINDEX, "lo")
+        inner.set_up(inner_index, INNER_IFNAME)
+        inner.add_address(inner_index, INNER_IFNAME, address)
+        inner.add_default_route(gateway, INNER_IFNAME)
+
+    def _detach(self, rtnl: Rtnl, space_id: str, namespace: str) -> None:
+        # Deleting the host end takes the peer inside with it (a veth pair dies whole).
+        rtnl.delete_link(veth_name(self.config.link_prefix, namespace))
+        self._book.release(space_id, namespace)
+
+    def _destroy(self, rtnl: Rtnl, space_id: str, namespace: str) -> None:
+        self._detach(rtnl, space_id, namespace)
+        self._delete_namespace(namespace)
+
+    # --- sweep ----------------------------------------------------------------------------
+
+    def sweep(self, live_spaces: Iterable[str], live_namespaces: Iterable[str]) -> SweepReport:
+        """Remove every link, namespace, address record and (if no space is left) the table
+        of this host network that the live ids do not name."""
+        spaces, names = set(live_spaces), set(live_namespaces)
+        return self._run("sweep", lambda: self._sweep(spaces, names))
+
+    def _sweep(self, spaces: set[str], names: set[str]) -> SweepReport:
+        rtnl = self._pinned().rtnl
+        prefix = self.config.link_prefix
+        links: list[str] = []
+        # Veths first: a bridge deleted before its ports would leave them dangling.
+        for link in sorted(rtnl.links(), key=lambda item: item.kind == "bridge"):
+            owner = parse_alias(link.alias)
+            if owner is None:
+                continue
+            if owner.role == "veth" and owner.namespace is not None:
+                ours = link.name == veth_name(prefix, owner.namespace)
+                dead = owner.namespace not in names or owner.space_id not in spaces
+            else:
+                ours = link.name == bridge_name(prefix, owner.space_id)
+                dead = owner.space_id not in spaces
+            if ours and dead and rtnl.delete_link(link.name):
+                links.append(link.name)
+        removed_ns: list[str] = []
+        for name in self._marker_names():
+            if name not in names:
+                self._delete_namespace(name)
+                removed_ns.append(name)
+        for space_id in [s for s in self._spaces if s not in spaces]:
+            del self._spaces[space_id]
+        addresses = self._book.retain(spaces, names)
+        table_removed = self._sync_firewall()
+        report = SweepReport(tuple(links), tuple(removed_ns), tuple(addresses), table_removed)
+        log.info("sweep done", extra={"LINKS": len(links), "NAMESPACES": len(removed_ns),
+                                      "ADDRESSES": len(addresses)})
+        return report

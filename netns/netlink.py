@@ -1,0 +1,176 @@
+"""The one place that talks to pyroute2: typed link, address and route operations on one
+RTNL socket, with every kernel refusal turned into a `LinkError`."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from netns.errors import LinkError
+
+T = TypeVar("T")
+IFF_UP = 0x1
+_BUF_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network interface as the kernel reports it."""
+
+    index: int
+    name: str
+    kind: str | None
+    alias: str | None
+    master: int | None
+    up: bool
+
+
+def _to_link(msg: Any) -> Link:
+    master = msg.get_attr("IFLA_MASTER")
+    return Link(
+        index=int(msg["index"]),
+        name=str(msg.get_attr("IFLA_IFNAME")),
+        kind=_str_or_none(msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")),
+        alias=_str_or_none(msg.get_attr("IFLA_IFALIAS")),
+        master=int(master) if master else None,
+        up=bool(int(msg["flags"]) & IFF_UP),
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class Rtnl:
+    """A typed RTNL client bound to one network namespace.
+
+    Not thread-safe, and pyroute2 keeps per-thread state: use an instance only from the
+    thread that made it. The namespace is the one the socket was opened in: the making
+    thread's, or the one `sock` was opened in (see `netns.namespace.netlink_socket_in`).
+    """
+
+    def __init__(self, sock: socket.socket | None = None, *,
+                 share_loop_with: Rtnl | None = None) -> None:
+        self._sock = sock
+        # Each sync IPRoute makes its own asyncio loop (about 0.3 ms); a short-lived client
+        # on the same thread can borrow the loop of a long-lived one instead.
+        loop = None if share_loop_with is None else share_loop_with._ipr.asyncore.event_loop
+        try:
+            if sock is None:
+                self._ipr: Any = IPRoute(groups=0, use_event_loop=loop)
+            else:
+                # pyroute2 wants a datagram netlink socket with buffers like its own.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUF_BYTES)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF_BYTES)
+                self._ipr = IPRoute(groups=0, use_socket=sock, use_event_loop=loop)
+        except (NetlinkError, OSError) as exc:
+            if sock is not None:
+                sock.close()
+            raise LinkError("cannot open netlink socket", operation="open",
+                            errno=_errno_of(exc)) from exc
+
+    def close(self) -> None:
+        try:
+            self._ipr.close()
+        finally:
+            if self._sock is not None:
+                self._sock.close()
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, operation: str, interface: str | None, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except NetlinkError as exc:
+            raise LinkError("kernel refused request", operation=operation, interface=interface,
+                            errno=_errno_of(exc)) from exc
+        except OSError as exc:
+            raise LinkError("netlink I/O failed", operation=operation, interface=interface,
+                            errno=exc.errno) from exc
+
+    # --- links ---------------------------------------------------------------------------
+
+    def links(self) -> list[Link]:
+        return self._call("list-links", None, lambda: [_to_link(m) for m in self._ipr.get_links()])
+
+    def link(self, name: str) -> Link | None:
+        """The link called `name`, or None."""
+        try:
+            msgs = self._call("get-link", name, lambda: self._ipr.link("get", ifname=name))
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return _to_link(msgs[0])
+
+    def add_bridge(self, name: str) -> int:
+        self._call("add-bridge", name, lambda: self._ipr.link("add", ifname=name, kind="bridge"))
+        return self._index(name)
+
+    def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int,
+                 peer_index: int | None) -> None:
+        """A veth pair whose host end `name` is up on bridge `master` and whose other end is
+        created directly inside the namespace behind `peer_netns_fd` (no rename, no move)."""
+        peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd}
+        if peer_index is not None:
+            peer["index"] = peer_index
+        self._call("add-veth", name, lambda: self._ipr.link(
+            "add", ifname=name, kind="veth", master=master, state="up", peer=peer))
+
+    def set_alias(self, name: str, alias: str) -> None:
+        # The kernel ignores IFLA_IFALIAS when it creates a link, so this is a second request.
+        self._call("set-alias", name, lambda: self._ipr.link("set", ifname=name, ifalias=alias))
+
+    def set_up(self, index: int, name: str) -> None:
+        self._call("link-up", name, lambda: self._ipr.link("set", index=index, state="up"))
+
+    def delete_link(self, name: str, *, missing_ok: bool = True) -> bool:
+        """Delete `name`; False if it was already gone (and `missing_ok`)."""
+        try:
+            self._call("delete-link", name, lambda: self._ipr.link("del", ifname=name))
+        except LinkError as exc:
+            if missing_ok and exc.errno == errno.ENODEV:
+                return False
+            raise
+        return True
+
+    def _index(self, name: str) -> int:
+        link = self.link(name)
+        if link is None:
+            raise LinkError("link vanished after creation", operation="lookup", interface=name,
+                            errno=errno.ENODEV)
+        return link.index
+
+    # --- addresses and routes ------------------------------------------------------------
+
+    def add_address(self, index: int, name: str, address: IPv4Interface) -> None:
+        self._call("add-address", name, lambda: self._ipr.addr(
+            "add", index=index, address=str(address.ip),
+            prefixlen=address.network.prefixlen))
+
+    def addresses(self, index: int, name: str) -> list[IPv4Interface]:
+        msgs = self._call("list-addresses", name,
+                          lambda: self._ipr.get_addr(family=socket.AF_INET, index=index))
+        return [IPv4Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}") for m in msgs]
+
+    def add_default_route(self, gateway: IPv4Address, name: str) -> None:
+        self._call("add-route", name, lambda: self._ipr.route(
+            "add", dst="0.0.0.0/0", gateway=str(gateway)))
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    return getattr(exc, "errno", None)
