@@ -102,7 +102,10 @@ def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict
         marks["user"] = process.mark()
         os.write(write_fd, rep.encode_marks(marks))
         phase = "exec"
-        os.execve(reaper_fd, argv, env)
+        try:
+            os.execve(reaper_fd, argv, env)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, req.reaper) from e
     except BaseException as e:
         process.fail(write_fd, phase, e)
 

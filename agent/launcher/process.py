@@ -79,10 +79,14 @@ def _reap(pid: int, *, kill: bool) -> None:
 
 def fail(write_fd: int, phase: str, exc: BaseException) -> NoReturn:
     """Report an exception from the child and exit without running any caller cleanup."""
-    if isinstance(exc, OSError):
-        msg = rep.encode_error(phase, exc.errno or 0, exc.strerror or str(exc), exc.filename)
-    else:
-        msg = rep.encode_error(phase, 0, f"{type(exc).__name__}: {exc}", None)
+    try:
+        if isinstance(exc, OSError):
+            msg = rep.encode_error(phase, exc.errno or 0, exc.strerror or str(exc), exc.filename)
+        else:
+            msg = rep.encode_error(phase, 0, f"{type(exc).__name__}: {exc}", None)
+    except BaseException:
+        # A report that cannot be encoded must still be a report: EOF alone means success.
+        msg = rep.encode_error(phase, 0, "unreportable child error", None)
     try:
         os.write(write_fd, msg)
     finally:

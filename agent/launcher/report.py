@@ -22,8 +22,13 @@ def encode_marks(marks: Mapping[str, int]) -> bytes:
     return (json.dumps({"marks": dict(marks)}) + "\n").encode()
 
 
-def encode_error(phase: str, errno: int, message: str, path: str | None) -> bytes:
-    body = {"error": {"phase": phase, "errno": errno, "message": message[:2000], "path": path}}
+def encode_error(phase: str, errno: int, message: str, path: object) -> bytes:
+    # OSError.filename may be bytes or an fd number; the wire carries text only.
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    text_path = None if path is None else str(path)
+    body = {"error": {"phase": phase, "errno": errno, "message": message[:2000],
+                      "path": text_path}}
     return (json.dumps(body) + "\n").encode()[:_MAX_MESSAGE]
 
 

@@ -206,18 +206,21 @@ def test_named_stack_with_static_reaper(holder: Holder, make_dyno: Any, tmp_path
     assert str(dyno.req["uid"]) in lines and "ro" in lines and "web:" in lines
 
 
-@pytest.mark.parametrize(("override", "phase"), [
-    ({"slug_dir": "/nonexistent/dtslug"}, "mounts"),
-    ({"cgroup_procs": ["/sys/fs/cgroup/pids/dt-no-such-group/cgroup.procs"]}, "cgroup"),
-    ({"netns_path": "/run/netns/dt-no-such-netns"}, "netns"),
-    ({"reaper": "/nonexistent/tini"}, "exec"),
-    ({"argv": []}, "helper"),
+@pytest.mark.parametrize(("override", "phase", "errno"), [
+    ({"slug_dir": "/nonexistent/dtslug"}, "mounts", 2),
+    ({"cgroup_procs": ["/sys/fs/cgroup/pids/dt-no-such-group/cgroup.procs"]}, "cgroup", 2),
+    ({"netns_path": "/run/netns/dt-no-such-netns"}, "netns", 2),
+    ({"reaper": "/nonexistent/tini"}, "exec", 2),
+    # Opened fine on the host, refused by execve in the child: the report pipe carries it.
+    ({"reaper": "/etc/os-release"}, "exec", 13),
+    ({"argv": []}, "helper", 0),
 ])
 def test_failures_name_their_phase(holder: Holder, make_dyno: Any, override: dict[str, Any],
-                                   phase: str) -> None:
+                                   phase: str, errno: int) -> None:
     dyno = make_dyno("true", **override)
     answer = holder.launch(dyno.req, dyno.out)
     assert "error" in answer, answer
     assert answer["error"]["phase"] == phase, answer
-    if phase != "helper":
-        assert answer["error"]["errno"] == 2  # ENOENT, carried from the child
+    assert answer["error"]["errno"] == errno, answer
+    if "reaper" in override:
+        assert answer["error"]["path"] == override["reaper"]
