@@ -41,6 +41,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _setup_logging(path: str | None, level: str) -> None:
     if path is not None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # stderr too, so a traceback that escapes logging still lands in the file.
         os.dup2(fd, 2, inheritable=False)

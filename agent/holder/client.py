@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,7 +281,7 @@ class HolderClient:
 
     # -- events ------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[HolderEvent]:
+    async def events(self) -> AsyncGenerator[HolderEvent, None]:
         """Events until the connection ends (then ConnectionLost). Subscribe first.
 
         An output event is acked when the next one is requested, i.e. once handled.
