@@ -308,7 +308,11 @@ class _Extractor:
         self.symlinks.append((parts, info.linkname))
 
     def _hardlink(self, info: tarfile.TarInfo, parts: tuple[str, ...], member: str) -> None:
-        target = _parts(info.linkname, member, "hard link target")
+        try:
+            target = _parts(info.linkname, member, "hard link target")
+        except UnsafeMemberError:
+            raise LinkEscapeError(f"slug entry {member!r} is a hard link to {info.linkname!r}, "
+                                  "outside the slug; refused", member=member) from None
         target_path = self.root.joinpath(*target)
         # The target's parents must be directories this extraction made (no symlink on
         # the way) and the target itself a regular file it wrote.
@@ -420,6 +424,7 @@ class SlugStore:
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._waiters: dict[str, int] = {}
         # (st_dev, st_ino, st_size, st_mtime_ns) of a local tarball -> its digest, so a
         # tarball used by many dynos is hashed once, and again only when it changes.
         self._local_digests: dict[tuple[int, int, int, int], str] = {}
@@ -506,8 +511,18 @@ class SlugStore:
             task.add_done_callback(lambda t: self._forget(digest, t))
         # Shielded: one caller giving up (its dyno stopped) must not cancel the work
         # other dynos of the release are waiting for.
-        await asyncio.shield(task)
+        self._waiters[digest] = self._waiters.get(digest, 0) + 1
+        try:
+            await asyncio.shield(task)
+        finally:
+            self._waiters[digest] -= 1
+            if not self._waiters[digest]:
+                del self._waiters[digest]
         return Slug(await asyncio.to_thread(slug_root, final), digest)
+
+    def waiting(self, digest: str) -> int:
+        """How many resolves are waiting for `digest` to be fetched and extracted."""
+        return self._waiters.get(digest, 0)
 
     def _forget(self, digest: str, task: asyncio.Task[None]) -> None:
         if self._inflight.get(digest) is task:
