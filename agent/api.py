@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from agent.errors import AgentError, Forbidden, MethodNotAllowed, NotFound
+from agent.events import EventFollower
+from agent.logs import LogHub
 from agent.peercred import is_allowed, peer_credentials
 
 log = logging.getLogger(__name__)
@@ -23,12 +25,50 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Backend(Protocol):
-    """What the API needs from the agent."""
+    """What the API needs from the agent (the daemon implements it over the supervisor).
 
-    def info(self) -> dict[str, Any]: ...
+    `ref` is a dyno id or a dyno name (`web.1`); a name shared by dynos of several apps needs
+    `app` and is otherwise a Conflict. Every method raises AgentError subclasses only.
+    Status objects and event dicts have the fields of DESIGN §7.
+    """
 
     @property
     def socket_gid(self) -> int | None: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]: ...
+
+    def get_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        """Status plus detail: spec, cgroup, netns, limits, last exit, stats, launch timings."""
+        ...
+
+    async def create_dyno(self, body: Any) -> dict[str, Any]:
+        """Start a dyno from a spec (DESIGN §5); idempotent by id. Returns its status."""
+        ...
+
+    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
+
+    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
+
+    async def signal_dyno(self, ref: str, signal: str, app: str | None = None) -> dict[str, Any]:
+        """Send a signal (name like "USR1" or "SIGUSR1", or a number) to every process."""
+        ...
+
+    async def delete_dyno(self, ref: str, app: str | None = None) -> None:
+        """Stop the dyno and forget it (frees its cgroup, address, user and record)."""
+        ...
+
+    @property
+    def log_hub(self) -> LogHub: ...
+
+    def subscribe_events(self) -> EventFollower:
+        """State changes from now on; `async for event in follower`, `with follower:`."""
+        ...
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of every dyno and the agent."""
+        ...
 
 
 def error_response(error: AgentError) -> web.Response:
