@@ -39,6 +39,12 @@ _RETRY_FIRST_S = 0.001
 _RETRY_MAX_S = 0.05
 
 
+def _sigkill(pid: int) -> None:
+    """The fallback kill's only signal: a seam so unit tests on a fake tree never signal
+    real processes with made-up pids."""
+    os.kill(pid, signal.SIGKILL)
+
+
 class Group:
     """The group at relative path `rel` in every hierarchy of `layout` (no I/O on construction).
 
@@ -190,7 +196,7 @@ class Group:
                 victims = self.pids()
                 for pid in victims:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                        _sigkill(pid)
             finally:
                 if can_freeze:
                     # Always thaw: a SIGKILLed task that is frozen does not die until thawed
