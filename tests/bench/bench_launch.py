@@ -1,0 +1,247 @@
+"""Launch latency: our launcher vs `runc run` and `crun run`, same command and isolation.
+
+Each sample runs `tini -- /bin/true` in a busybox-static rootfs with pid, mount, uts, ipc and
+cgroup namespaces, a cgroup with memory/pids/cpu limits created for that run and removed after
+it, one pre-made network namespace (created once with `ip netns add` and REUSED by every run of
+every runtime: making and wiring the netns is the netns library's cost, not the launcher's),
+a read-only root, /app from a slug directory (ours: overlay with a tmpfs upper; runc/crun: a
+read-only bind), /tmp tmpfs, uid 400001, no capabilities. A sample ends when the container has
+exited and been reaped. Prints medians, p99 and ratios; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from agent.launcher import LaunchRequest, launch
+from agent.launcher import syscalls as sc
+
+RUNS = int(os.environ.get("BENCH_LAUNCH_RUNS", "100"))
+WARMUP = 5
+UID = 400001
+HIERARCHIES = ("memory", "pids", "cpu", "unified")
+LIMITS = (("memory", "memory.limit_in_bytes", "536870912"), ("pids", "pids.max", "256"),
+          ("cpu", "cpu.shares", "1024"))
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _build_rootfs(base: Path) -> Path:
+    rootfs = base / "rootfs"
+    for d in ("bin", "sbin", "app", "dev", "proc", "sys", "tmp", "etc"):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+    for applet in ("sh", "true"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    shutil.copy("/usr/bin/tini-static", rootfs / "sbin" / "tini")
+    return rootfs
+
+
+@contextlib.contextmanager
+def _cgroup(name: str) -> Iterator[tuple[str, ...]]:
+    made: list[Path] = []
+    try:
+        for hierarchy in HIERARCHIES:
+            path = Path("/sys/fs/cgroup") / hierarchy / name
+            path.mkdir()
+            made.append(path)
+        for hierarchy, knob, value in LIMITS:
+            fd = os.open(f"/sys/fs/cgroup/{hierarchy}/{name}/{knob}", os.O_WRONLY)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        yield tuple(str(p / "cgroup.procs") for p in made)
+    finally:
+        for path in reversed(made):
+            path.rmdir()
+
+
+def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
+          launch_only: list[float],
+          phases: dict[str, list[float]] | None = None) -> Callable[[int], None]:
+    reaper = "/usr/bin/tini-static" if stack != "/" else "/usr/bin/tini"
+    argv = ("/bin/true",)
+
+    def one(i: int) -> None:
+        dyno_dir = work / f"d{i}"
+        dyno_dir.mkdir()
+        with _cgroup(f"dtbo{secrets.token_hex(4)}") as procs:
+            req = LaunchRequest(
+                dyno_id=f"bench-{i}", hostname=f"bench-{i}", argv=argv,
+                env=(("PATH", "/bin:/usr/bin"),), uid=UID, gid=UID, stack_dir=stack,
+                slug_dir=str(slug), dyno_dir=str(dyno_dir), writable_limit_bytes=64 << 20,
+                cgroup_procs=procs, netns_path=f"/run/netns/{netns}",
+                hide_paths=(str(work),), reaper=reaper)
+            t0 = time.monotonic()
+            result = launch(req, 0, 1, 2)
+            _, status = os.waitpid(result.pid, 0)
+            launch_only.append((time.monotonic() - t0) * 1000)
+            if phases is not None and i >= 0:
+                for phase, ms in result.timings_ms.items():
+                    phases.setdefault(phase, []).append(ms)
+            if status != 0:
+                raise RuntimeError(f"dyno exited with {status}")
+        dyno_dir.rmdir()
+
+    return one
+
+
+def _oci_bundle(base: Path, rootfs: Path, slug: Path, netns: str, runtime: str) -> Path:
+    bundle = base / f"bundle-{runtime}"
+    bundle.mkdir()
+    subprocess.run([runtime, "spec"], cwd=bundle, check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"] = {"path": str(rootfs), "readonly": True}
+    proc = config["process"]
+    proc.update(terminal=False, args=["/sbin/tini", "--", "/bin/true"], cwd="/app",
+                user={"uid": UID, "gid": UID}, noNewPrivileges=True,
+                env=["PATH=/bin:/usr/bin"], capabilities={k: [] for k in (
+                    "bounding", "effective", "inheritable", "permitted", "ambient")})
+    proc.pop("rlimits", None)
+    # Same mounts as ours: no cgroupfs or mqueue inside, /app and /tmp added.
+    config["mounts"] = [m for m in config["mounts"]
+                        if m["destination"] not in ("/sys/fs/cgroup", "/dev/mqueue")]
+    config["mounts"] += [
+        {"destination": "/app", "type": "bind", "source": str(slug),
+         "options": ["rbind", "ro", "nosuid", "nodev"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "size=65536k"]},
+    ]
+    linux = config["linux"]
+    linux["namespaces"] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    linux["namespaces"].append({"type": "network", "path": f"/run/netns/{netns}"})
+    linux["resources"].update(memory={"limit": 536870912}, pids={"limit": 256},
+                              cpu={"shares": 1024})
+    # An absolute cgroupsPath: the hybrid host's shell sits in a nested cgroup (MACHINE.md).
+    linux["cgroupsPath"] = f"/dtb{runtime}{secrets.token_hex(3)}"
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def _oci(runtime: list[str], bundle: Path, state: Path) -> Callable[[int], None]:
+    # `run` deletes the container and its cgroup when it exits, so one name serves every run.
+    name = f"dtb{secrets.token_hex(4)}"
+
+    def one(i: int) -> None:
+        subprocess.run([*runtime, "--root", str(state), "run", "--bundle", str(bundle), name],
+                       check=True, stdin=subprocess.DEVNULL)
+    return one
+
+
+def _time(one: Callable[[int], None], runs: int) -> list[float]:
+    for i in range(WARMUP):
+        one(-1 - i)
+    samples = []
+    for i in range(runs):
+        t0 = time.monotonic()
+        one(i)
+        samples.append((time.monotonic() - t0) * 1000)
+    return samples
+
+
+_CRUN_CHILD = r"""
+import json, subprocess, sys, time, os, ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+# crun refuses hybrid cgroups; hide the v2 tree in this private mount namespace (MACHINE.md).
+assert libc.mount(b"none", b"/sys/fs/cgroup/unified", b"tmpfs", 0, None) == 0
+bundle, state, runs, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+samples = []
+for i in range(warmup + runs):
+    t0 = time.monotonic()
+    subprocess.run(["crun", "--root", state, "run", "--bundle", bundle, "dtbcrun"], check=True,
+                   stdin=subprocess.DEVNULL)
+    if i >= warmup:
+        samples.append((time.monotonic() - t0) * 1000)
+print(json.dumps(samples))
+"""
+
+
+def _crun(bundle: Path, state: Path, runs: int) -> list[float]:
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _CRUN_CHILD,
+         str(bundle), str(state), str(runs), str(WARMUP)],
+        check=True, capture_output=True, text=True)
+    samples: list[float] = json.loads(out.stdout)
+    return samples
+
+
+def _line(name: str, samples: list[float], ref: float | None) -> str:
+    med = statistics.median(samples)
+    ratio = f"{med / ref:6.2f}x runc" if ref else "      -    "
+    return (f"{name:<34} median {med:7.2f} ms   p99 {_percentile(samples, 0.99):7.2f} ms   "
+            f"{ratio}   (n={len(samples)})")
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        print("skipped: needs root (namespaces, cgroups, netns)")
+        return
+    missing = [t for t in ("runc", "busybox", "tini-static", "ip") if shutil.which(t) is None]
+    if missing:
+        print(f"skipped: missing {', '.join(missing)}")
+        return
+    # The launcher's caller contract: single-threaded and a child subreaper.
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    netns = f"dtb{secrets.token_hex(3)}"
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="dtbench") as tmp, contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        rootfs = _build_rootfs(base)
+        slug = base / "slug"
+        slug.mkdir()
+        (slug / "Procfile").write_text("web: true\n")
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        stack.callback(subprocess.run, ["ip", "netns", "delete", netns], check=False)
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        work = base / "dynos"
+        work.mkdir()
+
+        launch_only: list[float] = []
+        phases: dict[str, list[float]] = {}
+        results["ours (busybox stack)"] = _time(
+            _ours(rootfs, slug, work, netns, str(rootfs), launch_only, phases), RUNS)
+        results["ours: launch+wait only"] = launch_only[WARMUP:]
+        host_only: list[float] = []
+        results["ours (host stack, overlay root)"] = _time(
+            _ours(rootfs, slug, work, netns, "/", host_only), RUNS)
+
+        runc_state = base / "runc-state"
+        bundle = _oci_bundle(base, rootfs, slug, netns, "runc")
+        results["runc run"] = _time(_oci(["runc"], bundle, runc_state), RUNS)
+        if shutil.which("crun") and shutil.which("unshare"):
+            crun_bundle = _oci_bundle(base, rootfs, slug, netns, "crun")
+            try:
+                results["crun run (private mnt ns)"] = _crun(crun_bundle, base / "crun-state",
+                                                             RUNS)
+            except subprocess.CalledProcessError as e:
+                print(f"crun could not run: {e.stderr.strip()[-300:]}")
+
+    runc_median = statistics.median(results["runc run"])
+    print(f"launch of `tini -- /bin/true`, {RUNS} runs each after {WARMUP} warm-up runs; "
+          "cgroup create+limits+remove included unless noted; netns reused")
+    for name, samples in results.items():
+        print(_line(name, samples, runc_median))
+    print("ours, median per phase (ms): " + "  ".join(
+        f"{phase}={statistics.median(ms):.2f}" for phase, ms in phases.items()))
+    ours = statistics.median(results["ours (busybox stack)"])
+    print(f"goal ours <= 0.5x runc median: {ours / runc_median:.2f}x "
+          f"({'met' if ours <= 0.5 * runc_median else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
