@@ -17,7 +17,7 @@ import pytest
 from agent.holder.client import ExitEvent, HolderClient, OutputEvent, Superseded
 from agent.holder.errors import BadRequest, Conflict, HolderTimeout, LaunchFailed, NotFound
 from tests.support.wait import async_wait_for
-from tests.unit.holder.conftest import ENV, HolderProc, collect, exits_of, lines_of
+from tests.unit.holder.harness import ENV, HolderProc, collect, exits_of, lines_of
 
 
 def launch_params(dyno_id: str, script: str) -> dict[str, object]:
@@ -326,7 +326,7 @@ def test_stale_socket_is_replaced(short_dir: str) -> None:
     dead.bind(path)
     dead.close()  # the file stays, nobody listens: what a SIGKILLed holder leaves
     h = HolderProc(path, os.path.join(short_dir, "stale-state"))
-    from tests.unit.holder.conftest import start_holder, stop_holder
+    from tests.unit.holder.harness import start_holder, stop_holder
     try:
         start_holder(h)
         assert "removing stale holder socket" in h.log()
