@@ -127,5 +127,9 @@ def read_start_time(pid: int) -> int:
     except OSError as e:
         raise LaunchError("exec", e.errno or 0, "cannot read start time", f"/proc/{pid}/stat") \
             from e
+    return parse_start_time(data)
+
+
+def parse_start_time(stat: bytes) -> int:
     # comm may contain spaces and ')' — the fields after the LAST ')' are fixed.
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return int(stat[stat.rindex(b")") + 2:].split()[19])

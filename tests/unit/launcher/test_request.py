@@ -1,0 +1,50 @@
+"""LaunchRequest.validate(): every unusable field is refused with its name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from agent.launcher import LaunchRequest, RequestError
+
+
+def _req(**overrides: Any) -> LaunchRequest:
+    base = LaunchRequest(
+        dyno_id="abc-1", hostname="web-1", argv=("/bin/sh", "-c", "true"),
+        env=(("PATH", "/bin"),), uid=400001, gid=400001, stack_dir="/", slug_dir="/s",
+        dyno_dir="/run/d/abc-1", writable_limit_bytes=1 << 20,
+        cgroup_procs=("/sys/fs/cgroup/pids/x/cgroup.procs",), netns_path=None)
+    return dataclasses.replace(base, **overrides)
+
+
+def test_a_sane_request_validates() -> None:
+    _req().validate()
+    _req(netns_path="/run/netns/dyno-abc-1", hide_paths=("/var/lib/dynoagent",)).validate()
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ({"dyno_id": "Bad_Id"}, "dyno_id"),
+    ({"hostname": "-x"}, "hostname"),
+    ({"hostname": "a" * 70}, "hostname"),
+    ({"argv": ()}, "argv"),
+    ({"uid": 0}, "uid/gid"),
+    ({"gid": 0}, "uid/gid"),
+    ({"writable_limit_bytes": 10}, "writable_limit_bytes"),
+    ({"env": (("A=B", "x"),)}, "env"),
+    ({"env": (("A", "x\0y"),)}, "env"),
+    ({"stack_dir": "relative"}, "stack_dir"),
+    ({"slug_dir": "/slugs/a,upperdir=/etc"}, "slug_dir"),
+    ({"slug_dir": "/slugs/a:b"}, "slug_dir"),
+    ({"dyno_dir": "/run/x\\y"}, "dyno_dir"),
+    ({"reaper": "tini"}, "reaper"),
+    ({"cgroup_procs": ("cgroup.procs",)}, "path"),
+    ({"hide_paths": ("var/lib",)}, "path"),
+    ({"netns_path": "netns"}, "netns_path"),
+])
+def test_bad_fields_are_named(override: dict[str, Any], field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        _req(**override).validate()
+    assert info.value.field == field
+    assert field in str(info.value)
