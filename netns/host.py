@@ -44,9 +44,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 INNER_IFNAME = "eth0"
-# In a fresh namespace only lo (1) exists, so asking for index 2 cannot clash and saves a
-# lookup on the critical path; a clash (EBUSY) falls back to a kernel-chosen index.
-_INNER_IFINDEX = 2
 _LO_IFINDEX = 1
 _MARKERS = "namespaces"
 _IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -448,22 +445,17 @@ class HostNetwork:
             raise NamespaceError("cannot open namespace", operation="attach", path=path,
                                  errno=exc.errno) from exc
         try:
-            try:
-                rtnl.add_veth(host_if, master=bridge_index, peer_name=INNER_IFNAME,
-                              peer_netns_fd=fd, peer_index=_INNER_IFINDEX)
-                inner_index = _INNER_IFINDEX
-            except LinkError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise
-                rtnl.add_veth(host_if, master=bridge_index, peer_name=INNER_IFNAME,
-                              peer_netns_fd=fd, peer_index=None)
-                link = inner.link(INNER_IFNAME)
-                if link is None:
-                    raise LinkError("peer missing after creation", operation="add-veth",
-                                    interface=INNER_IFNAME, errno=errno.ENODEV) from exc
-                inner_index = link.index
+            rtnl.add_veth(host_if, master=bridge_index, peer_name=INNER_IFNAME,
+                          peer_netns_fd=fd)
         finally:
             os.close(fd)
+        # veth honours a requested peer ifindex only when the host end's index is given
+        # too, so the inside index has to be asked for.
+        link = inner.link(INNER_IFNAME)
+        if link is None:
+            raise LinkError("peer missing after creation", operation="add-veth",
+                            interface=INNER_IFNAME, errno=errno.ENODEV)
+        inner_index = link.index
         rtnl.set_alias(host_if, alias)
         inner.set_up(_LO_IFINDEX, "lo")
         inner.set_up(inner_index, INNER_IFNAME)

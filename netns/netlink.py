@@ -118,13 +118,10 @@ class Rtnl:
         self._call("add-bridge", name, lambda: self._ipr.link("add", ifname=name, kind="bridge"))
         return self._index(name)
 
-    def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int,
-                 peer_index: int | None) -> None:
+    def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int) -> None:
         """A veth pair whose host end `name` is up on bridge `master` and whose other end is
         created directly inside the namespace behind `peer_netns_fd` (no rename, no move)."""
         peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd}
-        if peer_index is not None:
-            peer["index"] = peer_index
         self._call("add-veth", name, lambda: self._ipr.link(
             "add", ifname=name, kind="veth", master=master, state="up", peer=peer))
 
