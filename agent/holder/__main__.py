@@ -32,6 +32,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="isolated: agent.launcher (default); plain: fork/exec, no isolation")
     parser.add_argument("--buffer-lines", type=int, default=BufferLimits.max_lines)
     parser.add_argument("--buffer-bytes", type=int, default=BufferLimits.max_bytes)
+    parser.add_argument("--buffer-total-bytes", type=int, default=BufferLimits.total_bytes,
+                        help="bound over every held process's buffer together")
     parser.add_argument("--log-file", help="append the holder's own log here (else stderr)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--detach", action="store_true",
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_file, args.log_level)
     backend: Backend = PlainBackend() if args.backend == "plain" else IsolatedBackend()
     config = HolderConfig(os.path.abspath(args.socket), os.path.abspath(args.state_dir),
-                          BufferLimits(args.buffer_lines, args.buffer_bytes))
+                          BufferLimits(args.buffer_lines, args.buffer_bytes,
+                                       args.buffer_total_bytes))
     holder = Holder(config, backend)
     try:
         holder.bind()

@@ -67,11 +67,14 @@ class LineSplitter:
 
 @dataclass(frozen=True)
 class BufferLimits:
+    """Per held process, and `total_bytes` over all of them (200 dynos at 4 MiB is too much)."""
+
     max_lines: int = 10_000
     max_bytes: int = 4 << 20
+    total_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
-        if self.max_lines < 1 or self.max_bytes < 1:
+        if self.max_lines < 1 or self.max_bytes < 1 or self.total_bytes < 1:
             raise ValueError(f"buffer limits must be positive: {self}")
 
 
@@ -100,13 +103,20 @@ class OutputBuffer:
         self._bytes += len(data)
         while len(self._lines) > self._limits.max_lines or (
                 self._bytes > self._limits.max_bytes and len(self._lines) > 1):
-            old = self._lines.popleft()
-            self._bytes -= len(old.data)
-            if old.seq >= self._send_from:
-                # Never sent to anyone: a real loss, reported with the next batch.
-                self._send_from = old.seq + 1
-                self.dropped_unreported += 1
-                self.dropped_total += 1
+            self.evict_oldest()
+
+    def evict_oldest(self) -> int:
+        """Drop the oldest line (to honour a bound across all buffers); returns bytes freed."""
+        if not self._lines:
+            return 0
+        old = self._lines.popleft()
+        self._bytes -= len(old.data)
+        if old.seq >= self._send_from:
+            # Never sent to anyone: a real loss, reported with the next batch.
+            self._send_from = old.seq + 1
+            self.dropped_unreported += 1
+            self.dropped_total += 1
+        return len(old.data)
 
     def take(self, max_lines: int, max_bytes: int) -> tuple[int, list[Line]]:
         """The next unsent lines (at least one if any), advancing the send cursor."""

@@ -616,9 +616,21 @@ class Holder:
                 return
             for line in held.splitter.feed(data):
                 held.buffer.push(now, line)
+            self._enforce_total()
             # One chunk per readiness event keeps a chatty dyno from starving the others.
             if not drain:
                 return
+
+    def _enforce_total(self) -> None:
+        """Over the holder-wide bound, the biggest buffer loses its oldest lines first."""
+        total = sum(h.buffer.bytes for h in self._held.values())
+        cap = self._config.limits.total_bytes
+        while total > cap:
+            biggest = max(self._held.values(), key=lambda h: h.buffer.bytes)
+            freed = biggest.buffer.evict_oldest()
+            if freed == 0 and biggest.buffer.lines == 0:
+                return
+            total -= freed
 
     def _close_pipe(self, held: Held) -> None:
         if held.pipe_fd is None:

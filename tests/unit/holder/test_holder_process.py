@@ -140,6 +140,27 @@ async def test_bounded_buffer_keeps_newest_and_reports_drops(
     sink.close()
 
 
+async def test_total_bound_over_all_buffers(holder_factory: Callable[..., HolderProc]) -> None:
+    h = holder_factory("--buffer-total-bytes", "5000")
+    probe = await HolderClient.connect(h.socket)
+    try:
+        script = "i=0; while [ $i -lt 100 ]; do printf '%099d\\n' $i; i=$((i+1)); done"
+        for name in ("d-tot1", "d-tot2"):
+            os.close((await probe.launch(launch_params(name, script))).pidfd)
+        await async_wait_for(lambda: _all_exited(probe, 2), 10, what="both exited")
+        procs = await probe.list_processes()
+        assert sum(p.buffered_bytes for p in procs) <= 5000
+        assert sum(p.dropped + p.buffered_lines for p in procs) == 200
+        assert all(p.dropped > 0 for p in procs), "the biggest buffer gives way, in turn"
+    finally:
+        probe.close()
+
+
+async def _all_exited(client: HolderClient, n: int) -> bool:
+    procs = await client.list_processes()
+    return len(procs) == n and not any(p.running for p in procs)
+
+
 async def _dropped(client: HolderClient, dyno_id: str, n: int) -> bool:
     info = await held(client, dyno_id)
     return bool(info) and info["dropped"] == n

@@ -125,3 +125,15 @@ def test_ack_beyond_what_exists_is_harmless() -> None:
     assert buf.lines == 0 and not buf.unsent
     _fill(buf, 1, start=2)
     assert buf.take(10, 100)[0] == 2
+
+
+def test_evict_oldest_counts_only_unsent_lines() -> None:
+    buf = OutputBuffer(BufferLimits())
+    _fill(buf, 4, size=3)
+    buf.take(2, 1 << 20)
+    assert buf.evict_oldest() == 3 and buf.dropped_total == 0  # it had been sent
+    buf.evict_oldest()
+    assert buf.evict_oldest() == 3 and buf.dropped_total == 1
+    assert buf.take(10, 100)[0] == 3
+    buf.evict_oldest()
+    assert buf.evict_oldest() == 0 and buf.lines == 0
