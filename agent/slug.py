@@ -425,6 +425,8 @@ class SlugStore:
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, int] = {}
+        # digest -> the directory to mount, for slugs known to be complete in the cache.
+        self._roots: dict[str, Path] = {}
         # (st_dev, st_ino, st_size, st_mtime_ns) of a local tarball -> its digest, so a
         # tarball used by many dynos is hashed once, and again only when it changes.
         self._local_digests: dict[tuple[int, int, int, int], str] = {}
@@ -500,9 +502,14 @@ class SlugStore:
 
     async def _cached(self, digest: str,
                       fetch: _Fetch) -> Slug:
+        known = self._roots.get(digest)
+        # The hot path of every dyno start: no syscall for a slug this store already saw
+        # complete. Only prune() removes cache entries, and it forgets them here first.
+        if known is not None:
+            return Slug(known, digest)
         final = self.slugs_dir / digest
         if await asyncio.to_thread(os.path.isdir, final):
-            return Slug(await asyncio.to_thread(slug_root, final), digest)
+            return Slug(await self._root_of(digest), digest)
         task = self._inflight.get(digest)
         if task is None:
             task = asyncio.create_task(self._populate(digest, fetch),
@@ -518,7 +525,12 @@ class SlugStore:
             self._waiters[digest] -= 1
             if not self._waiters[digest]:
                 del self._waiters[digest]
-        return Slug(await asyncio.to_thread(slug_root, final), digest)
+        return Slug(await self._root_of(digest), digest)
+
+    async def _root_of(self, digest: str) -> Path:
+        root = await asyncio.to_thread(slug_root, self.slugs_dir / digest)
+        self._roots[digest] = root
+        return root
 
     def waiting(self, digest: str) -> int:
         """How many resolves are waiting for `digest` to be fetched and extracted."""
@@ -609,6 +621,7 @@ class SlugStore:
         busy = set(self._inflight)
         removed: list[str] = []
         for digest in sorted(self.cached() - set(keep) - busy):
+            self._roots.pop(digest, None)
             if await asyncio.to_thread(self._retire, self.slugs_dir / digest):
                 removed.append(digest)
         try:

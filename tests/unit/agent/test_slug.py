@@ -331,6 +331,11 @@ async def test_url_slug_is_downloaded_verified_and_cached(server: SlugServer,
     assert (path / "Procfile").read_text() == "web: y\n"
     assert await store.resolve(source) == path
     assert server.count("/s1.tgz") == 1
+    # Once pruned, the next dyno of that release fetches it again.
+    assert await store.prune(set()) == [source.sha256]
+    assert not path.exists()
+    assert (await store.resolve(source) / "Procfile").read_text() == "web: y\n"
+    assert server.count("/s1.tgz") == 2
 
 
 async def test_two_dynos_of_one_release_download_once(server: SlugServer,
