@@ -1,0 +1,44 @@
+"""Interface names and aliases: short, stable, distinct, parseable."""
+
+from __future__ import annotations
+
+import pytest
+
+from netns.names import (
+    IFNAMSIZ,
+    LinkOwner,
+    bridge_alias,
+    bridge_name,
+    parse_alias,
+    veth_alias,
+    veth_name,
+)
+
+
+def test_names_fit_and_are_stable() -> None:
+    long_id = "a" * 64
+    for name in (bridge_name("abcde", long_id), veth_name("abcde", long_id)):
+        assert len(name) <= IFNAMSIZ
+    assert bridge_name("dy", "web") == bridge_name("dy", "web")
+    assert bridge_name("dy", "web") != veth_name("dy", "web")
+    assert bridge_name("dy", "web") != bridge_name("dy", "weB")
+    assert bridge_name("dy", "web").startswith("dyb")
+
+
+def test_distinct_over_many_ids() -> None:
+    names = {veth_name("dy", f"dyno-{i}") for i in range(20000)}
+    assert len(names) == 20000
+
+
+@pytest.mark.parametrize("prefix", ["", "Dy", "abcdef", "1a", "d-y"])
+def test_bad_prefix_refused(prefix: str) -> None:
+    with pytest.raises(ValueError):
+        bridge_name(prefix, "x")
+
+
+def test_alias_round_trip() -> None:
+    assert parse_alias(bridge_alias("space-1")) == LinkOwner("bridge", "space-1")
+    assert parse_alias(veth_alias("s", "dyno-9")) == LinkOwner("veth", "s", "dyno-9")
+    for foreign in (None, "", "eth0 uplink", "dynoagent", "dynoagent:bridge:",
+                    "dynoagent:veth:s", "other:bridge:x", "dynoagent:tap:x"):
+        assert parse_alias(foreign) is None
