@@ -4,11 +4,13 @@ downloads shared between dynos of one release, and failures that leave nothing v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.slug import (
     AbsolutePathError,
@@ -24,6 +28,7 @@ from agent.slug import (
     DownloadError,
     LinkEscapeError,
     ParentTraversalError,
+    SlugError,
     SlugNotFoundError,
     SlugStore,
     SlugTooLargeError,
@@ -444,3 +449,42 @@ async def test_injected_session_factory_is_used(server: SlugServer, tmp_path: Pa
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# ---------------------------------------------------------------- property: nothing escapes
+
+_components = st.sampled_from(["a", "b", "..", ".", ""])
+_names = st.builds(lambda lead, parts: lead + "/".join(parts), st.sampled_from(["", "/", "./"]),
+                   st.lists(_components, min_size=1, max_size=4))
+# Absolute targets other than /app are outside by definition; /app ones are covered above.
+_targets = _names | st.sampled_from(["/etc", "/", "/tmp/x"])
+_entries = st.lists(st.one_of(
+    st.builds(file, _names),
+    st.builds(directory, _names),
+    st.builds(symlink, _names, _targets),
+    st.builds(hardlink, _names, _names),
+), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=_entries)
+def test_whatever_the_archive_nothing_lands_or_points_outside(tmp_path: Path,
+                                                              entries: list[Entry]) -> None:
+    case = Path(tempfile.mkdtemp(dir=tmp_path))
+    dest = case / "jail" / "out"
+    dest.mkdir(parents=True)
+    archive = case / "slug.tgz"
+    archive.write_bytes(tarball(entries))
+    with contextlib.suppress(SlugError):
+        extract_tarball(archive, dest, LIMIT)
+    assert sorted(p.name for p in case.iterdir()) == ["jail", "slug.tgz"]
+    assert [p.name for p in (case / "jail").iterdir()] == ["out"]
+    real = os.path.realpath(dest)
+    for directory_, dirnames, filenames in os.walk(dest):
+        for name in dirnames + filenames:
+            path = os.path.join(directory_, name)
+            if os.path.islink(path):
+                resolved = os.path.realpath(path)
+                assert resolved == real or resolved.startswith(real + os.sep), (
+                    path, os.readlink(path))
