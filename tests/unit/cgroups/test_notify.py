@@ -1,0 +1,136 @@
+"""Async notifications on a fake tree: inotify on cgroup.events / memory.events (v2) and the v1
+OOM eventfd (hybrid), with counters compared against the values at start."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from cgroups.errors import CgroupError, Timeout
+from cgroups.group import Group
+from cgroups.limits import Limits
+from cgroups.notify import EventKind
+from cgroups.tree import Tree
+from tests.unit.cgroups.fakekernel import FakeHost
+
+
+def _group(host: FakeHost) -> Group:
+    tree = Tree(host.layout())
+    tree.ensure()
+    return tree.create_group("app-a.slice/dyno-1.scope", Limits(memory_max_bytes=1 << 26))
+
+
+async def test_populated_then_empty(host: FakeHost) -> None:
+    g = _group(host)
+    async with g.watch() as w:
+        assert not w.populated
+        host.set("unified", g.rel, "cgroup.events", "populated 1\nfrozen 0\n")
+        assert (await w.next(2)).kind is EventKind.POPULATED
+        host.set("unified", g.rel, "cgroup.events", "populated 0\nfrozen 0\n")
+        event = await w.next(2)
+        assert event.kind is EventKind.EMPTY
+        assert event.group == g.rel and event.count == 0
+
+
+async def test_wait_for_empty_returns_at_once_when_already_empty(host: FakeHost) -> None:
+    g = _group(host)
+    async with g.watch() as w:
+        event = await w.wait_for(EventKind.EMPTY, timeout_s=0.01)
+    assert event.kind is EventKind.EMPTY
+
+
+async def test_next_times_out(host: FakeHost) -> None:
+    g = _group(host)
+    async with g.watch() as w:
+        with pytest.raises(Timeout):
+            await w.next(0.02)
+        host.set("unified", g.rel, "cgroup.events", "populated 1\nfrozen 0\n")
+        with pytest.raises(Timeout):
+            await w.wait_for(EventKind.OOM_KILL, timeout_s=0.05)
+
+
+async def test_v2_memory_events(v2_host: FakeHost) -> None:
+    g = _group(v2_host)
+    # Counts from before the watch are history, not events.
+    v2_host.set("unified", g.rel, "memory.events", "high 5\nmax 0\noom 1\noom_kill 1\n")
+    async with g.watch() as w:
+        assert w.counters == {"oom": 1, "oom_kill": 1, "high": 5}
+        v2_host.set("unified", g.rel, "memory.events", "high 9\nmax 1\noom 1\noom_kill 1\n")
+        high = await w.next(2)
+        assert (high.kind, high.count) == (EventKind.HIGH, 9)
+        v2_host.set("unified", g.rel, "memory.events", "high 9\nmax 2\noom 2\noom_kill 3\n")
+        first, second = await w.next(2), await w.next(2)
+        assert (first.kind, first.count) == (EventKind.OOM, 2)
+        assert (second.kind, second.count) == (EventKind.OOM_KILL, 3)
+        assert second.oom_kill_events == 3
+
+
+async def test_removed_group_ends_the_watch(host: FakeHost) -> None:
+    g = _group(host)
+    async with g.watch() as w:
+        for d in g.directories().values():
+            shutil.rmtree(d)
+        event = await w.next(2)
+        assert event.kind is EventKind.REMOVED
+        with pytest.raises(CgroupError, match="closed"):
+            await w.next(0.1)
+
+
+async def test_watch_of_missing_group_fails_and_leaks_nothing(host: FakeHost) -> None:
+    tree = Tree(host.layout())
+    tree.ensure()
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(CgroupError):
+        async with tree.group("nope.scope").watch():
+            pass
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+async def test_queue_is_bounded_and_keeps_the_newest(v2_host: FakeHost) -> None:
+    g = _group(v2_host)
+    w = g.watch()
+    w._queue = type(w._queue)(maxlen=2)
+    async with w:
+        for n in (1, 2, 3):
+            v2_host.set("unified", g.rel, "memory.events", f"high {n}\noom 0\noom_kill 0\n")
+            w._on_inotify()  # deliver now, so each write is one event
+        assert [(await w.next(1)).count for _ in range(2)] == [2, 3]
+
+
+async def test_hybrid_registers_oom_eventfd(hybrid_host: FakeHost) -> None:
+    g = _group(hybrid_host)
+    async with g.watch():
+        text = (hybrid_host.cg("memory", g.rel) / "cgroup.event_control").read_text()
+    assert re.fullmatch(r"\d+ \d+\n", text)
+
+
+async def test_hybrid_oom_then_kill_counter_seen_by_follow_up(hybrid_host: FakeHost) -> None:
+    g = _group(hybrid_host)
+    async with g.watch() as w:
+        os.eventfd_write(w._eventfd, 1)  # what the kernel does on OOM, before the kill
+        oom = await w.next(2)
+        assert (oom.kind, oom.count) == (EventKind.OOM, 1)
+        hybrid_host.set("memory", g.rel, "memory.oom_control",
+                        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+        kill = await w.wait_for(EventKind.OOM_KILL, timeout_s=2)
+        assert kill.count == 1 and kill.oom_kill_events == 1
+
+
+async def test_hybrid_eventfd_on_removal_reports_removed(hybrid_host: FakeHost) -> None:
+    g = _group(hybrid_host)
+    async with g.watch() as w:
+        shutil.rmtree(hybrid_host.cg("memory", g.rel))
+        os.eventfd_write(w._eventfd, 1)  # v1 signals every registered eventfd on rmdir
+        event = await w.next(2)
+        assert event.kind is EventKind.REMOVED
+
+
+async def test_close_is_idempotent(host: FakeHost) -> None:
+    g = _group(host)
+    w = g.watch()
+    w.start()
+    w.close()
+    w.close()
