@@ -37,7 +37,7 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
     plan = rootfs.plan_rootfs(
         stack_dir=req.stack_dir, slug_dir=req.slug_dir, dyno_dir=req.dyno_dir,
         writable_limit_bytes=req.writable_limit_bytes, uid=req.uid, gid=req.gid,
-        hide_paths=req.hide_paths,
+        hide_paths=req.hide_paths, idmap_slug=req.idmap_slug,
         stack_complete=rootfs.stack_has_mount_points(req.stack_dir))
     argv = [req.reaper, "--", *req.argv]
     env = dict(req.env)

@@ -33,6 +33,9 @@ class LaunchRequest:
     netns_path: str | None
     hide_paths: tuple[str, ...] = ()
     reaper: str = "/usr/bin/tini"
+    # Show the slug's root-owned files as owned by the dyno user (idmapped mount, Linux 5.19+
+    # and a slug filesystem that supports idmapping: ext4, xfs, btrfs, tmpfs 6.3+).
+    idmap_slug: bool = True
 
     def validate(self) -> None:
         """Refuse what the child could only fail on later, with a clearer message now."""

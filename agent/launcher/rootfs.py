@@ -10,6 +10,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from agent.launcher import idmap
 from agent.launcher import syscalls as sc
 
 # Mount points the new root must provide. If the stack lacks any of them (the host's "/" has
@@ -79,13 +80,23 @@ class ReadOnly:
 
 
 @dataclass(frozen=True)
+class IdmappedBind:
+    """Read-only bind of `source` on `target` where files owned by root appear as uid/gid."""
+
+    source: str
+    target: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
 class PivotRoot:
     """Switch to `new_root` and detach the old root; later paths are inside the new root."""
 
     new_root: str
 
 
-Op = Mkdir | Mount | Mknod | Symlink | Mask | ReadOnly | PivotRoot
+Op = Mkdir | Mount | Mknod | Symlink | Mask | ReadOnly | IdmappedBind | PivotRoot
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,10 @@ class Layout:
     @property
     def skel(self) -> str:
         return f"{self.scratch}/skel"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.scratch}/slug"
 
     @property
     def upper(self) -> str:
@@ -126,12 +141,14 @@ def stack_has_mount_points(stack_dir: str) -> bool:
 
 def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_bytes: int,
                 uid: int, gid: int, hide_paths: Sequence[str] = (),
-                stack_complete: bool = True) -> list[Op]:
+                stack_complete: bool = True, idmap_slug: bool = True) -> list[Op]:
     """Every operation that builds a dyno's filesystem, in order.
 
     One tmpfs of `writable_limit_bytes` over `dyno_dir` (in the dyno's own mount namespace)
     holds everything writable: the /app upper layer, /tmp and /dev/shm, so the limit covers
-    their sum and it all vanishes with the namespace.
+    their sum and it all vanishes with the namespace. With `idmap_slug` the slug's
+    root-owned files appear owned by the dyno user (an idmapped lower layer), so the app can
+    modify them; the changes are copied up into its private upper layer.
     """
     lay = Layout(dyno_dir.rstrip("/") or "/")
     root = lay.root
@@ -153,9 +170,13 @@ def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_
         # No upperdir: overlayfs mounts the merged layers read-only.
         ops.append(Mount("overlay", root, "overlay", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
                          f"lowerdir={lay.skel}:{stack_dir}"))
+    lower = slug_dir
+    if idmap_slug:
+        lower = lay.slug
+        ops += [Mkdir(lay.slug), IdmappedBind(slug_dir, lay.slug, uid, gid)]
     ops += [
         Mount("overlay", f"{root}/app", "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-              f"lowerdir={slug_dir},upperdir={lay.upper},workdir={lay.work}"),
+              f"lowerdir={lower},upperdir={lay.upper},workdir={lay.work}"),
         Mount(lay.tmp, f"{root}/tmp", None, sc.MS_BIND),
         Mount("tmpfs", f"{root}/dev", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC,
               "size=64k,nr_inodes=64,mode=0755"),
@@ -211,6 +232,8 @@ def _apply_one(op: Op) -> None:
         os.symlink(op.target, op.path)
     elif isinstance(op, Mask):
         _mask(op.path)
+    elif isinstance(op, IdmappedBind):
+        idmap.idmapped_bind(op.source, op.target, op.uid, op.gid)
     elif isinstance(op, ReadOnly):
         try:
             sc.mount(op.path, op.path, None, sc.MS_BIND | sc.MS_REC)

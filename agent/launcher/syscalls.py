@@ -115,3 +115,43 @@ def clear_capabilities() -> None:
 def last_capability() -> int:
     with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
         return int(f.read())
+
+
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached copy of the mount at `path` (Linux 5.2+), as a close-on-exec fd."""
+    fd: int = _libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), _b(path),
+                            ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC))
+    _check(fd, "open_tree", path)
+    return fd
+
+
+def mount_setattr_fd(fd: int, attr_set: int, userns_fd: int = 0, path: str | None = None) -> None:
+    attr = _MountAttr(attr_set, 0, 0, userns_fd)
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
+
+
+def move_mount_fd(fd: int, target: str) -> None:
+    _check(_libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD),
+                         _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+           "move_mount", target)

@@ -92,8 +92,12 @@ class Cgroups:
             for pid in (path / "cgroup.procs").read_text().split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-            wait_for(lambda p=path: not (p / "cgroup.procs").read_text().strip(), 10,
-                     what=f"{path} empty")
+            procs = path / "cgroup.procs"
+
+            def empty(procs: Path = procs) -> bool:
+                return not procs.read_text().strip()
+
+            wait_for(empty, 10, what=f"{path} empty")
             path.rmdir()
 
 
@@ -129,6 +133,7 @@ def make_dyno(tmp_path: Path, cgroups: Cgroups) -> Any:
         slug.mkdir(parents=True, exist_ok=True)
         dyno_dir.mkdir(exist_ok=True)
         for rel, text in (slug_files or {"Procfile": "web: true\n"}).items():
+            (slug / rel).parent.mkdir(parents=True, exist_ok=True)
             (slug / rel).write_text(text)
         uid = 400000 + secrets.randbelow(60000)
         req: dict[str, Any] = {

@@ -37,7 +37,8 @@ def test_first_op_is_the_size_limited_scratch_tmpfs() -> None:
 def test_before_pivot_nothing_is_mounted_or_made_outside_the_dyno_dir() -> None:
     before, _ = _split(_plan())
     for op in before:
-        target = op.target if isinstance(op, Mount) else getattr(op, "path", None)
+        target = (op.target if isinstance(op, Mount | rootfs.IdmappedBind)
+                  else getattr(op, "path", None))
         assert target is not None
         assert target == "/run/dynoagent/dynos/d1" or target.startswith(
             "/run/dynoagent/dynos/d1/"), op
@@ -65,13 +66,20 @@ def test_incomplete_stack_gets_a_read_only_overlay_with_a_skeleton() -> None:
     assert {f"/run/dynoagent/dynos/d1/skel/{m}" for m in rootfs.MOUNT_POINTS} <= skel
 
 
-def test_app_is_an_overlay_on_the_slug_with_an_upper_owned_by_the_dyno_user() -> None:
+def test_app_is_an_overlay_on_the_idmapped_slug_with_an_upper_owned_by_the_dyno_user() -> None:
     plan = _plan()
+    idmapped = [op for op in plan if isinstance(op, rootfs.IdmappedBind)]
+    assert idmapped == [rootfs.IdmappedBind("/slugs/abc", "/run/dynoagent/dynos/d1/slug",
+                                            400007, 400008)]
     app = next(op for op in plan if isinstance(op, Mount)
                and op.target == "/run/dynoagent/dynos/d1/root/app")
+    assert plan.index(idmapped[0]) < plan.index(app)
     assert app.fstype == "overlay"
-    assert app.data == ("lowerdir=/slugs/abc,upperdir=/run/dynoagent/dynos/d1/app-upper,"
-                        "workdir=/run/dynoagent/dynos/d1/app-work")
+    d1 = "/run/dynoagent/dynos/d1"
+    assert app.data == f"lowerdir={d1}/slug,upperdir={d1}/app-upper,workdir={d1}/app-work"
+    plain = next(op for op in _plan(idmap_slug=False) if isinstance(op, Mount)
+                 and op.target == "/run/dynoagent/dynos/d1/root/app")
+    assert plain.data is not None and plain.data.startswith("lowerdir=/slugs/abc,")
     upper = next(op for op in plan if isinstance(op, Mkdir) and op.path.endswith("app-upper"))
     assert (upper.uid, upper.gid) == (400007, 400008)
     tmp = next(op for op in plan if isinstance(op, Mkdir) and op.path.endswith("/d1/tmp"))
