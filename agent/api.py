@@ -1,27 +1,67 @@
 """The operator API: HTTP/1.1 + JSON on the agent's Unix socket (DESIGN §7).
 
 Handlers translate between HTTP and the agent's own calls; `AgentError` subclasses become
-the JSON error shape here and nowhere else.
+the JSON error shape here and nowhere else, and every query parameter is checked in `_Query`.
+
+Routes (all bodies JSON unless said otherwise):
+
+- `GET /v1/info`; `GET /v1/dynos?app=`; `POST /v1/dynos` (a spec, 201 + status);
+  `GET /v1/dynos/{ref}?app=`; `POST /v1/dynos/{ref}/restart|stop?app=` (200 + status);
+  `POST /v1/dynos/{ref}/signal?app=` with `{"signal": "TERM"}` (a name with or without `SIG`,
+  or a number; 200 + status); `DELETE /v1/dynos/{ref}?app=` (204).
+- `GET /v1/logs?app=&dyno=&tail=N&follow=1&format=text|json`: log lines of DESIGN §6, one
+  per line (`format=json`: one `LogLine.as_dict()` object per line). `tail` defaults to 100
+  without `follow` and to 0 with it (only new lines), at most `MAX_TAIL`. With `follow=1` the
+  answer is a chunked stream, written in batches as lines arrive, that ends when the client
+  goes away or the agent closes its log hub.
+- `GET /v1/events?app=&follow=1`: JSON lines. The agent keeps no event history, so without
+  `follow` the answer is a snapshot: one event per dyno for the state it is in now
+  (`previous` null, `at` = when it entered that state). With `follow=1`: the state changes
+  from now on, streamed, and `{"dropped": N}` when this reader fell behind by N events.
+- `GET /metrics`: Prometheus text exposition, `text/plain; version=0.0.4`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import re
+import signal as signal_mod
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Final, Protocol, TypeVar
 
 from aiohttp import web
 
-from agent.errors import AgentError, Forbidden, MethodNotAllowed, NotFound
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+)
 from agent.events import EventFollower
-from agent.logs import LogHub
+from agent.logs import Follower, LogHub, LogLine
 from agent.peercred import is_allowed, peer_credentials
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+LOGS_TAIL_DEFAULT: Final = 100  # Heroku's `heroku logs` default
+MAX_TAIL: Final = 100_000  # far above any tail buffer; larger is a typo, not a wish
+FOLLOW_BATCH_LINES: Final = 500  # lines per write when a follower has a backlog
+OPERATIONS_DRAIN_S: Final = 10.0  # how long shutdown waits for lifecycle calls in flight
+JSON_LINES: Final = "application/x-ndjson; charset=utf-8"
+TEXT_LINES: Final = "text/plain; charset=utf-8"
+PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
+# Dyno ids are [a-z0-9-]{1,64} and names "<type>.<n>" with type [a-z][a-z0-9_]{0,29}.
+_REF = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
 class Backend(Protocol):
@@ -81,6 +121,218 @@ def json_response(data: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+# -- request validation: the only place query strings, path parts and bodies are read --------
+
+class _Query:
+    """The query string of one request, checked against the keys its route accepts.
+
+    Unknown or repeated keys are a BadRequest: `?tial=5` silently meaning "no tail" would
+    be worse than an error.
+    """
+
+    def __init__(self, request: web.Request, allowed: frozenset[str]) -> None:
+        self._values: dict[str, str] = {}
+        for key, value in request.query.items():
+            if key not in allowed:
+                accepted = ", ".join(sorted(allowed)) or "none"
+                raise BadRequest(f"unknown query parameter {key!r} (accepted: {accepted})")
+            if key in self._values:
+                raise BadRequest(f"query parameter {key!r} given more than once")
+            self._values[key] = value
+
+    def text(self, key: str) -> str | None:
+        """A string parameter; empty means absent (`?app=` is "any app")."""
+        value = self._values.get(key, "")
+        return value or None
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        raw = self._values.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise BadRequest(f"{key} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise BadRequest(f"{key} must be between {low} and {high}, got {value}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        raw = self._values.get(key, "").lower()
+        if raw in _TRUE:
+            return True
+        if raw in _FALSE:
+            return False
+        raise BadRequest(f"{key} must be 1 or 0, got {self._values[key]!r}")
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        raw = self._values.get(key) or choices[0]
+        if raw not in choices:
+            raise BadRequest(f"{key} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw
+
+
+def _ref(request: web.Request) -> str:
+    ref = request.match_info["ref"]
+    if not _REF.fullmatch(ref):
+        raise BadRequest(f"{ref!r} is neither a dyno id nor a dyno name")
+    return ref
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(f"request body over {request.client_max_size} bytes") from None
+    if not raw.strip():
+        raise BadRequest("request body is empty; a JSON object is required")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def signal_name(value: Any) -> str:
+    """Canonical `SIGxxx` name of a signal given as "TERM", "SIGTERM", "15" or 15."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadRequest(f"signal must be a name or a number, got {value!r}")
+    text = str(value).strip()
+    try:
+        if text.isdigit():
+            return signal_mod.Signals(int(text)).name
+        name = text.upper()
+        return signal_mod.Signals[name if name.startswith("SIG") else "SIG" + name].name
+    except (KeyError, ValueError):
+        raise BadRequest(f"unknown signal {value!r}") from None
+
+
+# -- owners of what outlives a single await in a handler --------------------------------------
+
+class _Operations:
+    """Lifecycle calls in flight, each in a task of its own shielded from its request.
+
+    The server cancels a handler whose client went away (`handler_cancellation`, needed to end
+    follow streams); a start or stop abandoned halfway would leave half-made dynos, so the call
+    runs on and its outcome is logged. Shutdown waits for these tasks, then cancels them.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def run(self, coro: Coroutine[Any, Any, T], name: str) -> T:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(_log_orphan_outcome)
+            raise
+
+    async def drain(self, timeout_s: float) -> None:
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            log.warning("cancelling %s: still running at shutdown", task.get_name())
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _log_orphan_outcome(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        log.info("%s cancelled after its client went away", task.get_name())
+    elif (exc := task.exception()) is not None:
+        log.info("%s failed after its client went away: %s", task.get_name(), exc)
+    else:
+        log.info("%s finished after its client went away", task.get_name())
+
+
+class _Streams:
+    """Followers behind open follow responses; shutdown closes them so each stream ends with
+    a proper last chunk instead of being cut off at the runner's deadline."""
+
+    def __init__(self) -> None:
+        self._open: set[Follower | EventFollower] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @contextlib.contextmanager
+    def track(self, follower: Follower | EventFollower) -> Iterator[None]:
+        self._open.add(follower)
+        try:
+            yield
+        finally:
+            self._open.discard(follower)
+            follower.close()
+
+    def close_all(self) -> None:
+        for follower in list(self._open):
+            follower.close()
+
+
+_OPERATIONS = web.AppKey("operations", _Operations)
+_STREAMS = web.AppKey("streams", _Streams)
+
+
+async def _stream(request: web.Request, items: AsyncIterator[T], encode: Callable[[T], str],
+                  content_type: str, drain: Callable[[], T | None] | None = None,
+                  ) -> web.StreamResponse:
+    """Write `items` as a chunked body until they end or the client goes away.
+
+    `drain` takes what is already queued without waiting, so a backlog goes out in batches
+    of up to FOLLOW_BATCH_LINES lines per write rather than one write per line.
+    """
+    response = web.StreamResponse(headers={"Content-Type": content_type,
+                                           "Cache-Control": "no-store"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    try:
+        async for item in items:
+            batch = [encode(item)]
+            while drain is not None and len(batch) < FOLLOW_BATCH_LINES:
+                more = drain()
+                if more is None:
+                    break
+                batch.append(encode(more))
+            await response.write("".join(batch).encode("utf-8", "surrogateescape"))
+        await response.write_eof()
+    except ConnectionResetError:
+        # aiohttp's ClientConnectionResetError is a ConnectionResetError: the reader left.
+        log.debug("follow stream %s ended: client went away", request.path)
+    return response
+
+
+def _text_line(line: LogLine) -> str:
+    return line.format() + "\n"
+
+
+def _json_line(item: Any) -> str:
+    if isinstance(item, LogLine):
+        item = item.as_dict()
+    return json.dumps(item, separators=(",", ":")) + "\n"
+
+
+def _snapshot_event(status: dict[str, Any]) -> dict[str, Any]:
+    return {"id": status.get("id"), "app": status.get("app"), "name": status.get("name"),
+            "state": status.get("state"), "previous": None, "reason": status.get("reason"),
+            "exit_status": status.get("exit_status"), "at": status.get("since")}
+
+
+# -- middlewares ----------------------------------------------------------------------------
+
 def _make_middlewares(backend: Backend) -> list[Any]:
     @web.middleware
     async def peer_check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -110,11 +362,125 @@ def _make_middlewares(backend: Backend) -> list[Any]:
     return [peer_check, errors]
 
 
-def build_app(backend: Backend) -> web.Application:
-    app = web.Application(middlewares=_make_middlewares(backend))
+# -- the application ------------------------------------------------------------------------
 
-    async def info(_request: web.Request) -> web.Response:
+def build_app(backend: Backend) -> web.Application:
+    # handler_cancellation: a follow stream that is waiting for the next line learns that its
+    # client left only through the cancellation of its handler (a GET has no body whose EOF
+    # could tell it). Lifecycle calls are shielded from that by _Operations.
+    app = web.Application(middlewares=_make_middlewares(backend),
+                          handler_args={"handler_cancellation": True})
+    operations = app[_OPERATIONS] = _Operations()
+    streams = app[_STREAMS] = _Streams()
+
+    async def close_streams(_app: web.Application) -> None:
+        streams.close_all()
+
+    async def drain_operations(_app: web.Application) -> None:
+        await operations.drain(OPERATIONS_DRAIN_S)
+
+    app.on_shutdown.append(close_streams)
+    app.on_cleanup.append(drain_operations)
+
+    async def info(request: web.Request) -> web.Response:
+        _Query(request, frozenset())
         return json_response(backend.info())
 
-    app.router.add_get("/v1/info", info)
+    async def list_dynos(request: web.Request) -> web.Response:
+        query = _Query(request, frozenset({"app"}))
+        return json_response(backend.list_dynos(query.text("app")))
+
+    async def create_dyno(request: web.Request) -> web.Response:
+        _Query(request, frozenset())
+        body = await _json_object(request)
+        status = await operations.run(backend.create_dyno(body),
+                                      f"api-create-{body.get('id') or 'new'}")
+        return json_response(status, status=201)
+
+    async def get_dyno(request: web.Request) -> web.Response:
+        ref, app_name = _ref(request), _Query(request, frozenset({"app"})).text("app")
+        return json_response(backend.get_dyno(ref, app_name))
+
+    async def restart_dyno(request: web.Request) -> web.Response:
+        ref, app_name = _ref(request), _Query(request, frozenset({"app"})).text("app")
+        return json_response(await operations.run(backend.restart_dyno(ref, app_name),
+                                                  f"api-restart-{ref}"))
+
+    async def stop_dyno(request: web.Request) -> web.Response:
+        ref, app_name = _ref(request), _Query(request, frozenset({"app"})).text("app")
+        return json_response(await operations.run(backend.stop_dyno(ref, app_name),
+                                                  f"api-stop-{ref}"))
+
+    async def signal_dyno(request: web.Request) -> web.Response:
+        ref, app_name = _ref(request), _Query(request, frozenset({"app"})).text("app")
+        body = await _json_object(request)
+        unknown = sorted(set(body) - {"signal"})
+        if unknown:
+            raise BadRequest(f"unknown key {unknown[0]!r} in signal request")
+        if "signal" not in body:
+            raise BadRequest('signal request needs {"signal": NAME or NUMBER}')
+        name = signal_name(body["signal"])
+        return json_response(await operations.run(backend.signal_dyno(ref, name, app_name),
+                                                  f"api-signal-{ref}"))
+
+    async def delete_dyno(request: web.Request) -> web.Response:
+        ref, app_name = _ref(request), _Query(request, frozenset({"app"})).text("app")
+        await operations.run(backend.delete_dyno(ref, app_name), f"api-delete-{ref}")
+        return web.Response(status=204)
+
+    async def logs(request: web.Request) -> web.StreamResponse:
+        query = _Query(request, frozenset({"app", "dyno", "tail", "follow", "format"}))
+        app_name, dyno = query.text("app"), query.text("dyno")
+        follow = query.flag("follow")
+        tail = query.integer("tail", 0 if follow else LOGS_TAIL_DEFAULT, 0, MAX_TAIL)
+        as_json = query.choice("format", ("text", "json")) == "json"
+        encode: Callable[[LogLine], str] = _json_line if as_json else _text_line
+        content_type = JSON_LINES if as_json else TEXT_LINES
+        hub = backend.log_hub
+        if not follow:
+            body = "".join(encode(line) for line in hub.tail(app_name, dyno, tail))
+            return web.Response(body=body.encode("utf-8", "surrogateescape"),
+                                headers={"Content-Type": content_type})
+        follower = hub.subscribe(app_name, dyno, tail=tail)
+        with streams.track(follower):
+            return await _stream(request, follower, encode, content_type,
+                                 drain=follower.get_nowait)
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        query = _Query(request, frozenset({"app", "follow"}))
+        app_name = query.text("app")
+        if not query.flag("follow"):
+            body = "".join(_json_line(_snapshot_event(status))
+                           for status in backend.list_dynos(app_name))
+            return web.Response(body=body.encode(), headers={"Content-Type": JSON_LINES})
+        follower = backend.subscribe_events()
+        with streams.track(follower):
+            async with contextlib.aclosing(_events_of(follower, app_name)) as items:
+                return await _stream(request, items, _json_line, JSON_LINES)
+
+    async def metrics(request: web.Request) -> web.Response:
+        _Query(request, frozenset())
+        return web.Response(body=backend.metrics_text().encode(),
+                            headers={"Content-Type": PROMETHEUS_TEXT})
+
+    router = app.router
+    router.add_get("/v1/info", info)
+    router.add_get("/v1/dynos", list_dynos)
+    router.add_post("/v1/dynos", create_dyno)
+    router.add_get("/v1/dynos/{ref}", get_dyno)
+    router.add_delete("/v1/dynos/{ref}", delete_dyno)
+    router.add_post("/v1/dynos/{ref}/restart", restart_dyno)
+    router.add_post("/v1/dynos/{ref}/stop", stop_dyno)
+    router.add_post("/v1/dynos/{ref}/signal", signal_dyno)
+    router.add_get("/v1/logs", logs)
+    router.add_get("/v1/events", events)
+    router.add_get("/metrics", metrics)
     return app
+
+
+async def _events_of(follower: EventFollower,
+                     app: str | None) -> AsyncGenerator[dict[str, Any], None]:
+    async for event in follower:
+        # Drop notices belong to every reader; an event of another app to none.
+        if app is None or "dropped" in event or event.get("app") == app:
+            yield event
