@@ -247,7 +247,7 @@ spec_shaped = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.one_of(json_like, spec_shaped))
 def test_parse_spec_raises_only_spec_error(data: Any) -> None:
     try:
