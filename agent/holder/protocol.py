@@ -64,11 +64,27 @@ HEADER = struct.Struct(">I")
 MAX_REQUEST_BYTES = 1 << 20
 MAX_RESPONSE_BYTES = 64 << 20
 MAX_FDS_PER_FRAME = 3
+# The kernel refuses more than SCM_MAX_FD (253) fds in one sendmsg, and a stream recvmsg
+# returns at most one such batch, so senders split bigger sets over the frame's first bytes.
+FDS_PER_SENDMSG = 250
 MAX_FDS_PER_RECV = 256
 # CMSG space for the most fds one recvmsg may return; a `list` with pidfds may be long.
 ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
 
 Message = dict[str, Any]
+
+
+def chunks_with_fds(frame: bytes, fds: list[int]) -> list[tuple[memoryview, list[int]]]:
+    """The frame as sendmsg pieces: one byte per extra batch of fds, the rest with no fds."""
+    view = memoryview(frame)
+    batches = [fds[i:i + FDS_PER_SENDMSG] for i in range(0, len(fds), FDS_PER_SENDMSG)]
+    if len(batches) <= 1:
+        return [(view, fds)]
+    if len(batches) > len(frame):
+        raise ProtocolError(f"{len(fds)} fds cannot ride on a {len(frame)}-byte frame", len(fds))
+    pieces = [(view[i:i + 1], batch) for i, batch in enumerate(batches[:-1])]
+    pieces.append((view[len(batches) - 1:], batches[-1]))
+    return pieces
 
 
 def encode(message: Message) -> bytes:

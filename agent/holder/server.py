@@ -43,6 +43,7 @@ from agent.holder.protocol import (
     PROTOCOL_VERSION,
     FrameDecoder,
     Message,
+    chunks_with_fds,
     encode,
     fds_from_ancillary,
     rights,
@@ -61,6 +62,8 @@ SINK_HIGH_WATER = 512 << 10
 BATCH_LINES = 500
 BATCH_BYTES = 128 << 10
 MAX_CLIENTS = 32
+# A client that sends requests but never reads the answers is cut off past this backlog.
+MAX_CLIENT_BACKLOG = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,9 @@ class Client:
         self.closed = False
 
     def queue(self, message: Message, fds: list[int] | None = None) -> None:
-        data = memoryview(encode(message))
-        self.outq.append((data, fds or []))
-        self.out_bytes += len(data)
+        frame = encode(message)
+        self.outq.extend(chunks_with_fds(frame, fds or []))
+        self.out_bytes += len(frame)
 
 
 def _status_of(wait_status: int) -> tuple[int, int | None]:
@@ -325,9 +328,15 @@ class Holder:
             self._close_client(client)
             return
         for message, mfds in messages:
-            self._dispatch(client, message, mfds)
+            if client.out_bytes > MAX_CLIENT_BACKLOG:
+                log.warning("client does not read its responses, closing",
+                            extra={"CLIENT": client.number, "BACKLOG": client.out_bytes})
+                _close_all(mfds)
+                self._close_client(client)
             if client.closed:
-                return
+                _close_all(mfds)
+                continue
+            self._dispatch(client, message, mfds)
 
     def _dispatch(self, client: Client, message: Message, fds: list[int]) -> None:
         kind = message["t"]

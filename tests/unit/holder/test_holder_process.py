@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -264,6 +265,26 @@ async def test_list_hands_out_pidfds_of_running_processes(client: HolderClient) 
     os.close(proc.pidfd)
     [exit_event] = exits_of(await collect(client, lambda ev: bool(exits_of(ev))))
     assert exit_event.pid == launched.pid and exit_event.signal == 9
+
+
+async def test_list_passes_more_pidfds_than_one_sendmsg_can(client: HolderClient) -> None:
+    pidfds: list[int] = []
+    try:
+        for i in range(260):
+            pidfds.append((await client.launch(launch_params(f"d-many{i}", "exec sleep 60"))).pidfd)
+        procs = await client.list_processes(pidfds=True)
+        assert len(procs) == 260 and all(p.pidfd is not None for p in procs)
+        for p in procs:
+            assert p.pidfd is not None
+            # Each pidfd names its own process: signal 0 through it proves the pairing.
+            signal.pidfd_send_signal(p.pidfd, 0)
+            pidfds.append(p.pidfd)
+        assert len({p.pid for p in procs}) == 260
+    finally:
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
 
 
 async def test_newest_subscriber_supersedes(holder: HolderProc) -> None:

@@ -12,6 +12,7 @@ from agent.holder.protocol import (
     ANCILLARY_BYTES,
     HEADER,
     FrameDecoder,
+    chunks_with_fds,
     decode_body,
     encode,
     fds_from_ancillary,
@@ -111,3 +112,37 @@ def test_fds_cross_a_real_socketpair_with_their_frame() -> None:
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_more_fds_than_one_sendmsg_takes_arrive_with_their_frame() -> None:
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    dups = [os.dup(w) for _ in range(600)]
+    received: list[int] = []
+    try:
+        frame = encode({"t": "res", "id": 1, "nfd": len(dups), "p": {"pad": "x" * 100}})
+        pieces = chunks_with_fds(frame, dups)
+        assert len(pieces) == 3 and b"".join(bytes(p) for p, _ in pieces) == frame
+        for piece, fds in pieces:
+            a.sendmsg([piece], rights(fds))
+        decoder = FrameDecoder(1 << 20)
+        messages: list[tuple[dict[str, object], list[int]]] = []
+        while not messages:
+            data, anc, flags, _ = b.recvmsg(1 << 16, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+            decoder.feed(data, fds_from_ancillary(anc, flags))
+            messages = decoder.messages()
+        [(message, received)] = messages
+        assert message["id"] == 1 and len(received) == 600
+        os.write(received[599], b"last")
+        assert os.read(r, 10) == b"last"
+    finally:
+        for fd in [*dups, *received, r, w]:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_fds_need_enough_frame_bytes_to_ride_on() -> None:
+    with pytest.raises(ProtocolError):
+        chunks_with_fds(b"ab", list(range(1000)))
+    assert chunks_with_fds(b"ab", [5]) == [(memoryview(b"ab"), [5])]
