@@ -3,12 +3,15 @@ within a space, isolation between spaces, masquerade, host services, teardown an
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from netns import HostNetwork, LinkError, render
+import pytest
+
+from netns import HostNetwork, LinkError, Rtnl, render
 from netns.firewall import FirewallSpec, SpaceRules
 from tests.privileged.netns.helpers import (
     ALLOWED_TCP_PORT,
@@ -178,3 +181,27 @@ def test_rendered_ruleset_passes_nft_check(host: TestHost) -> None:
         allowed_tcp_ports=(80,), allowed_udp_ports=(53,))
     done = host.run("nft", "-c", "-f", "-", input=render(spec), check=False)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("step", ["add_veth", "set_alias", "set_up", "add_address",
+                                  "add_default_route"])
+def test_failed_attach_undoes_every_step(net: HostNetwork, host: TestHost, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    net.ensure_space("alpha")
+    name = unique("dt", 8)
+
+    def refuse(self: Rtnl, *args: object, **kwargs: object) -> None:
+        raise LinkError("injected", operation=step, interface="x", errno=errno.EPERM)
+
+    monkeypatch.setattr(Rtnl, step, refuse)
+    with pytest.raises(LinkError, match="injected"):
+        net.create_attached("alpha", name)
+    monkeypatch.undo()
+    assert not Netns(name).path.exists()
+    assert net.namespaces() == []
+    assert host.run("ip", "-o", "link", "show", "master",
+                    net.ensure_space("alpha").bridge).stdout == ""
+    assert not list((tmp_path / "state" / "ipam" / "alpha").iterdir())
+    # And the space still works for the next dyno, which gets the first address.
+    attachment = net.create_attached("alpha", name)
+    assert str(attachment.address) == "172.20.0.2/24"
