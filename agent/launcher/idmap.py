@@ -4,58 +4,61 @@ dyno's changes stay in its private overlay upper layer."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 
 from agent.launcher import syscalls as sc
 
+_SYS_PAUSE = 34  # x86_64
+_STACK_BYTES = 64 * 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+_libc.clone.restype = ctypes.c_int
+
 
 def userns_mapping_root_to(uid: int, gid: int) -> int:
-    """An fd on a new user namespace that maps 0 -> uid and 0 -> gid (and nothing else).
+    """An fd on a new user namespace that maps 0 -> uid and 0 -> gid, and nothing else.
 
-    A user namespace needs a process to be created in; a short-lived child unshares, and we
-    write its maps. Called from the launch child before pivot_root, when /proc is still the
-    host's, so the helper's *host* pid (read from /proc/self) is what we address it by.
+    Call it in the holder (whose /proc matches its pid namespace), not in the launch child.
+    A user namespace needs a process to be born in: we clone one with CLONE_VM that only
+    runs the raw pause syscall (no Python, no page-table copy: ~0.1 ms instead of a ~1 ms
+    fork), write its maps, keep an fd on its namespace and kill it.
     """
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(ready_r)
-            sc.unshare(sc.CLONE_NEWUSER)
-            os.write(ready_w, os.readlink("/proc/self").encode())
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(ready_w)
+    stack = ctypes.create_string_buffer(_STACK_BYTES)
+    top = (ctypes.addressof(stack) + _STACK_BYTES - 64) & ~0xF
+    # glibc's syscall() as the entry point: syscall(SYS_pause) blocks until SIGKILL and
+    # touches no shared state, which matters because the child shares our memory.
+    entry = ctypes.cast(_libc.syscall, ctypes.c_void_p)
+    flags = sc.CLONE_NEWUSER | _CLONE_VM | signal.SIGCHLD
+    pid = _libc.clone(entry, ctypes.c_void_p(top), flags, ctypes.c_void_p(_SYS_PAUSE))
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone(CLONE_NEWUSER): {os.strerror(err)}")
     try:
-        host_pid = os.read(ready_r, 32).decode()
-        if not host_pid.isdigit():
-            raise OSError(0, "user namespace helper failed", "/proc/self")
-        proc = f"/proc/{host_pid}"
+        proc = f"/proc/{pid}"
         _write(f"{proc}/uid_map", f"0 {uid} 1\n")
         _write(f"{proc}/setgroups", "deny\n")
         _write(f"{proc}/gid_map", f"0 {gid} 1\n")
         return os.open(f"{proc}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(ready_r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        del stack  # only now is the child's stack no longer in use
 
 
-def idmapped_bind(source: str, target: str, uid: int, gid: int) -> None:
-    """Bind `source` on `target` read-only, nosuid, nodev, with root's files shown as uid/gid."""
-    userns = userns_mapping_root_to(uid, gid)
+_CLONE_VM = 0x00000100
+
+
+def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
+    """Bind `source` on `target` read-only, nosuid, nodev, with ids mapped by `userns_fd`."""
+    tree = sc.open_tree_clone(source)
     try:
-        tree = sc.open_tree_clone(source)
-        try:
-            sc.mount_setattr_fd(tree, sc.MOUNT_ATTR_IDMAP | sc.MOUNT_ATTR_RDONLY |
-                                sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV, userns, source)
-            sc.move_mount_fd(tree, target)
-        finally:
-            os.close(tree)
+        sc.mount_setattr_fd(tree, sc.MOUNT_ATTR_IDMAP | sc.MOUNT_ATTR_RDONLY |
+                            sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV, userns_fd, source)
+        sc.move_mount_fd(tree, target)
     finally:
-        os.close(userns)
+        os.close(tree)
 
 
 def _write(path: str, text: str) -> None:

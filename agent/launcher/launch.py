@@ -8,13 +8,13 @@ import socket
 import time
 from typing import NoReturn
 
-from agent.launcher import privileges, process, rootfs
+from agent.launcher import idmap, privileges, process, rootfs
 from agent.launcher import report as rep
 from agent.launcher import syscalls as sc
 from agent.launcher.errors import LaunchError
 from agent.launcher.request import LaunchRequest, LaunchResult
 
-PHASES = ("fork", "cgroup", "namespaces", "netns", "mounts", "user")
+PHASES = ("prepare", "fork", "cgroup", "namespaces", "netns", "mounts", "user")
 _NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP
 
 _last_cap: int | None = None
@@ -46,12 +46,22 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
         reaper_fd = _open(req.reaper, os.O_PATH, "exec", fds)
         netns_fd = None if req.netns_path is None else _open(req.netns_path, os.O_RDONLY,
                                                              "netns", fds)
+        userns_fd = None
+        if req.idmap_slug:
+            try:
+                userns_fd = idmap.userns_mapping_root_to(req.uid, req.gid)
+            except OSError as e:
+                raise LaunchError("prepare", e.errno or 0,
+                                  f"user namespace for the idmapped slug: {e.strerror}") from e
+            fds.append(userns_fd)
 
         def child(write_fd: int) -> NoReturn:
-            _child(req, plan, argv, env, reaper_fd, netns_fd, last_cap,
+            _child(req, plan, argv, env, reaper_fd, netns_fd, userns_fd, last_cap,
                    (stdin_fd, stdout_fd, stderr_fd), write_fd)
 
+        prepared_ns = time.monotonic_ns()
         pid, report = process.fork_into(lambda: sc.unshare(sc.CLONE_NEWPID), child, timeout_s)
+        report.marks["prepare"] = prepared_ns
     finally:
         for fd in fds:
             os.close(fd)
@@ -69,7 +79,7 @@ def _open(path: str, flags: int, phase: str, fds: list[int]) -> int:
 
 
 def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict[str, str],
-           reaper_fd: int, netns_fd: int | None, last_cap: int,
+           reaper_fd: int, netns_fd: int | None, userns_fd: int | None, last_cap: int,
            stdio: tuple[int, int, int], write_fd: int) -> NoReturn:
     # We are PID 1 of a fresh pid namespace. Nothing of the app may run before the cgroup
     # join, so that every byte and fork the app ever makes is accounted to the dyno.
@@ -92,7 +102,7 @@ def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict
         # Private, not slave: nothing we mount may propagate to the host, and host mounts
         # appearing later must not leak into the dyno either.
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-        rootfs.apply(plan)
+        rootfs.apply(plan, userns_fd)
         marks["mounts"] = process.mark()
         phase = "user"
         privileges.install_stdio(*stdio)

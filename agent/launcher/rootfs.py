@@ -208,15 +208,16 @@ class RootfsError(OSError):
     """An operation of the plan failed; carries the op for the launch error message."""
 
 
-def apply(ops: Iterable[Op]) -> None:
+def apply(ops: Iterable[Op], userns_fd: int | None = None) -> None:
+    """Perform `ops`; `userns_fd` (see idmap.userns_mapping_root_to) serves IdmappedBind."""
     for op in ops:
         try:
-            _apply_one(op)
+            _apply_one(op, userns_fd)
         except OSError as e:
             raise RootfsError(e.errno, f"{op}: {e.strerror}", e.filename) from e
 
 
-def _apply_one(op: Op) -> None:
+def _apply_one(op: Op, userns_fd: int | None) -> None:
     if isinstance(op, Mount):
         sc.mount(op.source, op.target, op.fstype, op.flags, op.data)
     elif isinstance(op, Mkdir):
@@ -233,7 +234,9 @@ def _apply_one(op: Op) -> None:
     elif isinstance(op, Mask):
         _mask(op.path)
     elif isinstance(op, IdmappedBind):
-        idmap.idmapped_bind(op.source, op.target, op.uid, op.gid)
+        if userns_fd is None:
+            raise OSError(0, "IdmappedBind needs a user namespace fd", op.source)
+        idmap.idmapped_bind(op.source, op.target, userns_fd)
     elif isinstance(op, ReadOnly):
         try:
             sc.mount(op.path, op.path, None, sc.MS_BIND | sc.MS_REC)

@@ -72,8 +72,8 @@ def _cgroup(name: str) -> Iterator[tuple[str, ...]]:
 
 
 def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
-          launch_only: list[float],
-          phases: dict[str, list[float]] | None = None) -> Callable[[int], None]:
+          launch_only: list[float], phases: dict[str, list[float]] | None = None,
+          idmap_slug: bool = True) -> Callable[[int], None]:
     reaper = "/usr/bin/tini-static" if stack != "/" else "/usr/bin/tini"
     argv = ("/bin/true",)
 
@@ -86,7 +86,7 @@ def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
                 env=(("PATH", "/bin:/usr/bin"),), uid=UID, gid=UID, stack_dir=stack,
                 slug_dir=str(slug), dyno_dir=str(dyno_dir), writable_limit_bytes=64 << 20,
                 cgroup_procs=procs, netns_path=f"/run/netns/{netns}",
-                hide_paths=(str(work),), reaper=reaper)
+                hide_paths=(str(work),), reaper=reaper, idmap_slug=idmap_slug)
             t0 = time.monotonic()
             result = launch(req, 0, 1, 2)
             _, status = os.waitpid(result.pid, 0)
@@ -216,6 +216,8 @@ def main() -> None:
         results["ours (busybox stack)"] = _time(
             _ours(rootfs, slug, work, netns, str(rootfs), launch_only, phases), RUNS)
         results["ours: launch+wait only"] = launch_only[WARMUP:]
+        results["ours (busybox, slug not idmapped)"] = _time(
+            _ours(rootfs, slug, work, netns, str(rootfs), [], idmap_slug=False), RUNS)
         host_only: list[float] = []
         results["ours (host stack, overlay root)"] = _time(
             _ours(rootfs, slug, work, netns, "/", host_only), RUNS)
