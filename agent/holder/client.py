@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import socket
@@ -18,9 +19,9 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from agent.holder.errors import (
     ConnectionLost,
@@ -306,6 +307,19 @@ class HolderClient:
             if isinstance(item, OutputEvent):
                 self._unacked = item
             yield item
+
+    async def dispatch_events(
+            self, handler: Callable[[HolderEvent], Awaitable[None] | None]) -> NoReturn:
+        """Call `handler` (plain or async) for each event, acking each once it returns.
+
+        Runs until the connection ends, then raises ConnectionLost: run it as a task owned by
+        whoever reconnects.
+        """
+        async for event in self.events():
+            result = handler(event)
+            if inspect.isawaitable(result):
+                await result
+        raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
 
     def _ack_last(self) -> None:
         event = self._unacked

@@ -15,10 +15,25 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from agent.holder.client import ExitEvent, HolderClient, OutputEvent, Superseded
-from agent.holder.errors import BadRequest, Conflict, HolderTimeout, LaunchFailed, NotFound
+from agent.holder.client import ExitEvent, HolderClient, HolderEvent, OutputEvent, Superseded
+from agent.holder.errors import (
+    BadRequest,
+    Conflict,
+    ConnectionLost,
+    HolderTimeout,
+    LaunchFailed,
+    NotFound,
+)
 from tests.support.wait import async_wait_for
-from tests.unit.holder.harness import ENV, HolderProc, collect, exits_of, lines_of
+from tests.unit.holder.harness import (
+    ENV,
+    HolderProc,
+    collect,
+    exits_of,
+    lines_of,
+    start_holder,
+    stop_holder,
+)
 
 
 def launch_params(dyno_id: str, script: str) -> dict[str, object]:
@@ -368,7 +383,6 @@ def test_stale_socket_is_replaced(short_dir: str) -> None:
     dead.bind(path)
     dead.close()  # the file stays, nobody listens: what a SIGKILLed holder leaves
     h = HolderProc(path, os.path.join(short_dir, "stale-state"))
-    from tests.unit.holder.harness import start_holder, stop_holder
     try:
         start_holder(h)
         assert "removing stale holder socket" in h.log()
@@ -401,3 +415,57 @@ async def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+async def test_dispatch_events_calls_sync_and_async_handlers(client: HolderClient) -> None:
+    seen: list[HolderEvent] = []
+    done = asyncio.Event()
+
+    async def handler(event: HolderEvent) -> None:
+        seen.append(event)
+        if isinstance(event, ExitEvent):
+            done.set()
+
+    task = asyncio.create_task(client.dispatch_events(handler), name="holder-events-test")
+    try:
+        os.close((await client.launch(launch_params("d-cb", "echo cb; exit 2"))).pidfd)
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert lines_of(seen) == [b"cb"]
+    assert [e.status for e in exits_of(seen)] == [2]
+
+
+async def test_losing_the_holder_fails_requests_and_events_then_a_new_one_takes_over(
+        holder_factory: Callable[..., HolderProc]) -> None:
+    h = holder_factory()
+    c = await HolderClient.connect(h.socket)
+    await c.subscribe()
+    holder_pid = int((await c.ping())["pid"])
+    events = c.events()
+    pending = asyncio.create_task(anext(events), name="holder-event-wait")
+    os.kill(holder_pid, signal.SIGSTOP)
+    ping = asyncio.create_task(c.ping(timeout_s=30), name="holder-ping")
+    await asyncio.sleep(0.05)
+    os.kill(holder_pid, signal.SIGKILL)  # leaves its socket file behind
+    async with asyncio.timeout(10):
+        with pytest.raises(ConnectionLost):
+            await ping
+        with pytest.raises(ConnectionLost):
+            await pending
+    assert c.closed
+    with pytest.raises(ConnectionLost):
+        await c.ping()
+    assert h.proc is not None
+    await asyncio.to_thread(h.proc.wait, 10)
+    assert await asyncio.to_thread(os.path.exists, h.socket), "SIGKILL leaves the socket"
+    successor = HolderProc(h.socket, h.state_dir)
+    await asyncio.to_thread(start_holder, successor)
+    try:
+        async with await HolderClient.connect(h.socket) as again:
+            assert (await again.ping())["pid"] == successor.proc.pid  # type: ignore[union-attr]
+    finally:
+        await asyncio.to_thread(stop_holder, successor)
