@@ -5,7 +5,10 @@ and the inner pytest run; each test below judges one part of that report."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,15 +29,27 @@ PLAN_TIMEOUT_S = VmPlan(kernel=Path("/dev/null")).timeout_s
 pytestmark = pytest.mark.timeout(PLAN_TIMEOUT_S + 60)
 
 
+@contextlib.contextmanager
+def _share_dir() -> Iterator[Path]:
+    # Not tmp_path: pytest prunes old basetemp dirs of *any* concurrent session, and this
+    # directory must outlive a multi-minute VM run that writes into it over 9p.
+    share = Path(tempfile.mkdtemp(prefix="dtvm-"))
+    try:
+        yield share
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def vm_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmResult]:
+def vm_run() -> Iterator[VmResult]:
     try:
         check_capabilities()
     except VmCapabilityMissing as exc:
         pytest.skip(f"VM tier: missing {exc.what}")
-    result = run_vm(VmPlan(kernel=find_kernel()), share=tmp_path_factory.mktemp("dtvm"))
-    print(summary(result))
-    yield result
+    with _share_dir() as share:
+        result = run_vm(VmPlan(kernel=find_kernel()), share=share)
+        print(summary(result))
+        yield result
 
 
 def _explain(result: VmResult) -> str:
@@ -81,15 +96,16 @@ def test_cgroup_privileged_tests_pass_in_the_guest(vm_run: VmResult) -> None:
     assert run["exit_code"] == 0, _explain(vm_run)
 
 
-def test_guest_turns_a_hybrid_layout_into_pure_v2(tmp_path: Path) -> None:
+def test_guest_turns_a_hybrid_layout_into_pure_v2() -> None:
     """A second boot whose guest starts from a hybrid-looking /sys/fs/cgroup: the guest
     script must tear it down, mount cgroup2 alone and still enforce memory.max."""
     try:
         check_capabilities()
     except VmCapabilityMissing as exc:
         pytest.skip(f"VM tier: missing {exc.what}")
-    result = run_vm(VmPlan(kernel=find_kernel(), pytest_paths=(), simulate_hybrid=True),
-                    share=tmp_path)
+    with _share_dir() as share:
+        result = run_vm(VmPlan(kernel=find_kernel(), pytest_paths=(), simulate_hybrid=True),
+                        share=share)
     guest = result.guest
     assert guest["error"] is None, summary(result)
     assert guest["layout_before"] == "hybrid", summary(result)
