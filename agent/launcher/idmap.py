@@ -4,6 +4,7 @@ dyno's changes stay in its private overlay upper layer."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -43,7 +44,10 @@ def userns_mapping_root_to(uid: int, gid: int) -> int:
         return os.open(f"{proc}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        # Blocking is safe: SIGKILL cannot be ignored. A caller reaping every child on its
+        # own (waitpid(-1)) may have taken it already.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         del stack  # only now is the child's stack no longer in use
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from agent.launcher.errors import RequestError
 
-# The kernel limits a hostname to 64 bytes; keep to the portable label alphabet.
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+# The kernel limits a hostname to 64 bytes; keep to the alphabet dyno ids are made of.
+_HOSTNAME = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 _DYNO_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 # Overlay options are a comma-separated string and lowerdir a colon-separated list; the
 # kernel's escaping rules differ between versions, so such paths are refused outright.

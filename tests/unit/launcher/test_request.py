@@ -22,12 +22,14 @@ def _req(**overrides: Any) -> LaunchRequest:
 def test_a_sane_request_validates() -> None:
     _req().validate()
     _req(netns_path="/run/netns/dyno-abc-1", hide_paths=("/var/lib/dynoagent",)).validate()
+    _req(dyno_id="-" + "a" * 63, hostname="-" + "a" * 63).validate()  # any valid dyno id
 
 
 @pytest.mark.parametrize(("override", "field"), [
     ({"dyno_id": "Bad_Id"}, "dyno_id"),
-    ({"hostname": "-x"}, "hostname"),
-    ({"hostname": "a" * 70}, "hostname"),
+    ({"hostname": "a b"}, "hostname"),
+    ({"hostname": ""}, "hostname"),
+    ({"hostname": "a" * 65}, "hostname"),
     ({"argv": ()}, "argv"),
     ({"uid": 0}, "uid/gid"),
     ({"gid": 0}, "uid/gid"),

@@ -133,3 +133,9 @@ def test_apply_makes_dirs_and_links_and_names_the_failing_op(tmp_path: Path) -> 
 
 def test_masking_a_missing_path_is_a_no_op(tmp_path: Path) -> None:
     rootfs.apply([Mask(str(tmp_path / "absent")), ReadOnly(str(tmp_path / "absent"))])
+
+
+def test_an_idmapped_bind_without_a_user_namespace_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(rootfs.RootfsError) as info:
+        rootfs.apply([rootfs.IdmappedBind(str(tmp_path), str(tmp_path), 400001, 400001)])
+    assert "user namespace" in str(info.value)
