@@ -214,7 +214,8 @@ async def test_create_invalid_spec_and_conflict(client: Client) -> None:
     assert await error_of(resp, 409) == "conflict"
 
 
-async def test_create_survives_client_going_away(client: Client, backend: FakeBackend) -> None:
+async def test_create_survives_client_going_away(client: Client, backend: FakeBackend,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     backend.gate = asyncio.Event()
     request = asyncio.ensure_future(client.post("/v1/dynos", json={
         "id": "late", "app": "shop", "name": "web.5", "command": "sleep 1"}))
@@ -222,8 +223,16 @@ async def test_create_survives_client_going_away(client: Client, backend: FakeBa
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request
-    backend.gate.set()
-    await async_wait_for(_async(lambda: "late" in backend.dynos), 5, what="create finished")
+    assert client.server.runner is not None and client.server.runner.server is not None
+    server = client.server.runner.server
+    # The server forgets a connection only when its handler task is over: with create_dyno
+    # still held at the gate, that means the disconnect cancelled the handler.
+    await async_wait_for(_async(lambda: not server.connections), 5, what="handler cancelled")
+    with caplog.at_level("INFO", logger="agent.api"):
+        backend.gate.set()
+        await async_wait_for(_async(lambda: "late" in backend.dynos), 5, what="create done")
+        await async_wait_for(_async(lambda: "finished after its client went away"
+                                    in caplog.text), 5)
 
 
 def _async(predicate: Any) -> Any:
