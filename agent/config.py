@@ -43,6 +43,8 @@ class Config:
     stop_timeout_s: float = 30.0
     cycle_after_s: float = 86400.0
     log_level: str = "info"
+    # How often memory is sampled (R14/R15) and runtime-metrics lines are logged.
+    sample_interval_s: float = 20.0
     # The default size table with the config's [sizes.NAME] tables applied.
     sizes: Mapping[str, Size] = field(default_factory=lambda: dict(DEFAULT_SIZES))
 
@@ -52,7 +54,7 @@ class Config:
 
     # Keys that SIGHUP may change on a running agent; the rest need a restart.
     RELOADABLE = frozenset({"log_level", "restart_schedule_s", "boot_timeout_s",
-                            "stop_timeout_s", "cycle_after_s", "sizes",
+                            "stop_timeout_s", "cycle_after_s", "sizes", "sample_interval_s",
                             "coordinator_token_file"})
 
 
@@ -153,6 +155,7 @@ _PARSERS: dict[str, Any] = {
     "stop_timeout_s": _seconds,
     "cycle_after_s": _seconds,
     "log_level": _log_level,
+    "sample_interval_s": _seconds,
     "sizes": _sizes,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)}

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
+import ipaddress
 import logging
 import os
 import signal
@@ -23,12 +25,22 @@ from typing import Any
 
 from aiohttp import web
 
+import cgroups
+import netns
 from agent import __version__, logsetup, notify
 from agent import config as config_mod
 from agent.api import build_app
 from agent.config import Config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, NotReady
+from agent.events import EventBus, EventFollower
+from agent.holder import ConnectionLost, HolderClient, HolderError
+from agent.launcher import UidAllocator
+from agent.logs import LogHub
 from agent.peercred import group_id, peer_credentials
+from agent.records import RecordStore
+from agent.runtime import HostRuntime
+from agent.slug import SlugStore
+from agent.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +62,13 @@ class Step:
     start_timeout_s: float = START_STEP_TIMEOUT_S
 
 
-def detect_cgroup_mode(mountinfo: Path = Path("/proc/self/mountinfo")) -> str:
-    """`v2` when /sys/fs/cgroup is the unified hierarchy, `hybrid` when v1 holds controllers."""
-    fstypes = {}
-    for line in mountinfo.read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fstypes[left.split()[4]] = right.split()[0]
-    if fstypes.get("/sys/fs/cgroup") == "cgroup2":
-        return "v2"
-    return "hybrid" if "cgroup" in fstypes.values() else "unsupported"
+def instance_names(config: Config) -> tuple[str, str]:
+    """Link prefix and nft table: the defaults for the default agent, else derived from the
+    cgroup root so that agents side by side never touch each other's links or tables."""
+    if config.cgroup_root == config_mod.Config().cgroup_root:
+        return "dy", "dynoagent"
+    digest = hashlib.sha256(config.cgroup_root.encode()).hexdigest()
+    return f"d{digest[:2]}", f"dynoagent_{digest[:8]}"
 
 
 def _read_or_create_agent_id(state_dir: Path) -> str:
@@ -95,6 +105,15 @@ class Daemon:
         self._forced = False
         self._reload_requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.hub = LogHub()
+        self.bus = EventBus()
+        self.tree: cgroups.Tree | None = None
+        self.network: netns.HostNetwork | None = None
+        self.holder: HolderClient | None = None
+        self.supervisor: Supervisor | None = None
+        # Set at shutdown when no dyno is left: then the agent also removes what it shares
+        # between dynos (holder, cgroup root, firewall table), leaving nothing behind.
+        self.idle_at_exit = False
 
     # -- what the operator API reads -------------------------------------------------------
     @property
@@ -118,7 +137,8 @@ class Daemon:
             },
             "coordinator": {"state": "disabled" if self.config.coordinator_url is None
                             else "disconnected", "url": self.config.coordinator_url},
-            "dynos": {"total": 0, "by_state": {}},
+            "dynos": (self.supervisor.counts() if self.supervisor is not None
+                      else {"total": 0, "by_state": {}}),
             "socket": str(self.config.socket_path),
         }
 
@@ -201,10 +221,160 @@ class Daemon:
 
     @contextlib.asynccontextmanager
     async def _cgroups(self) -> AsyncIterator[None]:
-        self.cgroup_mode = detect_cgroup_mode()
-        if self.cgroup_mode == "unsupported":
-            raise StartupError("no cgroup hierarchy with controllers is mounted")
+        try:
+            layout = cgroups.detect(root_name=self.config.cgroup_root)
+            tree = cgroups.Tree(layout)
+            if layout.delegated:
+                tree.enter_agent_leaf()
+            tree.ensure()
+        except cgroups.CgroupError as exc:
+            raise StartupError(f"cgroups: {exc}") from None
+        self.cgroup_mode = layout.mode.value
+        self.tree = tree
         yield
+        if self.idle_at_exit:
+            with contextlib.suppress(cgroups.CgroupError):
+                tree.destroy()
+
+    @contextlib.asynccontextmanager
+    async def _network(self) -> AsyncIterator[None]:
+        prefix, table = instance_names(self.config)
+        try:
+            network = netns.HostNetwork(netns.HostNetworkConfig(
+                state_dir=self.config.state_dir / "network",
+                pool=ipaddress.IPv4Network(self.config.address_pool),
+                link_prefix=prefix, table=table))
+        except netns.NetnsError as exc:
+            raise StartupError(f"network: {exc}") from None
+        self.network = network
+        try:
+            yield
+            if self.idle_at_exit:
+                await asyncio.to_thread(network.sweep, (), ())
+        finally:
+            # Otherwise links, namespaces and rules stay: the dynos that use them keep running.
+            await asyncio.to_thread(network.close)
+
+    @contextlib.asynccontextmanager
+    async def _holder(self) -> AsyncIterator[None]:
+        socket_path = str(self.config.run_dir / "holder.sock")
+        state_dir = str(self.config.state_dir / "holder")
+        try:
+            self.holder = await HolderClient.ensure_running(socket_path, state_dir)
+            await self.holder.subscribe()
+        except HolderError as exc:
+            raise StartupError(f"dyno holder: {exc}") from None
+        try:
+            yield
+            if self.idle_at_exit:
+                await self._stop_holder()
+        finally:
+            self.holder.close()
+
+    async def _stop_holder(self) -> None:
+        """The holder holds no dyno: end it (SIGTERM, by the pid it reports) and wait."""
+        assert self.holder is not None
+        try:
+            pid = int((await self.holder.ping())["pid"])
+            if (await self.holder.list_processes()):
+                return
+        except HolderError:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            exited = asyncio.get_running_loop().create_future()
+            # A pidfd becomes readable when the process exits (Linux 5.3).
+            asyncio.get_running_loop().add_reader(
+                pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                async with asyncio.timeout(5.0):
+                    await exited
+            except TimeoutError:
+                log.warning("the dyno holder (pid %d) did not exit after SIGTERM", pid)
+            finally:
+                asyncio.get_running_loop().remove_reader(pidfd)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+
+    async def _pump_holder_events(self) -> None:
+        """Forward the holder's output and exit events; reconnect if the connection drops."""
+        assert self.supervisor is not None
+        backoff_s = 0.1
+        while True:
+            holder = self.holder
+            assert holder is not None
+            try:
+                async for event in holder.events():
+                    self.supervisor.on_holder_event(event)
+                    backoff_s = 0.1
+            except ConnectionLost as exc:
+                log.warning("lost the dyno holder (%s); reconnecting", exc)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+            try:
+                self.holder = await HolderClient.ensure_running(
+                    holder.socket_path, str(self.config.state_dir / "holder"))
+                await self.holder.subscribe()
+                if isinstance(self.supervisor.runtime, HostRuntime):
+                    self.supervisor.runtime.holder = self.holder
+            except HolderError as exc:
+                log.error("cannot reach the dyno holder: %s", exc)
+
+    async def _release(self, dyno_id: str, pid: int) -> None:
+        if self.holder is not None:
+            with contextlib.suppress(HolderError):
+                await self.holder.release(dyno_id, pid)
+
+    @contextlib.asynccontextmanager
+    async def _supervisor(self) -> AsyncIterator[None]:
+        assert self.tree is not None and self.network is not None and self.holder is not None
+        config = self.config
+        slugs = SlugStore(config.state_dir / "slugs")
+        runtime = HostRuntime(
+            tree=self.tree, network=self.network,
+            uids=UidAllocator(str(config.state_dir / "uids")), slugs=slugs,
+            holder=self.holder, state_dir=config.state_dir, run_dir=config.run_dir,
+            hide_paths=tuple(str(p) for p in {config.state_dir, config.run_dir}))
+        supervisor = Supervisor(config, runtime, RecordStore(config.state_dir), self.hub,
+                                self.bus, release=self._release,
+                                sample_interval_s=config.sample_interval_s)
+        held = await self.holder.list_processes()
+        self.supervisor = supervisor
+        restored = supervisor.restore(held)
+        await self._sweep(restored)
+        self._spawn(self._pump_holder_events(), "holder-events")
+        try:
+            yield
+        finally:
+            await supervisor.detach_all()
+            await slugs.aclose()
+            self.idle_at_exit = not supervisor.dynos
+
+    async def _sweep(self, live_ids: list[str]) -> None:
+        """Remove kernel objects of dynos that no record owns (killed mid-creation, say)."""
+        assert self.supervisor is not None and self.tree is not None
+        assert self.network is not None
+        dynos = self.supervisor.dynos
+        live_cgroups = {d.placement.cgroup for d in dynos.values() if d.placement}
+        for rel in self.tree.list_groups(suffix=".scope"):
+            if rel not in live_cgroups:
+                log.warning("sweeping cgroup %s: no dyno record owns it", rel)
+                group = self.tree.group(rel)
+                with contextlib.suppress(cgroups.CgroupError):
+                    if group.populated():
+                        group.kill()
+                    await group.remove_async(timeout_s=5)
+        self.tree.sweep_empty(keep=lambda rel: any(c.startswith(rel) for c in live_cgroups))
+        live_ns = {d.placement.netns for d in dynos.values() if d.placement}
+        live_spaces = {d.placement.space for d in dynos.values() if d.placement}
+        report = await asyncio.to_thread(self.network.sweep, live_spaces, live_ns)
+        log.info("sweep done: %s", report)
 
     def _bind_socket(self) -> socket.socket:
         path = self.config.socket_path
@@ -247,7 +417,7 @@ class Daemon:
     async def _operator_socket(self) -> AsyncIterator[None]:
         sock = self._bind_socket()
         identity = os.stat(self.config.socket_path)
-        runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None,
+        runner = web.AppRunner(build_app(Operator(self)), handle_signals=False, access_log=None,
                                shutdown_timeout=2.0)
         try:
             await runner.setup()
@@ -266,6 +436,9 @@ class Daemon:
             Step("directories", self._directories),
             Step("instance lock", self._instance_lock),
             Step("cgroups", self._cgroups),
+            Step("network", self._network),
+            Step("dyno holder", self._holder),
+            Step("supervisor", self._supervisor),
             Step("operator socket", self._operator_socket),
         ]
 
@@ -332,3 +505,54 @@ class _StepGuard(contextlib.AbstractAsyncContextManager[None]):
         except TimeoutError:
             log.error("shutdown step '%s' did not finish within %gs", self._step.name, timeout)
             return None
+
+
+class Operator:
+    """The operator API's view of the agent: the daemon's info, the supervisor's dynos."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def _sup(self) -> Supervisor:
+        if self._daemon.supervisor is None:
+            raise NotReady("the agent is still starting")
+        return self._daemon.supervisor
+
+    @property
+    def socket_gid(self) -> int | None:
+        return self._daemon.socket_gid
+
+    @property
+    def log_hub(self) -> LogHub:
+        return self._daemon.hub
+
+    def info(self) -> dict[str, Any]:
+        return self._daemon.info()
+
+    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]:
+        return self._sup.list_dynos(app)
+
+    def get_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        return self._sup.get_dyno(ref, app)
+
+    async def create_dyno(self, body: Any) -> dict[str, Any]:
+        return await self._sup.create_dyno(body)
+
+    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        return await self._sup.restart_dyno(ref, app)
+
+    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        return await self._sup.stop_dyno(ref, app)
+
+    async def signal_dyno(self, ref: str, signal: str, app: str | None = None) -> dict[str, Any]:
+        return await self._sup.signal_dyno(ref, signal, app)
+
+    async def delete_dyno(self, ref: str, app: str | None = None) -> None:
+        await self._sup.delete_dyno(ref, app)
+
+    def subscribe_events(self) -> EventFollower:
+        return self._daemon.bus.subscribe()
+
+    def metrics_text(self) -> str:
+        return self._sup.metrics_text()

@@ -1,0 +1,424 @@
+"""One dyno's supervision: a task that launches its process, watches it (boot, memory,
+cycling, stop requests) and decides what happens when it exits, by Heroku's rules.
+
+All decisions come from `agent.policy`; every state change goes through `_transition()`.
+The kernel is reached only through the `Runtime` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from agent import logs, metrics, policy
+from agent.logsetup import extra
+from agent.policy import Intent, RestartMode, RestartPolicy
+from agent.records import Placement, Record
+from agent.runtime import DynoStartError, Launch, Runtime
+from agent.spec import DEFAULT_PORT, DynoSpec, dyno_env
+from agent.states import DynoState, Reason, StateChange, StateMachine
+
+log = logging.getLogger(__name__)
+
+BOOT_PROBE_INTERVAL_S = 0.05
+EMPTY_AFTER_EXIT_TIMEOUT_S = 5.0
+
+
+class Command(enum.Enum):
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Supervision timings from the agent's configuration."""
+
+    restart: RestartPolicy
+    cycle_after_s: float
+    cycle_jitter_s: float
+    sample_interval_s: float
+
+
+class Sink(Protocol):
+    """Where a dyno reports (the supervisor)."""
+
+    def line(self, dyno: Dyno, text: str) -> None: ...
+
+    def changed(self, dyno: Dyno, change: StateChange) -> None: ...
+
+    def save(self, dyno: Dyno) -> None: ...
+
+    def forget_process(self, dyno: Dyno, pid: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    status: int
+    intent: Intent
+    oom_killed: bool
+    up_for_s: float | None
+
+
+class Dyno:
+    def __init__(self, spec: DynoSpec, record: Record, runtime: Runtime, sink: Sink,
+                 timing: Timing, start_slots: asyncio.Semaphore,
+                 rng: random.Random | None = None) -> None:
+        self.spec = spec
+        self.record = record
+        self.runtime = runtime
+        self.sink = sink
+        self.timing = timing
+        self.start_slots = start_slots
+        self.rng = rng or random.Random()
+        self.machine = StateMachine(
+            spec.id, spec.app, spec.name, at=datetime.fromisoformat(record.since),
+            state=DynoState(record.state), reason=Reason(record.reason),
+            exit_status=record.exit_status)
+        self.timings_ms: dict[str, float] = {}
+        self.last_stats: Any = None
+        self._exits: dict[int, int] = {}
+        self._wakeup = asyncio.Event()
+        self._commands: list[tuple[Command, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._up_mono: float | None = None
+        self._last_r14: float | None = None
+        self.deleted = asyncio.Event()
+
+    # -- what the owner calls ----------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def state(self) -> DynoState:
+        return self.machine.state
+
+    @property
+    def placement(self) -> Placement | None:
+        return self.record.placement
+
+    def start(self, adopt: bool) -> None:
+        self._task = asyncio.create_task(self._main(adopt), name=f"dyno-{self.id}")
+
+    async def detach(self) -> None:
+        """Stop supervising without touching the process (agent shutdown: dynos live on)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def on_exit(self, pid: int, status: int) -> None:
+        self._exits[pid] = status
+        self._wakeup.set()
+
+    def request(self, command: Command) -> asyncio.Future[None]:
+        """Queue a lifecycle command; the future completes once it has been carried out."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commands.append((command, future))
+        self._wakeup.set()
+        return future
+
+    # -- state -------------------------------------------------------------------------------
+    def _transition(self, new: DynoState, reason: Reason, exit_status: int | None = None) -> None:
+        change = self.machine.transition(new, reason, exit_status)
+        self.record.state = str(new)
+        self.record.since = change.at.isoformat()
+        self.record.reason = str(reason)
+        self.record.exit_status = self.machine.exit_status
+        self.sink.line(self, change.message)
+        self.sink.changed(self, change)
+        self.sink.save(self)
+        log.info("%s: %s (%s)", self.spec.name, change.message, reason,
+                 extra=extra(dyno_id=self.id, app=self.spec.app))
+
+    def _say(self, *lines: str) -> None:
+        for text in lines:
+            self.sink.line(self, text)
+
+    def _take_command(self) -> tuple[Command, asyncio.Future[None]] | None:
+        return self._commands.pop(0) if self._commands else None
+
+    # -- the task ----------------------------------------------------------------------------
+    async def _main(self, adopt: bool) -> None:
+        try:
+            await self._lifecycle(adopt)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("supervision of %s failed", self.spec.name,
+                          extra=extra(dyno_id=self.id))
+        finally:
+            for _command, future in self._commands:
+                if not future.done():
+                    future.cancel()
+
+    async def _lifecycle(self, adopt: bool) -> None:
+        now = time.monotonic
+        next_start: float | None
+        if adopt and self.record.pid is not None:
+            next_start = self._after_exit(await self._supervise(adopted=True))
+        elif self.record.desired == "running" and self.state is not DynoState.COMPLETE:
+            next_start = now()
+        else:
+            next_start = None
+        done: list[asyncio.Future[None]] = []
+        while True:
+            for future in done:
+                if not future.done():
+                    future.set_result(None)
+            done = []
+            taken = self._take_command()
+            if taken is None:
+                timeout = None if next_start is None else max(0.0, next_start - now())
+                if timeout == 0.0:
+                    next_start = self._after_exit(await self._start_and_supervise())
+                    continue
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wakeup.wait()
+                continue
+            command, future = taken
+            done.append(future)
+            if command is Command.DELETE:
+                await self._destroy()
+                future.set_result(None)
+                return
+            if command is Command.STOP:
+                self.record.desired = "stopped"
+                next_start = None
+                if self.state is DynoState.CRASHED:
+                    self._transition(DynoState.DOWN, Reason.STOPPED)
+                self.sink.save(self)
+            elif command in (Command.START, Command.RESTART):
+                if self.state is DynoState.COMPLETE:
+                    continue
+                self.record.desired = "running"
+                if command is Command.RESTART:
+                    self.record.crashes = 0
+                    self._say(logs.restarting())
+                next_start = now()
+                self.sink.save(self)
+
+    async def _start_and_supervise(self) -> ExitInfo:
+        if self.state is not DynoState.STARTING:
+            reason = Reason.RESTART if self.state is DynoState.CRASHED else Reason.START
+            self._transition(DynoState.STARTING, reason)
+        try:
+            async with self.start_slots:
+                if self.record.placement is None:
+                    self.record.placement = await self.runtime.place(self.spec)
+                    self.sink.save(self)
+                placement = self.record.placement
+                env = dyno_env(self.spec, placement.ip, DEFAULT_PORT)
+                self._say(logs.starting_process(self.spec.command))
+                launched: Launch = await self.runtime.launch(self.spec, placement, env)
+        except DynoStartError as exc:
+            self._say(exc.line)
+            return ExitInfo(1, Intent.NONE, False, None)
+        self.record.pid = launched.pid
+        self.record.start_time = launched.start_time
+        self.timings_ms = dict(launched.timings_ms)
+        self.sink.save(self)
+        return await self._supervise(adopted=False)
+
+    async def _supervise(self, adopted: bool) -> ExitInfo:
+        """Watch the running process until it has exited and its cgroup is empty."""
+        placement = self.record.placement
+        pid = self.record.pid
+        assert placement is not None and pid is not None
+        clock = time.monotonic
+        stats = self.runtime.stats(placement)
+        oom_base = (stats.oom_kill_events or 0) if stats is not None else 0
+        if adopted and self.state is DynoState.UP:
+            self._up_mono = clock()
+        boot_pending = self.state is DynoState.STARTING and self.spec.is_web
+        if self.state is DynoState.STARTING and not self.spec.is_web:
+            self._transition(DynoState.UP, Reason.BOOTED)
+            self._up_mono = clock()
+        started = clock()
+        boot_deadline = started + self.spec.boot_timeout_s
+        next_probe = started
+        next_sample = started + self.timing.sample_interval_s
+        cycle_at = started + self.timing.cycle_after_s + self.rng.uniform(
+            0.0, self.timing.cycle_jitter_s)
+        intent = Intent.NONE
+        plan = policy.stop_plan(float(self.spec.stop_timeout_s))
+        stop_started: float | None = None
+        stop_steps = 0
+        exit_status: int | None = None
+        waiters: list[asyncio.Future[None]] = []
+
+        def begin_stop(why: Intent) -> None:
+            nonlocal intent, stop_started
+            if stop_started is None:
+                intent = why
+                stop_started = clock()
+
+        def kill_now(why: Intent) -> None:
+            nonlocal intent, stop_started, stop_steps
+            intent = why
+            stop_started = stop_started or clock()
+            stop_steps = len(plan)
+            self.runtime.kill(placement)
+
+        while True:
+            if exit_status is None and pid in self._exits:
+                exit_status = self._exits.pop(pid)
+                self.sink.forget_process(self, pid)
+            if exit_status is not None:
+                break
+            taken = self._take_command()
+            if taken is not None:
+                command, future = taken
+                waiters.append(future)
+                if command in (Command.STOP, Command.DELETE):
+                    self.record.desired = "stopped"
+                    if command is Command.DELETE:
+                        self._commands.insert(0, (command, future))
+                        waiters.pop()
+                    begin_stop(Intent.STOP)
+                elif command is Command.RESTART and stop_started is None:
+                    self._say(logs.restarting())
+                    if self.state is DynoState.UP:
+                        self._transition(DynoState.STARTING, Reason.RESTART)
+                    begin_stop(Intent.RESTART)
+                continue
+            now = clock()
+            if boot_pending and stop_started is None:
+                if await self.runtime.accepting(placement.ip, DEFAULT_PORT):
+                    boot_pending = False
+                    self._transition(DynoState.UP, Reason.BOOTED)
+                    self._up_mono = clock()
+                elif now >= boot_deadline:
+                    boot_pending = False
+                    self._say(*policy.boot_timeout_lines(float(self.spec.boot_timeout_s)))
+                    kill_now(Intent.BOOT_TIMEOUT)
+                next_probe = clock() + BOOT_PROBE_INTERVAL_S
+            if now >= next_sample:
+                next_sample = now + self.timing.sample_interval_s
+                if self._sample(placement, now) and stop_started is None:
+                    kill_now(Intent.OOM)
+            if now >= cycle_at and stop_started is None and self.state is DynoState.UP:
+                self._say(logs.cycling())
+                self._transition(DynoState.STARTING, Reason.CYCLING)
+                begin_stop(Intent.CYCLE)
+            if stop_started is not None:
+                step = policy.stop_next(plan, started_at=stop_started, now=now,
+                                        done_steps=stop_steps, cgroup_empty=False)
+                if isinstance(step, policy.StopStep):
+                    self._say(*step.lines)
+                    stop_steps += 1
+                    if step.target is policy.StopTarget.ALL_PROCESSES:
+                        self.runtime.signal_all(placement, step.signal)
+                    else:
+                        self.runtime.kill(placement)
+                    continue
+            deadlines = [next_sample]
+            if boot_pending and stop_started is None:
+                deadlines.append(next_probe)
+            if stop_started is None:
+                deadlines.append(cycle_at)
+            elif stop_steps < len(plan):
+                deadlines.append(stop_started + plan[stop_steps].after_s)
+            self._wakeup.clear()
+            if pid in self._exits or self._commands:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, min(deadlines) - clock())):
+                    await self._wakeup.wait()
+
+        # PID 1 of the dyno's pid namespace is gone, so the kernel kills the rest; wait for
+        # the cgroup to empty (a dyno is `down` only then), SIGKILL stragglers if need be.
+        if not await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S):
+            self.runtime.kill(placement)
+            await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
+        stats = self.runtime.stats(placement)
+        oom_killed = stats is not None and (stats.oom_kill_events or 0) > oom_base
+        if oom_killed and intent is not Intent.OOM:
+            self._say(logs.r15_memory_quota_vastly_exceeded(), logs.stopping_process_sigkill())
+        up_for = None if self._up_mono is None else clock() - self._up_mono
+        self._up_mono = None
+        self.record.pid = None
+        self.record.start_time = None
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+        return ExitInfo(exit_status, intent, oom_killed, up_for)
+
+    def _sample(self, placement: Placement, now: float) -> bool:
+        """Memory check and runtime-metrics line; True when the dyno must be killed (R15)."""
+        stats = self.runtime.stats(placement)
+        self.last_stats = stats
+        if stats is None:
+            return False
+        rss = stats.memory_rss_bytes if stats.memory_rss_bytes is not None else (
+            stats.memory_current_bytes or 0)
+        swap = stats.memory_swap_bytes or 0
+        quota = self.spec.size.memory_quota_bytes
+        self._say(metrics.memory_metrics_line(self.spec.name, self.id, metrics.MemorySample(
+            rss_bytes=rss, cache_bytes=stats.memory_cache_bytes or 0, swap_bytes=swap,
+            pgpgin_pages=0, pgpgout_pages=0, quota_bytes=quota)))
+        decision = policy.memory_check(quota_bytes=quota, kill_at=self.spec.size.kill_at,
+                                       usage_bytes=policy.memory_usage_bytes(rss, swap),
+                                       last_r14_at=self._last_r14, now=now,
+                                       sample_period_s=self.timing.sample_interval_s)
+        self._say(*decision.lines)
+        if decision.verdict is policy.MemoryVerdict.R14:
+            self._last_r14 = now
+        return decision.verdict is policy.MemoryVerdict.R15
+
+    def _after_exit(self, info: ExitInfo) -> float | None:
+        """Apply Heroku's exit rules; when to start again (monotonic), or None."""
+        self._say(logs.process_exited(info.status))
+        mode = RestartMode(self.spec.restart)
+        decision = policy.decide_exit(
+            mode=mode, exit_status=info.status, intent=info.intent,
+            oom_killed=info.oom_killed, crashes_since_reset=self.record.crashes,
+            up_for_s=info.up_for_s, policy=self.timing.restart)
+        self.record.crashes = decision.crashes
+        self.record.exit_status = decision.exit_status
+        if decision.state is not None and decision.state is not self.state:
+            self._transition(decision.state, decision.reason, decision.exit_status)
+        self.sink.save(self)
+        if decision.restart_in_s is None or self.record.desired != "running":
+            return None
+        self.record.restarts += 1
+        return time.monotonic() + decision.restart_in_s
+
+    async def _destroy(self) -> None:
+        if self.state in (DynoState.CRASHED, DynoState.STARTING, DynoState.UP):
+            self._transition(DynoState.DOWN, Reason.STOPPED)
+        placement = self.record.placement
+        if placement is not None:
+            await self.runtime.unplace(placement)
+        self.deleted.set()
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        placement = self.record.placement
+        return {
+            "id": self.id,
+            "app": self.spec.app,
+            "name": self.spec.name,
+            "type": self.spec.type,
+            "state": str(self.state),
+            "since": logs.format_timestamp(self.machine.since),
+            "pid": self.record.pid,
+            "ip": placement.ip if placement else None,
+            "restarts": self.record.restarts,
+            "size": self.spec.size.name,
+            "exit_status": self.record.exit_status,
+            "reason": str(self.machine.reason),
+            "command": self.spec.command,
+        }
+

@@ -1,0 +1,255 @@
+"""The host side of a dyno: placing it (cgroup, network namespace, address, user, slug),
+launching it through the holder, signalling, sampling and removing it.
+
+This is the only module of the supervisor that touches the kernel; `Dyno` and `Supervisor`
+use it through the `Runtime` protocol so unit tests can run them on a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cgroups
+import netns
+from agent.holder import HolderClient, HolderError
+from agent.launcher import LaunchRequest, UidAllocator
+from agent.records import Placement
+from agent.slug import SlugError, SlugStore
+from agent.spec import HOST_STACK, DynoSpec
+
+log = logging.getLogger(__name__)
+
+REAPER = "/usr/bin/tini"
+BOOT_PROBE_TIMEOUT_S = 0.5
+
+
+class DynoStartError(Exception):
+    """Placing or launching a dyno failed; `line` is what the dyno's log should say."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Launch:
+    pid: int
+    start_time: int
+    timings_ms: Mapping[str, float]
+
+
+class Runtime(Protocol):
+    async def place(self, spec: DynoSpec) -> Placement: ...
+
+    async def launch(self, spec: DynoSpec, placement: Placement,
+                     env: Mapping[str, str]) -> Launch: ...
+
+    def signal_all(self, placement: Placement, sig: signal.Signals) -> int: ...
+
+    def kill(self, placement: Placement) -> None: ...
+
+    def populated(self, placement: Placement) -> bool: ...
+
+    async def wait_empty(self, placement: Placement, timeout_s: float) -> bool: ...
+
+    def stats(self, placement: Placement) -> cgroups.Stats | None: ...
+
+    async def accepting(self, ip: str, port: int) -> bool: ...
+
+    async def unplace(self, placement: Placement) -> None: ...
+
+    def pid_alive(self, pid: int, start_time: int) -> bool: ...
+
+
+def cgroup_rel(spec_app: str, dyno_id: str) -> str:
+    return f"app-{spec_app}.slice/dyno-{dyno_id}.scope"
+
+
+def netns_name(dyno_id: str) -> str:
+    return f"dyno-{dyno_id}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: with the pid, the identity of a process across pid reuse."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+class HostRuntime:
+    """Composes the cgroups and netns libraries, the uid allocator, the slug store and the
+    holder into the operations the supervisor needs."""
+
+    def __init__(self, *, tree: cgroups.Tree, network: netns.HostNetwork, uids: UidAllocator,
+                 slugs: SlugStore, holder: HolderClient, state_dir: Path, run_dir: Path,
+                 hide_paths: tuple[str, ...]) -> None:
+        self.tree = tree
+        self.network = network
+        self.uids = uids
+        self.slugs = slugs
+        self.holder = holder
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self.hide_paths = hide_paths
+
+    def group(self, placement: Placement) -> cgroups.Group:
+        return self.tree.group(placement.cgroup)
+
+    @staticmethod
+    def limits(spec: DynoSpec) -> cgroups.Limits:
+        size = spec.size
+        return cgroups.Limits(memory_high_bytes=size.memory_quota_bytes,
+                              memory_max_bytes=size.kill_at_bytes, swap_allowed=False,
+                              cpu_weight=size.cpu_weight, cpu_max_cpus=size.cpu_max_cpus,
+                              pids_max=size.pids_max)
+
+    def _stack_dir(self, spec: DynoSpec) -> str:
+        stack = spec.release.stack
+        if stack == HOST_STACK:
+            return "/"
+        path = self.state_dir / "stacks" / stack
+        if not path.is_dir():
+            raise DynoStartError(f"Error: stack {stack!r} is not installed on this host "
+                                f"({path} is missing)")
+        return str(path)
+
+    async def place(self, spec: DynoSpec) -> Placement:
+        """Create everything the dyno needs before its process; undo it all on failure."""
+        async with contextlib.AsyncExitStack() as undo:
+            try:
+                slug_dir = await self.slugs.resolve(spec.release.slug)
+            except SlugError as exc:
+                raise DynoStartError(str(exc)) from None
+            self._stack_dir(spec)
+            uid, gid = await asyncio.to_thread(self.uids.allocate, spec.id)
+            undo.callback(self.uids.release, spec.id)
+            dyno_dir = self.run_dir / "dynos" / spec.id
+            dyno_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+            undo.callback(shutil.rmtree, dyno_dir, True)
+            rel = cgroup_rel(spec.app, spec.id)
+            try:
+                group = self.tree.create_group(rel, self.limits(spec))
+            except cgroups.CgroupError as exc:
+                raise DynoStartError(f"Error: cannot create the dyno's cgroup: {exc}") from None
+            undo.callback(_remove_group_quietly, group)
+            name = netns_name(spec.id)
+            try:
+                attachment = await asyncio.to_thread(self.network.create_attached, spec.space,
+                                                     name)
+            except netns.NetnsError as exc:
+                raise DynoStartError(f"Error: cannot set up the dyno's network: {exc}") from None
+            undo.callback(self.network.destroy_later, spec.space, name)
+            placement = Placement(cgroup=rel, netns=name, netns_path=str(attachment.path),
+                                  space=spec.space, ip=str(attachment.address.ip), uid=uid,
+                                  gid=gid, slug_dir=str(slug_dir), dyno_dir=str(dyno_dir))
+            undo.pop_all()
+            return placement
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def launch(self, spec: DynoSpec, placement: Placement,
+                     env: Mapping[str, str]) -> Launch:
+        group = self.group(placement)
+        request = LaunchRequest(
+            dyno_id=spec.id, hostname=spec.id[:63], argv=("/bin/sh", "-c", spec.command),
+            env=tuple(env.items()), uid=placement.uid, gid=placement.gid,
+            stack_dir=self._stack_dir(spec), slug_dir=placement.slug_dir,
+            dyno_dir=placement.dyno_dir,
+            writable_limit_bytes=spec.size.memory_quota_bytes,
+            cgroup_procs=group.procs_paths(), netns_path=placement.netns_path,
+            hide_paths=self.hide_paths, reaper=REAPER)
+        try:
+            launched = await self.holder.launch(request)
+        except HolderError as exc:
+            raise DynoStartError(f"Error: the dyno's process could not be started: {exc}") from None
+        os.close(launched.pidfd)
+        return Launch(launched.pid, launched.start_time, launched.timings_ms)
+
+    def signal_all(self, placement: Placement, sig: signal.Signals) -> int:
+        """Signal every process of the dyno (not only PID 1); returns how many were signalled."""
+        count = 0
+        for pid in self.group(placement).pids():
+            try:
+                os.kill(pid, sig)
+                count += 1
+            except ProcessLookupError:
+                pass
+        return count
+
+    def kill(self, placement: Placement) -> None:
+        group = self.group(placement)
+        if group.exists():
+            group.kill()
+
+    def populated(self, placement: Placement) -> bool:
+        group = self.group(placement)
+        return group.exists() and group.populated()
+
+    async def wait_empty(self, placement: Placement, timeout_s: float) -> bool:
+        group = self.group(placement)
+        if not group.exists():
+            return True
+        try:
+            async with group.watch() as watch:
+                if not group.populated():
+                    return True
+                await watch.wait_for(cgroups.EventKind.EMPTY, timeout_s)
+                return True
+        except (TimeoutError, cgroups.Timeout):
+            return not self.populated(placement)
+        except cgroups.NotFound:
+            return True
+
+    def stats(self, placement: Placement) -> cgroups.Stats | None:
+        try:
+            return self.group(placement).stats()
+        except cgroups.CgroupError:
+            return None
+
+    async def accepting(self, ip: str, port: int) -> bool:
+        try:
+            async with asyncio.timeout(BOOT_PROBE_TIMEOUT_S):
+                _reader, writer = await asyncio.open_connection(ip, port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def unplace(self, placement: Placement) -> None:
+        """Free what `place` made. The namespace is deleted off the critical path."""
+        group = self.group(placement)
+        if group.exists():
+            if group.populated():
+                group.kill()
+            await group.remove_async(timeout_s=10)
+        self.network.destroy_later(placement.space, placement.netns)
+        await asyncio.to_thread(self.uids.release, placement.dyno_dir.rsplit("/", 1)[-1])
+        await asyncio.to_thread(shutil.rmtree, placement.dyno_dir, True)
+
+    def pid_alive(self, pid: int, start_time: int) -> bool:
+        return process_start_time(pid) == start_time
+
+
+def _remove_group_quietly(group: cgroups.Group) -> None:
+    try:
+        if group.populated():
+            group.kill()
+        group.remove(timeout_s=5)
+    except cgroups.CgroupError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("could not remove half-made cgroup %s: %s", group.name, exc)

@@ -1,0 +1,321 @@
+"""The dyno manager: every dyno on this host, their records, the holder's event stream,
+adoption after an agent restart, and the operations the operator API and coordinator call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal as signal_mod
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from agent import errors, metrics
+from agent.config import Config
+from agent.dyno import Command, Dyno, Timing
+from agent.events import EventBus, EventFollower
+from agent.holder import ExitEvent, HeldProcess, OutputEvent
+from agent.logs import LogHub, LogLine, l10_buffer_overflow
+from agent.policy import CYCLE_JITTER_S, RestartPolicy
+from agent.records import Record, RecordStore
+from agent.runtime import Runtime
+from agent.spec import DynoSpec, SpecError, parse_spec
+from agent.states import DynoState, Reason, StateChange
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_STARTS = 16
+SAMPLE_INTERVAL_S = 20.0
+COMMAND_GRACE_S = 15.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Supervisor:
+    def __init__(self, config: Config, runtime: Runtime, records: RecordStore, hub: LogHub,
+                 bus: EventBus, release: Callable[[str, int], Awaitable[None]] | None = None,
+                 sample_interval_s: float = SAMPLE_INTERVAL_S) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.records = records
+        self.hub = hub
+        self.bus = bus
+        self.dynos: dict[str, Dyno] = {}
+        self.draining = False
+        self.accepting = True
+        self.start_slots = asyncio.Semaphore(MAX_CONCURRENT_STARTS)
+        self.sample_interval_s = sample_interval_s
+        self.state_listeners: list[Callable[[StateChange], None]] = []
+        self._release = release
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(restart=RestartPolicy(self.config.restart_schedule_s),
+                      cycle_after_s=self.config.cycle_after_s, cycle_jitter_s=CYCLE_JITTER_S,
+                      sample_interval_s=self.sample_interval_s)
+
+    # -- the Sink of every dyno ----------------------------------------------------------------
+    def line(self, dyno: Dyno, text: str) -> None:
+        self.hub.publish(LogLine.agent(_now(), dyno.spec.app, dyno.spec.name, text, dyno.id))
+
+    def changed(self, dyno: Dyno, change: StateChange) -> None:
+        self.bus.publish(change.as_event())
+        for listener in self.state_listeners:
+            listener(change)
+
+    def save(self, dyno: Dyno) -> None:
+        if dyno.id in self.dynos:
+            self.records.save(dyno.record)
+
+    def forget_process(self, dyno: Dyno, pid: int) -> None:
+        if self._release is not None:
+            self._spawn(self._release(dyno.id, pid), f"release-{dyno.id}")
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- holder events -------------------------------------------------------------------------
+    def on_holder_event(self, event: OutputEvent | ExitEvent | object) -> None:
+        if isinstance(event, OutputEvent):
+            self._on_output(event)
+        elif isinstance(event, ExitEvent) and event.kind == "launch":
+            dyno = self.dynos.get(event.dyno_id)
+            if dyno is not None:
+                dyno.on_exit(event.pid, event.status)
+
+    def _on_output(self, event: OutputEvent) -> None:
+        dyno = self.dynos.get(event.dyno_id)
+        if dyno is None:
+            return
+        app, name = dyno.spec.app, dyno.spec.name
+        if event.dropped:
+            self.hub.publish(LogLine.agent(_now(), app, name, l10_buffer_overflow(event.dropped),
+                                           dyno.id))
+        for stamp, data in event.lines:
+            text = data.decode("utf-8", errors="replace").rstrip("\n")
+            self.hub.publish(LogLine.output(datetime.fromtimestamp(stamp, UTC), app, name, text,
+                                            dyno.id))
+
+    # -- start-up: adoption ----------------------------------------------------------------------
+    def restore(self, held: Iterable[HeldProcess]) -> list[str]:
+        """Rebuild every recorded dyno and resume supervising it. Processes the holder still
+        runs are adopted as they are; exits it saw while we were away are handled by policy."""
+        by_key = {(p.dyno_id, p.pid): p for p in held if p.kind == "launch"}
+        restored = []
+        for record in self.records.load_all():
+            try:
+                spec = parse_spec(record.spec, self.config.sizes)
+            except SpecError as exc:
+                log.error("record %s has an invalid spec (%s); leaving it alone", record.id, exc)
+                continue
+            dyno = self._make(spec, record)
+            adopt = False
+            if record.pid is not None:
+                process = by_key.get((record.id, record.pid))
+                if process is not None:
+                    adopt = True
+                    if not process.running:
+                        dyno.on_exit(process.pid, process.status if process.status is not None
+                                     else 128 + (process.signal or 9))
+                elif record.start_time is not None and self.runtime.pid_alive(
+                        record.pid, record.start_time):
+                    # Alive but unknown to the holder (it was replaced): no exit status or
+                    # output can reach us any more, so end it and let policy restart it.
+                    log.warning("dyno %s runs outside the holder; restarting it", record.id)
+                    if record.placement is not None:
+                        self.runtime.kill(record.placement)
+                    adopt = True
+                    dyno.on_exit(record.pid, 137)
+                else:
+                    adopt = True
+                    dyno.on_exit(record.pid, 137)
+            self.dynos[spec.id] = dyno
+            dyno.start(adopt=adopt)
+            restored.append(spec.id)
+        log.info("restored %d dynos", len(restored))
+        return restored
+
+    def _make(self, spec: DynoSpec, record: Record) -> Dyno:
+        return Dyno(spec, record, self.runtime, self, self.timing, self.start_slots)
+
+    async def detach_all(self) -> None:
+        """Stop supervising; the dynos themselves keep running (static stability)."""
+        self.accepting = False
+        await asyncio.gather(*(dyno.detach() for dyno in self.dynos.values()))
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def stop_all(self) -> None:
+        """Stop and forget every dyno (standalone mode's Ctrl-C, tests)."""
+        await asyncio.gather(*(self.delete_dyno(dyno_id) for dyno_id in list(self.dynos)),
+                             return_exceptions=True)
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def find(self, ref: str, app: str | None = None) -> Dyno:
+        dyno = self.dynos.get(ref)
+        if dyno is not None and (app is None or dyno.spec.app == app):
+            return dyno
+        named = [d for d in self.dynos.values()
+                 if d.spec.name == ref and (app is None or d.spec.app == app)]
+        if not named:
+            raise errors.NotFound(f"no dyno {ref}" + (f" in app {app}" if app else ""))
+        if len(named) > 1:
+            apps = ", ".join(sorted(d.spec.app for d in named))
+            raise errors.Conflict(f"{ref} exists in several apps ({apps}); name the app")
+        return named[0]
+
+    def counts(self) -> dict[str, Any]:
+        by_state: dict[str, int] = {}
+        for dyno in self.dynos.values():
+            by_state[str(dyno.state)] = by_state.get(str(dyno.state), 0) + 1
+        return {"total": len(self.dynos), "by_state": by_state}
+
+    # -- the Backend of the operator API ---------------------------------------------------------
+    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]:
+        dynos = [d for d in self.dynos.values() if app is None or d.spec.app == app]
+        dynos.sort(key=lambda d: (d.spec.app, d.spec.type, _ordinal(d.spec.name)))
+        return [d.status() for d in dynos]
+
+    def get_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        dyno = self.find(ref, app)
+        status = dyno.status()
+        placement = dyno.placement
+        stats = self.runtime.stats(placement) if placement is not None else None
+        size = dyno.spec.size
+        status.update({
+            "spec": dyno.spec.to_dict(),
+            "cgroup": placement.cgroup if placement else None,
+            "netns": placement.netns_path if placement else None,
+            "uid": placement.uid if placement else None,
+            "limits": {"memory_quota_bytes": size.memory_quota_bytes,
+                       "memory_kill_bytes": size.kill_at_bytes, "pids_max": size.pids_max,
+                       "cpu_weight": size.cpu_weight, "cpu_max_cpus": size.cpu_max_cpus},
+            "stats": None if stats is None else {
+                "memory_bytes": stats.memory_current_bytes,
+                "memory_rss_bytes": stats.memory_rss_bytes,
+                "memory_quota_bytes": size.memory_quota_bytes,
+                "cpu_seconds": (stats.cpu_usage_usec or 0) / 1e6,
+                "pids": stats.pids_current,
+                "oom_kills": stats.oom_kill_events,
+            },
+            "timings_ms": dyno.timings_ms,
+            "crashes": dyno.record.crashes,
+        })
+        return status
+
+    async def create_dyno(self, body: Any) -> dict[str, Any]:
+        if not self.accepting:
+            raise errors.NotReady("the agent is shutting down")
+        if self.draining:
+            raise errors.Draining("the agent is draining and starts no new dynos")
+        if isinstance(body, dict):
+            # The agent's configured timeouts are the defaults a spec may override.
+            body = {"boot_timeout_s": int(self.config.boot_timeout_s),
+                    "stop_timeout_s": int(self.config.stop_timeout_s), **body}
+        try:
+            spec = parse_spec(body, self.config.sizes)
+        except SpecError as exc:
+            raise errors.InvalidSpec(str(exc), exc.field) from None
+        existing = self.dynos.get(spec.id)
+        if existing is not None:
+            if existing.spec != spec:
+                raise errors.Conflict(f"dyno {spec.id} exists with a different spec")
+            return existing.status()
+        for other in self.dynos.values():
+            if other.spec.app == spec.app and other.spec.name == spec.name:
+                raise errors.Conflict(f"{spec.app} already has a dyno named {spec.name} "
+                                      f"({other.id})")
+        now = _now()
+        record = Record(spec=spec.to_dict(), state=str(DynoState.STARTING),
+                        since=now.isoformat(), reason=str(Reason.START))
+        dyno = self._make(spec, record)
+        self.dynos[spec.id] = dyno
+        self.records.save(record)
+        self.changed(dyno, dyno.machine.current())
+        dyno.start(adopt=False)
+        return dyno.status()
+
+    async def _command(self, dyno: Dyno, command: Command, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await dyno.request(command)
+        except TimeoutError:
+            raise errors.AgentError(f"{command.value} of {dyno.spec.name} did not finish "
+                                    f"within {timeout_s:g}s") from None
+
+    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        dyno = self.find(ref, app)
+        if dyno.state is DynoState.COMPLETE:
+            raise errors.Conflict(f"{dyno.spec.name} has completed; one-off dynos do not restart")
+        await self._command(dyno, Command.RESTART, dyno.spec.stop_timeout_s + COMMAND_GRACE_S)
+        return dyno.status()
+
+    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        dyno = self.find(ref, app)
+        await self._command(dyno, Command.STOP, dyno.spec.stop_timeout_s + COMMAND_GRACE_S)
+        return dyno.status()
+
+    async def signal_dyno(self, ref: str, signal: str,
+                          app: str | None = None) -> dict[str, Any]:
+        dyno = self.find(ref, app)
+        sig = parse_signal(signal)
+        if dyno.placement is None or dyno.record.pid is None:
+            raise errors.Conflict(f"{dyno.spec.name} has no running process")
+        count = self.runtime.signal_all(dyno.placement, sig)
+        status = dyno.status()
+        status["signalled"] = count
+        return status
+
+    async def delete_dyno(self, ref: str, app: str | None = None) -> None:
+        dyno = self.find(ref, app)
+        await self._command(dyno, Command.DELETE, dyno.spec.stop_timeout_s + COMMAND_GRACE_S)
+        self.dynos.pop(dyno.id, None)
+        self.records.delete(dyno.id)
+
+    @property
+    def log_hub(self) -> LogHub:
+        return self.hub
+
+    def subscribe_events(self) -> EventFollower:
+        return self.bus.subscribe()
+
+    def metrics_text(self, extra: Iterable[metrics.MetricFamily] = ()) -> str:
+        rows = []
+        for dyno in self.dynos.values():
+            stats = dyno.last_stats
+            rows.append(metrics.DynoMetrics(
+                id=dyno.id, app=dyno.spec.app, name=dyno.spec.name, type=dyno.spec.type,
+                size=dyno.spec.size.name, state=dyno.state,
+                state_since_s=dyno.machine.since.timestamp(), restarts=dyno.record.restarts,
+                memory_rss_bytes=(stats.memory_rss_bytes or 0) if stats else 0,
+                memory_cache_bytes=(stats.memory_cache_bytes or 0) if stats else 0,
+                memory_swap_bytes=(stats.memory_swap_bytes or 0) if stats else 0,
+                memory_quota_bytes=dyno.spec.size.memory_quota_bytes,
+                cpu_seconds=((stats.cpu_usage_usec or 0) / 1e6) if stats else 0.0,
+                pids=(stats.pids_current or 0) if stats else 0))
+        return metrics.render_dynos(rows, extra)
+
+
+def _ordinal(name: str) -> int:
+    with contextlib.suppress(ValueError):
+        return int(name.rpartition(".")[2])
+    return 0
+
+
+def parse_signal(value: str) -> signal_mod.Signals:
+    text = str(value).strip().upper()
+    try:
+        if text.isdigit():
+            return signal_mod.Signals(int(text))
+        return signal_mod.Signals[text if text.startswith("SIG") else f"SIG{text}"]
+    except (KeyError, ValueError):
+        raise errors.BadRequest(f"unknown signal {value!r}") from None
