@@ -286,10 +286,13 @@ class Daemon:
             return
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            exited = asyncio.get_running_loop().create_future()
+            exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             # A pidfd becomes readable when the process exits (Linux 5.3).
-            asyncio.get_running_loop().add_reader(
-                pidfd, lambda: exited.done() or exited.set_result(None))
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            asyncio.get_running_loop().add_reader(pidfd, on_exit)
             try:
                 async with asyncio.timeout(5.0):
                     await exited
