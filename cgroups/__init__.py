@@ -8,6 +8,7 @@
     group.attach(pid); group.stats(); group.freeze(); group.thaw(); group.kill()
     async with group.watch() as w: await w.wait_for(EventKind.EMPTY, timeout_s=5)
     group.remove(timeout_s=5)                  # refuses while tasks remain, retries EBUSY
+    await group.destroy(timeout_s=10)          # kill, await EMPTY, final stats, remove
     tree.list_groups(); tree.sweep_empty()     # adoption and leftovers after a restart
 
 plan_writes(limits, mode, swap_accounting=...) is the pure limits -> writes mapping; CgroupFS
@@ -34,6 +35,7 @@ from cgroups.errors import (
     NoSpace,
     NotEmpty,
     NotFound,
+    NotSupported,
     PermissionDenied,
     Timeout,
 )
@@ -65,6 +67,7 @@ __all__ = [
     "NoSpace",
     "NotEmpty",
     "NotFound",
+    "NotSupported",
     "PermissionDenied",
     "Pressure",
     "Stats",

@@ -57,6 +57,10 @@ class NoSpace(CgroupError):
     """ENOSPC: a limit (cgroup.max.descendants, pids) or a v2 rule (no internal processes)."""
 
 
+class NotSupported(CgroupError):
+    """EOPNOTSUPP: the kernel has the file but not the feature (e.g. PSI disabled at boot)."""
+
+
 class ControllerMissing(CgroupError):
     """A controller the limits need is not available in this hierarchy or on this host."""
 
@@ -89,6 +93,7 @@ _BY_ERRNO: dict[int, type[CgroupError]] = {
     errno_mod.EACCES: PermissionDenied,
     errno_mod.EPERM: PermissionDenied,
     errno_mod.ENOSPC: NoSpace,
+    errno_mod.EOPNOTSUPP: NotSupported,
 }
 
 

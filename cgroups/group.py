@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
 
 from cgroups.discovery import Hierarchy, Layout
 from cgroups.errors import (
@@ -16,10 +15,12 @@ from cgroups.errors import (
     ControllerMissing,
     NotEmpty,
     NotFound,
+    NotSupported,
     Timeout,
 )
 from cgroups.fs import normalise
 from cgroups.limits import Limits, Mode, plan_writes
+from cgroups.notify import EventKind, GroupWatch
 from cgroups.stats import (
     PRESSURE_FILES,
     V1_FILES,
@@ -29,9 +30,6 @@ from cgroups.stats import (
     stats_v1,
     stats_v2,
 )
-
-if TYPE_CHECKING:
-    from cgroups.notify import GroupWatch
 
 # First and last pause between rmdir attempts while the kernel still holds the group (EBUSY
 # right after the last task exited, until its css references are dropped).
@@ -147,7 +145,7 @@ class Group:
         for file in files:
             try:
                 out[file] = hierarchy.fs.read(self.rel, file)
-            except NotFound:
+            except (NotFound, NotSupported):
                 continue
         return out
 
@@ -257,9 +255,29 @@ class Group:
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX_S)
 
+    async def destroy(self, timeout_s: float = 10.0) -> Stats | None:
+        """Free the group whatever state it is in: kill what is left, wait for the kernel's
+        EMPTY notification, read the final stats (counters die with the group), remove it.
+        Returns those stats, or None if the group was already gone. One deadline for all."""
+        deadline = time.monotonic() + timeout_s
+        if not self.exists():
+            return None
+        try:
+            async with self.watch() as watch:
+                if watch.populated:
+                    # kill() then remove() alone would race: for a few ms after cgroup.kill
+                    # the dying tasks are still listed and remove() refuses (NotEmpty).
+                    self.kill(max(0.1, deadline - time.monotonic()))
+                    await watch.wait_for(EventKind.EMPTY,
+                                         max(0.0, deadline - time.monotonic()))
+            final = self.stats()
+        except NotFound:
+            return None
+        await self.remove_async(max(0.0, deadline - time.monotonic()))
+        return final
+
     # -- notifications ------------------------------------------------------------------------
 
     def watch(self) -> GroupWatch:
         """Async notifications for this group; use as `async with group.watch() as w:`."""
-        from cgroups.notify import GroupWatch
         return GroupWatch(self)

@@ -40,9 +40,14 @@ class Tree:
         in a cgroup that still has processes of its own ("no internal processes").
         """
         if self.layout.delegated:
-            # systemd made the delegated cgroup and its ancestors are not ours to write.
+            # systemd made the delegated cgroup and its ancestors are not ours to write. On
+            # hybrid the unit may lack a directory in a v1 hierarchy it has no controller
+            # enabled in; the same path is made there so limits land at one relative path.
             if self.layout.mode is Mode.V2:
                 self._enable_controllers(self.layout.unified, self.root)
+                return
+            for h in self.layout.v1:
+                self._makedirs(h, self.root)
             return
         for h in self.layout.hierarchies:
             path = ""
@@ -58,7 +63,7 @@ class Tree:
         """Move the agent (default: this process) into its leaf of a delegated root."""
         leaf = Group(self.layout, f"{self.root}/{AGENT_LEAF}")
         for h in self.layout.hierarchies:
-            self._mkdir_tolerant(h, leaf.rel)
+            self._makedirs(h, leaf.rel)
         leaf.attach(os.getpid() if pid is None else pid)
         return leaf
 
@@ -68,6 +73,13 @@ class Tree:
         missing = [c for c in wanted if c not in enabled]
         if missing:
             h.fs.write(rel, "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+
+    @classmethod
+    def _makedirs(cls, h: Hierarchy, rel: str) -> None:
+        path = ""
+        for part in rel.split("/"):
+            path = f"{path}/{part}" if path else part
+            cls._mkdir_tolerant(h, path)
 
     @staticmethod
     def _mkdir_tolerant(h: Hierarchy, rel: str) -> bool:

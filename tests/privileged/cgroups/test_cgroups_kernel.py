@@ -281,3 +281,20 @@ async def test_memory_high_breach_is_notified(tree: Tree) -> None:
     stats = group.stats()
     assert stats.high_events is not None and stats.high_events >= event.count
     assert stats.oom_kill_events == 0
+
+
+async def test_destroy_of_a_running_group_of_20(tree: Tree) -> None:
+    group = tree.create_group("app-t.slice/destroy.scope", Limits(memory_max_bytes=64 * MiB))
+    proc = spawn(group, ["/bin/sh", "-c", "for i in $(seq 20); do sleep 300 & done; wait"])
+    try:
+        await async_wait_for(lambda: _count(group, 21), timeout_s=10,
+                             what="21 processes in the group")
+        t0 = time.monotonic()
+        final = await group.destroy(timeout_s=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        _reap(proc)
+    print(f"destroy (kill, EMPTY, stats, rmdir) of 21 processes: {elapsed * 1000:.1f} ms")
+    assert final is not None and final.memory_limit_bytes == 64 * MiB
+    assert not group.exists()
+    assert all(not h.fs.exists(group.rel) for h in tree.layout.hierarchies)

@@ -178,8 +178,12 @@ class FakeKernelFS(CgroupFS):
             populated = "populated 1" in events.read_text()
             events.write_text(f"populated {int(populated)}\nfrozen {value.strip()}\n")
         elif name == "cgroup.kill":
-            for pid_file in [target.parent / "cgroup.procs"]:
-                pid_file.write_text("")
+            # The killed processes exit: they leave every hierarchy, not only this one.
+            dead = set((target.parent / "cgroup.procs").read_text().split())
+            world = self.mount if self.mount.name != "unified" else self.mount.parent
+            for procs in world.rglob("cgroup.procs"):
+                left = [p for p in procs.read_text().split() if p not in dead]
+                procs.write_text("".join(f"{p}\n" for p in left))
             (target.parent / "cgroup.events").write_text("populated 0\nfrozen 0\n")
         elif name == "cgroup.event_control":
             with target.open("a") as f:

@@ -345,3 +345,40 @@ def test_apply_again_changes_limits(host: FakeHost) -> None:
         assert host.cg("memory", g.rel).joinpath("memory.limit_in_bytes").read_text() == \
             f"{128 << 20}\n"
     assert g.stats().pids_limit == 40
+
+
+async def test_destroy_kills_waits_for_empty_reads_stats_then_removes(host: FakeHost) -> None:
+    g = _tree(host).create_group(NAME, FULL)
+    g.attach(31)
+    if host.mode == "v2":
+        host.set("unified", g.rel, "memory.events", "high 0\nmax 0\noom 1\noom_kill 1\n")
+    else:
+        host.set("memory", g.rel, "memory.oom_control",
+                 "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    final = await g.destroy(timeout_s=5)
+    assert final is not None and final.oom_kill_events == 1  # read before the group went
+    assert ("cgroup.kill", "1") in [(p.rsplit("/", 1)[-1], v) for p, v in host.writes()]
+    assert not _exists_anywhere(host, g.rel)
+    assert await g.destroy() is None  # already gone: nothing to do
+
+
+async def test_destroy_of_empty_group_does_not_kill(host: FakeHost) -> None:
+    g = _tree(host).create_group(NAME, Limits())
+    assert await g.destroy() is not None
+    assert all(not p.endswith("cgroup.kill") for p, _ in host.writes())
+
+
+async def test_destroy_times_out_when_the_group_never_empties(
+        host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = _tree(host).create_group(NAME, Limits())
+    g.attach(31)
+    monkeypatch.setattr(g, "kill", lambda timeout_s=5.0: None)  # a task stuck in D state
+    with pytest.raises(Timeout):
+        await g.destroy(timeout_s=0.05)
+    assert g.exists()
+
+
+def test_stats_skip_files_the_kernel_does_not_support(host: FakeHost) -> None:
+    g = _tree(host).create_group(NAME, Limits())
+    host.faults.add("read", "cpu.pressure", errno.EOPNOTSUPP)  # booted with psi=0
+    assert "cpu" not in g.stats().pressure

@@ -141,3 +141,16 @@ def test_create_enables_controllers_on_a_parent_left_half_made(v2_host: FakeHost
     tree.layout.unified.fs.mkdir("dt-unit/app-a.slice")  # a crash right after this mkdir
     g = tree.create_group("app-a.slice/dyno-1.scope", Limits(memory_max_bytes=4096))
     assert v2_host.cg("unified", g.rel).joinpath("memory.max").read_text() == "4096\n"
+
+
+def test_delegated_hybrid_makes_the_root_in_v1_hierarchies(hybrid_host: FakeHost) -> None:
+    layout = _delegated(hybrid_host)
+    assert layout.delegated and layout.mode.value == "hybrid"
+    tree = Tree(layout)
+    tree.enter_agent_leaf(pid=4321)
+    tree.ensure()
+    for name in ("memory", "cpu", "cpuacct", "pids"):
+        assert hybrid_host.cg(name, "system.slice/dynoagent.service").is_dir()
+    assert all(not p.endswith("subtree_control") for p, _ in hybrid_host.writes())
+    g = tree.create_group("app-a.slice/dyno-1.scope", Limits(pids_max=4))
+    assert hybrid_host.cg("pids", g.rel).joinpath("pids.max").read_text() == "4\n"
