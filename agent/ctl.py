@@ -1,4 +1,8 @@
-"""`dynoctl`: the operator client of the agent's Unix socket (Heroku CLI vocabulary)."""
+"""`dynoctl`: the operator client of the agent's Unix socket (Heroku CLI vocabulary).
+
+It imports no aiohttp and nothing of the daemon: a CLI that operators type all day must start
+fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,29 @@ import json
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, urlencode
+
+from agent.sizes import display_name
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
+TOP_INTERVAL_S = 2.0
+ONE_OFF_TYPES = ("run", "release")  # shown apart, as `heroku ps` shows one-off dynos
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 class CtlError(Exception):
-    """A failure to report as one line on stderr with exit status 1."""
+    """A failure to report as one line on stderr with exit status 1.
+
+    `code` is the agent's error code (`not_found`, …) when the agent answered with one.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever the server said
+        self.code = code
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -33,41 +53,221 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _url(path: str, query: dict[str, Any] | None) -> str:
+    params = {k: v for k, v in (query or {}).items() if v is not None and v is not False}
+    params = {k: (1 if v is True else v) for k, v in params.items()}
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def _error_of(status: int, reason: str, raw: bytes) -> CtlError:
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return CtlError(f"dynoagent answered {status} {reason}")
+    code = str(error.get("code", status))
+    return CtlError(f"{error.get('message', reason)} ({code})", code)
+
+
 class Client:
     def __init__(self, socket_path: str, timeout_s: float = 30.0) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def _unreachable(self, exc: OSError) -> CtlError:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return CtlError(f"cannot reach dynoagent at {self.socket_path}: {reason}")
+
+    def request(self, method: str, path: str, body: Any = None,
+                query: dict[str, Any] | None = None) -> Any:
         conn = UnixHTTPConnection(self.socket_path, self.timeout_s)
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
             try:
-                conn.request(method, path, body=payload, headers=headers)
+                conn.request(method, _url(path, query), body=payload, headers=headers)
                 response = conn.getresponse()
                 raw = response.read()
             except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise CtlError(f"cannot reach dynoagent at {self.socket_path}: {reason}") from None
+                raise self._unreachable(exc) from None
             except http.client.HTTPException as exc:
                 raise CtlError(f"bad answer from dynoagent at {self.socket_path}: {exc}") from None
         finally:
             conn.close()
+        if response.status >= 400:
+            raise _error_of(response.status, response.reason, raw)
         try:
-            data = json.loads(raw) if raw else None
+            return json.loads(raw) if raw else None
         except ValueError:
             raise CtlError(f"dynoagent answered {response.status} with non-JSON data") from None
-        if response.status >= 400:
-            error = (data or {}).get("error", {}) if isinstance(data, dict) else {}
-            raise CtlError(f"{error.get('message', response.reason)} "
-                           f"({error.get('code', response.status)})")
-        return data
 
+    def lines(self, path: str, query: dict[str, Any] | None = None,
+              follow: bool = False) -> Iterator[str]:
+        """The body of a GET, line by line as the agent sends it (a follow stream has no end
+        until the agent closes it, so then there is no read timeout)."""
+        conn = UnixHTTPConnection(self.socket_path, self.timeout_s)
+        try:
+            try:
+                conn.request("GET", _url(path, query))
+                response = conn.getresponse()
+                if response.status >= 400:
+                    raise _error_of(response.status, response.reason, response.read())
+                if follow and conn.sock is not None:
+                    conn.sock.settimeout(None)
+                for raw in response:
+                    yield raw.decode("utf-8", "replace").rstrip("\n")
+            except OSError as exc:
+                raise self._unreachable(exc) from None
+            except http.client.HTTPException as exc:
+                raise CtlError(f"stream from dynoagent broke off: {exc!r}") from None
+        finally:
+            conn.close()
+
+
+# -- formatting -------------------------------------------------------------------------------
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def ago(elapsed_s: float) -> str:
+    """`heroku ps`'s rough age: seconds up to a minute, then minutes, hours (to 25 h), days."""
+    elapsed = max(0, int(elapsed_s))
+    if elapsed < 60:
+        return f"~ {elapsed}s ago"
+    if elapsed < 3600:
+        return f"~ {elapsed // 60}m ago"
+    if elapsed < 25 * 3600:
+        return f"~ {elapsed // 3600}h ago"
+    return f"~ {elapsed // 86400}d ago"
+
+
+def since_text(value: Any, now: datetime | None = None) -> str:
+    """`2026/11/26 10:00:00 +0000 (~ 5m ago)` in the local time zone, as Heroku prints it."""
+    since = _parse_time(value)
+    if since is None:
+        return ""
+    now = now or datetime.now(UTC)
+    stamp = since.astimezone().strftime("%Y/%m/%d %H:%M:%S %z")
+    return f"{stamp} ({ago((now - since).total_seconds())})"
+
+
+def _size(dyno: dict[str, Any]) -> str:
+    size = dyno.get("size")
+    return display_name(size) if isinstance(size, str) and size else "?"
+
+
+def _dyno_type(dyno: dict[str, Any]) -> str:
+    kind = dyno.get("type")
+    if isinstance(kind, str) and kind:
+        return kind
+    return str(dyno.get("name", "?")).split(".", 1)[0]
+
+
+def _dyno_order(dyno: dict[str, Any]) -> tuple[str, int, str]:
+    name = str(dyno.get("name", ""))
+    kind, _, number = name.partition(".")
+    return (kind, int(number) if number.isdigit() else -1, name)
+
+
+def _group_order(key: tuple[str, str, str, str]) -> tuple[str, int, str, str, str]:
+    app, kind, size, command = key
+    # Formation types first with web on top, one-off processes last, as `heroku ps` does.
+    rank = 2 if kind in ONE_OFF_TYPES else (0 if kind == "web" else 1)
+    return (app, rank, kind, size, command)
+
+
+def format_ps(dynos: list[dict[str, Any]], now: datetime | None = None) -> list[str]:
+    """`heroku ps`: one `=== type (Size): \\`command\\`` block per (type, size, command)."""
+    apps = {str(d.get("app") or "?") for d in dynos}
+    several_apps = len(apps) > 1
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for dyno in dynos:
+        key = (str(dyno.get("app") or "?"), _dyno_type(dyno), _size(dyno),
+               str(dyno.get("command") or ""))
+        groups.setdefault(key, []).append(dyno)
+    out: list[str] = []
+    for key in sorted(groups, key=_group_order):
+        app, kind, size, command = key
+        prefix = f"{app} " if several_apps else ""
+        if out:
+            out.append("")
+        one_off = kind in ONE_OFF_TYPES
+        shown = f": `{command}`" if command else ""
+        out.append(f"=== {prefix}{kind}: one-off processes" if one_off
+                   else f"=== {prefix}{kind} ({size}){shown}")
+        for dyno in sorted(groups[key], key=_dyno_order):
+            state = str(dyno.get("state", "?"))
+            since = since_text(dyno.get("since"), now)
+            status = f"{state} {since}".rstrip()
+            if one_off:
+                out.append(f"{dyno.get('name', '?')} ({size}): {status}: {command}")
+            else:
+                out.append(f"{dyno.get('name', '?')}: {status}")
+    return out
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) else "-"
+
+
+def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[str]:
+    raw_stats = dyno.get("stats")
+    stats: dict[str, Any] = raw_stats if isinstance(raw_stats, dict) else {}
+    memory, quota = stats.get("memory_bytes"), stats.get("memory_quota_bytes")
+    memory_text = _mib(memory)
+    if isinstance(memory, (int, float)) and isinstance(quota, (int, float)) and quota > 0:
+        memory_text += f" of {_mib(quota)} ({memory * 100 / quota:.1f}%)"
+    state = str(dyno.get("state", "?"))
+    since = since_text(dyno.get("since"), now)
+    reason = dyno.get("reason")
+    exit_status = dyno.get("exit_status")
+    cpu = stats.get("cpu_seconds")
+
+    def pairs(value: Any, unit: str = "") -> str:
+        if not isinstance(value, dict) or not value:
+            return "-"
+        return " ".join(f"{k}={v}{unit}" for k, v in sorted(value.items()))
+
+    rows = [
+        ("App", dyno.get("app")),
+        ("Type", _dyno_type(dyno)),
+        ("State", f"{state} since {since}" if since else state),
+        ("Reason", reason),
+        ("Command", f"`{dyno['command']}`" if dyno.get("command") else None),
+        ("Size", _size(dyno)),
+        ("PID", dyno.get("pid")),
+        ("IP", dyno.get("ip")),
+        ("Restarts", dyno.get("restarts")),
+        ("Last exit", exit_status),
+        ("Cgroup", dyno.get("cgroup")),
+        ("Netns", dyno.get("netns")),
+        ("Memory", memory_text if memory is not None else None),
+        ("CPU time", f"{cpu:.2f}s" if isinstance(cpu, (int, float)) else None),
+        ("Processes", stats.get("pids")),
+        ("Limits", pairs(dyno.get("limits"))),
+        ("Timings", pairs(dyno.get("timings_ms"), "ms")),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    out = [f"=== {dyno.get('name', '?')} ({dyno.get('id', '?')})"]
+    for key, value in rows:
+        out.append(f"{key + ':':<{width}} {'-' if value is None or value == '' else value}")
+    return out
+
+
+# -- commands ---------------------------------------------------------------------------------
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
     info = client.request("GET", "/v1/info")
@@ -94,19 +294,253 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(client: Client, app: str | None) -> list[dict[str, Any]]:
+    dynos = client.request("GET", "/v1/dynos", query={"app": app})
+    if not isinstance(dynos, list):
+        raise CtlError("dynoagent answered a dyno listing that is not a list")
+    return [d for d in dynos if isinstance(d, dict)]
+
+
+def cmd_ps(client: Client, args: argparse.Namespace) -> int:
+    dynos = _list(client, args.app)
+    if args.json:
+        _print_json(dynos)
+    elif not dynos:
+        print("No dynos" + (f" of {args.app}" if args.app else "") + ".")
+    else:
+        print("\n".join(format_ps(dynos)))
+    return 0
+
+
+def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    query = {"tail": args.num, "app": args.app, "dyno": args.dyno, "follow": args.tail,
+             "format": "json" if args.json else None}
+    try:
+        for line in client.lines("/v1/logs", query, follow=args.tail):
+            print(line, flush=args.tail)
+    except KeyboardInterrupt:
+        if not args.tail:
+            raise
+    return 0  # Ctrl-C is how a followed log ends
+
+
+def _dyno_path(ref: str, verb: str = "") -> str:
+    return f"/v1/dynos/{quote(ref, safe='')}" + (f"/{verb}" if verb else "")
+
+
+def cmd_inspect(client: Client, args: argparse.Namespace) -> int:
+    dyno = client.request("GET", _dyno_path(args.dyno), query={"app": args.app})
+    if args.json:
+        _print_json(dyno)
+    else:
+        print("\n".join(format_inspect(dyno)))
+    return 0
+
+
+def _targets(client: Client, target: str | None, app: str | None) -> list[tuple[str, str]]:
+    """(ref, label) of every dyno `target` means: all when None, every dyno of a process type
+    when some dyno has that type, else the one dyno of that id or name."""
+    if target is None or "." not in target:
+        dynos = _list(client, app)
+        if target is not None:
+            dynos = [d for d in dynos if _dyno_type(d) == target]
+        if dynos or target is None:
+            return [(str(d["id"]), f"{d.get('name', d['id'])}")
+                    for d in sorted(dynos, key=_dyno_order) if "id" in d]
+    assert target is not None
+    return [(target, target)]
+
+
+def _lifecycle(client: Client, args: argparse.Namespace, verb: str, gerund: str) -> int:
+    targets = _targets(client, args.target, args.app)
+    if not targets:
+        print("No dynos" + (f" of {args.app}" if args.app else "") + f" to {verb}.")
+        return 0
+    failed = 0
+    # Each dyno is addressed by id when the listing gave one, so names shared by several apps
+    # cannot make one of them ambiguous; `app` still narrows a bare name or id.
+    for ref, label in targets:
+        print(f"{gerund} {label}... ", end="", flush=True)
+        try:
+            status = client.request("POST", _dyno_path(ref, verb), query={"app": args.app})
+        except CtlError as exc:
+            print("failed")
+            print(f"dynoctl: {verb} {label}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        state = status.get("state") if isinstance(status, dict) else None
+        print(f"done ({state})" if state else "done")
+    return 1 if failed else 0
+
+
+def cmd_restart(client: Client, args: argparse.Namespace) -> int:
+    return _lifecycle(client, args, "restart", "Restarting")
+
+
+def cmd_stop(client: Client, args: argparse.Namespace) -> int:
+    return _lifecycle(client, args, "stop", "Stopping")
+
+
+class _TopSampler:
+    """Rows of `dynoctl top`; CPU% comes from the change in CPU time between two frames."""
+
+    def __init__(self, client: Client, app: str | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._app = app
+        self._clock = clock
+        self._last: dict[str, tuple[float, float]] = {}  # id -> (clock, cpu_seconds)
+
+    def _stats(self, dyno: dict[str, Any]) -> dict[str, Any] | None:
+        stats = dyno.get("stats")
+        if isinstance(stats, dict):
+            return stats
+        try:
+            detail = self._client.request("GET", _dyno_path(str(dyno["id"])))
+        except CtlError as exc:
+            if exc.code == "not_found":
+                return None  # deleted between the listing and now
+            raise
+        stats = detail.get("stats") if isinstance(detail, dict) else None
+        return stats if isinstance(stats, dict) else {}
+
+    def frame(self) -> list[dict[str, Any]]:
+        rows = []
+        for dyno in sorted(_list(self._client, self._app),
+                           key=lambda d: (str(d.get("app", "")), _dyno_order(d))):
+            if "id" not in dyno:
+                continue
+            stats = self._stats(dyno)
+            if stats is None:
+                continue
+            now, cpu = self._clock(), stats.get("cpu_seconds")
+            cpu_percent = None
+            if isinstance(cpu, (int, float)):
+                previous = self._last.get(dyno["id"])
+                if previous is not None and now > previous[0] and cpu >= previous[1]:
+                    cpu_percent = round((cpu - previous[1]) * 100 / (now - previous[0]), 1)
+                self._last[dyno["id"]] = (now, float(cpu))
+            memory, quota = stats.get("memory_bytes"), stats.get("memory_quota_bytes")
+            memory_percent = None
+            if isinstance(memory, (int, float)) and isinstance(quota, (int, float)) and quota:
+                memory_percent = round(memory * 100 / quota, 1)
+            rows.append({"id": dyno["id"], "app": dyno.get("app"), "name": dyno.get("name"),
+                         "state": dyno.get("state"), "memory_bytes": memory,
+                         "memory_quota_bytes": quota, "memory_percent": memory_percent,
+                         "cpu_seconds": cpu, "cpu_percent": cpu_percent,
+                         "pids": stats.get("pids")})
+        return rows
+
+
+def format_top(rows: list[dict[str, Any]]) -> list[str]:
+    def num(value: Any, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    table = [("DYNO", "APP", "STATE", "MEM MiB", "QUOTA MiB", "MEM%", "CPU%", "CPU s", "PIDS")]
+    for row in rows:
+        memory, quota = row["memory_bytes"], row["memory_quota_bytes"]
+        table.append((
+            str(row["name"]), str(row["app"]), str(row["state"]),
+            num(memory / 2**20 if isinstance(memory, (int, float)) else None, ".1f"),
+            num(quota / 2**20 if isinstance(quota, (int, float)) else None, ".0f"),
+            num(row["memory_percent"], ".1f"), num(row["cpu_percent"], ".1f"),
+            num(row["cpu_seconds"], ".2f"), num(row["pids"], "d"),
+        ))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    # Text columns left-aligned, numbers right-aligned.
+    return ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+            for r in table]
+
+
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    sampler = _TopSampler(client, args.app)
+    clear = sys.stdout.isatty() and not args.json and not args.once
+    try:
+        while True:
+            rows = sampler.frame()
+            if args.json:
+                print(json.dumps(rows, sort_keys=True), flush=True)
+            else:
+                stamp = datetime.now().astimezone().strftime("%H:%M:%S")
+                lines = [f"dynoctl top - {stamp} - {len(rows)} dynos", *format_top(rows)]
+                print((_CLEAR_SCREEN if clear else "") + "\n".join(lines), flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.interval)  # the refresh period of an interactive display
+            if not clear and not args.json:
+                print(flush=True)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how top ends
+
+
+# -- the command line -------------------------------------------------------------------------
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynoctl", description="Drive the local dynoagent.")
     parser.add_argument("--socket", default=None,
                         help=f"agent socket (default: $DYNOAGENT_SOCKET or {DEFAULT_SOCKET})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    info = sub.add_parser("info", help="the agent: version, host, cgroup mode, capacity")
-    info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(func=cmd_info)
+
+    def command(name: str, func: Callable[[Client, argparse.Namespace], int], text: str,
+                json_flag: bool = True, app_flag: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text)
+        if json_flag:
+            cmd.add_argument("--json", action="store_true", help="print JSON")
+        if app_flag:
+            cmd.add_argument("-a", "--app", default=None, help="only this app's dynos")
+        cmd.set_defaults(func=func)
+        return cmd
+
+    command("info", cmd_info, "the agent: version, host, cgroup mode, capacity",
+            app_flag=False)
+    command("ps", cmd_ps, "list dynos, grouped by process type")
+    logs = command("logs", cmd_logs, "show log lines (-t: follow them)")
+    logs.add_argument("-t", "--tail", action="store_true", help="follow until Ctrl-C")
+    logs.add_argument("-n", "--num", type=_non_negative, default=100,
+                      help="how many recent lines (default 100)")
+    logs.add_argument("-d", "--dyno", default=None, help="only this dyno (name or id)")
+    inspect = command("inspect", cmd_inspect, "one dyno in detail: status, cgroup, limits, stats")
+    inspect.add_argument("dyno", help="dyno name (web.1) or id")
+    restart = command("restart", cmd_restart,
+                      "restart a dyno, every dyno of a process type, or (no argument) all",
+                      json_flag=False)
+    restart.add_argument("target", nargs="?", default=None, metavar="DYNO|TYPE")
+    stop = command("stop", cmd_stop, "stop a dyno (or every dyno of a process type)",
+                   json_flag=False)
+    stop.add_argument("target", metavar="DYNO|TYPE")
+    top = command("top", cmd_top, "live memory and CPU per dyno")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--interval", type=_positive_s, default=TOP_INTERVAL_S,
+                     help=f"seconds between frames (default {TOP_INTERVAL_S:g})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     path = args.socket or os.environ.get("DYNOAGENT_SOCKET") or DEFAULT_SOCKET
     try:
         code: int = args.func(Client(path), args)
@@ -115,6 +549,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `dynoctl logs | head`: the reader is done; say nothing more, and keep Python from
+        # complaining about the unflushable stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     return code
 
 

@@ -1,0 +1,342 @@
+"""dynoctl against a real aiohttp server on a Unix socket (the FakeBackend of test_api behind
+it, served from a thread): output formats, exit codes, and which dynos each command hits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Coroutine, Iterator
+from contextlib import redirect_stdout
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from agent import ctl
+from agent.api import build_app
+from agent.logs import LogLine
+from tests.support.wait import wait_for
+from tests.unit.agent.test_api import FakeBackend, make_status, sample_backend
+
+T = TypeVar("T")
+
+
+class ServedBackend:
+    """The operator API over a FakeBackend, on a Unix socket, in an event loop of its own."""
+
+    def __init__(self, backend: FakeBackend, socket_path: str) -> None:
+        self.backend = backend
+        self.socket_path = socket_path
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="api-server")
+        self.runner: web.AppRunner | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def call(self, func: Any, *args: Any) -> Any:
+        async def inside() -> Any:
+            return func(*args)
+        return self.run(inside())
+
+    async def _start(self) -> None:
+        self.runner = web.AppRunner(build_app(self.backend), access_log=None,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        await web.UnixSite(self.runner, self.socket_path).start()
+
+    def start(self) -> None:
+        self.thread.start()
+        self.run(self._start())
+
+    def stop(self) -> None:
+        try:
+            if self.runner is not None:
+                self.run(self.runner.cleanup())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+    def publish(self, app: str, dyno: str, text: str) -> None:
+        line = LogLine.output(datetime.now(UTC), app, dyno, text)
+        self.call(self.backend.hub.publish, line)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="dctl-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def served(short_dir: Path) -> Iterator[ServedBackend]:
+    server = ServedBackend(sample_backend(), str(short_dir / "api.sock"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def run_ctl(served: ServedBackend | None, *argv: str,
+            capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    prefix = ["--socket", served.socket_path] if served is not None else []
+    code = ctl.main([*prefix, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- ps ---------------------------------------------------------------------------------------
+
+def test_ps_groups_by_type_like_heroku(served: ServedBackend,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=5, seconds=10)
+    for status in served.backend.dynos.values():
+        status["since"] = since.isoformat()
+    served.backend.add(make_status("a4", "shop", "web.10", since=since))
+    stamp = since.astimezone().strftime("%Y/%m/%d %H:%M:%S %z")
+    code, out, err = run_ctl(served, "ps", "-a", "shop", capsys=capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "=== web (Standard-1X): `python3 -m http.server $PORT`",
+        f"web.1: up {stamp} (~ 5m ago)",
+        f"web.2: starting {stamp} (~ 5m ago)",
+        f"web.10: up {stamp} (~ 5m ago)",
+        "",
+        "=== worker (Standard-1X): `python3 worker.py`",
+        f"worker.1: up {stamp} (~ 5m ago)",
+    ]
+
+
+def test_ps_json_and_empty(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(served, "ps", "--json", "-a", "blog", capsys=capsys)
+    assert code == 0
+    assert json.loads(out) == [served.backend.dynos["b1"]]
+    code, out, _ = run_ctl(served, "ps", "-a", "nothing", capsys=capsys)
+    assert (code, out) == (0, "No dynos of nothing.\n")
+
+
+def test_format_ps_one_offs_and_several_apps() -> None:
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    since = now - timedelta(hours=2)
+    dynos = [make_status("r1", "shop", "run.4821", command="bash", since=since,
+                         size="performance-m"),
+             make_status("w1", "shop", "worker.1", since=since, command="w"),
+             make_status("x1", "blog", "web.1", since=since, command="serve"),
+             {"id": "odd", "name": "clock.1"}]  # missing optional keys must not crash
+    lines = ctl.format_ps(dynos, now)
+    stamp = since.astimezone().strftime("%Y/%m/%d %H:%M:%S %z")
+    assert lines == [
+        "=== ? clock (?)", "clock.1: ?", "",
+        "=== blog web (Standard-1X): `serve`", f"web.1: up {stamp} (~ 2h ago)", "",
+        "=== shop worker (Standard-1X): `w`", f"worker.1: up {stamp} (~ 2h ago)", "",
+        "=== shop run: one-off processes",
+        f"run.4821 (Performance-M): up {stamp} (~ 2h ago): bash",
+    ]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(-3, "~ 0s ago"), (59, "~ 59s ago"),
+                                               (60, "~ 1m ago"), (3599, "~ 59m ago"),
+                                               (3600, "~ 1h ago"), (25 * 3600 - 1, "~ 24h ago"),
+                                               (3 * 86400, "~ 3d ago")])
+def test_ago(seconds: int, text: str) -> None:
+    assert ctl.ago(seconds) == text
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+def test_logs_n_and_filters(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    for i in range(5):
+        served.publish("shop", "web.1", f"web says {i}")
+    served.publish("shop", "worker.1", "worker says")
+    served.publish("blog", "web.1", "blog says")
+    code, out, _ = run_ctl(served, "logs", "-n", "2", capsys=capsys)
+    assert code == 0
+    assert [x.split(" ", 1)[1] for x in out.splitlines()] == [
+        "app[worker.1]: worker says", "app[web.1]: blog says"]
+    code, out, _ = run_ctl(served, "logs", "-a", "shop", "-d", "web.1", capsys=capsys)
+    assert [x.split(": ", 1)[1] for x in out.splitlines()] == [f"web says {i}"
+                                                                  for i in range(5)]
+    code, out, _ = run_ctl(served, "logs", "--json", "-n", "1", capsys=capsys)
+    assert json.loads(out)["text"] == "blog says"
+
+
+def test_logs_follow_prints_new_lines_until_the_agent_ends_the_stream(
+        served: ServedBackend) -> None:
+    out = io.StringIO()
+    result: list[int] = []
+
+    def follow() -> None:
+        with redirect_stdout(out):
+            result.append(ctl.main(["--socket", served.socket_path, "logs", "-t", "-n", "0"]))
+
+    served.publish("shop", "web.1", "before")
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        wait_for(lambda: served.call(lambda: served.backend.hub.followers) == 1, 10,
+                 what="dynoctl following")
+        served.publish("shop", "web.1", "after 1")
+        served.publish("shop", "worker.1", "after 2")
+        wait_for(lambda: "after 2" in out.getvalue(), 10, what="lines printed while following")
+    finally:
+        served.call(served.backend.hub.close)
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert result == [0]
+    assert [x.split(" ", 1)[1] for x in out.getvalue().splitlines()] == [
+        "app[web.1]: after 1", "app[worker.1]: after 2"]
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+def test_inspect(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(served, "inspect", "worker.1", "--json", capsys=capsys)
+    assert code == 0
+    detail = json.loads(out)
+    assert detail == served.backend.get_dyno("a3")
+    code, out, _ = run_ctl(served, "inspect", "a3", capsys=capsys)
+    lines = out.splitlines()
+    assert lines[0] == "=== worker.1 (a3)"
+    assert "Memory:    64.0 MiB of 512.0 MiB (12.5%)" in lines
+    assert "Cgroup:    /dynoagent/app-shop.slice/dyno-a3.scope" in lines
+    assert "Last exit: -" in lines
+
+
+def test_format_inspect_tolerates_a_bare_status() -> None:
+    lines = ctl.format_inspect({"id": "x", "name": "web.1", "state": "down"})
+    assert lines[0] == "=== web.1 (x)"
+    assert "State:     down" in lines and "Memory:    -" in lines
+
+
+@pytest.mark.parametrize(("argv", "code"), [(("inspect", "nope"), "not_found"),
+                                            (("inspect", "web.1"), "conflict")])
+def test_errors_are_one_line_and_exit_1(served: ServedBackend,
+                                        capsys: pytest.CaptureFixture[str],
+                                        argv: tuple[str, ...], code: str) -> None:
+    status, out, err = run_ctl(served, *argv, capsys=capsys)
+    assert (status, out) == (1, "")
+    assert err.startswith("dynoctl: ") and err.endswith(f"({code})\n")
+    assert err.count("\n") == 1
+
+
+def test_unreachable_agent(short_dir: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYNOAGENT_SOCKET", str(short_dir / "missing.sock"))
+    status, out, err = run_ctl(None, "ps", capsys=capsys)
+    assert (status, out) == (1, "")
+    assert err == f"dynoctl: cannot reach dynoagent at {short_dir}/missing.sock: " \
+                  "No such file or directory\n"
+
+
+@pytest.mark.parametrize("argv", [(), ("frobnicate",), ("logs", "-n", "-5"), ("logs", "-n", "x"),
+                                  ("inspect",), ("stop",), ("top", "--interval", "0"),
+                                  ("ps", "extra")])
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    status, out, err = run_ctl(None, *argv, capsys=capsys)
+    assert (status, out) == (2, "")
+    assert "usage: dynoctl" in err
+
+
+# -- restart and stop -------------------------------------------------------------------------
+
+def test_restart_type_hits_every_dyno_of_the_type(served: ServedBackend,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(served, "restart", "web", "-a", "shop", capsys=capsys)
+    assert code == 0
+    assert served.backend.calls == [("restart", "a1"), ("restart", "a2")]
+    assert out.splitlines() == ["Restarting web.1... done (starting)",
+                                "Restarting web.2... done (starting)"]
+
+
+def test_restart_type_across_apps_and_all(served: ServedBackend,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_ctl(served, "restart", "web", capsys=capsys)[0] == 0
+    assert sorted(served.backend.calls) == [("restart", "a1"), ("restart", "a2"),
+                                            ("restart", "b1")]
+    served.backend.calls.clear()
+    assert run_ctl(served, "restart", "-a", "shop", capsys=capsys)[0] == 0
+    assert sorted(served.backend.calls) == [("restart", "a1"), ("restart", "a2"),
+                                            ("restart", "a3")]
+
+
+def test_restart_and_stop_one_dyno(served: ServedBackend,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(served, "restart", "web.1", "-a", "blog", capsys=capsys)
+    assert (code, served.backend.calls) == (0, [("restart", "b1")])
+    code, out, _ = run_ctl(served, "stop", "worker.1", capsys=capsys)
+    assert (code, out) == (0, "Stopping worker.1... done (down)\n")
+    assert served.backend.calls[-1] == ("stop", "a3")
+
+
+def test_restart_unknown_fails(served: ServedBackend,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_ctl(served, "restart", "ghost", capsys=capsys)
+    assert code == 1
+    assert out == "Restarting ghost... failed\n"
+    assert err.startswith("dynoctl: restart ghost: ") and err.endswith("(not_found)\n")
+    assert served.backend.calls == []
+
+
+# -- top --------------------------------------------------------------------------------------
+
+def test_top_once(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(served, "top", "--once", "-a", "shop", capsys=capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("dynoctl top - ") and lines[0].endswith(" - 3 dynos")
+    assert lines[1].split() == ["DYNO", "APP", "STATE", "MEM", "MiB", "QUOTA", "MiB", "MEM%",
+                                "CPU%", "CPU", "s", "PIDS"]
+    assert [row.split() for row in lines[2:]] == [
+        ["web.1", "shop", "up", "64.0", "512", "12.5", "-", "1.50", "3"],
+        ["web.2", "shop", "starting", "64.0", "512", "12.5", "-", "1.50", "3"],
+        ["worker.1", "shop", "up", "64.0", "512", "12.5", "-", "1.50", "3"],
+    ]
+
+
+def test_top_json_and_cpu_percent_between_frames(served: ServedBackend) -> None:
+    ticks = iter([100.0, 102.0])
+    sampler = ctl._TopSampler(ctl.Client(served.socket_path), "blog", clock=lambda: next(ticks))
+    status = served.backend.dynos["b1"]
+    status["stats"] = {"memory_bytes": 2**20, "memory_quota_bytes": 2**29,
+                       "cpu_seconds": 10.0, "pids": 1}
+    first = sampler.frame()
+    status["stats"] = {**status["stats"], "cpu_seconds": 11.0}
+    second = sampler.frame()
+    assert first[0]["cpu_percent"] is None
+    assert second == [{"id": "b1", "app": "blog", "name": "web.1", "state": "up",
+                       "memory_bytes": 2**20, "memory_quota_bytes": 2**29,
+                       "memory_percent": 0.2, "cpu_seconds": 11.0, "cpu_percent": 50.0,
+                       "pids": 1}]
+
+
+def test_top_json_once(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(served, "top", "--once", "--json", capsys=capsys)
+    rows = json.loads(out)
+    assert code == 0
+    assert sorted(r["id"] for r in rows) == ["a1", "a2", "a3", "b1"]
+    assert {r["memory_percent"] for r in rows} == {12.5}
+
+
+def test_ctl_does_not_import_aiohttp() -> None:
+    probe = "import sys, agent.ctl; print('aiohttp' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[3])
+    assert result.stdout.strip() == "False"
+
+
+def test_fake_backend_is_shared() -> None:
+    assert isinstance(sample_backend(), FakeBackend)
