@@ -265,16 +265,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pytest-timeout-s", type=float, default=600.0)
     parser.add_argument("--simulate-hybrid", action="store_true",
                         help="start the guest from a hybrid-looking /sys/fs/cgroup")
+    parser.add_argument("--keep", action="store_true", help="keep the share dir (logs)")
     args = parser.parse_args(argv)
+    share = Path(tempfile.mkdtemp(prefix="dtvm-"))
     try:
         plan = VmPlan(kernel=find_kernel(),
                       pytest_paths=() if args.no_pytest else tuple(args.paths),
                       bench=tuple(args.bench), pytest_timeout_s=args.pytest_timeout_s,
                       simulate_hybrid=args.simulate_hybrid)
-        result = run_vm(plan)
+        result = run_vm(plan, share=share)
     except VmError as exc:
         print(exc, file=sys.stderr)
         return 1
+    finally:
+        # Every run owns exactly its own share dir; removing it here means nobody has a
+        # reason to sweep /tmp/dtvm-* (which would break a concurrent run's 9p export).
+        if not args.keep:
+            shutil.rmtree(share, ignore_errors=True)
     for name in ("pytest.log", "bench.log"):
         if name in result.logs:
             print(f"===== guest {name}\n{result.logs[name]}")
