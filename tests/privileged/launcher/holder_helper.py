@@ -36,7 +36,7 @@ def _handle(cmd: dict[str, Any]) -> dict[str, Any]:
         fields["env"] = tuple((k, v) for k, v in fields["env"])
         fds = _stdio(cmd)
         try:
-            result = launch(LaunchRequest(**fields), *fds)
+            result = launch(LaunchRequest(**fields), *fds, timeout_s=cmd.get("timeout_s", 10.0))
         finally:
             for fd in fds:
                 os.close(fd)

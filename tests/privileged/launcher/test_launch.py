@@ -254,3 +254,30 @@ def test_failures_name_their_phase(holder: Holder, make_dyno: Any, override: dic
     assert answer["error"]["errno"] == errno, answer
     if "reaper" in override:
         assert answer["error"]["path"] == override["reaper"]
+
+
+def test_every_phase_is_timed(holder: Holder, make_dyno: Any) -> None:
+    dyno = make_dyno("true", netns_path=None)
+    answer = holder.launch(dyno.req, dyno.out)
+    assert "pid" in answer, answer
+    assert holder.wait(answer["pid"]) == 0
+    timings = answer["timings"]
+    phases = ("prepare", "fork", "cgroup", "namespaces", "netns", "mounts", "user", "exec")
+    assert set(timings) == {*phases, "total"}
+    assert all(timings[p] >= 0 for p in phases)
+    assert abs(sum(timings[p] for p in phases) - timings["total"]) < 0.01
+    assert answer["start_time"] > 0
+
+
+def test_a_stuck_child_is_killed_at_the_deadline(holder: Holder, make_dyno: Any,
+                                                 tmp_path: Path) -> None:
+    # Opening a FIFO for writing blocks until a reader comes: a child that never reports.
+    fifo = tmp_path / "stuck.fifo"
+    os.mkfifo(fifo)
+    dyno = make_dyno("true", cgroup_procs=[str(fifo)])
+    answer = holder.call(op="launch", req=dyno.req, stdout=str(dyno.out), timeout_s=0.5)
+    assert answer.get("error", {}).get("phase") == "timeout", answer
+    # The killed child was reaped by launch(): the helper has no child left behind.
+    helper_pid = holder.call(op="info")["pid"]
+    children = Path(f"/proc/{helper_pid}/task/{helper_pid}/children").read_text().split()
+    assert children == []
