@@ -358,6 +358,19 @@ def _make_middlewares(backend: Backend) -> list[Any]:
         except web.HTTPMethodNotAllowed:
             return error_response(MethodNotAllowed(
                 f"{request.method} is not allowed on {request.path}"))
+        except web.HTTPException as exc:
+            if exc.status >= 500:
+                raise
+            # What aiohttp itself refuses (an oversized body, a bad header) is the client's
+            # mistake; it still gets the one error shape.
+            return error_response(BadRequest(f"{exc.status} {exc.reason}: {exc.text or ''}"
+                                              .strip(" :")))
+        except Exception:
+            # A request is a task root: a bug behind one route must not become aiohttp's
+            # text/plain 500, and it must be in the agent's log with its traceback.
+            log.exception("operator request %s %s failed", request.method, request.path)
+            return error_response(AgentError(
+                f"internal error in {request.method} {request.path}; see the agent's log"))
 
     return [peer_check, errors]
 
@@ -394,7 +407,7 @@ def build_app(backend: Backend) -> web.Application:
         _Query(request, frozenset())
         body = await _json_object(request)
         status = await operations.run(backend.create_dyno(body),
-                                      f"api-create-{body.get('id') or 'new'}")
+                                      f"api-create-{str(body.get('id') or 'new')[:64]}")
         return json_response(status, status=201)
 
     async def get_dyno(request: web.Request) -> web.Response:
@@ -472,8 +485,10 @@ def build_app(backend: Backend) -> web.Application:
     router.add_post("/v1/dynos/{ref}/restart", restart_dyno)
     router.add_post("/v1/dynos/{ref}/stop", stop_dyno)
     router.add_post("/v1/dynos/{ref}/signal", signal_dyno)
-    router.add_get("/v1/logs", logs)
-    router.add_get("/v1/events", events)
+    # No HEAD on the streams: a HEAD of a follow stream would hold a follower with no body
+    # to write it to.
+    router.add_get("/v1/logs", logs, allow_head=False)
+    router.add_get("/v1/events", events, allow_head=False)
     router.add_get("/metrics", metrics)
     return app
 

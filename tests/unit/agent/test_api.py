@@ -4,6 +4,7 @@ validation, log and event streaming, metrics. FakeBackend is shared with the dyn
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -308,6 +309,28 @@ async def test_backend_internal_error_is_500(client: Client, backend: FakeBacken
         raise AgentError("record store unreadable")
     monkeypatch.setattr(backend, "list_dynos", broken)
     assert await error_of(await client.get("/v1/dynos"), 500) == "internal"
+
+
+async def test_backend_bug_is_json_500_and_logged(client: Client, backend: FakeBackend,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def broken(ref: str, app: str | None = None) -> dict[str, Any]:
+        raise KeyError("state")
+    monkeypatch.setattr(backend, "get_dyno", broken)
+    with caplog.at_level("ERROR", logger="agent.api"):
+        assert await error_of(await client.get("/v1/dynos/a1"), 500) == "internal"
+    assert "GET /v1/dynos/a1 failed" in caplog.text and "KeyError" in caplog.text
+
+
+async def test_oversized_body_is_bad_request(client: Client) -> None:
+    resp = await client.post("/v1/dynos", data=io.BytesIO(b"x" * (2 * 1024 * 1024)),
+                             headers={"Content-Type": "application/json"})
+    assert await error_of(resp, 400) == "bad_request"
+
+
+async def test_no_head_on_streams(client: Client) -> None:
+    resp = await client.head("/v1/logs?follow=1")
+    assert resp.status == 405
 
 
 # -- logs -------------------------------------------------------------------------------------
