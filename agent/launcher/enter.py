@@ -63,6 +63,7 @@ def _child(pidfd: int, argv: list[str], env: dict[str, str], uid: int, gid: int,
         phase = "user"
         privileges.install_stdio(*stdio)
         privileges.reset_signals()
+        privileges.reset_process_attributes()
         privileges.drop_to(uid, gid, last_cap)
         os.chdir(cwd)
         os.write(write_fd, rep.encode_marks({}))

@@ -107,6 +107,7 @@ def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict
         phase = "user"
         privileges.install_stdio(*stdio)
         privileges.reset_signals()
+        privileges.reset_process_attributes()
         privileges.drop_to(req.uid, req.gid, last_cap)
         os.chdir("/app")
         marks["user"] = process.mark()

@@ -45,3 +45,16 @@ def reset_signals() -> None:
         except (OSError, ValueError):
             continue  # realtime signals glibc reserves for itself
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def reset_process_attributes() -> None:
+    """A dyno must not inherit the holder's umask or its protection from the OOM killer."""
+    os.umask(0o022)
+    # A holder protected by a negative oom_score_adj would pass that on to every dyno;
+    # raising it back to 0 needs no privilege (lowering would need CAP_SYS_RESOURCE).
+    fd = os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if int(os.read(fd, 16)) < 0:
+            os.write(fd, b"0")
+    finally:
+        os.close(fd)

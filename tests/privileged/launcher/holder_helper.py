@@ -3,6 +3,7 @@ real holder): JSON requests on stdin, one JSON answer per line on stdout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,6 +74,12 @@ def _handle(cmd: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    # Like a real holder: guarded against the OOM killer and with a strict umask, neither of
+    # which a dyno may inherit.
+    # Lowering needs CAP_SYS_RESOURCE, which some machines' bounding set lacks.
+    with contextlib.suppress(PermissionError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("-500")
+    os.umask(0o077)
     for line in sys.stdin:
         try:
             answer = _handle(json.loads(line))

@@ -22,10 +22,15 @@ def _status_field(text: str, name: str) -> str:
 
 
 def test_unprivileged_user_without_capabilities(holder: Holder, make_dyno: Any) -> None:
-    dyno = make_dyno("id -u; id -g; id -G; hostname; cat /proc/self/status")
+    dyno = make_dyno("id -u; id -g; id -G; hostname; umask; cat /proc/self/oom_score_adj; "
+                     "cat /proc/self/status")
     status, out = run(holder, dyno)
     assert status == 0, out
-    uid, gid, groups, hostname, *proc_status = out.splitlines()
+    uid, gid, groups, hostname, umask, oom_score_adj, *proc_status = out.splitlines()
+    helper_pid = holder.call(op="info")["pid"]
+    helper_oom = int(Path(f"/proc/{helper_pid}/oom_score_adj").read_text())
+    assert umask == "0022"  # not the helper's 0077
+    assert int(oom_score_adj) == max(helper_oom, 0)
     assert int(uid) == dyno.req["uid"] != 0
     assert int(gid) == dyno.req["gid"]
     assert groups.split() == [gid]  # setgroups([]): only the primary group remains
