@@ -65,6 +65,7 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
     finally:
         for fd in fds:
             os.close(fd)
+        idmap.reap_helpers()
     timings = rep.durations_ms(start_ns, report.marks, report.eof_ns, PHASES)
     return LaunchResult(pid=pid, start_time=read_start_time(pid), timings_ms=timings)
 
