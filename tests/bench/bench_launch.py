@@ -143,41 +143,60 @@ def _oci(runtime: list[str], bundle: Path, state: Path) -> Callable[[int], None]
     return one
 
 
-def _time(one: Callable[[int], None], runs: int) -> list[float]:
+def _time_interleaved(contenders: dict[str, Callable[[int], None]],
+                      runs: int) -> dict[str, list[float]]:
+    """Round-robin: sample i of every contender runs back to back, so a load change on this
+    shared machine hits all of them alike instead of skewing whichever ran during it."""
     for i in range(WARMUP):
-        one(-1 - i)
-    samples = []
+        for one in contenders.values():
+            one(-1 - i)
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     for i in range(runs):
-        t0 = time.monotonic()
-        one(i)
-        samples.append((time.monotonic() - t0) * 1000)
+        for name, one in contenders.items():
+            t0 = time.monotonic()
+            one(i)
+            samples[name].append((time.monotonic() - t0) * 1000)
     return samples
 
 
-_CRUN_CHILD = r"""
-import json, subprocess, sys, time, os, ctypes
+# crun refuses hybrid cgroups; it runs inside a private mount namespace with a tmpfs over the
+# v2 tree (MACHINE.md). This runner lives there for the whole benchmark and runs one
+# `crun run` per request line, answering with its duration, so crun pays no extra unshare.
+_CRUN_RUNNER = r"""
+import ctypes, subprocess, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
-# crun refuses hybrid cgroups; hide the v2 tree in this private mount namespace (MACHINE.md).
 assert libc.mount(b"none", b"/sys/fs/cgroup/unified", b"tmpfs", 0, None) == 0
-bundle, state, runs, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-samples = []
-for i in range(warmup + runs):
+bundle, state = sys.argv[1], sys.argv[2]
+for line in sys.stdin:
     t0 = time.monotonic()
-    subprocess.run(["crun", "--root", state, "run", "--bundle", bundle, "dtbcrun"], check=True,
-                   stdin=subprocess.DEVNULL)
-    if i >= warmup:
-        samples.append((time.monotonic() - t0) * 1000)
-print(json.dumps(samples))
+    rc = subprocess.run(["crun", "--root", state, "run", "--bundle", bundle, "dtbcrun"],
+                        stdin=subprocess.DEVNULL).returncode
+    print(f"{rc} {(time.monotonic() - t0) * 1000}", flush=True)
 """
 
 
-def _crun(bundle: Path, state: Path, runs: int) -> list[float]:
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _CRUN_CHILD,
-         str(bundle), str(state), str(runs), str(WARMUP)],
-        check=True, capture_output=True, text=True)
-    samples: list[float] = json.loads(out.stdout)
-    return samples
+class _CrunRunner:
+    def __init__(self, bundle: Path, state: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+             _CRUN_RUNNER, str(bundle), str(state)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.last_ms = 0.0
+
+    def one(self, i: int) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        rc, ms = self.proc.stdout.readline().split()
+        if rc != "0":
+            raise RuntimeError(f"crun run failed with {rc}")
+        self.last_ms = float(ms)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
 
 
 def _line(name: str, samples: list[float], ref: float | None) -> str:
@@ -198,7 +217,7 @@ def main() -> None:
     # The launcher's caller contract: single-threaded and a child subreaper.
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     netns = f"dtb{secrets.token_hex(3)}"
-    results: dict[str, list[float]] = {}
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory(prefix="dtbench") as tmp, contextlib.ExitStack() as stack:
         base = Path(tmp)
         rootfs = _build_rootfs(base)
@@ -213,29 +232,37 @@ def main() -> None:
 
         launch_only: list[float] = []
         phases: dict[str, list[float]] = {}
-        results["ours (busybox stack)"] = _time(
-            _ours(rootfs, slug, work, netns, str(rootfs), launch_only, phases), RUNS)
-        results["ours: launch+wait only"] = launch_only[WARMUP:]
-        results["ours (busybox, slug not idmapped)"] = _time(
-            _ours(rootfs, slug, work, netns, str(rootfs), [], idmap_slug=False), RUNS)
-        host_only: list[float] = []
-        results["ours (host stack, overlay root)"] = _time(
-            _ours(rootfs, slug, work, netns, "/", host_only), RUNS)
-
-        runc_state = base / "runc-state"
-        bundle = _oci_bundle(base, rootfs, slug, netns, "runc")
-        results["runc run"] = _time(_oci(["runc"], bundle, runc_state), RUNS)
+        contenders: dict[str, Callable[[int], None]] = {
+            "ours (busybox stack)": _ours(rootfs, slug, work, netns, str(rootfs), launch_only,
+                                          phases),
+            "ours (busybox, slug not idmapped)": _ours(rootfs, slug, work, netns, str(rootfs),
+                                                       [], idmap_slug=False),
+            "ours (host stack, overlay root)": _ours(rootfs, slug, work, netns, "/", []),
+            "runc run": _oci(["runc"], _oci_bundle(base, rootfs, slug, netns, "runc"),
+                             base / "runc-state"),
+        }
+        crun: _CrunRunner | None = None
         if shutil.which("crun") and shutil.which("unshare"):
-            crun_bundle = _oci_bundle(base, rootfs, slug, netns, "crun")
-            try:
-                results["crun run (private mnt ns)"] = _crun(crun_bundle, base / "crun-state",
-                                                             RUNS)
-            except subprocess.CalledProcessError as e:
-                print(f"crun could not run: {e.stderr.strip()[-300:]}")
+            crun = _CrunRunner(_oci_bundle(base, rootfs, slug, netns, "crun"),
+                               base / "crun-state")
+            stack.callback(crun.close)
+            crun_inner: list[float] = []
+
+            def crun_one(i: int, runner: _CrunRunner = crun) -> None:
+                runner.one(i)
+                if i >= 0:
+                    crun_inner.append(runner.last_ms)
+
+            contenders["crun run (private mnt ns)"] = crun_one
+        results = _time_interleaved(contenders, RUNS)
+        results["ours: launch+wait only"] = launch_only[WARMUP:]
+        if crun is not None:
+            results["crun run, timed inside its ns"] = crun_inner
 
     runc_median = statistics.median(results["runc run"])
-    print(f"launch of `tini -- /bin/true`, {RUNS} runs each after {WARMUP} warm-up runs; "
-          "cgroup create+limits+remove included unless noted; netns reused")
+    print(f"launch of `tini -- /bin/true`, {RUNS} runs each after {WARMUP} warm-up runs, "
+          "interleaved; cgroup create+limits+remove included unless noted; netns reused; "
+          f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f}")
     for name, samples in results.items():
         print(_line(name, samples, runc_median))
     print("ours, median per phase (ms): " + "  ".join(
