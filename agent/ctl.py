@@ -7,6 +7,7 @@ fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX
 from __future__ import annotations
 
 import argparse
+import codecs
 import http.client
 import json
 import os
@@ -22,6 +23,7 @@ from agent.sizes import display_name
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
 TOP_INTERVAL_S = 2.0
+STREAM_READ_BYTES = 256 * 1024
 ONE_OFF_TYPES = ("run", "release")  # shown apart, as `heroku ps` shows one-off dynos
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
@@ -103,10 +105,10 @@ class Client:
         except ValueError:
             raise CtlError(f"dynoagent answered {response.status} with non-JSON data") from None
 
-    def lines(self, path: str, query: dict[str, Any] | None = None,
-              follow: bool = False) -> Iterator[str]:
-        """The body of a GET, line by line as the agent sends it (a follow stream has no end
-        until the agent closes it, so then there is no read timeout)."""
+    def chunks(self, path: str, query: dict[str, Any] | None = None,
+               follow: bool = False) -> Iterator[bytes]:
+        """The body of a GET, piece by piece as the agent writes it (a follow stream has no
+        end until the agent closes it, so then there is no read timeout)."""
         conn = UnixHTTPConnection(self.socket_path, self.timeout_s)
         try:
             try:
@@ -116,14 +118,28 @@ class Client:
                     raise _error_of(response.status, response.reason, response.read())
                 if follow and conn.sock is not None:
                     conn.sock.settimeout(None)
-                for raw in response:
-                    yield raw.decode("utf-8", "replace").rstrip("\n")
+                # read1 returns what one chunk (one batch of the agent) holds, without waiting
+                # for more: the caller can show it at once.
+                while chunk := response.read1(STREAM_READ_BYTES):
+                    yield chunk
             except OSError as exc:
                 raise self._unreachable(exc) from None
             except http.client.HTTPException as exc:
                 raise CtlError(f"stream from dynoagent broke off: {exc!r}") from None
         finally:
             conn.close()
+
+    def lines(self, path: str, query: dict[str, Any] | None = None,
+              follow: bool = False) -> Iterator[str]:
+        """The body of a GET as text lines, each as soon as it is complete."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        partial = ""
+        for chunk in self.chunks(path, query, follow):
+            *complete, partial = (partial + decoder.decode(chunk)).split("\n")
+            yield from complete
+        partial += decoder.decode(b"", final=True)
+        if partial:
+            yield partial
 
 
 # -- formatting -------------------------------------------------------------------------------
@@ -315,9 +331,14 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     query = {"tail": args.num, "app": args.app, "dyno": args.dyno, "follow": args.tail,
              "format": "json" if args.json else None}
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
-        for line in client.lines("/v1/logs", query, follow=args.tail):
-            print(line, flush=args.tail)
+        # Passed through as it comes, one write and flush per batch of the agent: a flush
+        # per line would make the terminal, not the agent, the bottleneck of `logs -t`.
+        for chunk in client.chunks("/v1/logs", query, follow=args.tail):
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.decode(b"", final=True))
     except KeyboardInterrupt:
         if not args.tail:
             raise

@@ -370,9 +370,7 @@ class Daemon:
                 log.warning("sweeping cgroup %s: no dyno record owns it", rel)
                 group = self.tree.group(rel)
                 with contextlib.suppress(cgroups.CgroupError):
-                    if group.populated():
-                        group.kill()
-                    await group.remove_async(timeout_s=5)
+                    await group.destroy(timeout_s=5)
         self.tree.sweep_empty(keep=lambda rel: any(c.startswith(rel) for c in live_cgroups))
         live_ns = {d.placement.netns for d in dynos.values() if d.placement}
         live_spaces = {d.placement.space for d in dynos.values() if d.placement}

@@ -167,7 +167,9 @@ class Dyno:
         if adopt and self.record.pid is not None:
             next_start = self._after_exit(await self._supervise(adopted=True))
         elif self.record.desired == "running" and self.state is not DynoState.COMPLETE:
-            next_start = now()
+            # A cool-off survives an agent restart: it is kept in wall-clock time.
+            wait_s = (self.record.restart_at or 0.0) - time.time()
+            next_start = now() + max(0.0, wait_s)
         else:
             next_start = None
         done: list[asyncio.Future[None]] = []
@@ -210,6 +212,7 @@ class Dyno:
                 self.sink.save(self)
 
     async def _start_and_supervise(self) -> ExitInfo:
+        self.record.restart_at = None
         if self.state is not DynoState.STARTING:
             reason = Reason.RESTART if self.state is DynoState.CRASHED else Reason.START
             self._transition(DynoState.STARTING, reason)
@@ -257,6 +260,8 @@ class Dyno:
         stop_steps = 0
         exit_status: int | None = None
         waiters: list[asyncio.Future[None]] = []
+        # A delete is finished by the lifecycle loop once the process is gone.
+        deferred: list[tuple[Command, asyncio.Future[None]]] = []
 
         def begin_stop(why: Intent) -> None:
             nonlocal intent, stop_started
@@ -280,12 +285,12 @@ class Dyno:
             taken = self._take_command()
             if taken is not None:
                 command, future = taken
-                waiters.append(future)
+                if command is Command.DELETE:
+                    deferred.append(taken)
+                else:
+                    waiters.append(future)
                 if command in (Command.STOP, Command.DELETE):
                     self.record.desired = "stopped"
-                    if command is Command.DELETE:
-                        self._commands.insert(0, (command, future))
-                        waiters.pop()
                     begin_stop(Intent.STOP)
                 elif command is Command.RESTART and stop_started is None:
                     self._say(logs.restarting())
@@ -337,6 +342,7 @@ class Dyno:
                 async with asyncio.timeout(max(0.0, min(deadlines) - clock())):
                     await self._wakeup.wait()
 
+        self._commands[:0] = deferred
         # PID 1 of the dyno's pid namespace is gone, so the kernel kills the rest; wait for
         # the cgroup to empty (a dyno is `down` only then), SIGKILL stragglers if need be.
         if not await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S):
@@ -393,6 +399,8 @@ class Dyno:
         if decision.restart_in_s is None or self.record.desired != "running":
             return None
         self.record.restarts += 1
+        self.record.restart_at = time.time() + decision.restart_in_s
+        self.sink.save(self)
         return time.monotonic() + decision.restart_in_s
 
     async def _destroy(self) -> None:

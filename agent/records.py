@@ -49,6 +49,7 @@ class Record:
     crashes: int = 0
     desired: str = "running"  # running | stopped
     up_since: float | None = None  # wall clock, for the 10-minute crash-count reset
+    restart_at: float | None = None  # wall clock: a crashed dyno's end of cool-off
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -234,9 +234,7 @@ class HostRuntime:
         """Free what `place` made. The namespace is deleted off the critical path."""
         group = self.group(placement)
         if group.exists():
-            if group.populated():
-                group.kill()
-            await group.remove_async(timeout_s=10)
+            await group.destroy(timeout_s=10)
         self.network.destroy_later(placement.space, placement.netns)
         await asyncio.to_thread(self.uids.release, placement.dyno_dir.rsplit("/", 1)[-1])
         await asyncio.to_thread(shutil.rmtree, placement.dyno_dir, True)
