@@ -38,7 +38,7 @@ setup-vm: setup
 	fi
 	@test -x $(BIN)/vng || $(BIN)/pip install -q virtme-ng
 
-$(BIN)/.installed: pyproject.toml $(STAMPS)/apt
+$(BIN)/.installed: pyproject.toml | $(STAMPS)/apt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
