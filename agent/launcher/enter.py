@@ -12,6 +12,7 @@ from agent.launcher import report as rep
 from agent.launcher import syscalls as sc
 from agent.launcher.errors import LaunchError
 from agent.launcher.launch import _join_cgroup
+from agent.launcher.request import DEFAULT_NOFILE
 
 # The pid namespace is entered by the parent for the fork; the child joins the rest.
 _CHILD_NAMESPACES = (sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET |
@@ -21,10 +22,12 @@ _CHILD_NAMESPACES = (sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLO
 def enter(target_pid: int, argv: Sequence[str],
           env: Mapping[str, str] | Sequence[tuple[str, str]], uid: int, gid: int, cwd: str,
           stdin_fd: int, stdout_fd: int, stderr_fd: int, cgroup_procs: tuple[str, ...], *,
-          timeout_s: float = 10.0) -> int:
+          timeout_s: float = 10.0, nofile_limit: int = DEFAULT_NOFILE) -> int:
     """Start `argv` (searched on env's PATH) inside the dyno whose PID 1 is `target_pid`.
 
-    Returns the host pid, a direct child of the caller. The target is pinned by a pidfd for
+    It gets the same resource limits a dyno's app starts with (`nofile_limit` must match the
+    dyno's LaunchRequest when that was not the default). Returns the host pid, a direct
+    child of the caller. The target is pinned by a pidfd for
     the whole operation, so a recycled pid cannot redirect us into another process.
     """
     if not argv:
@@ -42,7 +45,7 @@ def enter(target_pid: int, argv: Sequence[str],
 
         def child(write_fd: int) -> NoReturn:
             _child(pidfd, args, env_map, uid, gid, cwd, (stdin_fd, stdout_fd, stderr_fd),
-                   cgroup_procs, last_cap, write_fd)
+                   cgroup_procs, last_cap, nofile_limit, write_fd)
 
         pid, _ = process.fork_into(lambda: sc.setns(pidfd, sc.CLONE_NEWPID), child, timeout_s)
     finally:
@@ -52,7 +55,7 @@ def enter(target_pid: int, argv: Sequence[str],
 
 def _child(pidfd: int, argv: list[str], env: dict[str, str], uid: int, gid: int, cwd: str,
            stdio: tuple[int, int, int], cgroup_procs: tuple[str, ...], last_cap: int,
-           write_fd: int) -> NoReturn:
+           nofile_limit: int, write_fd: int) -> NoReturn:
     phase = "cgroup"
     try:
         # Host paths: must be written before we switch to the dyno's mount namespace.
@@ -64,6 +67,7 @@ def _child(pidfd: int, argv: list[str], env: dict[str, str], uid: int, gid: int,
         privileges.install_stdio(*stdio)
         privileges.reset_signals()
         privileges.reset_process_attributes()
+        privileges.set_rlimits(nofile_limit)
         privileges.drop_to(uid, gid, last_cap)
         os.chdir(cwd)
         os.write(write_fd, rep.encode_marks({}))

@@ -8,7 +8,7 @@ import socket
 import time
 from typing import NoReturn
 
-from agent.launcher import idmap, privileges, process, rootfs
+from agent.launcher import etc, idmap, privileges, process, rootfs
 from agent.launcher import report as rep
 from agent.launcher import syscalls as sc
 from agent.launcher.errors import LaunchError
@@ -34,11 +34,16 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
     if _last_cap is None:
         _last_cap = sc.last_capability()
     last_cap = _last_cap
+    etc_files = None
+    if req.own_etc:
+        # The dyno id as an alias: the hostname is at most 63 characters, an id 64.
+        etc_files = etc.etc_files(req.hostname, req.effective_private_ip(), (req.dyno_id,),
+                                  etc.read_host_resolv_conf())
     plan = rootfs.plan_rootfs(
         stack_dir=req.stack_dir, slug_dir=req.slug_dir, dyno_dir=req.dyno_dir,
         writable_limit_bytes=req.writable_limit_bytes, uid=req.uid, gid=req.gid,
         hide_paths=req.hide_paths, idmap_slug=req.idmap_slug,
-        stack_complete=rootfs.stack_has_mount_points(req.stack_dir))
+        stack_complete=rootfs.stack_has_mount_points(req.stack_dir), etc_files=etc_files)
     argv = [req.reaper, "--", *req.argv]
     env = dict(req.env)
     fds: list[int] = []
@@ -109,6 +114,7 @@ def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict
         privileges.install_stdio(*stdio)
         privileges.reset_signals()
         privileges.reset_process_attributes()
+        privileges.set_rlimits(req.nofile_limit)
         privileges.drop_to(req.uid, req.gid, last_cap)
         os.chdir("/app")
         marks["user"] = process.mark()

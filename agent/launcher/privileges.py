@@ -1,10 +1,12 @@
 """Turning the forked root child into the dyno's unprivileged user, and resetting what a
-process inherits from the holder (stdio, signal dispositions, stray fds)."""
+process inherits from the holder (stdio, signal dispositions, stray fds, resource limits)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import resource
 import signal
 
 from agent.launcher import syscalls as sc
@@ -58,3 +60,22 @@ def reset_process_attributes() -> None:
             os.write(fd, b"0")
     finally:
         os.close(fd)
+
+
+def set_rlimits(nofile: int) -> None:
+    """Open files soft = hard = `nofile` (Heroku's dynos: 10000); no core dumps.
+
+    Must run before drop_to: once unprivileged the app may lower but never raise them.
+    """
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    except OSError as e:
+        # Raising the hard limit above the holder's needs CAP_SYS_RESOURCE, which some hosts'
+        # bounding sets lack: then the holder's hard limit is the most a dyno can get.
+        if e.errno != errno.EPERM:
+            raise
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # A crashing app must not fill the writable layer (or a host core_pattern pipe) with
+    # dumps of its memory.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +16,11 @@ _DYNO_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 # Overlay options are a comma-separated string and lowerdir a colon-separated list; the
 # kernel's escaping rules differ between versions, so such paths are refused outright.
 _OVERLAY_UNSAFE = frozenset(",:\\\n")
+# Below 64 even a shell and its dynamic loader run short; above fs.nr_open's default
+# (1048576) setrlimit fails.
+MIN_NOFILE = 64
+DEFAULT_NOFILE = 10000
+MAX_NOFILE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,13 @@ class LaunchRequest:
     # Show the slug's root-owned files as owned by the dyno user (idmapped mount, Linux 5.19+
     # and a slug filesystem that supports idmapping: ext4, xfs, btrfs, tmpfs 6.3+).
     idmap_slug: bool = True
+    # The dyno's address on its space's bridge, for its own /etc/hosts; None: taken from env's
+    # DYNOAGENT_PRIVATE_IP when that is an address, else the hostname maps to 127.0.1.1.
+    private_ip: str | None = None
+    # Bind the dyno's own /etc/hosts, /etc/hostname, /etc/resolv.conf over the stack's.
+    own_etc: bool = True
+    # RLIMIT_NOFILE (soft = hard) of the app, Heroku's figure; RLIMIT_CORE is always 0.
+    nofile_limit: int = DEFAULT_NOFILE
 
     def validate(self) -> None:
         """Refuse what the child could only fail on later, with a clearer message now."""
@@ -67,6 +80,26 @@ class LaunchRequest:
                 raise RequestError("path", path, "must be absolute")
         if self.netns_path is not None and not os.path.isabs(self.netns_path):
             raise RequestError("netns_path", self.netns_path, "must be absolute")
+        if self.private_ip is not None and not is_address(self.private_ip):
+            raise RequestError("private_ip", self.private_ip, "not an IP address")
+        if not MIN_NOFILE <= self.nofile_limit <= MAX_NOFILE:
+            raise RequestError("nofile_limit", self.nofile_limit,
+                               f"must be within {MIN_NOFILE}..{MAX_NOFILE}")
+
+    def effective_private_ip(self) -> str | None:
+        """`private_ip`, else a valid DYNOAGENT_PRIVATE_IP from env (what the daemon sets)."""
+        if self.private_ip is not None:
+            return self.private_ip
+        from_env = dict(self.env).get("DYNOAGENT_PRIVATE_IP")
+        return from_env if from_env and is_address(from_env) else None
+
+
+def is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

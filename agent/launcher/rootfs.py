@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.launcher import idmap
@@ -90,13 +90,33 @@ class IdmappedBind:
 
 
 @dataclass(frozen=True)
+class WriteFile:
+    """Create `path` (which must not exist) holding `content`, owned by root."""
+
+    path: str
+    content: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class BindFile:
+    """Bind the file `source` read-only over `path` as seen inside `root` (symlinks in the
+    stack resolve within `root`); skipped when the stack has no regular file there."""
+
+    source: str
+    root: str
+    path: str
+
+
+@dataclass(frozen=True)
 class PivotRoot:
     """Switch to `new_root` and detach the old root; later paths are inside the new root."""
 
     new_root: str
 
 
-Op = Mkdir | Mount | Mknod | Symlink | Mask | ReadOnly | IdmappedBind | PivotRoot
+Op = (Mkdir | Mount | Mknod | Symlink | Mask | ReadOnly | IdmappedBind | WriteFile | BindFile |
+      PivotRoot)
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,10 @@ class Layout:
     def shm(self) -> str:
         return f"{self.scratch}/shm"
 
+    @property
+    def etc(self) -> str:
+        return f"{self.scratch}/etc"
+
 
 def stack_has_mount_points(stack_dir: str) -> bool:
     return all(os.path.isdir(os.path.join(stack_dir, name)) and
@@ -141,14 +165,17 @@ def stack_has_mount_points(stack_dir: str) -> bool:
 
 def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_bytes: int,
                 uid: int, gid: int, hide_paths: Sequence[str] = (),
-                stack_complete: bool = True, idmap_slug: bool = True) -> list[Op]:
+                stack_complete: bool = True, idmap_slug: bool = True,
+                etc_files: Mapping[str, str] | None = None) -> list[Op]:
     """Every operation that builds a dyno's filesystem, in order.
 
     One tmpfs of `writable_limit_bytes` over `dyno_dir` (in the dyno's own mount namespace)
     holds everything writable: the /app upper layer, /tmp and /dev/shm, so the limit covers
     their sum and it all vanishes with the namespace. With `idmap_slug` the slug's
     root-owned files appear owned by the dyno user (an idmapped lower layer), so the app can
-    modify them; the changes are copied up into its private upper layer.
+    modify them; the changes are copied up into its private upper layer. `etc_files`
+    (name -> content) are written to the scratch tmpfs and bound read-only over the stack's
+    /etc/<name>, so each dyno has its own hosts, hostname and resolv.conf.
     """
     lay = Layout(dyno_dir.rstrip("/") or "/")
     root = lay.root
@@ -193,6 +220,13 @@ def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_
         Mount("proc", f"{root}/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC),
         Mount("sysfs", f"{root}/sys", "sysfs",
               sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC),
+    ]
+    if etc_files:
+        ops.append(Mkdir(lay.etc))
+        for name, content in etc_files.items():
+            ops += [WriteFile(f"{lay.etc}/{name}", content),
+                    BindFile(f"{lay.etc}/{name}", root, f"/etc/{name}")]
+    ops += [
         # Everything below resolves inside the new root, so absolute symlinks in the stack
         # (e.g. /var/run -> /run) point where the dyno sees them, not into the host.
         PivotRoot(root),
@@ -237,6 +271,10 @@ def _apply_one(op: Op, userns_fd: int | None) -> None:
         if userns_fd is None:
             raise OSError(0, "IdmappedBind needs a user namespace fd", op.source)
         idmap.idmapped_bind(op.source, op.target, userns_fd)
+    elif isinstance(op, WriteFile):
+        _write_new(op.path, op.content, op.mode)
+    elif isinstance(op, BindFile):
+        _bind_file(op)
     elif isinstance(op, ReadOnly):
         try:
             sc.mount(op.path, op.path, None, sc.MS_BIND | sc.MS_REC)
@@ -263,6 +301,44 @@ def _mask(path: str) -> None:
                  "size=4k,nr_inodes=1,mode=0555")
     else:
         sc.mount("/dev/null", path, None, sc.MS_BIND)
+
+
+def _write_new(path: str, content: str, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, content.encode())
+        os.fchmod(fd, mode)  # the umask must not narrow it
+    finally:
+        os.close(fd)
+
+
+_FILE_ATTRS = (sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV |
+               sc.MOUNT_ATTR_NOEXEC)
+
+
+def _bind_file(op: BindFile) -> None:
+    # Before pivot_root the stack's absolute symlinks (Ubuntu's /etc/resolv.conf points into
+    # /run) would resolve on the host; openat2(RESOLVE_IN_ROOT) resolves them inside the
+    # dyno's root, and the new mount API attaches onto the fd it returns.
+    root_fd = os.open(op.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            target_fd = sc.open_in_root(root_fd, op.path, os.O_PATH)
+        except FileNotFoundError:
+            return  # a stack without the file (or a dangling link): nothing to cover
+        try:
+            if not stat.S_ISREG(os.fstat(target_fd).st_mode):
+                return
+            tree = sc.open_tree_clone(op.source)
+            try:
+                sc.mount_setattr_fd(tree, _FILE_ATTRS, 0, op.source)
+                sc.move_mount_onto_fd(tree, target_fd, op.path)
+            finally:
+                os.close(tree)
+        finally:
+            os.close(target_fd)
+    finally:
+        os.close(root_fd)
 
 
 def _pivot(new_root: str) -> None:

@@ -125,9 +125,14 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
@@ -155,3 +160,25 @@ def move_mount_fd(fd: int, target: str) -> None:
     _check(_libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD),
                          _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
            "move_mount", target)
+
+
+def move_mount_onto_fd(fd: int, target_fd: int, path: str | None = None) -> None:
+    """Attach the detached mount `fd` on the file or directory that `target_fd` refers to."""
+    _check(_libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(target_fd), b"",
+                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)),
+           "move_mount", path)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(root_fd: int, path: str, flags: int) -> int:
+    """openat2 with RESOLVE_IN_ROOT (Linux 5.6+): `path` and every symlink met on the way
+    resolve as if `root_fd` were "/", so a stack's absolute symlinks cannot lead to the host."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd: int = _libc.syscall(_SYS_OPENAT2, ctypes.c_int(root_fd), _b(path), ctypes.byref(how),
+                            ctypes.c_size_t(ctypes.sizeof(how)))
+    _check(fd, "openat2", path)
+    return fd

@@ -44,9 +44,27 @@ def test_a_sane_request_validates() -> None:
     ({"cgroup_procs": ("cgroup.procs",)}, "path"),
     ({"hide_paths": ("var/lib",)}, "path"),
     ({"netns_path": "netns"}, "netns_path"),
+    ({"private_ip": "10.0.0.300"}, "private_ip"),
+    ({"private_ip": "web-1"}, "private_ip"),
+    ({"nofile_limit": 10}, "nofile_limit"),
+    ({"nofile_limit": (1 << 20) + 1}, "nofile_limit"),
 ])
 def test_bad_fields_are_named(override: dict[str, Any], field: str) -> None:
     with pytest.raises(RequestError) as info:
         _req(**override).validate()
     assert info.value.field == field
     assert field in str(info.value)
+
+
+def test_defaults_keep_old_callers_working() -> None:
+    req = _req()
+    assert (req.private_ip, req.own_etc, req.nofile_limit) == (None, True, 10000)
+
+
+def test_private_ip_falls_back_to_a_valid_address_in_env() -> None:
+    assert _req().effective_private_ip() is None
+    env = (("PATH", "/bin"), ("DYNOAGENT_PRIVATE_IP", "10.1.2.3"))
+    assert _req(env=env).effective_private_ip() == "10.1.2.3"
+    assert _req(env=env, private_ip="fd00::5").effective_private_ip() == "fd00::5"
+    bad = (("DYNOAGENT_PRIVATE_IP", "nonsense"),)
+    assert _req(env=bad).effective_private_ip() is None

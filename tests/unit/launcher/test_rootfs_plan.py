@@ -35,9 +35,11 @@ def test_first_op_is_the_size_limited_scratch_tmpfs() -> None:
 
 
 def test_before_pivot_nothing_is_mounted_or_made_outside_the_dyno_dir() -> None:
-    before, _ = _split(_plan())
+    before, _ = _split(_plan(etc_files={"hosts": "x\n"}))
+    assert any(isinstance(op, rootfs.BindFile) for op in before)
     for op in before:
         target = (op.target if isinstance(op, Mount | rootfs.IdmappedBind)
+                  else op.root if isinstance(op, rootfs.BindFile)
                   else getattr(op, "path", None))
         assert target is not None
         assert target == "/run/dynoagent/dynos/d1" or target.startswith(
@@ -102,6 +104,39 @@ def test_masks_and_hidden_paths_resolve_inside_the_new_root() -> None:
     assert {"/var/lib/dynoagent", "/run/dynoagent"} <= masked
     assert {"/proc/sys", "/proc/sysrq-trigger"} <= read_only
     assert all(not isinstance(op, Mount) for op in after)
+
+
+def test_etc_files_are_written_to_scratch_and_bound_inside_the_root_before_pivot() -> None:
+    files = {"hosts": "127.0.0.1\tlocalhost\n", "hostname": "web-1\n"}
+    plan = _plan(etc_files=files)
+    before, _ = _split(plan)
+    d1 = "/run/dynoagent/dynos/d1"
+    writes = [op for op in before if isinstance(op, rootfs.WriteFile)]
+    binds = [op for op in before if isinstance(op, rootfs.BindFile)]
+    assert writes == [rootfs.WriteFile(f"{d1}/etc/hosts", files["hosts"]),
+                      rootfs.WriteFile(f"{d1}/etc/hostname", files["hostname"])]
+    assert binds == [rootfs.BindFile(f"{d1}/etc/hosts", f"{d1}/root", "/etc/hosts"),
+                     rootfs.BindFile(f"{d1}/etc/hostname", f"{d1}/root", "/etc/hostname")]
+    for write, bind in zip(writes, binds, strict=True):
+        assert plan.index(write) < plan.index(bind)
+    # After the stack's root exists, so the target is the stack's file.
+    root_mount = max(i for i, op in enumerate(plan)
+                     if isinstance(op, Mount) and op.target == f"{d1}/root")
+    assert all(plan.index(b) > root_mount for b in binds)
+    assert not any(isinstance(op, rootfs.WriteFile | rootfs.BindFile) for op in _plan())
+
+
+def test_write_file_is_exclusive_and_keeps_its_mode(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        rootfs.apply([rootfs.WriteFile(str(tmp_path / "hosts"), "a\n")])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hosts").read_text() == "a\n"
+    assert (tmp_path / "hosts").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(rootfs.RootfsError) as info:
+        rootfs.apply([rootfs.WriteFile(str(tmp_path / "hosts"), "b\n")])
+    assert info.value.errno == errno.EEXIST
 
 
 def test_minimal_dev_has_exactly_the_oci_devices() -> None:
