@@ -5,8 +5,10 @@ cgroup namespaces, a cgroup with memory/pids/cpu limits created for that run and
 it, one pre-made network namespace (created once with `ip netns add` and REUSED by every run of
 every runtime: making and wiring the netns is the netns library's cost, not the launcher's),
 a read-only root, /app from a slug directory (ours: overlay with a tmpfs upper; runc/crun: a
-read-only bind), /tmp tmpfs, uid 400001, no capabilities. A sample ends when the container has
-exited and been reaped. Prints medians, p99 and ratios; asserts nothing.
+read-only bind), /tmp tmpfs, uid 400001, no capabilities, RLIMIT_NOFILE 10000 and RLIMIT_CORE
+0. Ours also writes and binds its own /etc/hosts, hostname and resolv.conf (runc/crun do not).
+A sample ends when the container has exited and been reaped. Prints medians, p99 and ratios;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def _build_rootfs(base: Path) -> Path:
     for applet in ("sh", "true"):
         (rootfs / "bin" / applet).symlink_to("busybox")
     shutil.copy("/usr/bin/tini-static", rootfs / "sbin" / "tini")
+    # Present, so our launcher pays for covering them in the busybox runs as well.
+    for name in ("hosts", "hostname", "resolv.conf"):
+        (rootfs / "etc" / name).write_text("")
     return rootfs
 
 
@@ -73,7 +78,7 @@ def _cgroup(name: str) -> Iterator[tuple[str, ...]]:
 
 def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
           launch_only: list[float], phases: dict[str, list[float]] | None = None,
-          idmap_slug: bool = True) -> Callable[[int], None]:
+          idmap_slug: bool = True, own_etc: bool = True) -> Callable[[int], None]:
     reaper = "/usr/bin/tini-static" if stack != "/" else "/usr/bin/tini"
     argv = ("/bin/true",)
 
@@ -86,7 +91,8 @@ def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
                 env=(("PATH", "/bin:/usr/bin"),), uid=UID, gid=UID, stack_dir=stack,
                 slug_dir=str(slug), dyno_dir=str(dyno_dir), writable_limit_bytes=64 << 20,
                 cgroup_procs=procs, netns_path=f"/run/netns/{netns}",
-                hide_paths=(str(work),), reaper=reaper, idmap_slug=idmap_slug)
+                hide_paths=(str(work),), reaper=reaper, idmap_slug=idmap_slug,
+                own_etc=own_etc)
             t0 = time.monotonic()
             result = launch(req, 0, 1, 2)
             _, status = os.waitpid(result.pid, 0)
@@ -112,7 +118,9 @@ def _oci_bundle(base: Path, rootfs: Path, slug: Path, netns: str, runtime: str) 
                 user={"uid": UID, "gid": UID}, noNewPrivileges=True,
                 env=["PATH=/bin:/usr/bin"], capabilities={k: [] for k in (
                     "bounding", "effective", "inheritable", "permitted", "ambient")})
-    proc.pop("rlimits", None)
+    # The limits our launcher gives every dyno (Heroku's open-files figure, no core dumps).
+    proc["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 10000, "hard": 10000},
+                       {"type": "RLIMIT_CORE", "soft": 0, "hard": 0}]
     # Same mounts as ours: no cgroupfs or mqueue inside, /app and /tmp added.
     config["mounts"] = [m for m in config["mounts"]
                         if m["destination"] not in ("/sys/fs/cgroup", "/dev/mqueue")]
@@ -237,6 +245,8 @@ def main() -> None:
                                           phases),
             "ours (busybox, slug not idmapped)": _ours(rootfs, slug, work, netns, str(rootfs),
                                                        [], idmap_slug=False),
+            "ours (busybox, no own /etc files)": _ours(rootfs, slug, work, netns, str(rootfs),
+                                                       [], own_etc=False),
             "ours (host stack, overlay root)": _ours(rootfs, slug, work, netns, "/", []),
             "runc run": _oci(["runc"], _oci_bundle(base, rootfs, slug, netns, "runc"),
                              base / "runc-state"),
