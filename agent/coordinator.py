@@ -1,0 +1,791 @@
+"""The agent's side of the coordinator protocol (docs/protocol.md): the msgpack frame codec,
+the requests a coordinator may send, and the WebSocket link that dials out, says hello,
+reports state changes, heartbeats and metrics, and reconnects with jittered backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import platform
+import random
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import msgpack
+
+from agent import errors, logs
+from agent.reconcile import Engine, InvalidDesiredSet
+from agent.states import StateChange
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "dynoagent.v1"
+CONNECT_PATH_HINT = "/v1/agents/connect"
+# A desired set of a few hundred dynos with 32 KiB of config vars each fits; far more
+# would not fit one host. Frames up to twice this are read and refused with an error;
+# aiohttp closes the connection (1009) on anything larger, before it is buffered.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+HARD_FRAME_BYTES = 2 * MAX_FRAME_BYTES
+HEARTBEAT_INTERVAL_S = 10.0
+METRICS_INTERVAL_S = 20.0
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+EVENT_BUFFER = 10_000
+HELLO_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
+# Requests are handled concurrently (a sync waits for graceful stops); beyond this many in
+# flight a request is refused with `busy` instead of growing without bound.
+MAX_REQUESTS_IN_FLIGHT = 64
+METHOD_MAX_CHARS = 128
+ID_MAX = 2**63 - 1
+DYNO_ID = re.compile(r"[a-z0-9-]{1,64}")
+
+FRAME_TYPES = ("req", "res", "evt")
+
+
+class CoordinatorError(Exception):
+    """Base of the coordinator link's errors."""
+
+
+class FrameError(CoordinatorError):
+    """A frame that cannot be processed; answered with `code` (and `request_id` when the
+    frame's id could be read) and never allowed further."""
+
+    def __init__(self, code: str, message: str, request_id: int | None = None,
+                 size_bytes: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.size_bytes = size_bytes
+
+
+class LinkError(CoordinatorError):
+    """Connecting or saying hello failed; `url` and, for HTTP refusals, `status`."""
+
+    def __init__(self, url: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+        self.message = message
+        self.status = status
+
+
+class RequestFailed(CoordinatorError):
+    """The coordinator answered one of the agent's requests with an error."""
+
+    def __init__(self, method: str, code: str, message: str) -> None:
+        super().__init__(f"{method}: {code}: {message}")
+        self.method = method
+        self.code = code
+        self.message = message
+
+
+# -- frames -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    id: int
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Response:
+    id: int | None
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    method: str
+    params: dict[str, Any]
+
+
+Frame = Request | Response | Event
+
+
+def encode(frame: Frame) -> bytes:
+    """One frame as the msgpack map of the protocol's envelope."""
+    data: dict[str, Any]
+    if isinstance(frame, Request):
+        data = {"t": "req", "id": frame.id, "m": frame.method, "p": frame.params}
+    elif isinstance(frame, Response):
+        data = {"t": "res", "id": frame.id}
+        if frame.error is not None:
+            data["e"] = frame.error
+        else:
+            data["p"] = frame.result
+    else:
+        data = {"t": "evt", "m": frame.method, "p": frame.params}
+    packed: bytes = msgpack.packb(data, use_bin_type=True)
+    return packed
+
+
+def _request_id(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ID_MAX:
+        return value
+    return None
+
+
+def _method(data: Mapping[str, Any], request_id: int | None) -> str:
+    method = data.get("m")
+    if not isinstance(method, str) or not method or len(method) > METHOD_MAX_CHARS:
+        raise FrameError("malformed_frame", f"m must be a method name of 1 to "
+                                            f"{METHOD_MAX_CHARS} characters", request_id)
+    return method
+
+
+def _params(data: Mapping[str, Any], request_id: int | None) -> dict[str, Any]:
+    params = data.get("p", {})
+    if not isinstance(params, dict):
+        raise FrameError("malformed_frame", f"p must be a map, got {_kind(params)}", request_id)
+    return params
+
+
+_KINDS: dict[type, str] = {dict: "map", list: "array", str: "string", bytes: "binary",
+                           bool: "boolean", int: "integer", float: "float", type(None): "nil"}
+
+
+def _kind(value: Any) -> str:
+    """The msgpack name of a value's type, for error messages."""
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def decode(data: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+    """Parse one received frame; raises only FrameError (its `request_id` set when the
+    frame's id could be read, so that the error can answer the request)."""
+    if isinstance(data, str):
+        raise FrameError("malformed_frame", "frames are binary (msgpack); got a text frame")
+    if len(data) > max_bytes:
+        raise FrameError("frame_too_large", f"frame of {len(data)} bytes exceeds the limit of "
+                                            f"{max_bytes}", size_bytes=len(data))
+    try:
+        # strict_map_key: only string (or binary) keys, so no map can hash an attacker's
+        # nested structure; raw=False: strings must be valid UTF-8.
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise FrameError("malformed_frame", f"not one msgpack value: {exc}") from None
+    if not isinstance(message, dict):
+        raise FrameError("malformed_frame", f"a frame is a map, got {_kind(message)}")
+    request_id = _request_id(message.get("id"))
+    kind = message.get("t")
+    if kind not in FRAME_TYPES:
+        raise FrameError("unknown_type", f"t must be one of {', '.join(FRAME_TYPES)}, "
+                                         f"got {kind!r}"[:200], request_id)
+    if kind == "evt":
+        return Event(_method(message, None), _params(message, None))
+    if request_id is None:
+        raise FrameError("malformed_frame", f"id must be an integer from 0 to {ID_MAX}")
+    if kind == "req":
+        return Request(request_id, _method(message, request_id), _params(message, request_id))
+    if ("p" in message) == ("e" in message):
+        raise FrameError("malformed_frame", "a response has exactly one of p and e", request_id)
+    error = message.get("e")
+    if error is not None and not (isinstance(error, dict)
+                                  and isinstance(error.get("code"), str)
+                                  and isinstance(error.get("message", ""), str)):
+        raise FrameError("malformed_frame", "e must be a map with string code and message",
+                         request_id)
+    return Response(request_id, message.get("p"), error)
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"code": code, "message": message, **details}
+
+
+# -- requests from the coordinator ---------------------------------------------------------------
+class DynoHost(Protocol):
+    """What request handlers need of the supervisor."""
+
+    draining: bool
+
+    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]: ...
+
+    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
+
+    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
+
+    async def signal_dyno(self, ref: str, signal: str,
+                          app: str | None = None) -> dict[str, Any]: ...
+
+
+def _fields(params: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]],
+            optional: Mapping[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
+    """Check a request's params: every required key, no unknown key, each of its type."""
+    optional = optional or {}
+    for key in params:
+        if key not in required and key not in optional:
+            known = ", ".join([*required, *optional]) or "none"
+            raise errors.BadRequest(f"p: unknown key {key!r} (known keys: {known})")
+    out: dict[str, Any] = {}
+    for key, kind in {**required, **optional}.items():
+        if key not in params:
+            if key in required:
+                raise errors.BadRequest(f"p.{key}: is required")
+            continue
+        value = params[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise errors.BadRequest(f"p.{key}: must be {kinds[0].__name__}, got boolean")
+        if not isinstance(value, kinds):
+            raise errors.BadRequest(f"p.{key}: must be {kinds[0].__name__}, "
+                                    f"got {_kind(value)}")
+        out[key] = value
+    return out
+
+
+def _dyno_id(value: str) -> str:
+    if not DYNO_ID.fullmatch(value):
+        raise errors.BadRequest(f"p.id: must match [a-z0-9-]{{1,64}}, got {value!r}"[:200])
+    return value
+
+
+class Requests:
+    """The requests a coordinator may send, each validated and mapped onto the supervisor
+    and the convergence engine. `handle` raises only `errors.AgentError`."""
+
+    def __init__(self, dynos: DynoHost, engine: Engine,
+                 info: Callable[[], dict[str, Any]]) -> None:
+        self.dynos = dynos
+        self.engine = engine
+        self.info = info
+        self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "dynos.sync": self.sync,
+            "dyno.start": self.start,
+            "dyno.stop": self.stop,
+            "dyno.restart": self.restart,
+            "dyno.signal": self.signal,
+            "agent.drain": self.drain,
+            "agent.info": self.agent_info,
+        }
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self._methods)
+
+    async def handle(self, method: str, params: dict[str, Any]) -> Any:
+        call = self._methods.get(method)
+        if call is None:
+            raise UnknownMethod(method)
+        return await call(params)
+
+    def _status(self, dyno_id: str) -> dict[str, Any]:
+        for status in self.dynos.list_dynos():
+            if status["id"] == dyno_id:
+                return status
+        raise errors.NotFound(f"no dyno {dyno_id}")
+
+    async def sync(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = _fields(params, {"generation": int, "dynos": list})
+        try:
+            report = await self.engine.apply(p["generation"], p["dynos"])
+        except InvalidDesiredSet as exc:
+            if exc.field in ("generation", "dynos"):
+                raise errors.BadRequest(f"p.{exc}") from None
+            raise errors.InvalidSpec(str(exc), exc.field) from None
+        return report.as_dict()
+
+    async def start(self, params: dict[str, Any]) -> dict[str, Any]:
+        spec = await self.engine.start(params)
+        return self._status(spec.id)
+
+    async def stop(self, params: dict[str, Any]) -> dict[str, Any]:
+        dyno_id = _dyno_id(_fields(params, {"id": str})["id"])
+        self._status(dyno_id)
+        return await self.dynos.stop_dyno(dyno_id)
+
+    async def restart(self, params: dict[str, Any]) -> dict[str, Any]:
+        dyno_id = _dyno_id(_fields(params, {"id": str})["id"])
+        self._status(dyno_id)
+        return await self.dynos.restart_dyno(dyno_id)
+
+    async def signal(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = _fields(params, {"id": str, "signal": (str, int)})
+        dyno_id = _dyno_id(p["id"])
+        self._status(dyno_id)
+        return await self.dynos.signal_dyno(dyno_id, str(p["signal"]))
+
+    async def drain(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Stop accepting starts; with `stop`, also stop every dyno gracefully; with
+        `cancel`, accept starts again."""
+        p = _fields(params, {}, {"stop": bool, "cancel": bool})
+        if p.get("cancel") and p.get("stop"):
+            raise errors.BadRequest("p: stop and cancel exclude each other")
+        self.dynos.draining = not p.get("cancel", False)
+        stopped: list[str] = []
+        failed: list[dict[str, str]] = []
+        if p.get("stop"):
+            running = [s["id"] for s in self.dynos.list_dynos()
+                       if s["state"] in ("starting", "up", "crashed")]
+            outcomes = await asyncio.gather(*(self.dynos.stop_dyno(i) for i in running),
+                                            return_exceptions=True)
+            for dyno_id, outcome in zip(running, outcomes, strict=True):
+                if isinstance(outcome, errors.AgentError):
+                    failed.append({"id": dyno_id, "code": outcome.code,
+                                   "message": outcome.message})
+                elif isinstance(outcome, BaseException):
+                    failed.append({"id": dyno_id, "code": errors.AgentError.code,
+                                   "message": str(outcome)})
+                else:
+                    stopped.append(dyno_id)
+        return {"draining": self.dynos.draining, "stopped": stopped, "failed": failed,
+                "dynos": self.dynos.list_dynos()}
+
+    async def agent_info(self, params: dict[str, Any]) -> dict[str, Any]:
+        _fields(params, {})
+        return self.info()
+
+
+class UnknownMethod(errors.BadRequest):
+    """The method is not part of this protocol version."""
+
+    code = "unknown_method"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"unknown method {method!r}"[:200])
+        self.method = method
+
+
+# -- the link -------------------------------------------------------------------------------------
+class LinkState(StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"  # hello answered
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+def backoff_delay(attempt: int, rng: random.Random, min_s: float = BACKOFF_MIN_S,
+                  max_s: float = BACKOFF_MAX_S) -> float:
+    """Equal-jitter exponential backoff: half the doubled base, plus a random half, so a
+    fleet whose coordinator came back does not reconnect in lock-step."""
+    base = min(max_s, min_s * (2.0 ** min(attempt, 32)))
+    return base / 2 + rng.uniform(0.0, base / 2)
+
+
+def _now_text() -> str:
+    return logs.format_timestamp(datetime.now(UTC))
+
+
+@dataclass
+class Counters:
+    connects: int = 0
+    connect_failures: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    requests: int = 0
+    errors_sent: int = 0
+    bad_frames: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0
+    heartbeats: int = 0
+
+
+class _Once:
+    """Logs the first occurrence of each kind of problem per connection at WARNING and the
+    rest at DEBUG, so a misbehaving peer cannot flood the journal."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def warn(self, kind: str, message: str, *args: Any) -> None:
+        level = logging.DEBUG if kind in self.seen else logging.WARNING
+        self.seen.add(kind)
+        log.log(level, message, *args)
+
+
+class CoordinatorLink:
+    """One agent's connection to its coordinator, kept up for the agent's whole life.
+
+    `publish_state` is the supervisor's state listener: every transition is queued in a
+    bounded buffer (newest kept, losses counted) and sent in order once connected.
+    """
+
+    def __init__(self, url: str, handler: Callable[[str, dict[str, Any]], Awaitable[Any]],
+                 hello: Callable[[], dict[str, Any]],
+                 metrics: Callable[[], list[dict[str, Any]]], *,
+                 token_file: Path | None = None, ca_file: Path | None = None,
+                 client_cert_file: Path | None = None, client_key_file: Path | None = None,
+                 heartbeat: Callable[[], dict[str, Any]] | None = None,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                 metrics_interval_s: float = METRICS_INTERVAL_S,
+                 backoff_min_s: float = BACKOFF_MIN_S, backoff_max_s: float = BACKOFF_MAX_S,
+                 buffer_limit: int = EVENT_BUFFER, max_frame_bytes: int = MAX_FRAME_BYTES,
+                 hello_timeout_s: float = HELLO_TIMEOUT_S,
+                 session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.url = url
+        self.handler = handler
+        self.hello = hello
+        self.metrics = metrics
+        self.heartbeat = heartbeat or (lambda: {})
+        self.token_file = token_file
+        self.ca_file = ca_file
+        self.client_cert_file = client_cert_file
+        self.client_key_file = client_key_file
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.metrics_interval_s = metrics_interval_s
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.max_frame_bytes = max_frame_bytes
+        self.hello_timeout_s = hello_timeout_s
+        self.session_factory = session_factory or aiohttp.ClientSession
+        self.rng = rng or random.Random()
+        self.state = LinkState.DISCONNECTED
+        self.counters = Counters()
+        self.connected_since: float | None = None
+        self.last_heartbeat_at: float | None = None
+        self.last_error: str | None = None
+        self._outbox: deque[Event] = deque(maxlen=buffer_limit)
+        self._lost_unreported = 0
+        self._seq = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._outbox_ready = asyncio.Event()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._send_lock = asyncio.Lock()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._attempt = 0
+        self._once = _Once()
+
+    # -- what the agent calls ---------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="coordinator-link")
+
+    async def close(self) -> None:
+        """Close the connection (1001, going away) and stop reconnecting."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.state = LinkState.CLOSED
+
+    def publish_state(self, change: StateChange) -> None:
+        """The supervisor's state listener; never blocks, never raises."""
+        self._queue(Event("dyno.state", {**change.as_event(), "seq": next(self._seq)}))
+
+    def _queue(self, event: Event) -> None:
+        if len(self._outbox) == self._outbox.maxlen:
+            self.counters.events_dropped += 1
+            self._lost_unreported += 1
+        self._outbox.append(event)
+        self._outbox_ready.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._outbox)
+
+    def info(self) -> dict[str, Any]:
+        def stamp(value: float | None) -> str | None:
+            return None if value is None else logs.format_timestamp(
+                datetime.fromtimestamp(value, UTC))
+
+        return {"state": str(self.state), "url": self.url,
+                "connected_since": stamp(self.connected_since),
+                "last_heartbeat_at": stamp(self.last_heartbeat_at),
+                "last_error": self.last_error, "events_buffered": len(self._outbox),
+                "counters": dict(vars(self.counters))}
+
+    # -- connection loop ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        failures = _Once()
+        while True:
+            self.state = LinkState.CONNECTING
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (LinkError, aiohttp.ClientError, OSError, TimeoutError,
+                    RequestFailed) as exc:
+                self.counters.connect_failures += 1
+                self.last_error = str(exc) or type(exc).__name__
+                failures.warn(type(exc).__name__, "coordinator link: %s; retrying with backoff",
+                              self.last_error)
+            except Exception as exc:
+                # The task root: a bug in one session must not end reporting for good.
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("coordinator session failed")
+            else:
+                failures = _Once()
+            finally:
+                self.state = LinkState.DISCONNECTED
+                self.connected_since = None
+            delay = backoff_delay(self._attempt, self.rng, self.backoff_min_s,
+                                  self.backoff_max_s)
+            self._attempt += 1
+            log.debug("reconnecting to the coordinator in %.2fs", delay)
+            await asyncio.sleep(delay)
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.url.startswith("wss://"):
+            return True
+        context = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file is not None else None)
+        if self.client_cert_file is not None:
+            context.load_cert_chain(str(self.client_cert_file),
+                                    str(self.client_key_file) if self.client_key_file else None)
+        return context
+
+    def _headers(self) -> dict[str, str]:
+        if self.token_file is None:
+            return {}
+        try:
+            # Read at every connect: a rotated token is used without restarting the agent.
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise LinkError(self.url, f"cannot read the token file {self.token_file}: "
+                                      f"{exc.strerror}") from None
+        if not token or any(c in token for c in "\r\n"):
+            raise LinkError(self.url, f"the token file {self.token_file} holds no token")
+        return {"Authorization": f"Bearer {token}"}
+
+    async def _session(self) -> None:
+        try:
+            ssl_context = self._ssl()
+        except (OSError, ssl.SSLError) as exc:
+            raise LinkError(self.url, f"TLS set-up failed: {exc}") from None
+        headers = self._headers()
+        async with self.session_factory() as session:
+            try:
+                ws = await session.ws_connect(
+                    self.url, protocols=(SUBPROTOCOL,), headers=headers, ssl=ssl_context,
+                    heartbeat=self.heartbeat_interval_s, max_msg_size=HARD_FRAME_BYTES,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
+                    autoclose=True, autoping=True)
+            except aiohttp.WSServerHandshakeError as exc:
+                raise LinkError(self.url, f"handshake refused: {exc.status} {exc.message}",
+                                exc.status) from None
+            try:
+                if ws.protocol != SUBPROTOCOL:
+                    await ws.close(code=aiohttp.WSCloseCode.PROTOCOL_ERROR,
+                                   message=f"subprotocol {SUBPROTOCOL} required".encode())
+                    raise LinkError(self.url, f"the server did not accept subprotocol "
+                                              f"{SUBPROTOCOL}")
+                self._ws = ws
+                self._once = _Once()
+                await self._serve(ws)
+            finally:
+                self._ws = None
+                for future in self._pending.values():
+                    if not future.done():
+                        future.cancel()
+                self._pending.clear()
+                if not ws.closed:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY,
+                                           message=b"agent going away")
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        handlers: set[asyncio.Task[None]] = set()
+        reader = asyncio.create_task(self._read(ws, handlers), name="coordinator-read")
+        hello = asyncio.create_task(self._request("hello", self.hello()),
+                                    name="coordinator-hello")
+        others: list[asyncio.Task[None]] = []
+        try:
+            await asyncio.wait([reader, hello], timeout=self.hello_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not hello.done():
+                if reader.done():
+                    raise LinkError(self.url, "connection closed before hello was answered")
+                raise LinkError(self.url, f"no answer to hello within "
+                                          f"{self.hello_timeout_s:g}s")
+            ack = hello.result()
+            self.state = LinkState.CONNECTED
+            self.connected_since = time.time()
+            self.counters.connects += 1
+            self._attempt = 0
+            self.last_error = None
+            log.info("connected to coordinator %s", self.url)
+            log.debug("hello acknowledged: %s", ack)
+            others = [asyncio.create_task(self._write(), name="coordinator-write"),
+                      asyncio.create_task(self._tick(self.heartbeat_interval_s, self._beat),
+                                          name="coordinator-heartbeat"),
+                      asyncio.create_task(self._tick(self.metrics_interval_s, self._metrics),
+                                          name="coordinator-metrics")]
+            done, _ = await asyncio.wait([reader, *others],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                failure = None if task.cancelled() else task.exception()
+                if failure is not None:
+                    raise failure
+            log.warning("coordinator connection closed (code %s)", ws.close_code)
+        finally:
+            for task in [reader, hello, *others, *handlers]:
+                task.cancel()
+            await asyncio.gather(reader, hello, *others, *handlers, return_exceptions=True)
+
+    # -- sending ------------------------------------------------------------------------------
+    async def _send(self, frame: Frame) -> None:
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionResetError("not connected to the coordinator")
+        data = encode(frame)
+        async with self._send_lock, asyncio.timeout(SEND_TIMEOUT_S):
+            await ws.send_bytes(data)
+        self.counters.frames_out += 1
+
+    async def _request(self, method: str, params: dict[str, Any]) -> Any:
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self._send(Request(request_id, method, params))
+            response: Response = await future
+        finally:
+            self._pending.pop(request_id, None)
+        if response.error is not None:
+            raise RequestFailed(method, str(response.error.get("code")),
+                                str(response.error.get("message", "")))
+        return response.result
+
+    async def _write(self) -> None:
+        """Send buffered events in order. An event leaves the buffer only once sent, so a
+        connection lost mid-send delivers it again after reconnect (at least once; `seq`
+        lets the coordinator drop duplicates)."""
+        while True:
+            if self._lost_unreported:
+                lost, self._lost_unreported = self._lost_unreported, 0
+                await self._send(Event("agent.events_lost", {"count": lost,
+                                                             "at": _now_text()}))
+            if not self._outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
+            event = self._outbox[0]
+            await self._send(event)
+            if self._outbox and self._outbox[0] is event:
+                self._outbox.popleft()
+            self.counters.events_sent += 1
+
+    async def _tick(self, interval_s: float, call: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await call()
+            await asyncio.sleep(interval_s)
+
+    async def _beat(self) -> None:
+        await self._send(Event("agent.heartbeat", {"at": _now_text(), **self.heartbeat()}))
+        self.last_heartbeat_at = time.time()
+        self.counters.heartbeats += 1
+
+    async def _metrics(self) -> None:
+        await self._send(Event("dyno.metrics", {"at": _now_text(), "dynos": self.metrics()}))
+
+    # -- receiving ----------------------------------------------------------------------------
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse,
+                    handlers: set[asyncio.Task[None]]) -> None:
+        async for message in ws:
+            self.counters.frames_in += 1
+            if message.type is aiohttp.WSMsgType.ERROR:
+                self._once.warn("ws-error", "coordinator connection failed: %s", message.data)
+                return
+            if message.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                continue
+            try:
+                frame = decode(message.data, self.max_frame_bytes)
+            except FrameError as exc:
+                self.counters.bad_frames += 1
+                self._once.warn(exc.code, "refusing a coordinator frame: %s", exc)
+                await self._reply_error(exc.request_id, exc.code, exc.message)
+                continue
+            if isinstance(frame, Response):
+                future = self._pending.get(frame.id) if frame.id is not None else None
+                if future is None:
+                    self._once.warn("unexpected-response",
+                                    "response to no pending request (id %s) ignored", frame.id)
+                elif not future.done():
+                    future.set_result(frame)
+            elif isinstance(frame, Event):
+                # The coordinator defines no events in protocol 1; later ones are ignored.
+                self._once.warn(f"event-{frame.method}"[:80],
+                                "ignoring unknown event %r from the coordinator",
+                                frame.method[:80])
+            elif len(handlers) >= MAX_REQUESTS_IN_FLIGHT:
+                await self._reply_error(frame.id, "busy", f"more than "
+                                        f"{MAX_REQUESTS_IN_FLIGHT} requests in flight")
+            else:
+                task = asyncio.create_task(self._answer(frame),
+                                           name=f"coordinator-req-{frame.id}")
+                handlers.add(task)
+                task.add_done_callback(handlers.discard)
+
+    async def _answer(self, request: Request) -> None:
+        self.counters.requests += 1
+        try:
+            result = await self.handler(request.method, request.params)
+        except errors.AgentError as exc:
+            if not isinstance(exc, errors.NotFound | errors.Conflict | errors.Draining):
+                self._once.warn(exc.code, "coordinator request %s refused: %s",
+                                request.method[:80], exc.message)
+            details = {"field": exc.field} if isinstance(exc, errors.InvalidSpec) else {}
+            await self._reply_error(request.id, exc.code, exc.message, **details)
+            return
+        except Exception as exc:
+            # The root of a request task: answer, never let the agent go down with it.
+            log.exception("coordinator request %s failed", request.method[:80])
+            await self._reply_error(request.id, errors.AgentError.code,
+                                    f"{type(exc).__name__}: {exc}")
+            return
+        with contextlib.suppress(ConnectionError, TimeoutError, aiohttp.ClientError):
+            await self._send(Response(request.id, result))
+
+    async def _reply_error(self, request_id: int | None, code: str, message: str,
+                           **details: Any) -> None:
+        self.counters.errors_sent += 1
+        with contextlib.suppress(ConnectionError, TimeoutError, aiohttp.ClientError):
+            await self._send(Response(request_id, error=error_body(code, message, **details)))
+
+
+# -- composition for the daemon -------------------------------------------------------------------
+def hello_payload(info: Mapping[str, Any], dynos: list[dict[str, Any]],
+                  generation: int | None, draining: bool) -> dict[str, Any]:
+    """The `hello` params from the daemon's info (docs/protocol.md, "hello")."""
+    return {
+        "agent_id": info["agent_id"],
+        "host": info["host"],
+        "version": info["version"],
+        "protocol": PROTOCOL_VERSION,
+        "boot_id": info["boot_id"],
+        "started_at": info["started_at"],
+        "capacity": info["capacity"],
+        "labels": {"arch": platform.machine(), "kernel": os.uname().release,
+                   "cgroup_mode": info["cgroup_mode"]},
+        "generation": generation,
+        "draining": draining,
+        "dynos": dynos,
+    }
+
+
+def dyno_metrics(supervisor: Any) -> list[dict[str, Any]]:
+    """Per-dyno figures of the last memory sample (the same as the runtime-metrics lines)."""
+    out = []
+    for dyno in list(supervisor.dynos.values()):
+        stats = dyno.last_stats
+        out.append({
+            "id": dyno.id, "app": dyno.spec.app, "name": dyno.spec.name,
+            "state": str(dyno.state), "restarts": dyno.record.restarts,
+            "memory_quota_bytes": dyno.spec.size.memory_quota_bytes,
+            "memory_rss_bytes": None if stats is None else stats.memory_rss_bytes,
+            "memory_bytes": None if stats is None else stats.memory_current_bytes,
+            "cpu_seconds": None if stats is None or stats.cpu_usage_usec is None
+            else stats.cpu_usage_usec / 1e6,
+            "pids": None if stats is None else stats.pids_current,
+        })
+    return out
