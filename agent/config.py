@@ -37,6 +37,9 @@ class Config:
     coordinator_url: str | None = None
     coordinator_token_file: Path | None = None
     coordinator_ca_file: Path | None = None
+    # A client certificate (PEM) and its key for wss:// coordinators that require mutual TLS.
+    coordinator_client_cert_file: Path | None = None
+    coordinator_client_key_file: Path | None = None
     # Empty tuple means "none": every restart is immediate (private spaces).
     restart_schedule_s: tuple[float, ...] = HEROKU_RESTART_SCHEDULE_S
     boot_timeout_s: float = 60.0
@@ -150,6 +153,8 @@ _PARSERS: dict[str, Any] = {
     "coordinator_url": _coordinator_url,
     "coordinator_token_file": _path,
     "coordinator_ca_file": _path,
+    "coordinator_client_cert_file": _path,
+    "coordinator_client_key_file": _path,
     "restart_schedule_s": _schedule,
     "boot_timeout_s": _seconds,
     "stop_timeout_s": _seconds,
@@ -175,6 +180,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         raise ConfigError("run_dir", f"is too long for the default socket {config.socket_path}")
     if config.coordinator_url is not None and config.coordinator_token_file is None:
         raise ConfigError("coordinator_token_file", "is required when coordinator_url is set")
+    if (config.coordinator_client_key_file is not None
+            and config.coordinator_client_cert_file is None):
+        raise ConfigError("coordinator_client_key_file",
+                          "needs coordinator_client_cert_file (the certificate it belongs to)")
     return config
 
 

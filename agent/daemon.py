@@ -31,12 +31,14 @@ from agent import __version__, logsetup, notify
 from agent import config as config_mod
 from agent.api import build_app
 from agent.config import Config
+from agent.coordinator import CoordinatorLink, Requests, dyno_metrics, hello_payload
 from agent.errors import ConfigError, NotReady
 from agent.events import EventBus, EventFollower
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocator
 from agent.logs import LogHub
 from agent.peercred import group_id, peer_credentials
+from agent.reconcile import DesiredStore, Engine, SupervisorFleet
 from agent.records import RecordStore
 from agent.runtime import HostRuntime
 from agent.slug import SlugStore
@@ -111,6 +113,8 @@ class Daemon:
         self.network: netns.HostNetwork | None = None
         self.holder: HolderClient | None = None
         self.supervisor: Supervisor | None = None
+        self.engine: Engine | None = None
+        self.coordinator: CoordinatorLink | None = None
         # Set at shutdown when no dyno is left: then the agent also removes what it shares
         # between dynos (holder, cgroup root, firewall table), leaving nothing behind.
         self.idle_at_exit = False
@@ -135,12 +139,19 @@ class Daemon:
                 "cpus": os.cpu_count() or 1,
                 "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             },
-            "coordinator": {"state": "disabled" if self.config.coordinator_url is None
-                            else "disconnected", "url": self.config.coordinator_url},
+            "coordinator": self._coordinator_info(),
             "dynos": (self.supervisor.counts() if self.supervisor is not None
                       else {"total": 0, "by_state": {}}),
             "socket": str(self.config.socket_path),
         }
+
+    def _coordinator_info(self) -> dict[str, Any]:
+        link: dict[str, Any] = (
+            self.coordinator.info() if self.coordinator is not None
+            else {"state": "disabled" if self.config.coordinator_url is None
+                  else "disconnected", "url": self.config.coordinator_url})
+        link["generation"] = self.engine.generation if self.engine is not None else None
+        return link
 
     # -- signals ---------------------------------------------------------------------------
     def request_stop(self, signame: str) -> None:
@@ -377,6 +388,43 @@ class Daemon:
         report = await asyncio.to_thread(self.network.sweep, live_spaces, live_ns)
         log.info("sweep done: %s", report)
 
+    @contextlib.asynccontextmanager
+    async def _coordinator(self) -> AsyncIterator[None]:
+        """The convergence engine, and the link to the coordinator when one is configured.
+        The persisted desired set is loaded but not acted on (static stability)."""
+        supervisor = self.supervisor
+        assert supervisor is not None
+        engine = Engine(SupervisorFleet(supervisor), DesiredStore(self.config.state_dir))
+        self.engine = engine
+        url = self.config.coordinator_url
+        if url is None:
+            yield
+            return
+
+        def hello() -> dict[str, Any]:
+            return hello_payload(self.info(), supervisor.list_dynos(), engine.generation,
+                                 supervisor.draining)
+
+        def heartbeat() -> dict[str, Any]:
+            return {"dynos": supervisor.counts(), "generation": engine.generation,
+                    "draining": supervisor.draining}
+
+        link = CoordinatorLink(
+            url, Requests(supervisor, engine, self.info).handle, hello,
+            lambda: dyno_metrics(supervisor), heartbeat=heartbeat,
+            token_file=self.config.coordinator_token_file,
+            ca_file=self.config.coordinator_ca_file,
+            client_cert_file=self.config.coordinator_client_cert_file,
+            client_key_file=self.config.coordinator_client_key_file)
+        supervisor.state_listeners.append(link.publish_state)
+        self.coordinator = link
+        link.start()
+        try:
+            yield
+        finally:
+            supervisor.state_listeners.remove(link.publish_state)
+            await link.close()
+
     def _bind_socket(self) -> socket.socket:
         path = self.config.socket_path
         if path.exists() or path.is_symlink():
@@ -440,6 +488,7 @@ class Daemon:
             Step("network", self._network),
             Step("dyno holder", self._holder),
             Step("supervisor", self._supervisor),
+            Step("coordinator", self._coordinator),
             Step("operator socket", self._operator_socket),
         ]
 
