@@ -1,0 +1,284 @@
+"""The real daemon driven by the test coordinator (written from docs/protocol.md) inside a
+test host: hello, desired-set sync by generation, events while the coordinator is away,
+and static stability across an agent SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.agentproc import AgentProcess
+from tests.support.coordinator import CoordinatorThread, TestCoordinator
+from tests.support.names import unique
+from tests.support.testhost import TestHost, new_test_host
+from tests.support.wait import wait_for
+
+
+@dataclass
+class Cluster:
+    host: TestHost
+    coordinator: CoordinatorThread
+    agent: AgentProcess
+    slug: Path
+    prefix: str
+    generation: int = 0
+
+    def spec(self, n: int, command: str = "sleep 1000") -> dict[str, Any]:
+        return {"id": f"{self.prefix}-{n}", "app": "demo", "name": f"worker.{n}",
+                "command": command, "release": {"version": 1, "slug": {"path": str(self.slug)}},
+                "stop_timeout_s": 5}
+
+    def sync(self, generation: int, specs: list[dict[str, Any]]) -> dict[str, Any]:
+        response = self.coordinator.request("dynos.sync",
+                                            {"generation": generation, "dynos": specs})
+        assert "p" in response, response
+        result: dict[str, Any] = response["p"]
+        return result
+
+    def ps(self) -> dict[str, dict[str, Any]]:
+        return {d["id"]: d for d in self.agent.ctl_json("ps")}
+
+    def states(self, dyno_id: str) -> list[tuple[str | None, str]]:
+        return [(s["previous"], s["state"])
+                for s in self.coordinator.snapshot(lambda c: c.states(dyno_id))]
+
+    def wait_up(self, ids: list[str], timeout_s: float = 30) -> dict[str, dict[str, Any]]:
+        def all_up() -> dict[str, dict[str, Any]] | None:
+            ps = self.ps()
+            return ps if all(ps.get(i, {}).get("state") == "up" for i in ids) else None
+        return wait_for(all_up, timeout_s, interval_s=0.1, what=f"{ids} up")
+
+
+def _holder_pids(base: Path) -> list[int]:
+    """The holder processes this test's agent started (their command line names its dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"agent.holder" in cmdline and str(base).encode() in cmdline:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _force_cleanup(agent: AgentProcess, prefix: str) -> None:
+    """Whatever a failed test left: the agent's cgroup trees, its holder, dyno namespaces."""
+    root = agent.settings["cgroup_root"]
+    unified = Path("/sys/fs/cgroup/unified") / root
+    if unified.exists():
+        with contextlib.suppress(OSError):
+            (unified / "cgroup.kill").write_text("1")
+    for pid in _holder_pids(agent.base):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / root
+        if top.is_dir():
+            # Deepest first; a just-killed group empties asynchronously, so retry briefly.
+            for path in [*sorted(top.rglob("*"), key=lambda p: -len(p.parts)), top]:
+                if path.is_dir():
+                    with contextlib.suppress(OSError, TimeoutError):
+                        wait_for(lambda p=path: _rmdir(p), 5, interval_s=0.05)
+    for n in range(1, 10):
+        subprocess.run(["ip", "netns", "del", f"dyno-{prefix}-{n}"], capture_output=True,
+                       check=False)
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    prefix = unique("dt", 6)
+    with new_test_host() as host:
+        coordinator = CoordinatorThread(host.name).start()
+        token = tmp_path / "token"
+        token.write_text("test-token\n")
+        agent = AgentProcess(netns=host.name, extra={
+            "coordinator_url": coordinator.url, "coordinator_token_file": str(token),
+            "restart_schedule_s": [2.0], "stop_timeout_s": 5})
+        slug = agent.base / "slug"
+        slug.mkdir()
+        (slug / "Procfile").write_text("worker: sleep 1000\n")
+        c = Cluster(host, coordinator, agent, slug, prefix)
+        try:
+            agent.start()
+            yield c
+        finally:
+            try:
+                if agent.proc is not None and agent.proc.poll() is None:
+                    with contextlib.suppress(Exception):
+                        if coordinator.snapshot(lambda co: co.current) is None:
+                            coordinator.come_back()
+                        coordinator.wait(lambda co: co.current, 15, "agent connected")
+                        c.sync(10**12, [])
+                agent.stop()
+            finally:
+                coordinator.close()
+                _force_cleanup(agent, prefix)
+                agent.cleanup()
+
+
+def _connections(c: TestCoordinator) -> int:
+    return len(c.connections)
+
+
+def test_hello_sync_converges_by_generation(cluster: Cluster) -> None:
+    c = cluster
+    first = c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    assert first.hello is not None
+    hello = first.hello
+    assert hello["protocol"] == 1 and hello["dynos"] == [] and hello["generation"] is None
+    assert {"agent_id", "host", "version", "capacity", "labels", "boot_id"} <= set(hello)
+
+    specs = [c.spec(n) for n in (1, 2, 3)]
+    report = c.sync(1, specs)
+    assert report["started"] == sorted(s["id"] for s in specs) and report["failed"] == []
+    ids = [s["id"] for s in specs]
+    c.wait_up(ids)
+    for dyno_id in ids:
+        c.coordinator.wait(lambda co, i=dyno_id: len(co.states(i)) >= 2, 15, "events")
+        assert c.states(dyno_id)[:2] == [(None, "starting"), ("starting", "up")]
+
+    report = c.sync(2, specs[:2])
+    assert report["removed"] == [ids[2]] and sorted(report["unchanged"]) == ids[:2]
+    assert set(c.ps()) == set(ids[:2])
+    assert c.states(ids[2])[-1] == ("up", "down")
+
+    report = c.sync(1, specs)
+    assert report["ignored"] is True and report["applied_generation"] == 2
+    assert set(c.ps()) == set(ids[:2])
+
+    info = c.agent.ctl_json("info")["coordinator"]
+    assert info["state"] == "connected" and info["generation"] == 2
+    assert info["counters"]["requests"] >= 3
+
+    # A coordinator that reconnects is told about every dyno in hello.
+    c.coordinator.go_away()
+    c.coordinator.come_back()
+    c.coordinator.wait(lambda co: _connections(co) == 2 and co.current, 30, "reconnect")
+    hello = c.coordinator.snapshot(lambda co: co.hellos[-1])
+    assert sorted(d["id"] for d in hello["dynos"]) == ids[:2]
+    assert all(d["state"] == "up" for d in hello["dynos"]) and hello["generation"] == 2
+
+
+def test_events_while_the_coordinator_is_away_arrive_in_order(cluster: Cluster) -> None:
+    c = cluster
+    c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    specs = [c.spec(1), c.spec(2)]
+    c.sync(1, specs)
+    ids = [s["id"] for s in specs]
+    before = c.wait_up(ids)
+    c.coordinator.wait(lambda co: all(len(co.states(i)) >= 2 for i in ids), 15, "up events")
+
+    c.coordinator.go_away()
+    wait_for(lambda: c.agent.ctl_json("info")["coordinator"]["state"] != "connected", 15,
+             what="agent noticed")
+    # Crash dyno 1 twice while nobody listens: an immediate restart, then a cool-off.
+    for crash in (1, 2):
+        pid = c.ps()[ids[0]]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda p=pid: c.ps()[ids[0]]["pid"] not in (None, p)
+                 and c.ps()[ids[0]]["state"] == "up", 30, interval_s=0.1,
+                 what=f"restart after crash {crash}")
+    after = c.ps()
+    assert after[ids[0]]["restarts"] == 2
+    assert after[ids[1]]["pid"] == before[ids[1]]["pid"], "the other dyno was untouched"
+    assert c.agent.ctl_json("info")["coordinator"]["events_buffered"] >= 6
+
+    c.coordinator.come_back()
+    c.coordinator.wait(lambda co: len(co.states(ids[0])) >= 8, 30, "buffered events")
+    assert c.states(ids[0]) == [
+        (None, "starting"), ("starting", "up"),
+        ("up", "crashed"), ("crashed", "starting"), ("starting", "up"),
+        ("up", "crashed"), ("crashed", "starting"), ("starting", "up")]
+    seqs = [s["seq"] for s in c.coordinator.snapshot(lambda co: co.states())]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    crashed = [s for s in c.coordinator.snapshot(lambda co: co.states(ids[0]))
+               if s["state"] == "crashed"]
+    assert all(s["exit_status"] == 137 and s["reason"] == "crash" for s in crashed)
+    assert c.states(ids[1]) == [(None, "starting"), ("starting", "up")]
+
+
+def test_agent_sigkilled_while_disconnected_kills_nothing(cluster: Cluster) -> None:
+    c = cluster
+    c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    specs = [c.spec(n) for n in (1, 2, 3)]
+    c.sync(5, specs)
+    ids = [s["id"] for s in specs]
+    before = c.wait_up(ids)
+
+    c.coordinator.go_away()
+    assert c.agent.proc is not None
+    c.agent.proc.kill()
+    c.agent.proc.wait(10)
+    for dyno_id in ids:
+        os.kill(before[dyno_id]["pid"], 0)  # still running without any agent
+    c.agent.start()
+    after = c.wait_up(ids)
+    assert {i: after[i]["pid"] for i in ids} == {i: before[i]["pid"] for i in ids}
+
+    c.coordinator.come_back()
+    c.coordinator.wait(lambda co: len(co.hellos) == 2, 30, "hello after restart")
+    hello = c.coordinator.snapshot(lambda co: co.hellos[-1])
+    assert hello["generation"] == 5
+    assert {d["id"]: d["pid"] for d in hello["dynos"]} == {i: before[i]["pid"] for i in ids}
+    assert all(d["state"] == "up" for d in hello["dynos"])
+    assert not any(s["state"] in ("down", "crashed") for s in
+                   c.coordinator.snapshot(lambda co: co.states()))
+
+    report = c.sync(5, specs)
+    assert sorted(report["unchanged"]) == ids and not report["started"]
+    assert {i: d["pid"] for i, d in c.ps().items()} == {i: before[i]["pid"] for i in ids}
+
+
+def test_requests_by_id_and_drain(cluster: Cluster) -> None:
+    c = cluster
+    c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    spec = c.spec(1)
+    started = c.coordinator.request("dyno.start", spec)
+    assert started["p"]["id"] == spec["id"]
+    again = c.coordinator.request("dyno.start", spec)
+    assert again["p"]["id"] == spec["id"]
+    c.wait_up([spec["id"]])
+    assert len(c.ps()) == 1
+
+    other = c.coordinator.request("dyno.start", {**spec, "command": "sleep 5"})
+    assert other["e"]["code"] == "conflict"
+    bad = c.coordinator.request("dyno.start", {**spec, "id": "x-2", "size": "enormous"})
+    assert bad["e"]["code"] == "invalid_spec" and bad["e"]["field"] == "size"
+    unknown = c.coordinator.request("dyno.stop", {"id": "nope"})
+    assert unknown["e"]["code"] == "not_found"
+
+    signalled = c.coordinator.request("dyno.signal", {"id": spec["id"], "signal": "USR1"})
+    assert signalled["p"]["signalled"] >= 1
+    stopped = c.coordinator.request("dyno.stop", {"id": spec["id"]})
+    assert stopped["p"]["state"] == "down"
+    c.coordinator.request("dyno.start", spec)
+    c.wait_up([spec["id"]])
+
+    drained = c.coordinator.request("agent.drain", {})
+    assert drained["p"]["draining"] is True
+    refused = c.coordinator.request("dyno.start", c.spec(2))
+    assert refused["e"]["code"] == "draining"
+    drained = c.coordinator.request("agent.drain", {"stop": True})
+    assert drained["p"]["stopped"] == [spec["id"]]
+    assert c.ps()[spec["id"]]["state"] == "down"
+    info = c.coordinator.request("agent.info")["p"]
+    assert info["coordinator"]["state"] == "connected"
+    c.coordinator.request("agent.drain", {"cancel": True})
