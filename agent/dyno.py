@@ -85,6 +85,8 @@ class Dyno:
             exit_status=record.exit_status)
         self.timings_ms: dict[str, float] = {}
         self.last_stats: Any = None
+        # Output lines the holder had to drop before this agent read them (reported as L10).
+        self.output_dropped = 0
         self._exits: dict[int, int] = {}
         self._wakeup = asyncio.Event()
         self._commands: list[tuple[Command, asyncio.Future[None]]] = []

@@ -97,6 +97,7 @@ class Supervisor:
             return
         app, name = dyno.spec.app, dyno.spec.name
         if event.dropped:
+            dyno.output_dropped += event.dropped
             self.hub.publish(LogLine.agent(_now(), app, name, l10_buffer_overflow(event.dropped),
                                            dyno.id))
         for stamp, data in event.lines:
@@ -209,6 +210,7 @@ class Supervisor:
             },
             "timings_ms": dyno.timings_ms,
             "crashes": dyno.record.crashes,
+            "output_dropped": dyno.output_dropped,
         })
         return status
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,54 @@ from tests.support.names import unique
 from tests.support.wait import wait_for
 
 BIN = Path(sys.executable).parent
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over the agent's Unix socket (the operator API)."""
+
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class ApiStream:
+    """A streamed answer read line by line; closing it closes the connection."""
+
+    def __init__(self, conn: UnixHTTPConnection, response: http.client.HTTPResponse) -> None:
+        self.conn = conn
+        self.response = response
+
+    def readline(self) -> bytes:
+        return self.response.readline()
+
+    def settimeout(self, timeout_s: float | None) -> None:
+        assert self.conn.sock is not None
+        self.conn.sock.settimeout(timeout_s)
+
+    def close(self) -> None:
+        self.response.close()
+        self.conn.close()
+
+    def __enter__(self) -> ApiStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ApiError(AssertionError):
+    """The operator API answered with an unexpected status; carries the status and body."""
+
+    def __init__(self, method: str, path: str, status: int, body: bytes) -> None:
+        super().__init__(f"{method} {path} -> {status}: {body[:2000]!r}")
+        self.status = status
+        self.body = body
 
 
 def toml_value(value: Any) -> str:
@@ -99,6 +149,43 @@ class AgentProcess:
 
     def ctl_json(self, *args: str) -> Any:
         return json.loads(self.ctl(*args, "--json").stdout)
+
+    def api(self, method: str, path: str, body: Any = None, expect: int | None = None,
+            timeout_s: float = 60) -> Any:
+        """One JSON request to the operator API; the decoded body (None when empty). Raises
+        ApiError unless the status is `expect` (any 2xx when None)."""
+        conn = UnixHTTPConnection(self.socket, timeout_s)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {} if payload is None else {"Content-Type": "application/json"}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        ok = response.status == expect if expect is not None else 200 <= response.status < 300
+        if not ok:
+            raise ApiError(method, path, response.status, data)
+        if not data:
+            return None
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return json.loads(data)
+        return data.decode("utf-8", "replace")
+
+    def stream(self, path: str, timeout_s: float = 60) -> ApiStream:
+        """Open a follow stream (`/v1/logs?follow=1`, `/v1/events?follow=1`)."""
+        conn = UnixHTTPConnection(self.socket, timeout_s)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        if response.status != 200:
+            data = response.read()
+            conn.close()
+            raise ApiError("GET", path, response.status, data)
+        return ApiStream(conn, response)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
