@@ -3,7 +3,6 @@ process inherits from the holder (stdio, signal dispositions, stray fds, resourc
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import resource
@@ -69,12 +68,13 @@ def set_rlimits(nofile: int) -> None:
     """
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-    except OSError as e:
-        # Raising the hard limit above the holder's needs CAP_SYS_RESOURCE, which some hosts'
-        # bounding sets lack: then the holder's hard limit is the most a dyno can get.
-        if e.errno != errno.EPERM:
-            raise
+    except ValueError:
+        # CPython reports setrlimit's EPERM as ValueError. Raising the hard limit above the
+        # holder's needs CAP_SYS_RESOURCE, which some hosts' bounding sets lack: then the
+        # holder's hard limit is the most a dyno can get.
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard >= nofile:
+            raise
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # A crashing app must not fill the writable layer (or a host core_pattern pipe) with
     # dumps of its memory.

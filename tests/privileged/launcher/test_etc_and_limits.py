@@ -217,3 +217,19 @@ def test_dev_is_minimal(holder: Holder, make_dyno: Any) -> None:
     assert pts.split() == ["ptmx"]  # a private devpts instance: no host terminals
     assert (urandom.strip(), zero.split(), null_ok, full) == ("4", ["00"] * 4, "null-ok", "1")
     assert rest == ["0"]  # no DEVWRITE; no block device could be made or read
+
+
+def test_open_files_above_the_holders_hard_limit(holder: Holder, make_dyno: Any) -> None:
+    helper_pid = holder.call(op="info")["pid"]
+    hard = int(_limits(Path(f"/proc/{helper_pid}/limits").read_text())["Max open files"][1])
+    status_text = Path(f"/proc/{helper_pid}/status").read_text()
+    cap_eff = int(next(line.split()[1] for line in status_text.splitlines()
+                       if line.startswith("CapEff:")), 16)
+    cap_sys_resource = 24
+    wanted = min(hard + 1000, 1 << 20)
+    status, out = run(holder, make_dyno("cat /proc/self/limits", nofile_limit=wanted))
+    assert status == 0, out
+    # Raising a hard limit needs CAP_SYS_RESOURCE; without it the holder's hard limit is the
+    # ceiling instead of a failed launch.
+    expected = wanted if cap_eff & (1 << cap_sys_resource) else hard
+    assert _limits(out)["Max open files"] == (str(expected), str(expected))
