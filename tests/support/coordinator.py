@@ -27,7 +27,7 @@ CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
-def pack(frame: dict[str, Any]) -> bytes:
+def pack(frame: Any) -> bytes:
     data: bytes = msgpack.packb(frame, use_bin_type=True)
     return data
 
