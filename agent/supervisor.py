@@ -52,6 +52,10 @@ class Supervisor:
         self.state_listeners: list[Callable[[StateChange], None]] = []
         self._release = release
         self._background: set[asyncio.Task[None]] = set()
+        # Held processes no record owns (an agent killed between the holder's launch and the
+        # record's save, or a record deleted meanwhile): released once they have exited, so
+        # an idle holder really is empty and can be stopped.
+        self._strays: set[tuple[str, int]] = set()
 
     @property
     def timing(self) -> Timing:
@@ -87,6 +91,9 @@ class Supervisor:
         if isinstance(event, OutputEvent):
             self._on_output(event)
         elif isinstance(event, ExitEvent) and event.kind == "launch":
+            if (event.dyno_id, event.pid) in self._strays:
+                self._release_stray(event.dyno_id, event.pid)
+                return
             dyno = self.dynos.get(event.dyno_id)
             if dyno is not None:
                 dyno.on_exit(event.pid, event.status)
@@ -106,12 +113,32 @@ class Supervisor:
                                             dyno.id))
 
     # -- start-up: adoption ----------------------------------------------------------------------
+    def _release_stray(self, dyno_id: str, pid: int) -> None:
+        self._strays.discard((dyno_id, pid))
+        if self._release is not None:
+            self._spawn(self._release(dyno_id, pid), f"release-{dyno_id}")
+
     def restore(self, held: Iterable[HeldProcess]) -> list[str]:
         """Rebuild every recorded dyno and resume supervising it. Processes the holder still
         runs are adopted as they are; exits it saw while we were away are handled by policy."""
         by_key = {(p.dyno_id, p.pid): p for p in held if p.kind == "launch"}
+        unclaimed = dict(by_key)
         restored = []
-        for record in self.records.load_all():
+        records = list(self.records.load_all())
+        for record in records:
+            if record.pid is not None:
+                unclaimed.pop((record.id, record.pid), None)
+        for record in records:
+            if record.pid is None:
+                # The agent died after the holder launched the process but before the record
+                # said so: that process is the dyno, adopt it rather than launch a second one.
+                orphans = [p for p in unclaimed.values()
+                           if p.dyno_id == record.id and p.running]
+                if len(orphans) == 1:
+                    log.warning("adopting dyno %s pid %d launched just before the agent "
+                                "stopped", record.id, orphans[0].pid)
+                    record.pid, record.start_time = orphans[0].pid, orphans[0].start_time
+                    unclaimed.pop((record.id, record.pid))
             try:
                 spec = parse_spec(record.spec, self.config.sizes)
             except SpecError as exc:
@@ -141,6 +168,18 @@ class Supervisor:
             self.dynos[spec.id] = dyno
             dyno.start(adopt=adopt)
             restored.append(spec.id)
+        for key, process in unclaimed.items():
+            # Still running: its cgroup is swept (no record owns it) or, for a dyno that has
+            # a record, killed with the cgroup below; either way its exit releases it.
+            self._strays.add(key)
+            if not process.running:
+                self._release_stray(*key)
+            else:
+                owner = self.dynos.get(process.dyno_id)
+                if owner is not None and owner.placement is not None \
+                        and owner.record.pid is None:
+                    log.warning("killing stray processes of dyno %s", process.dyno_id)
+                    self.runtime.kill(owner.placement)
         log.info("restored %d dynos", len(restored))
         return restored
 

@@ -155,6 +155,7 @@ class Harness:
     hub: LogHub
     events: list[dict[str, Any]]
     records: RecordStore
+    released: list[tuple[str, int]]
 
     def lines(self, name: str) -> list[str]:
         return [line.text for line in self.hub.tail(dyno=name)
@@ -200,13 +201,17 @@ async def _harness(tmp_path: Path, runtime: FakeRuntime | None = None,
     runtime = runtime or FakeRuntime()
     hub, bus = LogHub(), EventBus()
     records = RecordStore(tmp_path / "state")
+    released: list[tuple[str, int]] = []
+
+    async def release(dyno_id: str, pid: int) -> None:
+        released.append((dyno_id, pid))
+    sample_interval_s = config.pop("sample_interval_s", 3600.0)
     supervisor = Supervisor(make_config(tmp_path, **config), runtime, records, hub, bus,
-                            sample_interval_s=config.pop("sample_interval_s", 3600.0)
-                            if "sample_interval_s" in config else 3600.0)
+                            release=release, sample_interval_s=sample_interval_s)
     runtime.supervisor = supervisor
     events: list[dict[str, Any]] = []
     supervisor.state_listeners.append(lambda change: events.append(change.as_event()))
-    return Harness(supervisor, runtime, hub, events, records)
+    return Harness(supervisor, runtime, hub, events, records, released)
 
 
 @pytest.fixture
@@ -490,5 +495,47 @@ async def test_start_concurrency_is_bounded_and_200_starts_all_come_up(
                       timeout_s=20, what="200 up")
         assert runtime.max_concurrent == MAX_CONCURRENT_STARTS
         assert len(set(runtime.launches)) == 200
+    finally:
+        await h.supervisor.detach_all()
+
+
+def _held(dyno_id: str, pid: int, running: bool, status: int | None = None) -> HeldProcess:
+    return HeldProcess(dyno_id, "launch", pid, 1, running, status, None, 0, 0, 0, None)
+
+
+async def test_restore_adopts_a_process_launched_before_its_record_was_saved(
+        tmp_path: Path) -> None:
+    first = await _harness(tmp_path)
+    dyno_id = await first.create("worker.1")
+    await first.state(dyno_id, "up")
+    await first.supervisor.detach_all()
+    # As if the agent died between the holder's launch and the record's save.
+    record = next(r for r in first.records.load_all() if r.id == dyno_id)
+    pid = record.pid
+    assert pid is not None
+    record.pid, record.start_time, record.state = None, None, "starting"
+    first.records.save(record)
+
+    second = await _harness(tmp_path)
+    second.runtime.procs[dyno_id] = Proc(pid)
+    try:
+        second.supervisor.restore([_held(dyno_id, pid, True)])
+        status = await second.state(dyno_id, "up")
+        assert status["pid"] == pid
+        assert second.runtime.launches == [], "adopted, not launched a second time"
+        assert second.runtime.kills == 0
+    finally:
+        await second.supervisor.detach_all()
+
+
+async def test_restore_releases_held_processes_no_record_owns(tmp_path: Path) -> None:
+    h = await _harness(tmp_path)
+    try:
+        h.supervisor.restore([_held("gone-1", 4000, False, 0), _held("gone-2", 4001, True)])
+        await h.until(lambda: ("gone-1", 4000) in h.released, what="exited stray released")
+        assert ("gone-2", 4001) not in h.released  # still running: the sweep kills it
+        h.supervisor.on_holder_event(ExitEvent("gone-2", "launch", 4001, 137, 9, time.time()))
+        await h.until(lambda: ("gone-2", 4001) in h.released, what="stray released on exit")
+        assert h.supervisor.dynos == {}
     finally:
         await h.supervisor.detach_all()
