@@ -282,3 +282,38 @@ def test_requests_by_id_and_drain(cluster: Cluster) -> None:
     info = c.coordinator.request("agent.info")["p"]
     assert info["coordinator"]["state"] == "connected"
     c.coordinator.request("agent.drain", {"cancel": True})
+
+
+
+def _replace_once(c: Cluster) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    spec = c.spec(1)
+    c.sync(1, [spec])
+    old = c.wait_up([spec["id"]])[spec["id"]]
+    changed = {**spec, "command": "sleep 2000", "env": {"RELEASE": "v2"}}
+    report = c.sync(2, [changed])
+    assert report["replaced"] == [spec["id"]] and report["failed"] == []
+    return changed, old, report
+
+
+def test_changed_spec_is_replaced_under_the_same_id(cluster: Cluster) -> None:
+    c = cluster
+    changed, old, _ = _replace_once(c)
+    new = c.wait_up([changed["id"]])[changed["id"]]
+    assert new["pid"] != old["pid"] and new["command"] == "sleep 2000"
+    assert ("up", "down") in c.states(changed["id"])
+    report = c.sync(3, [changed])
+    assert report["unchanged"] == [changed["id"]]
+
+
+@pytest.mark.xfail(strict=True, reason="runtime.unplace() only schedules the namespace's "
+                   "deletion (destroy_later), so a dyno started again under the same id "
+                   "finds /run/netns/dyno-<id> still there (EEXIST) and crashes once or "
+                   "twice before it comes up")
+def test_replacement_starts_cleanly(cluster: Cluster) -> None:
+    c = cluster
+    changed, _, _ = _replace_once(c)
+    c.wait_up([changed["id"]])
+    after_down = c.states(changed["id"])
+    after_down = after_down[after_down.index(("up", "down")) + 1:]
+    assert after_down == [(None, "starting"), ("starting", "up")]
