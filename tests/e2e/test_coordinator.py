@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -317,3 +319,62 @@ def test_replacement_starts_cleanly(cluster: Cluster) -> None:
     after_down = c.states(changed["id"])
     after_down = after_down[after_down.index(("up", "down")) + 1:]
     assert after_down == [(None, "starting"), ("starting", "up")]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}-dt",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext, cwd=d)
+    return d
+
+
+@pytest.mark.parametrize("with_client_cert", [True, False])
+def test_wss_with_ca_and_client_certificate(tmp_path: Path, pki: Path,
+                                            with_client_cert: bool) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    server.load_cert_chain(str(pki / "server.pem"), str(pki / "server.key"))
+    server.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
+    token = tmp_path / "token"
+    token.write_text("test-token\n")
+    with new_test_host() as host:
+        coordinator = CoordinatorThread(host.name, ssl_context=server).start()
+        extra: dict[str, Any] = {"coordinator_url": coordinator.url,
+                                 "coordinator_token_file": str(token),
+                                 "coordinator_ca_file": str(pki / "ca.pem")}
+        if with_client_cert:
+            extra.update(coordinator_client_cert_file=str(pki / "client.pem"),
+                         coordinator_client_key_file=str(pki / "client.key"))
+        agent = AgentProcess(netns=host.name, extra=extra)
+        try:
+            agent.start()
+            assert coordinator.url.startswith("wss://")
+            if with_client_cert:
+                conn = coordinator.wait(lambda c: c.current, 15, "hello over TLS")
+                assert conn.hello is not None and conn.hello["protocol"] == 1
+                peer = conn.peercert
+                assert peer is not None and ("commonName", "client-dt") in peer["subject"][0]
+                assert agent.ctl_json("info")["coordinator"]["state"] == "connected"
+            else:
+                wait_for(lambda: agent.ctl_json("info")["coordinator"]["counters"]
+                         ["connect_failures"] >= 2, 15, what="refused handshakes")
+                info = agent.ctl_json("info")["coordinator"]
+                assert info["state"] != "connected" and info["last_error"]
+                assert coordinator.snapshot(lambda c: c.hellos) == []
+        finally:
+            agent.stop()
+            coordinator.close()
+            agent.cleanup()

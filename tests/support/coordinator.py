@@ -9,6 +9,7 @@ import ctypes
 import itertools
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -36,6 +37,7 @@ def pack(frame: Any) -> bytes:
 class Connection:
     ws: web.WebSocketResponse
     hello: dict[str, Any] | None = None
+    peercert: dict[str, Any] | None = None  # the agent's TLS client certificate, if any
     closed: bool = False
 
 
@@ -77,14 +79,16 @@ class TestCoordinator:
         self._runner: web.AppRunner | None = None
 
     # -- server ----------------------------------------------------------------------------
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on a bound, listening socket (Unix, or TCP in a test host's namespace)."""
+    async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
+                    ) -> None:
+        """Serve on a bound, listening socket (Unix, or TCP in a test host's namespace),
+        with TLS when `ssl_context` is given (wss://)."""
         app = web.Application()
         app.router.add_get(PATH, self._connect)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
 
     async def stop(self) -> None:
         """Go away: stop listening and drop every connection (1001, going away)."""
@@ -107,7 +111,9 @@ class TestCoordinator:
         if ws.ws_protocol != SUBPROTOCOL:
             await ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=b"dynoagent.v1 required")
             return ws
-        conn = Connection(ws)
+        transport = request.transport
+        conn = Connection(ws, peercert=transport.get_extra_info("peercert") if transport
+                          else None)
         self.connections.append(conn)
         number = len(self.connections)
         try:
@@ -261,8 +267,10 @@ class CoordinatorThread:
     """The test coordinator on its own event loop in a thread, for tests that drive the real
     daemon synchronously. Listens on 127.0.0.1 inside the test host `netns`."""
 
-    def __init__(self, netns: str, token: str = "test-token") -> None:
+    def __init__(self, netns: str, token: str = "test-token",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.netns = netns
+        self.ssl_context = ssl_context
         self.coordinator: TestCoordinator | None = None
         self.token = token
         self.port = 0
@@ -272,7 +280,8 @@ class CoordinatorThread:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}{PATH}"
+        scheme = "ws" if self.ssl_context is None else "wss"
+        return f"{scheme}://127.0.0.1:{self.port}{PATH}"
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
@@ -291,7 +300,7 @@ class CoordinatorThread:
         sock = tcp_listener_in_netns(self.netns, self.port)
         self.port = sock.getsockname()[1]
         assert self.coordinator is not None
-        self.run(self.coordinator.start(sock))
+        self.run(self.coordinator.start(sock, self.ssl_context))
 
     def go_away(self) -> None:
         assert self.coordinator is not None

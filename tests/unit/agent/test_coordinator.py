@@ -287,3 +287,4 @@ def test_encode_is_one_msgpack_map_per_frame() -> None:
     assert frame == Response(9, {"ok": True}, None)
 
 
+
