@@ -255,7 +255,8 @@ def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[st
     def pairs(value: Any, unit: str = "") -> str:
         if not isinstance(value, dict) or not value:
             return "-"
-        return " ".join(f"{k}={v}{unit}" for k, v in sorted(value.items()))
+        return " ".join(f"{k}={v:g}{unit}" if isinstance(v, float) else f"{k}={v}{unit}"
+                        for k, v in sorted(value.items()))
 
     rows = [
         ("App", dyno.get("app")),

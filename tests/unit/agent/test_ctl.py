@@ -217,9 +217,11 @@ def test_inspect(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_format_inspect_tolerates_a_bare_status() -> None:
-    lines = ctl.format_inspect({"id": "x", "name": "web.1", "state": "down"})
+    lines = ctl.format_inspect({"id": "x", "name": "web.1", "state": "down", "stats": None,
+                                "timings_ms": {"launch": 5.523456, "slug": 12}})
     assert lines[0] == "=== web.1 (x)"
     assert "State:     down" in lines and "Memory:    -" in lines
+    assert "Timings:   launch=5.52346ms slug=12ms" in lines
 
 
 @pytest.mark.parametrize(("argv", "code"), [(("inspect", "nope"), "not_found"),
@@ -321,6 +323,14 @@ def test_top_json_and_cpu_percent_between_frames(served: ServedBackend) -> None:
                        "memory_bytes": 2**20, "memory_quota_bytes": 2**29,
                        "memory_percent": 0.2, "cpu_seconds": 11.0, "cpu_percent": 50.0,
                        "pids": 1}]
+
+
+def test_top_without_stats_shows_dashes(served: ServedBackend,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    served.backend.dynos["b1"]["stats"] = None  # a dyno not placed yet has no stats
+    code, out, _ = run_ctl(served, "top", "--once", "-a", "blog", capsys=capsys)
+    assert code == 0
+    assert out.splitlines()[2].split() == ["web.1", "blog", "up", "-", "-", "-", "-", "-", "-"]
 
 
 def test_top_json_once(served: ServedBackend, capsys: pytest.CaptureFixture[str]) -> None:
