@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -199,6 +200,27 @@ def test_logs_follow_prints_new_lines_until_the_agent_ends_the_stream(
     assert result == [0]
     assert [x.split(" ", 1)[1] for x in out.getvalue().splitlines()] == [
         "app[web.1]: after 1", "app[worker.1]: after 2"]
+
+
+def test_logs_follow_ends_on_ctrl_c_and_the_agent_lets_go(served: ServedBackend) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--socket", served.socket_path,
+                             "logs", "-t", "-n", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[3])
+    try:
+        wait_for(lambda: served.call(lambda: served.backend.hub.followers) == 1, 20,
+                 what="dynoctl following")
+        served.publish("shop", "web.1", "seen live")
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().endswith("app[web.1]: seen live\n")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (0, b"", b"")
+    wait_for(lambda: served.call(lambda: served.backend.hub.followers) == 0, 10,
+             what="the agent closed the follower of a client that left")
 
 
 # -- inspect ----------------------------------------------------------------------------------
