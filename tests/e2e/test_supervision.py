@@ -540,14 +540,25 @@ def test_agent_sigkill_then_new_agent_readopts_10_dynos_with_their_output(
         assert agent.proc is not None
         agent.proc.kill()
         agent.wait(10)
-        time.sleep(1.0)  # the agent's absence: output printed now must not be lost
         for pid in pids.values():
             os.kill(pid, 0)  # every dyno outlived its agent
+        # One dyno dies while no agent watches: the holder keeps its exit status for the
+        # next agent, which handles it by policy (a first crash: restarted at once).
+        died_away = ids[7]
+        os.kill(pids[died_away], signal.SIGKILL)
+        time.sleep(1.0)  # the agent's absence: output printed now must not be lost
         agent.start()
 
         for dyno_id, pid in pids.items():
-            status = dyno(agent, dyno_id)
-            assert (status["state"], status["pid"]) == ("up", pid), status
+            if dyno_id != died_away:
+                status = dyno(agent, dyno_id)
+                assert (status["state"], status["pid"]) == ("up", pid), status
+        back = wait_state(agent, died_away, "up", 15,
+                          where=lambda s: s["pid"] not in (None, pids[died_away]))
+        assert back["restarts"] == 1
+        away_lines = texts(platform_lines(agent, app, "worker.8"))
+        assert "Process exited with status 137" in away_lines
+        assert "State changed from up to crashed" in away_lines
         # Later output arrives, and the ticks printed while no agent ran were kept.
         with agent.stream(f"/v1/logs?app={app}&follow=1&format=json") as stream:
             seen: set[str] = set()
@@ -557,6 +568,8 @@ def test_agent_sigkill_then_new_agent_readopts_10_dynos_with_their_output(
                 if line["source"] == "app" and line["text"].startswith("tick"):
                     seen.add(line["dyno"])
         for n in range(1, 11):
+            if n == 8:
+                continue  # restarted: its counter began again
             ticks = [int(t.split()[1]) for t in app_texts(agent, app, f"worker.{n}")
                      if t.startswith("tick ")]
             assert ticks == list(range(ticks[0], ticks[-1] + 1)), f"gap in worker.{n}"
@@ -571,7 +584,7 @@ def test_agent_sigkill_then_new_agent_readopts_10_dynos_with_their_output(
         assert "Process exited with status 137" in lines
         assert "State changed from up to crashed" in lines
         for dyno_id in ids:
-            if dyno_id != victim:
+            if dyno_id not in (victim, died_away):
                 assert dyno(agent, dyno_id)["pid"] == pids[dyno_id]
 
 
