@@ -19,6 +19,9 @@ Routes (all bodies JSON unless said otherwise):
   (`previous` null, `at` = when it entered that state). With `follow=1`: the state changes
   from now on, streamed, and `{"dropped": N}` when this reader fell behind by N events.
 - `GET /metrics`: Prometheus text exposition, `text/plain; version=0.0.4`.
+- `GET /v1/formation?app=`; `POST /v1/formation` with `{"app": A?, "formation": ["web=3",
+  "worker=1:standard-2x"]}`: the formation of standalone mode (409 `conflict` from an agent
+  whose formation comes from a coordinator).
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import re
 import signal as signal_mod
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar, cast
 
 from aiohttp import web
 
 from agent.errors import (
     AgentError,
     BadRequest,
+    Conflict,
     Forbidden,
     MethodNotAllowed,
     NotFound,
@@ -471,6 +475,30 @@ def build_app(backend: Backend) -> web.Application:
             async with contextlib.aclosing(_events_of(follower, app_name)) as items:
                 return await _stream(request, items, _json_line, JSON_LINES)
 
+    def formation_backend(name: str) -> Callable[..., Any]:
+        # Optional: only an agent with a formation of its own (standalone mode) has these.
+        method = getattr(backend, name, None)
+        if method is None:
+            raise Conflict("this agent has no formation of its own; scale works in standalone "
+                           "mode (dynoagent up)")
+        return cast(Callable[..., Any], method)
+
+    async def get_formation(request: web.Request) -> web.Response:
+        app_name = _Query(request, frozenset({"app"})).text("app")
+        return json_response(formation_backend("get_formation")(app_name))
+
+    async def scale(request: web.Request) -> web.Response:
+        _Query(request, frozenset())
+        body = await _json_object(request)
+        unknown = sorted(set(body) - {"app", "formation"})
+        if unknown:
+            raise BadRequest(f"unknown key {unknown[0]!r} in formation request")
+        app_name = body.get("app")
+        if app_name is not None and not isinstance(app_name, str):
+            raise BadRequest("app must be a string")
+        call = formation_backend("scale")(app_name, body.get("formation"))
+        return json_response(await operations.run(call, "api-scale"))
+
     async def metrics(request: web.Request) -> web.Response:
         _Query(request, frozenset())
         return web.Response(body=backend.metrics_text().encode(),
@@ -490,6 +518,8 @@ def build_app(backend: Backend) -> web.Application:
     router.add_get("/v1/logs", logs, allow_head=False)
     router.add_get("/v1/events", events, allow_head=False)
     router.add_get("/metrics", metrics)
+    router.add_get("/v1/formation", get_formation)
+    router.add_post("/v1/formation", scale)
     return app
 
 

@@ -7,10 +7,12 @@ fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX
 from __future__ import annotations
 
 import argparse
+import array
 import codecs
 import http.client
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -496,6 +498,144 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
         return 0  # Ctrl-C is how top ends
 
 
+# -- run, exec, scale --------------------------------------------------------------------------
+
+TERMINAL_ENV = ("TERM", "COLORTERM")
+
+
+def _terminal_env() -> dict[str, str]:
+    env = {key: os.environ[key] for key in TERMINAL_ENV if key in os.environ}
+    if os.isatty(1):
+        size = os.get_terminal_size(1)
+        env.update(COLUMNS=str(size.columns), LINES=str(size.lines))
+    return env
+
+
+def _attach_socket(client: Client) -> str:
+    info = client.request("GET", "/v1/info")
+    path = info.get("attach_socket") if isinstance(info, dict) else None
+    if not isinstance(path, str) or not path:
+        raise CtlError("this dynoagent has no attach socket (too old for run/exec)")
+    return path
+
+
+def attach(client: Client, request: dict[str, Any], stdio: bool,
+           on_started: Callable[[dict[str, Any]], None]) -> int:
+    """Send `request` (and our stdin/stdout/stderr when `stdio`) over the agent's attach
+    socket; the exit status of what it started, or 0 once a detached one has started."""
+    path = _attach_socket(client)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise CtlError(f"cannot reach dynoagent at {path}: {exc.strerror or exc}") from None
+        # Whatever we buffered must reach the terminal before the dyno writes to it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        data = (json.dumps(request) + "\n").encode()
+        ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))]
+                     if stdio else [])
+        try:
+            sock.sendmsg([data], ancillary)
+        except OSError as exc:
+            raise CtlError(f"cannot send the request to {path}: {exc.strerror or exc}") from None
+        reader = sock.makefile("rb")
+        for raw in reader:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                raise CtlError("dynoagent sent a malformed attach answer") from None
+            if not isinstance(message, dict):
+                continue
+            error = message.get("error")
+            if isinstance(error, dict):
+                code = str(error.get("code", "error"))
+                raise CtlError(f"{error.get('message', 'failed')} ({code})", code)
+            if message.get("event") == "started":
+                on_started(message)
+                if not stdio:
+                    return 0
+            elif message.get("event") == "exit":
+                status = message.get("status")
+                return int(status) if isinstance(status, int) else 1
+        raise CtlError("dynoagent closed the connection before the command finished")
+    finally:
+        sock.close()
+
+
+def _command_text(argv: list[str]) -> str:
+    args = argv[1:] if argv[:1] == ["--"] else argv
+    if not args:
+        raise CtlError("no command given: dynoctl run [OPTIONS] -- COMMAND")
+    # One argument is a shell command line as written (`run "python3 -V"`); several are
+    # words, quoted so that the dyno's /bin/sh -c sees them as given.
+    return args[0] if len(args) == 1 else shlex.join(args)
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    command = _command_text(args.command)
+    request: dict[str, Any] = {"op": "run", "command": command, "app": args.app,
+                               "size": args.size, "env": _terminal_env()}
+
+    def started(message: dict[str, Any]) -> None:
+        size = display_name(str(message.get("size") or "standard-1x"))
+        line = (f"Running `{command}` on {message.get('app')}... up, {message.get('name')} "
+                f"({size})")
+        if args.detached:
+            print(line)
+            print(f"Run dynoctl logs -t -d {message.get('name')} to view the output.")
+        elif os.isatty(2):
+            print(line, file=sys.stderr, flush=True)
+
+    return attach(client, request, not args.detached, started)
+
+
+def cmd_exec(client: Client, args: argparse.Namespace) -> int:
+    argv = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
+    request = {"op": "exec", "dyno": args.dyno, "app": args.app, "argv": argv or ["/bin/sh"],
+               "env": _terminal_env()}
+
+    def started(message: dict[str, Any]) -> None:
+        if os.isatty(2):
+            print(f"Entering {message.get('name')}...", file=sys.stderr, flush=True)
+
+    return attach(client, request, True, started)
+
+
+def _formation_text(formation: Any) -> str:
+    items = formation.get("formation") if isinstance(formation, dict) else None
+    if not isinstance(items, list):
+        return "?"
+    return ", ".join(f"{i.get('type')} at {i.get('quantity')}:{display_name(str(i.get('size')))}"
+                     for i in items if isinstance(i, dict))
+
+
+def cmd_scale(client: Client, args: argparse.Namespace) -> int:
+    if not args.items:
+        formation = client.request("GET", "/v1/formation", query={"app": args.app})
+        if args.json:
+            _print_json(formation)
+        else:
+            print(" ".join(f"{i['type']}={i['quantity']}:{display_name(str(i['size']))}"
+                           for i in formation.get("formation", [])))
+        return 0
+    if not args.json:
+        print("Scaling dynos... ", end="", flush=True)
+    try:
+        result = client.request("POST", "/v1/formation",
+                                body={"app": args.app, "formation": list(args.items)})
+    except CtlError:
+        if not args.json:
+            print("failed", flush=True)
+        raise
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"done, now running {_formation_text(result)}")
+    return 0
+
+
 # -- the command line -------------------------------------------------------------------------
 
 def _non_negative(text: str) -> int:
@@ -555,6 +695,19 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--interval", type=_positive_s, default=TOP_INTERVAL_S,
                      help=f"seconds between frames (default {TOP_INTERVAL_S:g})")
+    run = command("run", cmd_run, "run a one-off dyno (attached to this terminal unless "
+                  "--detached); exits with its status", json_flag=False)
+    run.add_argument("--detached", "-d", action="store_true",
+                     help="output to the logs instead of this terminal")
+    run.add_argument("-s", "--size", default=None, help="dyno size (default standard-1x)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    exec_ = command("exec", cmd_exec, "run a command inside a running dyno (like heroku "
+                    "ps:exec); exits with its status", json_flag=False)
+    exec_.add_argument("dyno", help="dyno name (web.1) or id")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    scale = command("scale", cmd_scale, "change the formation (standalone mode): "
+                    "TYPE=N[:SIZE]...; without arguments, show it")
+    scale.add_argument("items", nargs="*", metavar="TYPE=N[:SIZE]")
     return parser
 
 

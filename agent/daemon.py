@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -30,9 +30,10 @@ import netns
 from agent import __version__, logsetup, notify
 from agent import config as config_mod
 from agent.api import build_app
+from agent.attach import AttachingRuntime, AttachServer, StdioRegistry, attach_path
 from agent.config import Config
 from agent.coordinator import CoordinatorLink, Requests, dyno_metrics, hello_payload
-from agent.errors import ConfigError, NotReady
+from agent.errors import ConfigError, Conflict, NotReady
 from agent.events import EventBus, EventFollower
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocator
@@ -43,6 +44,9 @@ from agent.records import RecordStore
 from agent.runtime import HostRuntime
 from agent.slug import SlugStore
 from agent.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from agent.standalone import FormationController
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,12 @@ class Daemon:
         # Set at shutdown when no dyno is left: then the agent also removes what it shares
         # between dynos (holder, cgroup root, firewall table), leaving nothing behind.
         self.idle_at_exit = False
+        # `dynoctl run`/`exec`: caller fds waiting for their one-off's launch, and whoever
+        # else wants the holder's events (exits of entered commands).
+        self.stdio = StdioRegistry()
+        self.holder_listeners: list[Callable[[object], None]] = []
+        # Set by standalone mode (`dynoagent up`): the formation that `dynoctl scale` changes.
+        self.formation: FormationController | None = None
 
     # -- what the operator API reads -------------------------------------------------------
     @property
@@ -143,6 +153,7 @@ class Daemon:
             "dynos": (self.supervisor.counts() if self.supervisor is not None
                       else {"total": 0, "by_state": {}}),
             "socket": str(self.config.socket_path),
+            "attach_socket": str(attach_path(self.config.socket_path)),
         }
 
     def _coordinator_info(self) -> dict[str, Any]:
@@ -326,6 +337,8 @@ class Daemon:
             try:
                 async for event in holder.events():
                     self.supervisor.on_holder_event(event)
+                    for listener in self.holder_listeners:
+                        listener(event)
                     backoff_s = 0.1
             except ConnectionLost as exc:
                 log.warning("lost the dyno holder (%s); reconnecting", exc)
@@ -350,8 +363,8 @@ class Daemon:
         assert self.tree is not None and self.network is not None and self.holder is not None
         config = self.config
         slugs = SlugStore(config.state_dir / "slugs")
-        runtime = HostRuntime(
-            tree=self.tree, network=self.network,
+        runtime = AttachingRuntime(
+            stdio=self.stdio, tree=self.tree, network=self.network,
             uids=UidAllocator(str(config.state_dir / "uids")), slugs=slugs,
             holder=self.holder, state_dir=config.state_dir, run_dir=config.run_dir,
             hide_paths=tuple(str(p) for p in {config.state_dir, config.run_dir}))
@@ -480,6 +493,28 @@ class Daemon:
                 if (current.st_ino, current.st_dev) == (identity.st_ino, identity.st_dev):
                     os.unlink(self.config.socket_path)
 
+    @contextlib.asynccontextmanager
+    async def _attach_socket(self) -> AsyncIterator[None]:
+        assert self.supervisor is not None
+
+        def holder() -> HolderClient:
+            assert self.holder is not None
+            return self.holder
+
+        server = AttachServer(self.supervisor, holder, self.stdio, self.bus, self._socket_gid)
+        self.holder_listeners.append(server.on_holder_event)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    await stack.enter_async_context(
+                        server.serving(attach_path(self.config.socket_path)))
+                except OSError as exc:
+                    raise StartupError(f"cannot bind {attach_path(self.config.socket_path)}: "
+                                       f"{exc.strerror}") from None
+                yield
+        finally:
+            self.holder_listeners.remove(server.on_holder_event)
+
     def steps(self) -> list[Step]:
         return [
             Step("directories", self._directories),
@@ -490,6 +525,7 @@ class Daemon:
             Step("supervisor", self._supervisor),
             Step("coordinator", self._coordinator),
             Step("operator socket", self._operator_socket),
+            Step("attach socket", self._attach_socket),
         ]
 
     # -- the whole life ----------------------------------------------------------------------
@@ -603,6 +639,18 @@ class Operator:
 
     def subscribe_events(self) -> EventFollower:
         return self._daemon.bus.subscribe()
+
+    def _formation(self) -> FormationController:
+        if self._daemon.formation is None:
+            raise Conflict("this agent runs no formation of its own: scale works in standalone "
+                           "mode (dynoagent up); here the coordinator decides the formation")
+        return self._daemon.formation
+
+    def get_formation(self, app: str | None = None) -> dict[str, Any]:
+        return self._formation().describe(app)
+
+    async def scale(self, app: str | None, items: Any) -> dict[str, Any]:
+        return await self._formation().scale(app, items)
 
     def metrics_text(self) -> str:
         return self._sup.metrics_text()

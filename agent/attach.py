@@ -1,0 +1,500 @@
+"""The attach socket: `dynoctl run` and `dynoctl exec` hand the agent their own stdin, stdout
+and stderr (SCM_RIGHTS) with a JSON request, and get back the exit status of what ran.
+
+Wire format: the client sends one JSON object ending in "\\n" in the same sendmsg as its fds
+(three, or none for a detached run); the agent answers JSON lines: `{"event": "started", ...}`
+then `{"event": "exit", "status": N}`, or `{"error": {"code": ..., "message": ...}}`.
+Closing the connection early stops what was started.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+from agent import errors
+from agent.events import EventBus, EventFollower
+from agent.holder import ExitEvent, HolderClient, HolderError
+from agent.peercred import is_allowed, peer_credentials
+from agent.runtime import HostRuntime, Launch
+from agent.sizes import DEFAULT_SIZE
+from agent.spec import DEFAULT_PORT, ENV_KEY, DynoSpec, dyno_env
+from agent.states import DynoState
+from agent.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 256 * 1024
+REQUEST_TIMEOUT_S = 10.0
+# Exits of entered processes that arrived before anyone waited for them (a command that ends
+# before `enter` has even returned); bounded, as nobody may ever claim some of them.
+MAX_UNCLAIMED_EXITS = 1024
+# Variables of the caller's terminal that a one-off or entered command gets.
+TERMINAL_ENV = frozenset({"TERM", "COLUMNS", "LINES", "COLORTERM"})
+ENDED_STATES = frozenset({str(DynoState.COMPLETE), str(DynoState.DOWN), str(DynoState.CRASHED)})
+
+
+def attach_path(socket_path: Path) -> Path:
+    """The attach socket next to the operator socket (`x.sock` → `x.attach.sock`)."""
+    return socket_path.with_name(f"{socket_path.stem}.attach{socket_path.suffix or '.sock'}")
+
+
+class AttachError(errors.AgentError):
+    """A run/exec request could not be carried out (the message says why)."""
+
+
+def _close_all(fds: tuple[int, ...] | list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class StdioRegistry:
+    """Caller fds waiting for the launch of their one-off dyno; owns them until taken."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, tuple[int, int, int]] = {}
+
+    def put(self, dyno_id: str, fds: tuple[int, int, int]) -> None:
+        self.discard(dyno_id)
+        self._fds[dyno_id] = fds
+
+    def take(self, dyno_id: str) -> tuple[int, int, int] | None:
+        return self._fds.pop(dyno_id, None)
+
+    def discard(self, dyno_id: str) -> None:
+        fds = self._fds.pop(dyno_id, None)
+        if fds is not None:
+            _close_all(fds)
+
+    def __contains__(self, dyno_id: object) -> bool:
+        return dyno_id in self._fds
+
+
+class _StdioHolder:
+    """The holder client as HostRuntime sees it: launches of a dyno with registered caller
+    fds pass them on (so the dyno writes to the caller's terminal); the rest is unchanged."""
+
+    def __init__(self, client: HolderClient, registry: StdioRegistry) -> None:
+        self._client = client
+        self._registry = registry
+
+    async def launch(self, request: Any, **kwargs: Any) -> Any:
+        dyno_id = getattr(request, "dyno_id", None)
+        stdio = self._registry.take(dyno_id) if isinstance(dyno_id, str) else None
+        if stdio is None:
+            return await self._client.launch(request, **kwargs)
+        try:
+            return await self._client.launch(request, stdio=stdio, **kwargs)
+        finally:
+            _close_all(stdio)  # the holder has its own copies now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class AttachingRuntime(HostRuntime):
+    """HostRuntime whose holder passes a one-off's caller fds to its launch. `holder` is a
+    property so that the daemon's reconnect (which assigns a fresh client) keeps the wrapper."""
+
+    def __init__(self, *, stdio: StdioRegistry, **kwargs: Any) -> None:
+        self.stdio = stdio
+        super().__init__(**kwargs)
+
+    @property
+    def holder(self) -> HolderClient:
+        return cast(HolderClient, self._wrapped_holder)
+
+    @holder.setter
+    def holder(self, client: HolderClient) -> None:
+        raw: HolderClient = client._client if isinstance(client, _StdioHolder) else client
+        self._raw_holder = raw
+        self._wrapped_holder = _StdioHolder(raw, self.stdio)
+
+    @property
+    def raw_holder(self) -> HolderClient:
+        return self._raw_holder
+
+    async def launch(self, spec: DynoSpec, placement: Any, env: Mapping[str, str]) -> Launch:
+        try:
+            return await super().launch(spec, placement, env)
+        finally:
+            self.stdio.discard(spec.id)  # a launch that failed before the holder took them
+
+
+class _ExitWatch:
+    """Exit statuses of entered processes, from the holder's event stream."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[tuple[str, int], asyncio.Future[int]] = {}
+        self._unclaimed: OrderedDict[tuple[str, int], int] = OrderedDict()
+
+    def on_event(self, event: object) -> None:
+        if not isinstance(event, ExitEvent) or event.kind != "enter":
+            return
+        key = (event.dyno_id, event.pid)
+        status = event.status if event.signal is None else 128 + event.signal
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(status)
+            return
+        self._unclaimed[key] = status
+        while len(self._unclaimed) > MAX_UNCLAIMED_EXITS:
+            self._unclaimed.popitem(last=False)
+
+    def wait(self, dyno_id: str, pid: int) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        status = self._unclaimed.pop((dyno_id, pid), None)
+        if status is not None:
+            future.set_result(status)
+        else:
+            self._waiters[(dyno_id, pid)] = future
+        return future
+
+    def forget(self, dyno_id: str, pid: int) -> None:
+        self._waiters.pop((dyno_id, pid), None)
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await future
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The JSON request line and the fds that came with it (the caller owns the fds)."""
+    data = b""
+    fds: list[int] = []
+    space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            while b"\n" not in data:
+                await _readable(sock)
+                try:
+                    chunk, ancdata, _flags, _ = sock.recvmsg(65536, space,
+                                                             socket.MSG_CMSG_CLOEXEC)
+                except BlockingIOError:
+                    continue
+                for level, kind, raw in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(raw[:len(raw) - len(raw) % got.itemsize])
+                        fds.extend(got)
+                if not chunk:
+                    raise errors.BadRequest("connection closed before a complete request")
+                data += chunk
+                if len(data) > MAX_REQUEST_BYTES:
+                    raise errors.BadRequest(f"request over {MAX_REQUEST_BYTES} bytes")
+    except TimeoutError:
+        _close_all(fds)
+        raise errors.BadRequest(f"no complete request within {REQUEST_TIMEOUT_S:g}s") from None
+    except BaseException:
+        _close_all(fds)
+        raise
+    try:
+        request = json.loads(data.partition(b"\n")[0])
+    except ValueError as exc:
+        _close_all(fds)
+        raise errors.BadRequest(f"request is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        _close_all(fds)
+        raise errors.BadRequest("request must be a JSON object")
+    return request, fds
+
+
+def _terminal_env(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.BadRequest("env must be an object")
+    env = {}
+    for key, item in value.items():
+        if key in TERMINAL_ENV and isinstance(item, str) and ENV_KEY.fullmatch(key) \
+                and "\x00" not in item and len(item) < 256:
+            env[key] = item
+    return env
+
+
+class AttachServer:
+    """Serves the attach socket: one task per connection, owned and cancelled here."""
+
+    def __init__(self, supervisor: Supervisor, holder: Callable[[], HolderClient],
+                 registry: StdioRegistry, bus: EventBus, socket_gid: int | None) -> None:
+        self.supervisor = supervisor
+        self._holder = holder
+        self.registry = registry
+        self.bus = bus
+        self.socket_gid = socket_gid
+        self.exits = _ExitWatch()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_holder_event(self, event: object) -> None:
+        self.exits.on_event(event)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, path: Path) -> AsyncIterator[None]:
+        # The agent's instance lock is held: a socket already here is a dead agent's.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            listener.bind(str(tmp))
+            os.chmod(tmp, 0o660)
+            if self.socket_gid is not None:
+                os.chown(tmp, -1, self.socket_gid)
+            listener.listen(64)
+            os.replace(tmp, path)
+        except OSError:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        listener.setblocking(False)
+        identity = os.stat(path)
+        self._spawn(self._accept_loop(listener), "attach-accept")
+        try:
+            yield
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                current = os.stat(path)
+                if (current.st_ino, current.st_dev) == (identity.st_ino, identity.st_dev):
+                    os.unlink(path)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            self._spawn(self._session(conn), f"attach-session-{conn.fileno()}")
+
+    async def _send(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().sock_sendall(conn, data)
+
+    async def _session(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            cred = peer_credentials(conn)
+            if not is_allowed(cred, self.socket_gid):
+                raise errors.Forbidden(f"uid {cred.uid} is neither root nor in the socket's "
+                                       "group")
+            request, fds = await _receive_request(conn)
+            op = request.get("op")
+            if len(fds) not in (0, 3):
+                raise errors.BadRequest(f"send 0 or 3 fds (stdin, stdout, stderr), got {len(fds)}")
+            stdio = (fds[0], fds[1], fds[2]) if fds else None
+            fds = []  # handed on below; each path closes them
+            if op == "run":
+                await self._run(conn, request, stdio)
+            elif op == "exec":
+                await self._exec(conn, request, stdio)
+            else:
+                if stdio is not None:
+                    _close_all(stdio)
+                raise errors.BadRequest(f'op must be "run" or "exec", got {op!r}')
+        except errors.AgentError as exc:
+            await self._send(conn, {"error": {"code": exc.code, "message": exc.message}})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("attach session failed")
+            await self._send(conn, {"error": {"code": "internal",
+                                              "message": "internal error; see the agent's log"}})
+        finally:
+            _close_all(fds)
+            conn.close()
+
+    # -- run ---------------------------------------------------------------------------------
+    def _template(self, app: str | None) -> DynoSpec:
+        """A dyno of the app whose release, config vars and space a one-off reuses."""
+        dynos = list(self.supervisor.dynos.values())
+        if app is None:
+            apps = sorted({d.spec.app for d in dynos})
+            if len(apps) != 1:
+                raise errors.BadRequest("name the app with -a APP (this agent runs "
+                                        + (", ".join(apps) if apps else "no app") + ")")
+            app = apps[0]
+        candidates = [d for d in dynos if d.spec.app == app]
+        if not candidates:
+            raise errors.NotFound(f"no dyno of app {app} on this agent to take its release from")
+        candidates.sort(key=lambda d: (d.spec.is_one_shot, d.spec.name))
+        return candidates[0].spec
+
+    def _one_off_name(self, app: str) -> str:
+        used = {d.spec.name for d in self.supervisor.dynos.values() if d.spec.app == app}
+        while True:
+            name = f"run.{1000 + secrets.randbelow(9000)}"  # Heroku's run.NNNN
+            if name not in used:
+                return name
+
+    async def _run(self, conn: socket.socket, request: dict[str, Any],
+                   stdio: tuple[int, int, int] | None) -> None:
+        try:
+            command = request.get("command")
+            if not isinstance(command, str) or not command.strip():
+                raise errors.BadRequest("command must be a non-empty string")
+            app = request.get("app")
+            if app is not None and not isinstance(app, str):
+                raise errors.BadRequest("app must be a string")
+            template = self._template(app)
+            size = request.get("size") or DEFAULT_SIZE
+            dyno_id = str(uuid.uuid4())
+            name = self._one_off_name(template.app)
+            body = {"id": dyno_id, "app": template.app, "name": name, "command": command,
+                    "env": {**template.env, **_terminal_env(request.get("env"))},
+                    "release": template.release.to_dict(), "size": size,
+                    "space": template.space, "restart": "never"}
+        except BaseException:
+            if stdio is not None:
+                _close_all(stdio)
+            raise
+        if stdio is not None:
+            self.registry.put(dyno_id, stdio)
+        follower: EventFollower | None = self.bus.subscribe()
+        try:
+            try:
+                status = await self.supervisor.create_dyno(body)
+            except BaseException:
+                self.registry.discard(dyno_id)
+                raise
+            await self._send(conn, {"event": "started", "id": dyno_id, "name": name,
+                                    "app": template.app, "size": status.get("size"),
+                                    "attached": stdio is not None})
+            if stdio is None:
+                # Detached: output goes to the logs; the dyno is removed once it completes.
+                self._spawn(self._reap_later(dyno_id, follower), f"attach-reap-{dyno_id}")
+                follower = None
+                return
+            ended = asyncio.ensure_future(self._ended(dyno_id, follower))
+            assert follower is not None
+            gone = asyncio.ensure_future(_readable(conn))
+            try:
+                await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (ended, gone):
+                    task.cancel()
+                await asyncio.gather(ended, gone, return_exceptions=True)
+            if ended.done() and not ended.cancelled() and ended.exception() is None:
+                await self._send(conn, {"event": "exit", "status": ended.result()})
+            else:
+                log.info("the caller of %s went away; stopping it", name)
+        finally:
+            if follower is not None:
+                follower.close()
+                self.registry.discard(dyno_id)
+                await self._remove(dyno_id)
+
+    async def _ended(self, dyno_id: str, follower: Any) -> int:
+        dyno = self.supervisor.dynos.get(dyno_id)
+        if dyno is not None and str(dyno.state) == str(DynoState.COMPLETE):
+            return int(dyno.record.exit_status or 0)
+        async for event in follower:
+            if event.get("id") == dyno_id and event.get("state") in ENDED_STATES:
+                status = event.get("exit_status")
+                return int(status) if isinstance(status, int) else 1
+        raise errors.NotReady("the agent is shutting down")
+
+    async def _reap_later(self, dyno_id: str, follower: Any) -> None:
+        try:
+            with follower:
+                await self._ended(dyno_id, follower)
+        finally:
+            await self._remove(dyno_id)
+
+    async def _remove(self, dyno_id: str) -> None:
+        if dyno_id not in self.supervisor.dynos:
+            return
+        # Shielded: a session cancelled at shutdown must still not leave a half-deleted dyno.
+        with contextlib.suppress(errors.AgentError, asyncio.CancelledError):
+            await asyncio.shield(self.supervisor.delete_dyno(dyno_id))
+
+    # -- exec --------------------------------------------------------------------------------
+    async def _exec(self, conn: socket.socket, request: dict[str, Any],
+                    stdio: tuple[int, int, int] | None) -> None:
+        if stdio is None:
+            raise errors.BadRequest("exec needs the caller's stdin, stdout and stderr")
+        try:
+            argv = request.get("argv")
+            if (not isinstance(argv, list) or not argv
+                    or not all(isinstance(a, str) and "\x00" not in a for a in argv)):
+                raise errors.BadRequest("argv must be a non-empty list of strings")
+            ref = request.get("dyno")
+            app = request.get("app")
+            if not isinstance(ref, str) or (app is not None and not isinstance(app, str)):
+                raise errors.BadRequest("dyno (and app, if given) must be strings")
+            dyno = self.supervisor.find(ref, app)
+            placement = dyno.placement
+            runtime = self.supervisor.runtime
+            if placement is None or dyno.record.pid is None:
+                raise errors.Conflict(f"{dyno.spec.name} has no running process to enter")
+            if not isinstance(runtime, HostRuntime):
+                raise errors.AgentError("exec needs the host runtime")
+            env = {**dyno_env(dyno.spec, placement.ip, DEFAULT_PORT),
+                   **_terminal_env(request.get("env"))}
+            holder = self._holder()
+            try:
+                entered = await holder.enter(
+                    dyno.id, argv, tuple(env.items()), placement.uid, placement.gid, "/app",
+                    runtime.group(placement).procs_paths(), stdio)
+            except HolderError as exc:
+                raise AttachError(f"cannot enter {dyno.spec.name}: {exc}") from None
+        finally:
+            _close_all(stdio)
+        exited = self.exits.wait(dyno.id, entered.pid)
+        await self._send(conn, {"event": "started", "id": dyno.id, "name": dyno.spec.name,
+                                "pid": entered.pid})
+        gone = asyncio.ensure_future(_readable(conn))
+        try:
+            waits: list[asyncio.Future[Any]] = [exited, gone]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                # The caller left: end what it started (it may hold the caller's terminal).
+                # By pidfd: the pid alone could have been reused once the holder reaped it.
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(entered.pidfd, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await asyncio.shield(exited)
+            else:
+                await self._send(conn, {"event": "exit", "status": exited.result()})
+        finally:
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            os.close(entered.pidfd)
+            self.exits.forget(dyno.id, entered.pid)
+            with contextlib.suppress(HolderError):
+                await self._holder().release(dyno.id, entered.pid)
