@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.agentproc import AgentProcess
-from tests.support.coordinator import CoordinatorThread, TestCoordinator
+from tests.support.coordinator import CoordinatorThread, TestCoordinator, pack
 from tests.support.names import unique
 from tests.support.testhost import TestHost, new_test_host
 from tests.support.wait import wait_for
@@ -168,7 +168,11 @@ def test_hello_sync_converges_by_generation(cluster: Cluster) -> None:
 
     info = c.agent.ctl_json("info")["coordinator"]
     assert info["state"] == "connected" and info["generation"] == 2
-    assert info["counters"]["requests"] >= 3
+    assert info["counters"]["requests"] >= 3 and info["last_heartbeat_at"]
+    beat = c.coordinator.snapshot(lambda co: co.events("agent.heartbeat")[0].params)
+    assert {"at", "dynos", "generation", "draining"} <= set(beat)
+    c.coordinator.wait(lambda co: any(len(r.params["dynos"]) == 2
+                                      for r in co.events("dyno.metrics")), 30, "metrics")
 
     # A coordinator that reconnects is told about every dyno in hello.
     c.coordinator.go_away()
@@ -378,3 +382,48 @@ def test_wss_with_ca_and_client_certificate(tmp_path: Path, pki: Path,
             agent.stop()
             coordinator.close()
             agent.cleanup()
+
+
+def test_hostile_frames_touch_no_dyno(cluster: Cluster) -> None:
+    c = cluster
+    c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    spec = c.spec(1)
+    c.sync(1, [spec])
+    before = c.wait_up([spec["id"]])[spec["id"]]
+    hostile: list[bytes | str] = [
+        "text", b"\xc1", pack([1]), pack({"t": "x", "id": 901}),
+        pack({"t": "req", "id": 902, "m": "dynos.sync", "p": {"generation": "9"}}),
+        pack({"t": "req", "id": 903, "m": "dynos.sync",
+              "p": {"generation": 9, "dynos": [{**spec, "env": {"1BAD": "x"}}]}}),
+        pack({"t": "req", "id": 904, "m": "dyno.start", "p": {"id": "x", "app": 3}}),
+        pack({"t": "req", "id": 905, "m": "no.such.method"}),
+        pack({"t": "req", "id": 906, "m": "dyno.stop", "p": {"id": spec["id"], "now": 1}}),
+        pack({"t": "req", "id": 907, "m": "agent.info", "p": {"k": "v" * (17 << 20)}}),
+    ]
+    for raw in hostile:
+        c.coordinator.run(c.coordinator.coordinator.send_raw(raw))  # type: ignore[union-attr]
+    expected = {902: "bad_request", 903: "invalid_spec", 904: "invalid_spec",
+                905: "unknown_method", 906: "bad_request", 901: "unknown_type"}
+    for rid, code in expected.items():
+        got = c.coordinator.wait(lambda co, r=rid: _response(co, r), 15, f"answer to {rid}")
+        assert got["e"]["code"] == code, got
+    def nameless_errors(co: TestCoordinator) -> list[dict[str, Any]] | None:
+        found = [r.frame for r in co.received
+                 if r.frame.get("t") == "res" and r.frame.get("id", -1) is None]
+        return found if len(found) >= 4 else None
+
+    nameless = c.coordinator.wait(nameless_errors, 30, "errors without an id")
+    assert sorted(f["e"]["code"] for f in nameless) == [
+        "frame_too_large", "malformed_frame", "malformed_frame", "malformed_frame"]
+    after = c.ps()[spec["id"]]
+    assert (after["pid"], after["state"], after["restarts"]) == (before["pid"], "up", 0)
+    assert c.coordinator.snapshot(lambda co: len(co.connections)) == 1
+    assert c.agent.ctl_json("info")["coordinator"]["counters"]["bad_frames"] == 5
+    assert c.agent.proc is not None and c.agent.proc.poll() is None
+
+
+def _response(co: TestCoordinator, request_id: int) -> dict[str, Any] | None:
+    for r in co.received:
+        if r.frame.get("t") == "res" and r.frame.get("id") == request_id:
+            return r.frame
+    return None
