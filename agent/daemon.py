@@ -559,9 +559,14 @@ class Daemon:
                 await self._stop.wait()
             self.state = "stopping"
             notify.stopping("shutting down")
+            await self.before_shutdown()
             await self._cancel_tasks()
         log.info("dynoagent stopped")
         return 0
+
+    async def before_shutdown(self) -> None:
+        """Runs while everything still works (holder events included), before any step is
+        undone: standalone mode stops its dynos here. The daemon itself leaves them running."""
 
     async def _cancel_tasks(self) -> None:
         for task in list(self._tasks):

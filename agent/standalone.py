@@ -307,6 +307,7 @@ class StandaloneDaemon(Daemon):
         self.printer = LogPrinter(options.out, options.colour)
         self.exit_code: int | None = None
         self.proxy: TcpProxy | None = None
+        self._main: asyncio.Task[None] | None = None
         self._forced_event = asyncio.Event()
 
     @property
@@ -341,21 +342,19 @@ class StandaloneDaemon(Daemon):
         controller = FormationController(self.options.source, self.options.formation,
                                          self.engine, supervisor, self.config.sizes)
         proxy = TcpProxy(self.options.listener, controller.web_backends)
-        main: asyncio.Task[None] | None = None
         try:
             await proxy.start()
             self.proxy = proxy
             self.formation = controller
             self._banner(controller, proxy)
-            main = asyncio.create_task(self._release_then_formation(controller), name="up-main")
+            self._main = asyncio.create_task(self._release_then_formation(controller),
+                                             name="up-main")
             yield
         finally:
             self.formation = None
-            if main is not None:
-                main.cancel()
-                await asyncio.gather(main, return_exceptions=True)
+            await self._cancel_main()
             await proxy.close()
-            await self._stop_all()
+            await self._stop_all()  # normally done already, by before_shutdown
             self.printer.drain(follower)
             follower.close()
             await asyncio.gather(printer_task, return_exceptions=True)
@@ -403,6 +402,19 @@ class StandaloneDaemon(Daemon):
             finally:
                 with contextlib.suppress(errors.AgentError):
                     await self.supervisor.delete_dyno(body["id"])
+
+    async def before_shutdown(self) -> None:
+        # The holder's events still flow now; once the daemon's tasks are cancelled no dyno
+        # would learn that its process exited.
+        await self._cancel_main()
+        if self.proxy is not None:
+            await self.proxy.close()
+        await self._stop_all()
+
+    async def _cancel_main(self) -> None:
+        if self._main is not None:
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
 
     async def _stop_all(self) -> None:
         """Every dyno stopped gracefully (SIGTERM, then SIGKILL after its stop timeout), or
