@@ -65,8 +65,11 @@ test: lint
 	$(PYTEST) tests/unit tests/privileged tests/e2e
 	$(MAKE) --no-print-directory test-vm
 
+# The example app with full isolation, like `heroku local`: http://127.0.0.1:5000, logs on
+# this terminal, `dynoctl ps` from another one; Ctrl-C stops everything. ARGS passes more
+# options to `dynoagent up` (e.g. ARGS="--formation web=2,worker=1 --port 5001").
 run: setup
-	$(BIN)/dynoagent serve --config examples/dev-agent.toml
+	$(BIN)/dynoagent up examples/hello $(ARGS)
 
 bench: setup
 	$(BIN)/python -m tests.bench $(BENCH)
