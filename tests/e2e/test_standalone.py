@@ -44,7 +44,8 @@ print(json.dumps(out))
 class Up:
     """One `dynoagent up` in a test host, on a private config, socket and cgroup root."""
 
-    def __init__(self, host: TestHost, app: str, base: Path, *extra: str) -> None:
+    def __init__(self, host: TestHost, app: str, base: Path, *extra: str,
+                 directory: Path = HELLO) -> None:
         self.host = host
         self.app = app
         self.base = base
@@ -57,7 +58,7 @@ class Up:
             "log_level": "warning", "stop_timeout_s": 10, "restart_schedule_s": [2, 4]})
         self.out_path = base / "up.out"
         self.err_path = base / "up.err"
-        self.argv = [*host.command(str(BIN / "dynoagent"), "up", str(HELLO), "--app", app,
+        self.argv = [*host.command(str(BIN / "dynoagent"), "up", str(directory), "--app", app,
                                    "--config", str(self.config), *extra)]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -233,6 +234,41 @@ def test_exec_sees_only_that_dynos_processes(up: Up) -> None:
     assert up.ctl("exec", "web.1", "--", "sh", "-c", "exit 3").returncode == 3
 
 
+def test_run_gets_a_terminal_when_the_caller_has_one(up: Up) -> None:
+    # `script` gives dynoctl a pseudo-terminal as stdin/stdout/stderr; the dyno gets it too.
+    command = (f"{BIN / 'dynoctl'} --socket {up.socket} run -- python3 -c "
+               "'import os, sys; print(\"tty\", os.isatty(0), os.isatty(1), "
+               "os.environ.get(\"TERM\"))'")
+    result = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                            text=True, timeout=60,
+                            env={"TERM": "xterm-test", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tty True True xterm-test" in result.stdout
+    assert "Running `python3 -c" in result.stdout  # the banner goes to a terminal's stderr
+
+
+def test_a_caller_that_goes_away_stops_its_one_off(up: Up) -> None:
+    caller = subprocess.Popen([str(BIN / "dynoctl"), "--socket", str(up.socket), "run", "--",
+                               "sleep 300"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        one_off = wait_for(lambda: [d for d in up.ps() if d["command"] == "sleep 300"
+                                    and d["state"] == "up"], 30, what="one-off up")
+        caller.send_signal(signal.SIGINT)
+        assert caller.wait(timeout=10) == 130
+    finally:
+        caller.kill()
+        caller.wait(timeout=10)
+    name = one_off[0]["name"]
+    wait_for(lambda: name not in {d["name"] for d in up.ps()}, 30, what=f"{name} removed")
+
+
+def test_exec_into_an_unknown_dyno_is_one_clear_line(up: Up) -> None:
+    result = up.ctl("exec", "web.9", "--", "true")
+    assert result.returncode == 1
+    assert result.stderr == "dynoctl: no dyno web.9 (not_found)\n"
+
+
 def test_sigint_stops_everything_and_leaves_nothing(up: Up) -> None:
     wait_for(lambda: len(up.ps()) >= 2, 30, what="dynos listed")
     names = sorted(d["name"] for d in up.ps())
@@ -306,3 +342,66 @@ def test_taken_port(host: TestHost, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == ("dynoagent up: 127.0.0.1:5071 is already in use; pick another "
                              "port with --port\n")
+
+
+# -- release failure, and the second Ctrl-C -----------------------------------------------
+
+def app_dir(tmp_path: Path, procfile: str) -> Path:
+    directory = tmp_path / "app"
+    directory.mkdir()
+    directory.chmod(0o755)
+    (directory / "Procfile").write_text(procfile)
+    return directory
+
+
+@pytest.fixture
+def private_base() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="dt", dir="/tmp"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_failed_release_stops_with_its_status(host: TestHost, tmp_path: Path,
+                                              private_base: Path) -> None:
+    directory = app_dir(tmp_path, "release: echo migrating; exit 3\nweb: sleep 300\n")
+    up = Up(host, unique("rel", 6), private_base, "--port", "5072",
+            directory=directory).start()
+    try:
+        assert up.proc is not None
+        code = up.proc.wait(timeout=60)
+    finally:
+        up.stop()
+    output = up.output()
+    assert code == 3, output
+    assert "release.1 | migrating" in output
+    assert "release.1 failed with status 3; not starting the formation" in output
+    assert "web.1" not in output
+    left = leftovers(up)
+    assert not any(left.values()), left
+
+
+def test_second_sigint_forces(host: TestHost, tmp_path: Path, private_base: Path) -> None:
+    # A worker that ignores SIGTERM would hold a graceful stop for the whole stop timeout.
+    directory = app_dir(tmp_path, "worker: trap '' TERM; echo ready; "
+                                  "while true; do sleep 0.2; done\n")
+    up = Up(host, unique("frc", 6), private_base, "--port", "5073",
+            directory=directory).start()
+    try:
+        wait_for(lambda: "worker.1  | ready" in up.output() or "worker.1 | ready" in
+                 up.output(), 60, what="worker ready")
+        assert up.proc is not None
+        up.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "Stopping all processes with SIGTERM" in up.output(), 10,
+                 what="graceful stop begun")
+        up.proc.send_signal(signal.SIGINT)
+        code = up.proc.wait(timeout=15)
+    finally:
+        up.stop()
+    output = up.output()
+    assert code == 0, output
+    assert "forcing: SIGKILL to every dyno" in output
+    assert "State changed from up to down" in output
+    # Killed at once: the 10 s stop timeout of the config never ran out.
+    assert "Error R12" not in output
+    left = leftovers(up)
+    assert not any(left.values()), left
