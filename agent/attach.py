@@ -384,7 +384,8 @@ class AttachServer:
             raise
         if stdio is not None:
             self.registry.put(dyno_id, stdio)
-        follower: EventFollower | None = self.bus.subscribe()
+        follower = self.bus.subscribe()
+        handed_off = False  # to the task that removes a detached one-off once complete
         try:
             try:
                 status = await self.supervisor.create_dyno(body)
@@ -397,10 +398,9 @@ class AttachServer:
             if stdio is None:
                 # Detached: output goes to the logs; the dyno is removed once it completes.
                 self._spawn(self._reap_later(dyno_id, follower), f"attach-reap-{dyno_id}")
-                follower = None
+                handed_off = True
                 return
             ended = asyncio.ensure_future(self._ended(dyno_id, follower))
-            assert follower is not None
             gone = asyncio.ensure_future(_readable(conn))
             try:
                 await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -413,12 +413,12 @@ class AttachServer:
             else:
                 log.info("the caller of %s went away; stopping it", name)
         finally:
-            if follower is not None:
+            if not handed_off:
                 follower.close()
                 self.registry.discard(dyno_id)
                 await self._remove(dyno_id)
 
-    async def _ended(self, dyno_id: str, follower: Any) -> int:
+    async def _ended(self, dyno_id: str, follower: EventFollower) -> int:
         dyno = self.supervisor.dynos.get(dyno_id)
         if dyno is not None and str(dyno.state) == str(DynoState.COMPLETE):
             return int(dyno.record.exit_status or 0)
@@ -428,7 +428,7 @@ class AttachServer:
                 return int(status) if isinstance(status, int) else 1
         raise errors.NotReady("the agent is shutting down")
 
-    async def _reap_later(self, dyno_id: str, follower: Any) -> None:
+    async def _reap_later(self, dyno_id: str, follower: EventFollower) -> None:
         try:
             with follower:
                 await self._ended(dyno_id, follower)
