@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -485,6 +486,14 @@ def test_whatever_the_archive_nothing_lands_or_points_outside(tmp_path: Path,
         for name in dirnames + filenames:
             path = os.path.join(directory_, name)
             if os.path.islink(path):
-                resolved = os.path.realpath(path)
+                try:
+                    resolved = os.path.realpath(path, strict=True)
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP and exc.errno != errno.ENOENT:
+                        raise
+                    # A loop or a dangling link cannot be followed anywhere; what matters
+                    # is that its target, read lexically, stays inside the slug.
+                    resolved = os.path.normpath(
+                        os.path.join(os.path.dirname(path), os.readlink(path)))
                 assert resolved == real or resolved.startswith(real + os.sep), (
                     path, os.readlink(path))
