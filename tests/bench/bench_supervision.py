@@ -81,9 +81,32 @@ class UpCounter:
         self.stream.close()
 
 
+class InfoProbe:
+    """GET /v1/info every 50 ms on a thread: how responsive the event loop stays."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self.agent = agent
+        self.latencies_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            t0 = time.monotonic()
+            self.agent.api("GET", "/v1/info", timeout_s=60)
+            self.latencies_ms.append((time.monotonic() - t0) * 1e3)
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(70)
+        return self.latencies_ms
+
+
 def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, float]]:
     counter = UpCounter(agent)
     latencies: list[float] = []
+    probe = InfoProbe(agent)
     try:
         started = time.monotonic()
 
@@ -103,8 +126,10 @@ def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, fl
         all_up_s = max(counter.up_at[i] for i in ids) - started
         ups = sorted(counter.up_at[i] - started for i in ids)
     finally:
+        info_ms = probe.stop()
         counter.close()
     return ids, {"accepted_s": accepted_s, "all_up_s": all_up_s,
+                 "info_median_ms": statistics.median(info_ms), "info_max_ms": max(info_ms),
                  "median_up_s": statistics.median(ups),
                  "median_request_ms": statistics.median(latencies) * 1e3}
 
@@ -113,9 +138,13 @@ def _peer_unshare_200() -> float:
     """The floor: 200 `unshare` sandboxes (pid, mount, net, uts, ipc namespaces; no cgroup,
     no network wiring, no supervision) started at once, until each runs `sleep`."""
     started = time.monotonic()
-    procs = [subprocess.Popen(["unshare", "--fork", "--pid", "--mount", "--net", "--uts",
-                               "--ipc", "--mount-proc", "sh", "-c", "echo up; exec sleep 100000"],
-                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    # --kill-child: the sandbox's PID 1 gets SIGKILL (parent-death signal) when unshare dies,
+    # otherwise killing unshare would leave every sandbox running.
+    procs = [subprocess.Popen(["unshare", "--fork", "--kill-child", "--pid", "--mount", "--net",
+                               "--uts", "--ipc", "--mount-proc", "sh", "-c",
+                               "echo up; exec sleep 100000"],
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
              for _ in range(DYNOS)]
     try:
         for proc in procs:
@@ -250,6 +279,8 @@ def main() -> None:
           f"(median request {start['median_request_ms']:.0f} ms)")
     print(f"  all {DYNOS} up                      {start['all_up_s']:7.2f} s  "
           f"(median dyno up at {start['median_up_s']:.2f} s)")
+    print(f"  GET /v1/info meanwhile (every 50 ms): median {start['info_median_ms']:.1f} ms, "
+          f"max {start['info_max_ms']:.0f} ms")
     print(f"  peer: {DYNOS} bare `unshare` sandboxes {peer_start_s:7.2f} s  "
           f"ratio agent/peer {start['all_up_s'] / peer_start_s:.1f}x")
     print(f"  delete all {DYNOS} (32 at a time)     {delete_s:7.2f} s")
