@@ -242,20 +242,31 @@ class Dyno:
         pid = self.record.pid
         assert placement is not None and pid is not None
         clock = time.monotonic
+        record = self.record
         stats = self.runtime.stats(placement)
-        oom_base = (stats.oom_kill_events or 0) if stats is not None else 0
+        oom_now = (stats.oom_kill_events or 0) if stats is not None else 0
+        wall = time.time()
+        if not adopted or record.launched_at is None:
+            record.launched_at = wall
+            record.cycle_at = wall + self.timing.cycle_after_s + self.rng.uniform(
+                0.0, self.timing.cycle_jitter_s)
+            record.oom_base = oom_now
+            self.sink.save(self)
+        # An adopted process keeps the clocks it started with: its boot deadline, its cycle
+        # time and the OOM-kill count from before it ran (an OOM kill while no agent watched
+        # is still an OOM kill), and its time up for the crash-count reset.
+        oom_base = record.oom_base if record.oom_base is not None else oom_now
+        started = clock() - max(0.0, wall - record.launched_at)
         if adopted and self.state is DynoState.UP:
-            self._up_mono = clock()
+            up_s = 0.0 if record.up_since is None else max(0.0, wall - record.up_since)
+            self._up_mono = clock() - up_s
         boot_pending = self.state is DynoState.STARTING and self.spec.is_web
         if self.state is DynoState.STARTING and not self.spec.is_web:
-            self._transition(DynoState.UP, Reason.BOOTED)
-            self._up_mono = clock()
-        started = clock()
+            self._mark_up()
         boot_deadline = started + self.spec.boot_timeout_s
-        next_probe = started
-        next_sample = started + self.timing.sample_interval_s
-        cycle_at = started + self.timing.cycle_after_s + self.rng.uniform(
-            0.0, self.timing.cycle_jitter_s)
+        next_probe = clock()
+        next_sample = clock() + self.timing.sample_interval_s
+        cycle_at = clock() + ((record.cycle_at or wall) - wall)
         intent = Intent.NONE
         plan = policy.stop_plan(float(self.spec.stop_timeout_s))
         stop_started: float | None = None
@@ -304,8 +315,7 @@ class Dyno:
             if boot_pending and stop_started is None:
                 if await self.runtime.accepting(placement.ip, DEFAULT_PORT):
                     boot_pending = False
-                    self._transition(DynoState.UP, Reason.BOOTED)
-                    self._up_mono = clock()
+                    self._mark_up()
                 elif now >= boot_deadline:
                     boot_pending = False
                     self._say(*policy.boot_timeout_lines(float(self.spec.boot_timeout_s)))
@@ -358,10 +368,17 @@ class Dyno:
         self._up_mono = None
         self.record.pid = None
         self.record.start_time = None
+        self.record.up_since = self.record.launched_at = self.record.cycle_at = None
+        self.record.oom_base = None
         for future in waiters:
             if not future.done():
                 future.set_result(None)
         return ExitInfo(exit_status, intent, oom_killed, up_for)
+
+    def _mark_up(self) -> None:
+        self._up_mono = time.monotonic()
+        self.record.up_since = time.time()
+        self._transition(DynoState.UP, Reason.BOOTED)
 
     def _sample(self, placement: Placement, now: float) -> bool:
         """Memory check and runtime-metrics line; True when the dyno must be killed (R15)."""

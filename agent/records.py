@@ -50,6 +50,12 @@ class Record:
     desired: str = "running"  # running | stopped
     up_since: float | None = None  # wall clock, for the 10-minute crash-count reset
     restart_at: float | None = None  # wall clock: a crashed dyno's end of cool-off
+    # Of the running process, so that a re-adopting agent keeps its deadlines and baselines
+    # instead of starting them over: wall-clock launch time (boot timeout), cycle deadline
+    # (its random jitter is drawn once) and the cgroup's OOM-kill count at launch.
+    launched_at: float | None = None
+    cycle_at: float | None = None
+    oom_base: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

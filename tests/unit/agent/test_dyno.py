@@ -539,3 +539,61 @@ async def test_restore_releases_held_processes_no_record_owns(tmp_path: Path) ->
         assert h.supervisor.dynos == {}
     finally:
         await h.supervisor.detach_all()
+
+
+async def _adopt_with(tmp_path: Path, name: str, running: bool, status: int | None,
+                      **record_changes: Any) -> tuple[Harness, str, int]:
+    """Start a dyno under one agent, let that agent go, edit its record, restore it under a
+    second agent with the holder reporting the process as given."""
+    first = await _harness(tmp_path)
+    dyno_id = await first.create(name)
+    await first.state(dyno_id, "up")
+    await first.supervisor.detach_all()
+    record = next(r for r in first.records.load_all() if r.id == dyno_id)
+    assert record.launched_at is not None and record.cycle_at is not None
+    assert record.up_since is not None and record.oom_base == 0
+    for key, value in record_changes.items():
+        setattr(record, key, value)
+    first.records.save(record)
+    pid = record.pid
+    assert pid is not None
+    second = await _harness(tmp_path)
+    second.runtime.procs[dyno_id] = Proc(pid, exited=not running)
+    second.supervisor.restore([_held(dyno_id, pid, running, status)])
+    return second, dyno_id, pid
+
+
+async def test_adopted_dyno_keeps_its_time_up_for_the_crash_count_reset(
+        tmp_path: Path) -> None:
+    # Up for 11 minutes (Heroku resets the count after 10) across the agent's restart.
+    h, dyno_id, _pid = await _adopt_with(tmp_path, "worker.1", True, None, crashes=3,
+                                         up_since=time.time() - 660)
+    try:
+        await h.state(dyno_id, "up")
+        h.runtime.exit(dyno_id, 1)
+        # A reset count makes this a first crash: restarted at once, not after a cool-off.
+        await h.until(lambda: len(h.runtime.launches) == 1, timeout_s=COOL_OFF_S * 0.8,
+                      what="immediate restart")
+        assert h.supervisor.dynos[dyno_id].record.crashes == 1
+    finally:
+        await h.supervisor.detach_all()
+
+
+async def test_adopted_dyno_keeps_its_cycle_deadline(tmp_path: Path) -> None:
+    h, _dyno_id, _pid = await _adopt_with(tmp_path, "worker.1", True, None,
+                                         cycle_at=time.time() - 1)
+    try:
+        await h.until(lambda: len(h.runtime.launches) == 1, what="cycled at once")
+        assert "Cycling" in h.lines("worker.1")
+    finally:
+        await h.supervisor.detach_all()
+
+
+async def test_oom_kill_while_no_agent_watched_is_still_oom(tmp_path: Path) -> None:
+    h, dyno_id, _pid = await _adopt_with(tmp_path, "worker.1", False, 137)
+    try:
+        h.runtime.stats_value = cgroups.Stats(oom_kill_events=1)
+        crashed = await h.event(dyno_id, "crashed")
+        assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
+    finally:
+        await h.supervisor.detach_all()
