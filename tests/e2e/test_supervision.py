@@ -588,6 +588,22 @@ def test_agent_sigkill_then_new_agent_readopts_10_dynos_with_their_output(
                 assert dyno(agent, dyno_id)["pid"] == pids[dyno_id]
 
 
+def test_graceful_agent_stop_leaves_running_dynos_to_the_next_agent(slug: Path) -> None:
+    app = unique("t", 8)
+    with new_test_host() as host, agent_in_host(host) as agent:
+        created = agent.api("POST", "/v1/dynos", spec(app, "web.1", "python3 /app/server.py",
+                                                      slug), expect=201)
+        pid = wait_state(agent, created["id"], "up")["pid"]
+        assert agent.stop(30) == 0
+        os.kill(pid, 0)  # a stopping agent never takes its dynos down with it
+        holder = [p for p in _processes_mentioning(f"{agent.base}/run/holder.sock")]
+        assert holder, "the holder stays while it holds a dyno"
+        agent.start()
+        status = dyno(agent, created["id"])
+        assert (status["state"], status["pid"], status["restarts"]) == ("up", pid, 0)
+        assert _processes_mentioning(f"{agent.base}/run/holder.sock") == holder
+
+
 # -- nothing left behind ----------------------------------------------------------------------
 
 def _processes_mentioning(text: str) -> list[int]:
