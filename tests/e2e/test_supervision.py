@@ -596,7 +596,7 @@ def test_graceful_agent_stop_leaves_running_dynos_to_the_next_agent(slug: Path) 
         pid = wait_state(agent, created["id"], "up")["pid"]
         assert agent.stop(30) == 0
         os.kill(pid, 0)  # a stopping agent never takes its dynos down with it
-        holder = [p for p in _processes_mentioning(f"{agent.base}/run/holder.sock")]
+        holder = _processes_mentioning(f"{agent.base}/run/holder.sock")
         assert holder, "the holder stays while it holds a dyno"
         agent.start()
         status = dyno(agent, created["id"])
