@@ -299,6 +299,9 @@ def test_dyno_ignoring_sigterm_gets_r12_and_sigkill_after_the_timeout(
     assert STOP_TIMEOUT_S - 0.1 <= at(lines[term + 1]) - at(lines[term]) < STOP_TIMEOUT_S + 1
     down = event_of(events, created["id"], "down")
     assert (down["previous"], down["reason"], down["exit_status"]) == ("up", "stopped", 137)
+    assert set(down) >= {"id", "app", "name", "state", "previous", "reason", "exit_status", "at"}
+    assert (down["app"], down["name"]) == (app, "worker.1")
+    assert datetime.fromisoformat(down["at"]).utcoffset() is not None
 
 
 def test_normal_stop_exits_143_and_is_down_only_with_an_empty_cgroup(
@@ -460,6 +463,13 @@ def test_metrics_parse_with_prometheus_parser_and_show_the_dynos(
              if s.labels["app"] == app]
     assert sorted(s.labels["dyno"] for s in quota) == ["worker.1", "worker.2"]
     assert all(s.value == 512 * 2**20 for s in quota)
+    # The same sample as a runtime-metrics log line (DESIGN §6).
+    metric_lines = [text for text in texts(log_lines(agent, app, "worker.1"))
+                    if METRICS_LINE.match(text)]
+    assert metric_lines, "no runtime-metrics line"
+    assert re.fullmatch(rf"source=worker\.1 dyno={ids[0]} sample#memory_total=\d+\.\d\dMB "
+                        r"sample#memory_rss=\d+\.\d\dMB .*sample#memory_quota=512\.00MB",
+                        metric_lines[-1]), metric_lines[-1]
 
 
 # -- logs: 100,000 lines and a slow follower -------------------------------------------------
