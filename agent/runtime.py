@@ -8,10 +8,12 @@ use it through the `Runtime` protocol so unit tests can run them on a fake.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 from collections.abc import Mapping
@@ -30,6 +32,7 @@ from agent.spec import HOST_STACK, DynoSpec
 log = logging.getLogger(__name__)
 
 REAPER = "/usr/bin/tini"
+SHELL = "/bin/sh"
 BOOT_PROBE_TIMEOUT_S = 0.5
 
 
@@ -105,6 +108,9 @@ class HostRuntime:
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.hide_paths = hide_paths
+        # Namespace deletions under way (30-45 ms in the kernel, off the critical path): a
+        # dyno placed again under the same id waits for its old namespace to be gone.
+        self._teardowns: dict[str, concurrent.futures.Future[None]] = {}
 
     def group(self, placement: Placement) -> cgroups.Group:
         return self.tree.group(placement.cgroup)
@@ -147,12 +153,13 @@ class HostRuntime:
                 raise DynoStartError(f"Error: cannot create the dyno's cgroup: {exc}") from None
             undo.callback(_remove_group_quietly, group)
             name = netns_name(spec.id)
+            await self._teardown_done(name)
             try:
                 attachment = await asyncio.to_thread(self.network.create_attached, spec.space,
                                                      name)
             except netns.NetnsError as exc:
                 raise DynoStartError(f"Error: cannot set up the dyno's network: {exc}") from None
-            undo.callback(self.network.destroy_later, spec.space, name)
+            undo.callback(self._destroy_netns_later, spec.space, name)
             placement = Placement(cgroup=rel, netns=name, netns_path=str(attachment.path),
                                   space=spec.space, ip=str(attachment.address.ip), uid=uid,
                                   gid=gid, slug_dir=str(slug_dir), dyno_dir=str(dyno_dir))
@@ -164,12 +171,13 @@ class HostRuntime:
                      env: Mapping[str, str]) -> Launch:
         group = self.group(placement)
         request = LaunchRequest(
-            dyno_id=spec.id, hostname=spec.id[:63], argv=("/bin/sh", "-c", spec.command),
+            dyno_id=spec.id, hostname=spec.id[:63], argv=(SHELL, "-c", shell_command(spec.command)),
             env=tuple(env.items()), uid=placement.uid, gid=placement.gid,
             stack_dir=self._stack_dir(spec), slug_dir=placement.slug_dir,
             dyno_dir=placement.dyno_dir,
             writable_limit_bytes=spec.size.memory_quota_bytes,
             cgroup_procs=group.procs_paths(), netns_path=placement.netns_path,
+            private_ip=placement.ip,
             hide_paths=self.hide_paths, reaper=REAPER)
         try:
             launched = await self.holder.launch(request)
@@ -178,10 +186,28 @@ class HostRuntime:
         os.close(launched.pidfd)
         return Launch(launched.pid, launched.start_time, launched.timings_ms)
 
+    def _destroy_netns_later(self, space: str, name: str) -> None:
+        future = self.network.destroy_later(space, name)
+        self._teardowns[name] = future
+        future.add_done_callback(lambda _f: self._teardowns.pop(name, None))
+
+    async def _teardown_done(self, name: str) -> None:
+        future = self._teardowns.get(name)
+        if future is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(future)
+
     def signal_all(self, placement: Placement, sig: signal.Signals) -> int:
-        """Signal every process of the dyno (not only PID 1); returns how many were signalled."""
+        """Signal every process of the dyno; returns how many were signalled.
+
+        The reaper (the dyno's PID 1) is left out: it forwards what it receives to its child,
+        which would then get the signal twice (an app whose SIGTERM handler takes a while
+        would run it twice over).
+        """
         count = 0
         for pid in self.group(placement).pids():
+            if _is_pid_namespace_init(pid):
+                continue
             try:
                 os.kill(pid, sig)
                 count += 1
@@ -235,12 +261,45 @@ class HostRuntime:
         group = self.group(placement)
         if group.exists():
             await group.destroy(timeout_s=10)
-        self.network.destroy_later(placement.space, placement.netns)
+        self._destroy_netns_later(placement.space, placement.netns)
         await asyncio.to_thread(self.uids.release, placement.dyno_dir.rsplit("/", 1)[-1])
         await asyncio.to_thread(shutil.rmtree, placement.dyno_dir, True)
 
     def pid_alive(self, pid: int, start_time: int) -> bool:
         return process_start_time(pid) == start_time
+
+
+def _is_pid_namespace_init(pid: int) -> bool:
+    """Whether the process is PID 1 of its own pid namespace (NSpid's last field)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return line.split()[-1] == "1"
+    return False
+
+
+def shell_command(command: str) -> str:
+    """The script given to `/bin/sh -c`: a simple command is exec'd so that the app itself,
+    not a shell around it, is the reaper's child.
+
+    bash does this on its own (as on Heroku); dash does not, and a waiting dash dies on the
+    SIGTERM of a stop at once, its reaper with it, and the kernel then SIGKILLs the app in
+    the middle of its graceful shutdown. Lists, pipelines, subshells, leading assignments and
+    shell keywords keep the plain form.
+    """
+    text = command.strip()
+    if not text or _NOT_SIMPLE.search(text) or _LEADING.match(text):
+        return command
+    return f"exec {text}"
+
+
+_NOT_SIMPLE = re.compile(r"[;&|\n(){}]")
+_LEADING = re.compile(
+    r"(?:[A-Za-z_][A-Za-z0-9_]*=|(?:exec|if|then|for|while|until|case|!|function|select|"
+    r"time|trap|cd|export|set|unset|eval|source|\.|\[\[?)(?:\s|$))")
 
 
 def _remove_group_quietly(group: cgroups.Group) -> None:

@@ -312,10 +312,6 @@ def test_changed_spec_is_replaced_under_the_same_id(cluster: Cluster) -> None:
     assert report["unchanged"] == [changed["id"]]
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.unplace() only schedules the namespace's "
-                   "deletion (destroy_later), so a dyno started again under the same id "
-                   "finds /run/netns/dyno-<id> still there (EEXIST) and crashes once or "
-                   "twice before it comes up")
 def test_replacement_starts_cleanly(cluster: Cluster) -> None:
     c = cluster
     changed, _, _ = _replace_once(c)

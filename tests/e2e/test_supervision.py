@@ -340,6 +340,33 @@ def test_normal_stop_exits_143_and_is_down_only_with_an_empty_cgroup(
     assert dyno(agent, created["id"])["state"] == "down"
 
 
+def test_stop_gives_the_app_its_graceful_shutdown(
+        agent: AgentProcess, app: str, slug: Path) -> None:
+    # The app needs a second after SIGTERM to drain; the shell that starts it must not take
+    # it down early (dash would die at once, and the dyno's PID 1 with it).
+    drain = ("import signal, sys, time\n"
+             "def bye(*_):\n"
+             "    time.sleep(1)\n"
+             "    print('drained', flush=True)\n"
+             "    sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, bye)\n"
+             "print('ready', flush=True)\n"
+             "while True: time.sleep(0.1)\n")
+    (slug / "drain.py").write_text(drain)
+    (slug / "drain.py").chmod(0o644)
+    created = agent.api("POST", "/v1/dynos", spec(app, "worker.1", "python3 -u drain.py", slug),
+                        expect=201)
+    wait_state(agent, created["id"], "up")
+    wait_for(lambda: "ready" in app_texts(agent, app, "worker.1"), 10, what="handler installed")
+    stopped = agent.api("POST", f"/v1/dynos/{created['id']}/stop")
+    assert stopped["state"] == "down"
+    assert stopped["exit_status"] == 0
+    assert "drained" in app_texts(agent, app, "worker.1")
+    lines = texts(platform_lines(agent, app, "worker.1"))
+    assert lines[-3:] == ["Stopping all processes with SIGTERM",
+                          "Process exited with status 0", "State changed from up to down"]
+
+
 # -- boot timeout: R10 ----------------------------------------------------------------------
 
 def test_web_dyno_that_never_binds_gets_r10_and_crashes_with_boot_timeout(
@@ -508,10 +535,16 @@ def test_100k_lines_keep_the_tail_and_a_slow_follower_gets_l10_not_a_blocked_dyn
         # marker too); once it has read its backlog it is told how many lines it lost. An
         # L10 of the dyno itself (the holder dropping its oldest unsent lines under a burst,
         # counted in the API's `output_dropped`) may come before or be dropped itself.
-        while not follower_l10:
+        # Under load the agent may have pushed part of the backlog into the socket before
+        # the stall, so the loss can come in several L10s. The dyno's runtime-metrics lines
+        # keep arriving (every SAMPLE_INTERVAL_S); one after an L10 means the backlog is read
+        # and every loss so far has been reported.
+        while True:
             raw = follower.readline()
             assert raw, "the follow stream ended early"
             line = json.loads(raw)
+            if follower_l10 and METRICS_LINE.match(line["text"]):
+                break
             text = line["text"]
             if text.startswith("Error L10 (output buffer overflow): ") and \
                     line["dyno"] == "logs":
