@@ -1,9 +1,10 @@
 """The daemon's asyncio client of the holder: requests with deadlines, an event stream with acks.
 
-One connection carries both. Output events are acked when the consumer asks for the next
-event (so a daemon killed while handling a batch gets it again from the holder). When the
-consumer falls far behind, reading pauses; the holder then keeps lines in its bounded
-per-dyno buffers, so memory stays bounded on both sides.
+One connection carries both. Output events are acked once handled, i.e. when the consumer asks
+for the next event, several in one ack frame while more are queued (so a daemon killed while
+handling a batch gets it again from the holder). Output stays in its wire form (joined blocks)
+until the consumer takes the event. When the consumer falls far behind, reading pauses; the
+holder then keeps lines in its bounded per-dyno buffers, so memory stays bounded on both sides.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any, NoReturn
 
 from agent.holder.errors import (
@@ -44,8 +46,12 @@ log = logging.getLogger(__name__)
 
 EXIT_ALREADY_RUNNING = 3  # agent.holder.__main__ (not imported: it pulls in the server)
 READ_CHUNK = 1 << 18
-# Events queued for a slow consumer before reading pauses.
-EVENT_QUEUE_PAUSE = 64
+# Reading pauses when a slow consumer has this many events, or output bytes, queued; it
+# resumes below half of both. Bytes bind for output (an event carries up to 256 KiB).
+EVENT_QUEUE_PAUSE = 256
+OUTPUT_QUEUE_PAUSE_BYTES = 4 << 20
+# Handled output is acked at the latest after this many events (or when the queue runs dry).
+ACK_EVERY_EVENTS = 16
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,23 @@ class Superseded:
 
 
 HolderEvent = OutputEvent | ExitEvent | Superseded
+
+
+@dataclass(frozen=True)
+class _Output:
+    """An output event as received: checked, but its lines still joined (cheap to queue)."""
+
+    dyno_id: str
+    pid: int
+    seq: int
+    dropped: int
+    blocks: tuple[tuple[float, bytes], ...]
+    size: int
+
+    def event(self) -> OutputEvent:
+        lines = tuple(chain.from_iterable(
+            zip(repeat(ts), data.split(b"\n")) for ts, data in self.blocks))
+        return OutputEvent(self.dyno_id, self.pid, self.seq, self.dropped, lines)
 
 
 @dataclass(frozen=True)
@@ -123,7 +146,9 @@ class HolderClient:
         self._events: deque[object] = deque()
         self._event_waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._queued_bytes = 0
         self._unacked: OutputEvent | None = None
+        self._acks: dict[tuple[str, int], int] = {}
         self._closed = False
         self._lost_reason: str | None = None
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -285,28 +310,40 @@ class HolderClient:
     async def events(self) -> AsyncGenerator[HolderEvent, None]:
         """Events until the connection ends (then ConnectionLost). Subscribe first.
 
-        An output event is acked when the next one is requested, i.e. once handled.
+        An output event is acked when the next one is requested, i.e. once handled; acks of
+        consecutive events go out together, at the latest when the queue runs dry, before a
+        non-output event, every ACK_EVERY_EVENTS events, or when the consumer stops iterating.
         """
-        while True:
-            self._ack_last()
-            while not self._events:
-                if self._closed:
+        try:
+            while True:
+                self._note_handled()
+                if (not self._events or len(self._acks) >= ACK_EVERY_EVENTS
+                        or not isinstance(self._events[0], _Output)):
+                    self._send_acks()
+                while not self._events:
+                    if self._closed:
+                        raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
+                    self._event_waiter = self._loop.create_future()
+                    try:
+                        await self._event_waiter
+                    finally:
+                        self._event_waiter = None
+                item = self._events.popleft()
+                if item is _LOST:
                     raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
-                self._event_waiter = self._loop.create_future()
-                try:
-                    await self._event_waiter
-                finally:
-                    self._event_waiter = None
-            item = self._events.popleft()
-            if item is _LOST:
-                raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
-            if self._paused and len(self._events) < EVENT_QUEUE_PAUSE // 2:
-                self._paused = False
-                self._loop.add_reader(self._sock.fileno(), self._on_readable)
-            assert isinstance(item, OutputEvent | ExitEvent | Superseded)
-            if isinstance(item, OutputEvent):
-                self._unacked = item
-            yield item
+                if isinstance(item, _Output):
+                    self._queued_bytes -= item.size
+                    item = item.event()
+                    self._unacked = item
+                if self._paused and len(self._events) < EVENT_QUEUE_PAUSE // 2 and (
+                        self._queued_bytes < OUTPUT_QUEUE_PAUSE_BYTES // 2):
+                    self._paused = False
+                    self._loop.add_reader(self._sock.fileno(), self._on_readable)
+                assert isinstance(item, OutputEvent | ExitEvent | Superseded)
+                yield item
+        finally:
+            # Only what the consumer asked past is acked: the event in hand stays unacked.
+            self._send_acks()
 
     async def dispatch_events(
             self, handler: Callable[[HolderEvent], Awaitable[None] | None]) -> NoReturn:
@@ -321,13 +358,19 @@ class HolderClient:
                 await result
         raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
 
-    def _ack_last(self) -> None:
+    def _note_handled(self) -> None:
         event = self._unacked
-        if event is None or self._closed:
+        if event is None:
             return
         self._unacked = None
-        next_seq = event.seq + len(event.lines)
-        self._send({"t": "ack", "p": {"a": [[event.dyno_id, event.pid, next_seq]]}}, [])
+        self._acks[(event.dyno_id, event.pid)] = event.seq + len(event.lines)
+
+    def _send_acks(self) -> None:
+        if not self._acks or self._closed:
+            return
+        acks = [[dyno_id, pid, next_seq] for (dyno_id, pid), next_seq in self._acks.items()]
+        self._acks.clear()
+        self._send({"t": "ack", "p": {"a": acks}}, [])
 
     # -- transport ---------------------------------------------------------------------
 
@@ -379,7 +422,8 @@ class HolderClient:
                 return
             for message, mfds in messages:
                 self._on_message(message, mfds)
-            if len(self._events) >= EVENT_QUEUE_PAUSE and not self._paused:
+            if not self._paused and (len(self._events) >= EVENT_QUEUE_PAUSE
+                                     or self._queued_bytes >= OUTPUT_QUEUE_PAUSE_BYTES):
                 self._paused = True
                 self._loop.remove_reader(self._sock.fileno())
                 return
@@ -400,6 +444,8 @@ class HolderClient:
         if event is None:
             log.warning("unknown holder event", extra={"EVENT": message.get("m")})
             return
+        if isinstance(event, _Output):
+            self._queued_bytes += event.size
         self._events.append(event)
         if self._event_waiter is not None and not self._event_waiter.done():
             self._event_waiter.set_result(None)
@@ -424,13 +470,12 @@ class HolderClient:
             self._event_waiter.set_result(None)
 
 
-def _event(message: Message) -> HolderEvent | None:
+def _event(message: Message) -> _Output | ExitEvent | Superseded | None:
     name = message.get("m")
     p = message.get("p") or {}
     try:
         if name == "output":
-            return OutputEvent(p["dyno_id"], p["pid"], p["seq"], p["dropped"],
-                               tuple((float(ts), bytes(data)) for ts, data in p["lines"]))
+            return _output(p)
         if name == "exit":
             return ExitEvent(p["dyno_id"], p["kind"], p["pid"], p["status"], p["signal"],
                              p["exited_at"])
@@ -439,6 +484,31 @@ def _event(message: Message) -> HolderEvent | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed {name} event: {exc}", p) from exc
     return None
+
+
+def _output(p: dict[str, Any]) -> _Output:
+    """Check an output event's shape and block counts now, so taking it later cannot fail."""
+    dyno_id, pid, seq, dropped = p["dyno_id"], p["pid"], p["seq"], p["dropped"]
+    if not (isinstance(dyno_id, str) and isinstance(pid, int) and isinstance(seq, int)
+            and isinstance(dropped, int)):
+        raise TypeError("dyno_id must be a string, pid, seq and dropped integers")
+    blocks: list[tuple[float, bytes]] = []
+    size = 0
+    if "blocks" in p:
+        for ts, count, data in p["blocks"]:
+            if not isinstance(data, bytes) or not isinstance(count, int) or (
+                    data.count(b"\n") != count - 1 or count < 1):
+                raise ValueError(f"block of {count!r} lines does not match its data")
+            blocks.append((float(ts), data))
+            size += len(data)
+    else:
+        # Protocol 1 (a holder started by an older agent): one [ts, bytes] per line.
+        for ts, data in p["lines"]:
+            if not isinstance(data, bytes) or b"\n" in data:
+                raise ValueError("a line must be bytes without a newline")
+            blocks.append((float(ts), data))
+            size += len(data)
+    return _Output(dyno_id, pid, seq, dropped, tuple(blocks), size)
 
 
 def _fields(request: Mapping[str, Any] | Any) -> dict[str, Any]:

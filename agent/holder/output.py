@@ -1,8 +1,11 @@
 """A dyno's output as the holder keeps it: newline splitting with a line cap, and a bounded buffer.
 
+Lines are kept in blocks, one per pipe read: the lines joined by b"\\n", one timestamp, a count
+and the seq of the first line. A burst of short lines then costs a few Python objects per read
+instead of several per line, which is where the holder's time went (issue 6: `seq 1 300000`).
 The buffer numbers lines (seq) so a subscriber can ack them; unacked lines stay (up to the
-bounds) and are sent again after a reconnect. When full, the oldest line goes; if no sink
-had been sent it yet, it counts as dropped (the daemon reports that as Error L10).
+bounds, charged in bytes of memory) and are sent again after a reconnect. When full, the oldest
+lines go; those no sink had been sent yet count as dropped (the daemon reports Error L10).
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ from dataclasses import dataclass
 
 # Heroku's logging splits lines longer than 10,000 bytes (DESIGN §6, issue 6).
 MAX_LINE_BYTES = 10_000
+# What a block costs beyond its data (measured on CPython 3.11: the slotted Block 72 bytes,
+# the bytes header 33, a deque slot 8), charged so that the byte bound bounds memory even when
+# a dyno writes one line per read.
+BLOCK_OVERHEAD_BYTES = 120
+
+Chunk = tuple[bytes, int]
+"""Complete lines joined by b"\\n" (no trailing newline) and how many lines that is (≥ 1)."""
 
 
 class LineSplitter:
@@ -23,27 +33,43 @@ class LineSplitter:
         self._max = max_line_bytes
         self._partial = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
-        lines: list[bytes] = []
-        start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
+    def feed_chunk(self, data: bytes) -> Chunk | None:
+        """The complete lines `data` finishes, as one joined chunk (None if it finishes none)."""
+        pieces: list[bytes] = []
+        end = data.rfind(b"\n")
+        if end >= 0:
             if self._partial:
-                self._partial += data[start:end]
-                self._emit(bytes(self._partial), lines)
+                self._partial += data[:end]
+                head = bytes(self._partial)
                 self._partial.clear()
             else:
-                self._emit(data[start:end], lines)
-            start = end + 1
-        self._partial += data[start:]
+                head = data[:end]
+            self._partial += data[end + 1:]
+            lines = head.split(b"\n")
+            # Only a chunk longer than the cap can hold a long line; checking its longest line
+            # is a C-speed scan, the Python-level re-split below runs only when one is found.
+            if len(head) > self._max and max(map(len, lines)) > self._max:
+                lines = [piece for line in lines for piece in self._pieces(line)]
+                head = b"\n".join(lines)
+            pieces.append(head)
+            count = len(lines)
+        else:
+            self._partial += data
+            count = 0
         # A long unterminated line is emitted in full-size pieces as soon as they exist, so
         # the partial buffer never grows past one line's worth.
         while len(self._partial) >= self._max:
-            lines.append(bytes(self._partial[:self._max]))
+            pieces.append(bytes(self._partial[:self._max]))
             del self._partial[:self._max]
-        return lines
+            count += 1
+        if not pieces:
+            return None
+        return (pieces[0] if len(pieces) == 1 else b"\n".join(pieces)), count
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The complete lines `data` finishes, one bytes object each."""
+        chunk = self.feed_chunk(data)
+        return chunk[0].split(b"\n") if chunk is not None else []
 
     def flush(self) -> list[bytes]:
         """The unterminated tail, at end of stream."""
@@ -57,19 +83,22 @@ class LineSplitter:
     def partial_bytes(self) -> int:
         return len(self._partial)
 
-    def _emit(self, line: bytes, out: list[bytes]) -> None:
+    def _pieces(self, line: bytes) -> list[bytes]:
         if len(line) <= self._max:
-            out.append(line)
-            return
-        for i in range(0, len(line), self._max):
-            out.append(line[i:i + self._max])
+            return [line]
+        return [line[i:i + self._max] for i in range(0, len(line), self._max)]
 
 
 @dataclass(frozen=True)
 class BufferLimits:
-    """Per held process, and `total_bytes` over all of them (200 dynos at 4 MiB is too much)."""
+    """Per held process, and `total_bytes` over all of them (200 dynos at 4 MiB is too much).
 
-    max_lines: int = 10_000
+    Bytes are memory: line data, a newline each, and BLOCK_OVERHEAD_BYTES per pipe read. The
+    line bound is a second, coarser guard; bytes are what bind in practice (a 7-byte line costs
+    8 bytes, so the 4 MiB default holds a `seq 1 300000` burst whole).
+    """
+
+    max_lines: int = 1_000_000
     max_bytes: int = 4 << 20
     total_bytes: int = 256 << 20
 
@@ -78,80 +107,180 @@ class BufferLimits:
             raise ValueError(f"buffer limits must be positive: {self}")
 
 
-@dataclass(frozen=True)
-class Line:
-    seq: int
-    ts: float
-    data: bytes
+class Block:
+    """Consecutive lines read together: `data` is them joined by b"\\n" (count - 1 newlines)."""
+
+    __slots__ = ("count", "data", "seq", "ts")
+
+    def __init__(self, seq: int, ts: float, count: int, data: bytes) -> None:
+        self.seq = seq
+        self.ts = ts
+        self.count = count
+        self.data = data
+
+    @property
+    def cost(self) -> int:
+        return len(self.data) + 1 + BLOCK_OVERHEAD_BYTES
+
+    @property
+    def end_seq(self) -> int:
+        return self.seq + self.count
+
+    def lines(self) -> list[bytes]:
+        return self.data.split(b"\n")
+
+    def cut_after_bytes(self, n: int) -> tuple[int, int]:
+        """(lines, data bytes incl. newlines) of the shortest head whose removal frees ≥ n bytes."""
+        pos = self.data.find(b"\n", max(n - 1, 0))
+        if pos < 0:
+            return self.count, len(self.data) + 1
+        return self.data.count(b"\n", 0, pos + 1), pos + 1
+
+    def cut_at_line(self, k: int) -> int:
+        """Data bytes (incl. newlines) of the first k lines, 0 < k < count."""
+        return len(self.data) - len(self.data.split(b"\n", k)[-1])
+
+    def split_head(self, k: int, size: int) -> Block:
+        """Detach the first k lines (`size` bytes of data with their newlines) as a new block."""
+        head = Block(self.seq, self.ts, k, self.data[:size - 1])
+        self.seq += k
+        self.count -= k
+        self.data = self.data[size:]
+        return head
+
+
+class ByteTally:
+    """Bytes held by every buffer of one holder, kept current by the buffers themselves."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 class OutputBuffer:
-    """Lines not yet acked, oldest first, within `limits`; a cursor marks what was sent."""
+    """Lines not yet acked, oldest first, within `limits`: those sent to the sink, then the rest."""
 
-    def __init__(self, limits: BufferLimits) -> None:
+    def __init__(self, limits: BufferLimits, tally: ByteTally | None = None) -> None:
         self._limits = limits
-        self._lines: deque[Line] = deque()
+        self._tally = tally if tally is not None else ByteTally()
+        self._sent: deque[Block] = deque()
+        self._unsent: deque[Block] = deque()
+        self._lines = 0
         self._bytes = 0
         self._next_seq = 0
-        self._send_from = 0
         self.dropped_unreported = 0
         self.dropped_total = 0
 
-    def push(self, ts: float, data: bytes) -> None:
-        self._lines.append(Line(self._next_seq, ts, data))
-        self._next_seq += 1
-        self._bytes += len(data)
-        while len(self._lines) > self._limits.max_lines or (
-                self._bytes > self._limits.max_bytes and len(self._lines) > 1):
-            self.evict_oldest()
+    def push(self, ts: float, data: bytes, count: int = 1) -> None:
+        """Append `count` lines read at `ts` (joined by b"\\n"); evict the oldest over a bound."""
+        if count < 1:
+            raise ValueError(f"a chunk holds at least one line, got count={count}")
+        block = Block(self._next_seq, ts, count, data)
+        self._next_seq += count
+        self._unsent.append(block)
+        self._account(count, block.cost)
+        over_lines = self._lines - self._limits.max_lines
+        over_bytes = self._bytes - self._limits.max_bytes
+        if over_lines > 0 or over_bytes > 0:
+            # The newest line stays even when it alone is over the byte bound.
+            self.evict(over_bytes, over_lines, keep_newest=True)
 
-    def evict_oldest(self) -> int:
-        """Drop the oldest line (to honour a bound across all buffers); returns bytes freed."""
-        if not self._lines:
-            return 0
-        old = self._lines.popleft()
-        self._bytes -= len(old.data)
-        if old.seq >= self._send_from:
-            # Never sent to anyone: a real loss, reported with the next batch.
-            self._send_from = old.seq + 1
-            self.dropped_unreported += 1
-            self.dropped_total += 1
-        return len(old.data)
+    def evict(self, free_bytes: int, drop_lines: int = 0, keep_newest: bool = False) -> int:
+        """Drop the oldest lines until `free_bytes` are freed and `drop_lines` gone; bytes freed.
 
-    def take(self, max_lines: int, max_bytes: int) -> tuple[int, list[Line]]:
-        """The next unsent lines (at least one if any), advancing the send cursor."""
-        if self._send_from >= self._next_seq:
-            return self._send_from, []
-        start = self._send_from - self._lines[0].seq
-        out: list[Line] = []
-        size = 0
-        for i in range(start, len(self._lines)):
-            line = self._lines[i]
-            if out and (len(out) >= max_lines or size + len(line.data) > max_bytes):
+        Lines sent but not acked go first and silently (the sink has them); unsent ones count
+        as dropped, reported with the next batch.
+        """
+        freed = 0
+        while freed < free_bytes or drop_lines > 0:
+            queue = self._sent or self._unsent
+            if not queue:
                 break
-            out.append(line)
-            size += len(line.data)
-        self._send_from = out[-1].seq + 1
-        return out[0].seq, out
+            block = queue[0]
+            keep = 1 if keep_newest and queue is self._unsent and len(queue) == 1 else 0
+            if block.count - keep <= 0:
+                break
+            lines, size = block.cut_after_bytes(free_bytes - freed)
+            if lines < drop_lines:
+                lines = min(drop_lines, block.count)
+                size = len(block.data) + 1 if lines == block.count else block.cut_at_line(lines)
+            if lines > block.count - keep:
+                lines = block.count - keep
+                size = block.cut_at_line(lines)
+            if lines == block.count:
+                queue.popleft()
+                size = block.cost
+            else:
+                block.split_head(lines, size)
+            self._account(-lines, -size)
+            freed += size
+            drop_lines -= lines
+            if queue is self._unsent:
+                self.dropped_unreported += lines
+                self.dropped_total += lines
+        return freed
+
+    def take(self, max_lines: int, max_bytes: int) -> tuple[int, list[Block]]:
+        """The next unsent lines as blocks (at least one line if any), now counted as sent."""
+        if not self._unsent:
+            return self._next_seq, []
+        first_seq = self._unsent[0].seq
+        out: list[Block] = []
+        lines = size = 0
+        while self._unsent and lines < max_lines and size < max_bytes:
+            block = self._unsent[0]
+            room_lines = max_lines - lines
+            room_bytes = max_bytes - size
+            if block.count <= room_lines and len(block.data) + 1 <= room_bytes:
+                self._unsent.popleft()
+            else:
+                k, cut = self._fit(block, room_lines, room_bytes, first=not out)
+                if k == 0:
+                    break
+                if k == block.count:
+                    self._unsent.popleft()
+                else:
+                    block = block.split_head(k, cut)
+                    self._account(0, BLOCK_OVERHEAD_BYTES)
+            out.append(block)
+            self._sent.append(block)
+            lines += block.count
+            size += len(block.data) + 1
+        return first_seq, out
 
     def ack(self, next_seq: int) -> None:
-        """A sink holds every line before `next_seq`: forget them."""
-        while self._lines and self._lines[0].seq < next_seq:
-            old = self._lines.popleft()
-            self._bytes -= len(old.data)
-        self._send_from = max(self._send_from, min(next_seq, self._next_seq))
+        """A sink holds every line before `next_seq`: forget them (sent or not)."""
+        for queue in (self._sent, self._unsent):
+            while queue and queue[0].seq < next_seq:
+                block = queue[0]
+                if block.end_seq <= next_seq:
+                    queue.popleft()
+                    self._account(-block.count, -block.cost)
+                else:
+                    k = next_seq - block.seq
+                    size = block.cut_at_line(k)
+                    block.split_head(k, size)
+                    self._account(-k, -size)
 
     def rewind(self) -> None:
         """A new sink: everything unacked is sent again."""
-        self._send_from = self._lines[0].seq if self._lines else self._next_seq
+        self._unsent.extendleft(reversed(self._sent))
+        self._sent.clear()
+
+    def forget(self) -> None:
+        """Release everything (the process is being forgotten) and give the bytes back."""
+        self._sent.clear()
+        self._unsent.clear()
+        self._account(-self._lines, -self._bytes)
 
     @property
     def unsent(self) -> bool:
-        return self._send_from < self._next_seq
+        return bool(self._unsent)
 
     @property
     def lines(self) -> int:
-        return len(self._lines)
+        return self._lines
 
     @property
     def bytes(self) -> int:
@@ -160,3 +289,25 @@ class OutputBuffer:
     @property
     def next_seq(self) -> int:
         return self._next_seq
+
+    def _account(self, lines: int, size: int) -> None:
+        self._lines += lines
+        self._bytes += size
+        self._tally.bytes += size
+
+    @staticmethod
+    def _fit(block: Block, room_lines: int, room_bytes: int, first: bool) -> tuple[int, int]:
+        """(lines, bytes with newlines) of the longest head of `block` within the room; the
+        first block of a batch yields at least one line so a huge line still goes out."""
+        pos = block.data.rfind(b"\n", 0, room_bytes)
+        if pos < 0:
+            if not first:
+                return 0, 0
+            pos = block.data.find(b"\n")
+            if pos < 0:
+                return block.count, len(block.data) + 1
+        k = block.data.count(b"\n", 0, pos + 1)
+        if k > room_lines:
+            k = room_lines
+            return k, block.cut_at_line(k)
+        return k, pos + 1

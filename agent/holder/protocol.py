@@ -35,11 +35,14 @@ Methods:
     release    {dyno_id, pid?} → {released: n}; forgets exited processes (conflict if running).
 
 Events:
-    output     {dyno_id, pid, seq, dropped, lines: [[unix_ts_float, bytes], ...]}: `seq` numbers
-               the first line (per held process, from 0); `dropped` counts lines discarded,
-               unsent, since the previous output event because the buffer was full. The client
-               acks with the next seq it expects; unacked lines are sent again to the next
-               subscriber, so a daemon killed mid-batch loses nothing it had not acked.
+    output     {dyno_id, pid, seq, dropped, blocks: [[unix_ts_float, count, bytes], ...]}:
+               each block is `count` consecutive lines read at one time, joined by b"\n" (so
+               it holds count - 1 newlines; lines never contain one); `seq` numbers the first
+               line (per held process, from 0); `dropped` counts lines discarded, unsent, since
+               the previous output event because the buffer was full. The client acks with the
+               next seq it expects, and may ack several events at once; unacked lines are sent
+               again to the next subscriber, so a daemon killed mid-batch loses nothing it had
+               not acked. (Protocol 1 sent `lines: [[ts, bytes], ...]`; clients read both.)
     exit       {dyno_id, kind, pid, status, signal, exited_at}: `status` is the exit code, or
                128 + signal; `signal` is the raw signal number or nil. Sent after every output
                line read before the exit, and again on each subscribe until `release`.
@@ -58,7 +61,8 @@ import msgpack
 
 from agent.holder.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: output events carry joined blocks of lines instead of one [ts, bytes] per line.
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
 # Requests are small (env ≤ 32 KiB by spec); output events are batched well under this.
 MAX_REQUEST_BYTES = 1 << 20

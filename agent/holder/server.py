@@ -35,7 +35,7 @@ from agent.holder.errors import (
     ProtocolError,
     RequestFailed,
 )
-from agent.holder.output import BufferLimits, LineSplitter, OutputBuffer
+from agent.holder.output import BufferLimits, ByteTally, LineSplitter, OutputBuffer
 from agent.holder.protocol import (
     ANCILLARY_BYTES,
     MAX_FDS_PER_FRAME,
@@ -55,12 +55,18 @@ PR_SET_CHILD_SUBREAPER = 36
 F_SETPIPE_SZ = 1031
 # A bigger pipe lets a dyno write 1 MiB ahead while the holder is busy launching another.
 PIPE_BYTES = 1 << 20
-READ_CHUNK = 1 << 16
+# One read takes up to a quarter of a full pipe: few reads (and blocks) per burst, while one
+# chatty dyno still yields to the others between reads.
+READ_CHUNK = 1 << 18
 # Stop moving lines into a client's queue past this; the rest wait in the per-dyno buffers,
 # which are bounded, so a slow daemon costs drops, never holder memory or a blocked dyno.
-SINK_HIGH_WATER = 512 << 10
-BATCH_LINES = 500
-BATCH_BYTES = 128 << 10
+SINK_HIGH_WATER = 1 << 20
+# An output event carries at most this much. The line bound caps what the daemon turns into
+# per-line objects at once (a 7-byte line there costs ~100 bytes); bytes bind for real logs.
+BATCH_LINES = 16_384
+BATCH_BYTES = 256 << 10
+# The kernel keeps this much of a sink's queue, so the holder refills it less often.
+SINK_SNDBUF_BYTES = 1 << 20
 MAX_CLIENTS = 32
 # A client that sends requests but never reads the answers is cut off past this backlog.
 MAX_CLIENT_BACKLOG = 16 << 20
@@ -153,6 +159,8 @@ class Holder:
         self._client_seq = 0
         self._sink: Client | None = None
         self._held: dict[int, Held] = {}
+        self._by_key: dict[tuple[str, int], Held] = {}
+        self._tally = ByteTally()
         self._running_by_pid: dict[int, Held] = {}
         self._by_pipe: dict[int, Held] = {}
         self._handle_seq = 0
@@ -284,6 +292,8 @@ class Holder:
                 sock.close()
                 continue
             sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SINK_SNDBUF_BYTES)
             self._client_seq += 1
             client = Client(sock, self._client_seq)
             self._clients[sock.fileno()] = client
@@ -544,9 +554,11 @@ class Holder:
             if not isinstance(item, list) or len(item) != 3:
                 continue
             dyno_id, pid, next_seq = item
-            for held in self._held.values():
-                if held.dyno_id == dyno_id and held.pid == pid and isinstance(next_seq, int):
-                    held.buffer.ack(next_seq)
+            if not isinstance(dyno_id, str) or not isinstance(pid, int):
+                continue
+            held = self._by_key.get((dyno_id, pid))
+            if held is not None and isinstance(next_seq, int):
+                held.buffer.ack(next_seq)
 
     # -- processes ---------------------------------------------------------------------
 
@@ -559,15 +571,19 @@ class Holder:
             raise RequestFailed(f"pid {pid} is not a child the holder can hold") from None
         self._handle_seq += 1
         held = Held(self._handle_seq, dyno_id, kind, pid, start_time, pidfd,
-                    OutputBuffer(self._config.limits))
+                    OutputBuffer(self._config.limits, self._tally))
         self._held[held.handle] = held
+        self._by_key[(dyno_id, pid)] = held
         self._running_by_pid[pid] = held
         return held
 
     def _forget(self, held: Held) -> None:
         self._close_pipe(held)
         os.close(held.pidfd)
+        held.buffer.forget()
         self._held.pop(held.handle, None)
+        if self._by_key.get((held.dyno_id, held.pid)) is held:
+            del self._by_key[(held.dyno_id, held.pid)]
         if self._running_by_pid.get(held.pid) is held:
             del self._running_by_pid[held.pid]
 
@@ -622,24 +638,24 @@ class Holder:
                 for line in held.splitter.flush():
                     held.buffer.push(now, line)
                 self._close_pipe(held)
+                self._enforce_total()
                 return
-            for line in held.splitter.feed(data):
-                held.buffer.push(now, line)
-            self._enforce_total()
+            chunk = held.splitter.feed_chunk(data)
+            if chunk is not None:
+                held.buffer.push(now, *chunk)
+                self._enforce_total()
             # One chunk per readiness event keeps a chatty dyno from starving the others.
             if not drain:
                 return
 
     def _enforce_total(self) -> None:
         """Over the holder-wide bound, the biggest buffer loses its oldest lines first."""
-        total = sum(h.buffer.bytes for h in self._held.values())
         cap = self._config.limits.total_bytes
-        while total > cap:
+        while self._tally.bytes > cap:
             biggest = max(self._held.values(), key=lambda h: h.buffer.bytes)
-            freed = biggest.buffer.evict_oldest()
-            if freed == 0 and biggest.buffer.lines == 0:
+            if biggest.buffer.lines == 0:
                 return
-            total -= freed
+            biggest.buffer.evict(self._tally.bytes - cap)
 
     def _close_pipe(self, held: Held) -> None:
         if held.pipe_fd is None:
@@ -664,12 +680,13 @@ class Holder:
                 if sink.out_bytes >= SINK_HIGH_WATER:
                     break
                 if held.buffer.unsent:
-                    seq, lines = held.buffer.take(BATCH_LINES, BATCH_BYTES)
+                    seq, blocks = held.buffer.take(BATCH_LINES, BATCH_BYTES)
                     dropped = held.buffer.dropped_unreported
                     held.buffer.dropped_unreported = 0
                     sink.queue({"t": "evt", "m": "output", "p": {
                         "dyno_id": held.dyno_id, "pid": held.pid, "seq": seq,
-                        "dropped": dropped, "lines": [[ln.ts, ln.data] for ln in lines]}})
+                        "dropped": dropped,
+                        "blocks": [[b.ts, b.count, b.data] for b in blocks]}})
                     progress = True
                 elif not held.running and not held.exit_sent:
                     held.exit_sent = True

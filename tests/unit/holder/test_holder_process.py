@@ -15,6 +15,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
+from agent.holder import PROTOCOL_VERSION
 from agent.holder.client import ExitEvent, HolderClient, HolderEvent, OutputEvent, Superseded
 from agent.holder.errors import (
     BadRequest,
@@ -49,7 +50,7 @@ async def held(client: HolderClient, dyno_id: str) -> dict[str, object]:
 
 async def test_ping_reports_protocol_and_backend(client: HolderClient) -> None:
     info = await client.ping()
-    assert info["version"] == 1
+    assert info["version"] == PROTOCOL_VERSION == 2
     assert info["backend"] == "plain"
     assert info["pid"] != os.getpid()
 

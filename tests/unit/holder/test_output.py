@@ -1,11 +1,19 @@
-"""Line splitting (newlines, the 10,000-byte cap) and the bounded, acked output buffer."""
+"""Line splitting (newlines, the 10,000-byte cap) and the bounded, acked output buffer of blocks."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.holder.output import MAX_LINE_BYTES, BufferLimits, LineSplitter, OutputBuffer
+from agent.holder.output import (
+    BLOCK_OVERHEAD_BYTES,
+    MAX_LINE_BYTES,
+    Block,
+    BufferLimits,
+    ByteTally,
+    LineSplitter,
+    OutputBuffer,
+)
 
 
 def test_lines_split_on_newline_across_feeds() -> None:
@@ -55,8 +63,33 @@ def test_splitting_loses_and_invents_nothing(chunks: list[bytes], cap: int) -> N
 
 
 def _fill(buf: OutputBuffer, n: int, size: int = 1, start: int = 0) -> None:
+    """n one-line pushes (one block each), line i padded to `size` bytes."""
     for i in range(start, start + n):
         buf.push(float(i), str(i).encode().rjust(size, b"."))
+
+
+def _lines(blocks: list[Block]) -> list[bytes]:
+    return [line for block in blocks for line in block.lines()]
+
+
+def _cost(lines: int, data_bytes: int) -> int:
+    """What one block of `lines` lines with `data_bytes` bytes of line data costs."""
+    return data_bytes + lines + BLOCK_OVERHEAD_BYTES
+
+
+def test_feed_chunk_joins_complete_lines_and_counts_them() -> None:
+    s = LineSplitter()
+    assert s.feed_chunk(b"par") is None
+    assert s.feed_chunk(b"t\n\nx\ny") == (b"part\n\nx", 3)
+    assert s.feed_chunk(b"\n") == (b"y", 1)
+    assert s.feed_chunk(b"\n") == (b"", 1), "an empty line is still a line"
+
+
+def test_feed_chunk_splits_long_lines_and_emits_long_partials() -> None:
+    s = LineSplitter(max_line_bytes=4)
+    assert s.feed_chunk(b"ab\nabcdefghij\nxy") == (b"ab\nabcd\nefgh\nij", 4)
+    assert s.feed_chunk(b"zzzzz") == (b"xyzz", 1)
+    assert s.partial_bytes == 3
 
 
 def test_buffer_keeps_newest_lines_and_counts_drops() -> None:
@@ -64,37 +97,64 @@ def test_buffer_keeps_newest_lines_and_counts_drops() -> None:
     _fill(buf, 25)
     assert buf.lines == 10
     assert buf.dropped_unreported == 15 and buf.dropped_total == 15
-    seq, lines = buf.take(100, 1 << 20)
+    seq, blocks = buf.take(100, 1 << 20)
     assert seq == 15
-    assert [ln.data for ln in lines] == [str(i).encode() for i in range(15, 25)]
+    assert _lines(blocks) == [str(i).encode() for i in range(15, 25)]
 
 
-def test_buffer_bound_by_bytes() -> None:
-    buf = OutputBuffer(BufferLimits(max_lines=1000, max_bytes=100))
+def test_buffer_bound_by_bytes_of_memory() -> None:
+    per_line = _cost(1, 10)
+    buf = OutputBuffer(BufferLimits(max_lines=1000, max_bytes=10 * per_line))
     _fill(buf, 30, size=10)
-    assert buf.lines == 10 and buf.bytes == 100
+    assert buf.lines == 10 and buf.bytes == 10 * per_line
     assert buf.dropped_total == 20
+
+
+def test_a_burst_in_one_block_is_cheap_and_trimmed_from_its_oldest_lines() -> None:
+    lines = [b"%06d" % i for i in range(1000)]
+    limit = _cost(1000, 6000)
+    buf = OutputBuffer(BufferLimits(max_bytes=limit))
+    buf.push(1.0, b"\n".join(lines), 1000)
+    assert (buf.lines, buf.bytes, buf.dropped_total) == (1000, limit, 0)
+    buf.push(2.0, b"\n".join(lines[:100]), 100)
+    # 100 lines more than fit: at least that many of the oldest go, and one block overhead.
+    assert buf.bytes <= limit and buf.dropped_total >= 100
+    seq, blocks = buf.take(10_000, 1 << 20)
+    assert seq == buf.dropped_total
+    assert _lines(blocks) == (lines + lines[:100])[seq:]
+    assert [b.ts for b in blocks] == [1.0, 2.0]
 
 
 def test_a_line_bigger_than_the_byte_bound_is_still_kept_alone() -> None:
     buf = OutputBuffer(BufferLimits(max_lines=10, max_bytes=5))
     buf.push(0.0, b"0123456789")
-    assert buf.lines == 1
-    _, [line] = buf.take(10, 100)
-    assert line.data == b"0123456789"
+    buf.push(1.0, b"a\nbigger-than-five", 2)
+    assert buf.lines == 1 and buf.dropped_total == 2
+    _, [block] = buf.take(10, 100)
+    assert block.lines() == [b"bigger-than-five"] and block.ts == 1.0
 
 
-def test_take_respects_batch_limits_and_advances() -> None:
+def test_take_respects_batch_limits_splitting_blocks() -> None:
     buf = OutputBuffer(BufferLimits())
-    _fill(buf, 10, size=4)
+    buf.push(1.0, b"\n".join(b"%04d" % i for i in range(10)), 10)
     seq1, first = buf.take(3, 1 << 20)
-    seq2, second = buf.take(100, 9)
-    assert (seq1, len(first)) == (0, 3)
-    assert (seq2, len(second)) == (3, 2)
+    seq2, second = buf.take(100, 10)  # two 4-byte lines with their newlines
+    assert (seq1, _lines(first)) == (0, [b"0000", b"0001", b"0002"])
+    assert (seq2, _lines(second)) == (3, [b"0003", b"0004"])
     seq3, rest = buf.take(100, 1 << 20)
-    assert (seq3, len(rest)) == (5, 5)
+    assert (seq3, len(_lines(rest))) == (5, 5)
     assert not buf.unsent
     assert buf.take(100, 100) == (10, [])
+    assert buf.lines == 10, "sent is not acked"
+    assert buf.bytes == _cost(10, 40) + 2 * BLOCK_OVERHEAD_BYTES, "two splits, two blocks more"
+
+
+def test_take_gives_at_least_one_line_bigger_than_the_batch() -> None:
+    buf = OutputBuffer(BufferLimits())
+    buf.push(1.0, b"x" * 50 + b"\nyy", 2)
+    seq, [block] = buf.take(10, 8)
+    assert (seq, block.seq, block.ts, block.lines()) == (0, 0, 1.0, [b"x" * 50])
+    assert buf.take(10, 8)[0] == 1
 
 
 def test_ack_forgets_and_rewind_resends_only_unacked() -> None:
@@ -104,8 +164,18 @@ def test_ack_forgets_and_rewind_resends_only_unacked() -> None:
     buf.ack(4)
     assert buf.lines == 2
     buf.rewind()
-    seq, lines = buf.take(100, 1 << 20)
-    assert seq == 4 and [ln.data for ln in lines] == [b"4", b"5"]
+    seq, blocks = buf.take(100, 1 << 20)
+    assert seq == 4 and _lines(blocks) == [b"4", b"5"]
+
+
+def test_ack_inside_a_block_trims_it() -> None:
+    buf = OutputBuffer(BufferLimits())
+    buf.push(1.0, b"a\nbb\nccc", 3)
+    buf.take(100, 1 << 20)
+    buf.ack(2)
+    assert (buf.lines, buf.bytes) == (1, _cost(1, 3))
+    buf.rewind()
+    assert buf.take(100, 1 << 20)[0] == 2
 
 
 def test_evicting_sent_but_unacked_lines_is_not_a_drop() -> None:
@@ -114,26 +184,112 @@ def test_evicting_sent_but_unacked_lines_is_not_a_drop() -> None:
     buf.take(100, 1 << 20)
     _fill(buf, 3, start=5)
     assert buf.dropped_total == 0
-    seq, lines = buf.take(100, 1 << 20)
-    assert seq == 5 and len(lines) == 3
+    seq, blocks = buf.take(100, 1 << 20)
+    assert seq == 5 and len(_lines(blocks)) == 3
 
 
 def test_ack_beyond_what_exists_is_harmless() -> None:
     buf = OutputBuffer(BufferLimits())
     _fill(buf, 2)
     buf.ack(99)
-    assert buf.lines == 0 and not buf.unsent
+    assert buf.lines == 0 and buf.bytes == 0 and not buf.unsent
     _fill(buf, 1, start=2)
     assert buf.take(10, 100)[0] == 2
 
 
-def test_evict_oldest_counts_only_unsent_lines() -> None:
+def test_evict_counts_only_unsent_lines() -> None:
     buf = OutputBuffer(BufferLimits())
     _fill(buf, 4, size=3)
     buf.take(2, 1 << 20)
-    assert buf.evict_oldest() == 3 and buf.dropped_total == 0  # it had been sent
-    buf.evict_oldest()
-    assert buf.evict_oldest() == 3 and buf.dropped_total == 1
+    assert buf.evict(1) == _cost(1, 3) and buf.dropped_total == 0  # it had been sent
+    buf.evict(1)
+    assert buf.evict(1) == _cost(1, 3) and buf.dropped_total == 1
     assert buf.take(10, 100)[0] == 3
-    buf.evict_oldest()
-    assert buf.evict_oldest() == 0 and buf.lines == 0
+    buf.evict(1)
+    assert buf.evict(1) == 0 and buf.lines == 0
+
+
+def test_tally_follows_every_buffer_and_forget_gives_bytes_back() -> None:
+    tally = ByteTally()
+    a = OutputBuffer(BufferLimits(), tally)
+    b = OutputBuffer(BufferLimits(), tally)
+    _fill(a, 5, size=7)
+    b.push(0.0, b"x\ny", 2)
+    assert tally.bytes == a.bytes + b.bytes == 5 * _cost(1, 7) + _cost(2, 2)
+    a.take(2, 1 << 20)
+    a.ack(2)
+    a.evict(1)
+    assert tally.bytes == a.bytes + b.bytes
+    b.forget()
+    assert (tally.bytes, b.lines) == (a.bytes, 0)
+
+
+_line = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b""))
+_op = st.one_of(
+    st.tuples(st.just("push"), st.lists(_line, min_size=1, max_size=8)),
+    st.tuples(st.just("take"), st.integers(1, 6), st.integers(1, 60)),
+    st.tuples(st.just("ack"), st.integers(0, 6)),
+    st.tuples(st.just("rewind")),
+    st.tuples(st.just("evict"), st.integers(1, 400)),
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(_op, max_size=60), st.integers(1, 40), st.integers(1, 3000))
+def test_every_line_is_delivered_or_counted_dropped(ops: list[tuple[object, ...]],
+                                                   max_lines: int, max_bytes: int) -> None:
+    """Against a plain list of every pushed line: what is taken is exactly what was pushed, in
+    seq order; what never was taken is exactly what was counted dropped; held lines are always
+    the newest ones; the accounting matches the blocks."""
+    buf = OutputBuffer(BufferLimits(max_lines=max_lines, max_bytes=max_bytes))
+    pushed: list[tuple[float, bytes]] = []
+    delivered: set[int] = set()
+    taken_to = 0  # next seq after the last take (what an honest client can ack)
+    acked = 0
+    for op in ops:
+        if op[0] == "push":
+            lines = op[1]
+            assert isinstance(lines, list)
+            ts = float(len(pushed))
+            buf.push(ts, b"\n".join(lines), len(lines))
+            pushed += [(ts, line) for line in lines]
+            assert buf.lines <= max_lines
+            assert buf.bytes <= max_bytes or buf.lines == 1
+        elif op[0] == "take":
+            max_l, max_b = op[1], op[2]
+            assert isinstance(max_l, int) and isinstance(max_b, int)
+            seq, blocks = buf.take(max_l, max_b)
+            got = [(b.ts, line) for b in blocks for line in b.lines()]
+            assert len(got) <= max_l
+            assert len(got) <= 1 or sum(len(b.data) + 1 for b in blocks) <= max_b
+            assert [b.seq for b in blocks] == [seq + sum(b.count for b in blocks[:i])
+                                               for i in range(len(blocks))]
+            assert got == pushed[seq:seq + len(got)]
+            delivered.update(range(seq, seq + len(got)))
+            if got:
+                taken_to = seq + len(got)
+        elif op[0] == "ack":
+            step = op[1]
+            assert isinstance(step, int)
+            acked = max(acked, min(taken_to, acked + step))
+            buf.ack(acked)
+        elif op[0] == "rewind":
+            # A new sink: what the old one was sent but did not ack is its to get (or lose).
+            buf.rewind()
+            delivered -= {s for b in buf._unsent for s in range(b.seq, b.end_seq)}
+            taken_to = acked
+        else:
+            free = op[1]
+            assert isinstance(free, int)
+            buf.evict(free)
+        held = buf._sent + buf._unsent  # white-box: the accounting is the point here
+        assert buf.lines == sum(b.count for b in held)
+        assert buf.bytes == sum(b.cost for b in held)
+        assert all(b.data.count(b"\n") == b.count - 1 for b in held)
+        seqs = [s for b in held for s in range(b.seq, b.end_seq)]
+        assert seqs == list(range(len(pushed) - buf.lines, len(pushed))), "newest kept"
+    # Whatever is still held goes out now; then every line was delivered or counted dropped.
+    while buf.unsent:
+        seq, blocks = buf.take(1000, 1 << 20)
+        delivered.update(range(seq, seq + sum(b.count for b in blocks)))
+    assert len(pushed) - len(delivered) == buf.dropped_total
