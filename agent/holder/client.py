@@ -82,7 +82,7 @@ HolderEvent = OutputEvent | ExitEvent | Superseded
 
 
 @dataclass(frozen=True)
-class _Output:
+class ReceivedOutput:
     """An output event as received: checked, but its lines still joined (cheap to queue)."""
 
     dyno_id: str
@@ -214,6 +214,11 @@ class HolderClient:
     def socket_path(self) -> str:
         return self._path
 
+    @property
+    def queued_output_bytes(self) -> int:
+        """Output bytes received but not yet taken by the consumer (bounded: reading pauses)."""
+        return self._queued_bytes
+
     def close(self) -> None:
         self._lost("closed by client")
 
@@ -316,9 +321,13 @@ class HolderClient:
         """
         try:
             while True:
+                if self._unacked is not None and self._events:
+                    # More is queued, so the consumer would not suspend here: give the loop a
+                    # turn between output events, or a backlog of them starves every other task.
+                    await asyncio.sleep(0)
                 self._note_handled()
                 if (not self._events or len(self._acks) >= ACK_EVERY_EVENTS
-                        or not isinstance(self._events[0], _Output)):
+                        or not isinstance(self._events[0], ReceivedOutput)):
                     self._send_acks()
                 while not self._events:
                     if self._closed:
@@ -331,7 +340,7 @@ class HolderClient:
                 item = self._events.popleft()
                 if item is _LOST:
                     raise ConnectionLost(f"holder connection closed: {self._lost_reason}")
-                if isinstance(item, _Output):
+                if isinstance(item, ReceivedOutput):
                     self._queued_bytes -= item.size
                     item = item.event()
                     self._unacked = item
@@ -440,11 +449,11 @@ class HolderClient:
         _close_all(fds)
         if kind != "evt":
             return
-        event = _event(message)
+        event = decode_event(message)
         if event is None:
             log.warning("unknown holder event", extra={"EVENT": message.get("m")})
             return
-        if isinstance(event, _Output):
+        if isinstance(event, ReceivedOutput):
             self._queued_bytes += event.size
         self._events.append(event)
         if self._event_waiter is not None and not self._event_waiter.done():
@@ -470,12 +479,12 @@ class HolderClient:
             self._event_waiter.set_result(None)
 
 
-def _event(message: Message) -> _Output | ExitEvent | Superseded | None:
+def decode_event(message: Message) -> ReceivedOutput | ExitEvent | Superseded | None:
     name = message.get("m")
     p = message.get("p") or {}
     try:
         if name == "output":
-            return _output(p)
+            return _output_of(p)
         if name == "exit":
             return ExitEvent(p["dyno_id"], p["kind"], p["pid"], p["status"], p["signal"],
                              p["exited_at"])
@@ -486,7 +495,7 @@ def _event(message: Message) -> _Output | ExitEvent | Superseded | None:
     return None
 
 
-def _output(p: dict[str, Any]) -> _Output:
+def _output_of(p: dict[str, Any]) -> ReceivedOutput:
     """Check an output event's shape and block counts now, so taking it later cannot fail."""
     dyno_id, pid, seq, dropped = p["dyno_id"], p["pid"], p["seq"], p["dropped"]
     if not (isinstance(dyno_id, str) and isinstance(pid, int) and isinstance(seq, int)
@@ -508,7 +517,7 @@ def _output(p: dict[str, Any]) -> _Output:
                 raise ValueError("a line must be bytes without a newline")
             blocks.append((float(ts), data))
             size += len(data)
-    return _Output(dyno_id, pid, seq, dropped, tuple(blocks), size)
+    return ReceivedOutput(dyno_id, pid, seq, dropped, tuple(blocks), size)
 
 
 def _fields(request: Mapping[str, Any] | Any) -> dict[str, Any]:

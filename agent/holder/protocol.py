@@ -38,11 +38,13 @@ Events:
     output     {dyno_id, pid, seq, dropped, blocks: [[unix_ts_float, count, bytes], ...]}:
                each block is `count` consecutive lines read at one time, joined by b"\n" (so
                it holds count - 1 newlines; lines never contain one); `seq` numbers the first
-               line (per held process, from 0); `dropped` counts lines discarded, unsent, since
-               the previous output event because the buffer was full. The client acks with the
-               next seq it expects, and may ack several events at once; unacked lines are sent
-               again to the next subscriber, so a daemon killed mid-batch loses nothing it had
-               not acked. (Protocol 1 sent `lines: [[ts, bytes], ...]`; clients read both.)
+               line (per held process, from 0); `dropped` counts lines discarded, unsent,
+               since the previous output event because the buffer was full, so seq moves on
+               by that many (an event may carry drops and no blocks when no line is left to
+               follow them). The client acks with the next seq it expects, several events in
+               one ack when it likes; unacked lines are sent again to the next subscriber, so
+               a daemon killed mid-batch loses nothing it had not acked. (Protocol 1 sent
+               `lines: [[ts, bytes], ...]` instead of blocks; clients read both.)
     exit       {dyno_id, kind, pid, status, signal, exited_at}: `status` is the exit code, or
                128 + signal; `signal` is the raw signal number or nil. Sent after every output
                line read before the exit, and again on each subscribe until `release`.

@@ -157,3 +157,44 @@ def exits_of(events: list[HolderEvent]) -> list[ExitEvent]:
 
 
 ENV = [("PATH", "/usr/bin:/bin")]
+
+
+@dataclass
+class Stream:
+    """One held process's output as a client saw it, checked against the protocol as it came."""
+
+    lines: list[bytes] = field(default_factory=list)
+    first_seqs: list[int] = field(default_factory=list)
+    dropped: int = 0
+    events: int = 0
+    exit: ExitEvent | None = None
+    gaps_unexplained: int = 0  # seq jumps that `dropped` does not account for
+    max_queued_output_bytes: int = 0
+
+
+async def follow(client: HolderClient, dyno_id: str, handle_s: float = 0.0,
+                 timeout_s: float = 60.0) -> Stream:
+    """Take `dyno_id`'s events until its exit, spending `handle_s` on each output event."""
+    stream = Stream()
+    next_seq = 0
+    events = client.events()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for event in events:
+                stream.max_queued_output_bytes = max(stream.max_queued_output_bytes,
+                                                     client.queued_output_bytes)
+                if isinstance(event, OutputEvent) and event.dyno_id == dyno_id:
+                    stream.events += 1
+                    stream.first_seqs.append(event.seq)
+                    stream.gaps_unexplained += event.seq != next_seq + event.dropped
+                    stream.dropped += event.dropped
+                    next_seq = event.seq + len(event.lines)
+                    stream.lines.extend(data for _, data in event.lines)
+                    if handle_s:
+                        await asyncio.sleep(handle_s)
+                elif isinstance(event, ExitEvent) and event.dyno_id == dyno_id:
+                    stream.exit = event
+                    break
+    finally:
+        await events.aclose()
+    return stream

@@ -68,6 +68,11 @@ def _fill(buf: OutputBuffer, n: int, size: int = 1, start: int = 0) -> None:
         buf.push(float(i), str(i).encode().rjust(size, b"."))
 
 
+def _take(buf: OutputBuffer, max_lines: int, max_bytes: int) -> tuple[int, list[Block]]:
+    batch = buf.take(max_lines, max_bytes)
+    return batch.seq, batch.blocks
+
+
 def _lines(blocks: list[Block]) -> list[bytes]:
     return [line for block in blocks for line in block.lines()]
 
@@ -97,9 +102,9 @@ def test_buffer_keeps_newest_lines_and_counts_drops() -> None:
     _fill(buf, 25)
     assert buf.lines == 10
     assert buf.dropped_unreported == 15 and buf.dropped_total == 15
-    seq, blocks = buf.take(100, 1 << 20)
-    assert seq == 15
-    assert _lines(blocks) == [str(i).encode() for i in range(15, 25)]
+    batch = buf.take(100, 1 << 20)
+    assert (batch.seq, batch.dropped, buf.dropped_unreported) == (15, 15, 0)
+    assert _lines(batch.blocks) == [str(i).encode() for i in range(15, 25)]
 
 
 def test_buffer_bound_by_bytes_of_memory() -> None:
@@ -119,7 +124,7 @@ def test_a_burst_in_one_block_is_cheap_and_trimmed_from_its_oldest_lines() -> No
     buf.push(2.0, b"\n".join(lines[:100]), 100)
     # 100 lines more than fit: at least that many of the oldest go, and one block overhead.
     assert buf.bytes <= limit and buf.dropped_total >= 100
-    seq, blocks = buf.take(10_000, 1 << 20)
+    seq, blocks = _take(buf, 10_000, 1 << 20)
     assert seq == buf.dropped_total
     assert _lines(blocks) == (lines + lines[:100])[seq:]
     assert [b.ts for b in blocks] == [1.0, 2.0]
@@ -130,21 +135,21 @@ def test_a_line_bigger_than_the_byte_bound_is_still_kept_alone() -> None:
     buf.push(0.0, b"0123456789")
     buf.push(1.0, b"a\nbigger-than-five", 2)
     assert buf.lines == 1 and buf.dropped_total == 2
-    _, [block] = buf.take(10, 100)
+    _, [block] = _take(buf, 10, 100)
     assert block.lines() == [b"bigger-than-five"] and block.ts == 1.0
 
 
 def test_take_respects_batch_limits_splitting_blocks() -> None:
     buf = OutputBuffer(BufferLimits())
     buf.push(1.0, b"\n".join(b"%04d" % i for i in range(10)), 10)
-    seq1, first = buf.take(3, 1 << 20)
-    seq2, second = buf.take(100, 10)  # two 4-byte lines with their newlines
+    seq1, first = _take(buf, 3, 1 << 20)
+    seq2, second = _take(buf, 100, 10)  # two 4-byte lines with their newlines
     assert (seq1, _lines(first)) == (0, [b"0000", b"0001", b"0002"])
     assert (seq2, _lines(second)) == (3, [b"0003", b"0004"])
-    seq3, rest = buf.take(100, 1 << 20)
+    seq3, rest = _take(buf, 100, 1 << 20)
     assert (seq3, len(_lines(rest))) == (5, 5)
     assert not buf.unsent
-    assert buf.take(100, 100) == (10, [])
+    assert _take(buf, 100, 100) == (10, [])
     assert buf.lines == 10, "sent is not acked"
     assert buf.bytes == _cost(10, 40) + 2 * BLOCK_OVERHEAD_BYTES, "two splits, two blocks more"
 
@@ -152,39 +157,39 @@ def test_take_respects_batch_limits_splitting_blocks() -> None:
 def test_take_gives_at_least_one_line_bigger_than_the_batch() -> None:
     buf = OutputBuffer(BufferLimits())
     buf.push(1.0, b"x" * 50 + b"\nyy", 2)
-    seq, [block] = buf.take(10, 8)
+    seq, [block] = _take(buf, 10, 8)
     assert (seq, block.seq, block.ts, block.lines()) == (0, 0, 1.0, [b"x" * 50])
-    assert buf.take(10, 8)[0] == 1
+    assert _take(buf, 10, 8)[0] == 1
 
 
 def test_ack_forgets_and_rewind_resends_only_unacked() -> None:
     buf = OutputBuffer(BufferLimits())
     _fill(buf, 6)
-    buf.take(100, 1 << 20)
+    _take(buf, 100, 1 << 20)
     buf.ack(4)
     assert buf.lines == 2
     buf.rewind()
-    seq, blocks = buf.take(100, 1 << 20)
+    seq, blocks = _take(buf, 100, 1 << 20)
     assert seq == 4 and _lines(blocks) == [b"4", b"5"]
 
 
 def test_ack_inside_a_block_trims_it() -> None:
     buf = OutputBuffer(BufferLimits())
     buf.push(1.0, b"a\nbb\nccc", 3)
-    buf.take(100, 1 << 20)
+    _take(buf, 100, 1 << 20)
     buf.ack(2)
     assert (buf.lines, buf.bytes) == (1, _cost(1, 3))
     buf.rewind()
-    assert buf.take(100, 1 << 20)[0] == 2
+    assert _take(buf, 100, 1 << 20)[0] == 2
 
 
 def test_evicting_sent_but_unacked_lines_is_not_a_drop() -> None:
     buf = OutputBuffer(BufferLimits(max_lines=5, max_bytes=1 << 20))
     _fill(buf, 5)
-    buf.take(100, 1 << 20)
+    _take(buf, 100, 1 << 20)
     _fill(buf, 3, start=5)
     assert buf.dropped_total == 0
-    seq, blocks = buf.take(100, 1 << 20)
+    seq, blocks = _take(buf, 100, 1 << 20)
     assert seq == 5 and len(_lines(blocks)) == 3
 
 
@@ -194,17 +199,17 @@ def test_ack_beyond_what_exists_is_harmless() -> None:
     buf.ack(99)
     assert buf.lines == 0 and buf.bytes == 0 and not buf.unsent
     _fill(buf, 1, start=2)
-    assert buf.take(10, 100)[0] == 2
+    assert _take(buf, 10, 100)[0] == 2
 
 
 def test_evict_counts_only_unsent_lines() -> None:
     buf = OutputBuffer(BufferLimits())
     _fill(buf, 4, size=3)
-    buf.take(2, 1 << 20)
+    _take(buf, 2, 1 << 20)
     assert buf.evict(1) == _cost(1, 3) and buf.dropped_total == 0  # it had been sent
     buf.evict(1)
     assert buf.evict(1) == _cost(1, 3) and buf.dropped_total == 1
-    assert buf.take(10, 100)[0] == 3
+    assert _take(buf, 10, 100)[0] == 3
     buf.evict(1)
     assert buf.evict(1) == 0 and buf.lines == 0
 
@@ -216,7 +221,7 @@ def test_tally_follows_every_buffer_and_forget_gives_bytes_back() -> None:
     _fill(a, 5, size=7)
     b.push(0.0, b"x\ny", 2)
     assert tally.bytes == a.bytes + b.bytes == 5 * _cost(1, 7) + _cost(2, 2)
-    a.take(2, 1 << 20)
+    _take(a, 2, 1 << 20)
     a.ack(2)
     a.evict(1)
     assert tally.bytes == a.bytes + b.bytes
@@ -245,6 +250,9 @@ def test_every_line_is_delivered_or_counted_dropped(ops: list[tuple[object, ...]
     pushed: list[tuple[float, bytes]] = []
     delivered: set[int] = set()
     taken_to = 0  # next seq after the last take (what an honest client can ack)
+    sent_to: int | None = 0  # the same, unknown after a rewind (sent lines may be gone)
+    dropped_reported = 0
+    gap = 0  # drops reported since the last batch with lines
     acked = 0
     for op in ops:
         if op[0] == "push":
@@ -258,16 +266,25 @@ def test_every_line_is_delivered_or_counted_dropped(ops: list[tuple[object, ...]
         elif op[0] == "take":
             max_l, max_b = op[1], op[2]
             assert isinstance(max_l, int) and isinstance(max_b, int)
-            seq, blocks = buf.take(max_l, max_b)
+            batch = buf.take(max_l, max_b)
+            seq, blocks = batch.seq, batch.blocks
+            dropped_reported += batch.dropped
+            gap += batch.dropped
+            if blocks:
+                if sent_to is not None:
+                    assert seq == sent_to + gap, "the seq gap is the drops reported"
+                gap = 0
             got = [(b.ts, line) for b in blocks for line in b.lines()]
             assert len(got) <= max_l
             assert len(got) <= 1 or sum(len(b.data) + 1 for b in blocks) <= max_b
             assert [b.seq for b in blocks] == [seq + sum(b.count for b in blocks[:i])
                                                for i in range(len(blocks))]
             assert got == pushed[seq:seq + len(got)]
+            assert buf.lines <= max_lines
+            assert buf.bytes <= max_bytes or buf.lines == 1
             delivered.update(range(seq, seq + len(got)))
             if got:
-                taken_to = seq + len(got)
+                taken_to = sent_to = seq + len(got)
         elif op[0] == "ack":
             step = op[1]
             assert isinstance(step, int)
@@ -278,6 +295,7 @@ def test_every_line_is_delivered_or_counted_dropped(ops: list[tuple[object, ...]
             buf.rewind()
             delivered -= {s for b in buf._unsent for s in range(b.seq, b.end_seq)}
             taken_to = acked
+            sent_to = None
         else:
             free = op[1]
             assert isinstance(free, int)
@@ -290,6 +308,8 @@ def test_every_line_is_delivered_or_counted_dropped(ops: list[tuple[object, ...]
         assert seqs == list(range(len(pushed) - buf.lines, len(pushed))), "newest kept"
     # Whatever is still held goes out now; then every line was delivered or counted dropped.
     while buf.unsent:
-        seq, blocks = buf.take(1000, 1 << 20)
-        delivered.update(range(seq, seq + sum(b.count for b in blocks)))
-    assert len(pushed) - len(delivered) == buf.dropped_total
+        batch = buf.take(1000, 1 << 20)
+        dropped_reported += batch.dropped
+        delivered.update(range(batch.seq, batch.seq + batch.count))
+    dropped_reported += buf.take(1, 1).dropped
+    assert len(pushed) - len(delivered) == buf.dropped_total == dropped_reported

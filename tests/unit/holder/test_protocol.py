@@ -1,4 +1,4 @@
-"""Framing of the holder protocol: length prefix, msgpack body, fd FIFO, limits."""
+"""Framing of the holder protocol: length prefix, msgpack body, fd FIFO, limits; output events."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+from agent.holder.client import ReceivedOutput as ClientOutput
+from agent.holder.client import decode_event as client_event
 from agent.holder.errors import ProtocolError
 from agent.holder.protocol import (
     ANCILLARY_BYTES,
@@ -146,3 +148,34 @@ def test_fds_need_enough_frame_bytes_to_ride_on() -> None:
     with pytest.raises(ProtocolError):
         chunks_with_fds(b"ab", list(range(1000)))
     assert chunks_with_fds(b"ab", [5]) == [(memoryview(b"ab"), [5])]
+
+
+def _output_message(**p: object) -> dict[str, object]:
+    return {"t": "evt", "m": "output",
+            "p": {"dyno_id": "d", "pid": 7, "seq": 3, "dropped": 1, **p}}
+
+
+def test_output_blocks_become_lines_with_their_block_timestamp() -> None:
+    raw = client_event(_output_message(blocks=[[1.5, 2, b"a\nb"], [2.5, 1, b""]]))
+    assert isinstance(raw, ClientOutput) and raw.size == 3
+    event = raw.event()
+    assert (event.seq, event.dropped) == (3, 1)
+    assert event.lines == ((1.5, b"a"), (1.5, b"b"), (2.5, b""))
+
+
+def test_protocol_1_output_lines_are_still_read() -> None:
+    raw = client_event(_output_message(lines=[[1.0, b"x"], [2.0, b"y"]]))
+    assert isinstance(raw, ClientOutput)
+    assert raw.event().lines == ((1.0, b"x"), (2.0, b"y"))
+
+
+@pytest.mark.parametrize("p", [
+    {"blocks": [[1.0, 3, b"a\nb"]]},  # count says 3, data holds 2
+    {"blocks": [[1.0, 0, b""]]},
+    {"blocks": [[1.0, 1, "text"]]},
+    {"lines": [[1.0, b"a\nb"]]},  # a protocol-1 line never holds a newline
+    {"blocks": [[1.0, 1]]},
+])
+def test_malformed_output_is_a_protocol_error(p: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        client_event(_output_message(**p))
