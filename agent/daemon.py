@@ -205,6 +205,8 @@ class Daemon:
                 return
             self.config, ignored = config_mod.reload_changes(self.config, new)
             logsetup.set_level(self.config.log_level)
+            if self.supervisor is not None:
+                self.supervisor.reconfigure(self.config)
             if ignored:
                 log.warning("reload: these keys need a restart and were not applied: %s",
                             ", ".join(ignored))
@@ -224,22 +226,28 @@ class Daemon:
 
     @contextlib.asynccontextmanager
     async def _instance_lock(self) -> AsyncIterator[None]:
-        """One agent per socket: an flock next to the socket, held for the agent's life."""
-        lock_path = self.config.socket_path.with_name(self.config.socket_path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """One agent per socket and per run dir (where its holder lives): flocks held for the
+        agent's life. Two agents sharing a holder would steal each other's dyno events."""
+        socket_lock = self.config.socket_path.with_name(self.config.socket_path.name + ".lock")
+        fds: list[int] = []
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise StartupError(
-                    f"another dynoagent (pid {owner}) is already serving "
-                    f"{self.config.socket_path}; refusing to start") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            for lock_path, what in ((socket_lock, str(self.config.socket_path)),
+                                    (self.config.run_dir / "agent.lock",
+                                     f"run dir {self.config.run_dir}")):
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise StartupError(f"another dynoagent (pid {owner}) is already serving "
+                                       f"{what}; refusing to start") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
 
     @contextlib.asynccontextmanager
     async def _cgroups(self) -> AsyncIterator[None]:
@@ -345,11 +353,15 @@ class Daemon:
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
             try:
+                holder.close()
                 self.holder = await HolderClient.ensure_running(
                     holder.socket_path, str(self.config.state_dir / "holder"))
                 await self.holder.subscribe()
                 if isinstance(self.supervisor.runtime, HostRuntime):
                     self.supervisor.runtime.holder = self.holder
+                # A holder that died took its dynos' exit statuses with it: whatever it no
+                # longer holds is handled as exited, so policy restarts it.
+                self.supervisor.resync(await self.holder.list_processes())
             except HolderError as exc:
                 log.error("cannot reach the dyno holder: %s", exc)
 
@@ -388,7 +400,9 @@ class Daemon:
         assert self.supervisor is not None and self.tree is not None
         assert self.network is not None
         dynos = self.supervisor.dynos
-        live_cgroups = {d.placement.cgroup for d in dynos.values() if d.placement}
+        placements = [d.placement for d in dynos.values() if d.placement]
+        placements += [r.placement for r in self.supervisor.unparsed if r.placement]
+        live_cgroups = {p.cgroup for p in placements}
         for rel in self.tree.list_groups(suffix=".scope"):
             if rel not in live_cgroups:
                 log.warning("sweeping cgroup %s: no dyno record owns it", rel)
@@ -396,8 +410,8 @@ class Daemon:
                 with contextlib.suppress(cgroups.CgroupError):
                     await group.destroy(timeout_s=5)
         self.tree.sweep_empty(keep=lambda rel: any(c.startswith(rel) for c in live_cgroups))
-        live_ns = {d.placement.netns for d in dynos.values() if d.placement}
-        live_spaces = {d.placement.space for d in dynos.values() if d.placement}
+        live_ns = {p.netns for p in placements}
+        live_spaces = {p.space for p in placements}
         report = await asyncio.to_thread(self.network.sweep, live_spaces, live_ns)
         log.info("sweep done: %s", report)
 
@@ -628,7 +642,13 @@ class Operator:
         return self._sup.get_dyno(ref, app)
 
     async def create_dyno(self, body: Any) -> dict[str, Any]:
-        return await self._sup.create_dyno(body)
+        """Through the convergence engine, like the coordinator's `dyno.start`: one engine
+        whatever the source, so the desired set it keeps includes what operators started."""
+        engine = self._daemon.engine
+        if engine is None or not isinstance(body, dict):
+            return await self._sup.create_dyno(body)
+        spec = await engine.start({"id": str(uuid.uuid4()), **body})
+        return self._sup.find(spec.id).status()
 
     async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
         return await self._sup.restart_dyno(ref, app)

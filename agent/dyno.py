@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 BOOT_PROBE_INTERVAL_S = 0.05
 EMPTY_AFTER_EXIT_TIMEOUT_S = 5.0
+MAX_RESUME_PAUSE_S = 30.0
 
 
 class Command(enum.Enum):
@@ -46,6 +47,8 @@ class Timing:
     cycle_after_s: float
     cycle_jitter_s: float
     sample_interval_s: float
+    boot_timeout_s: float
+    stop_timeout_s: float
 
 
 class Sink(Protocol):
@@ -58,6 +61,10 @@ class Sink(Protocol):
     def save(self, dyno: Dyno) -> None: ...
 
     def forget_process(self, dyno: Dyno, pid: int) -> None: ...
+
+    def forget(self, dyno: Dyno) -> None:
+        """The dyno is deleted and its resources freed: drop it and its record."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,17 @@ class Dyno:
     @property
     def state(self) -> DynoState:
         return self.machine.state
+
+    @property
+    def boot_timeout_s(self) -> float:
+        """The spec's own, else the agent's configured default."""
+        given = self.spec.boot_timeout_s
+        return float(given) if given is not None else self.timing.boot_timeout_s
+
+    @property
+    def stop_timeout_s(self) -> float:
+        given = self.spec.stop_timeout_s
+        return float(given) if given is not None else self.timing.stop_timeout_s
 
     @property
     def placement(self) -> Placement | None:
@@ -151,23 +169,28 @@ class Dyno:
 
     # -- the task ----------------------------------------------------------------------------
     async def _main(self, adopt: bool) -> None:
-        try:
-            await self._lifecycle(adopt)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("supervision of %s failed", self.spec.name,
-                          extra=extra(dyno_id=self.id))
-        finally:
-            for _command, future in self._commands:
-                if not future.done():
-                    future.cancel()
+        """Supervise until deleted. An unexpected error (a full disk, a kernel refusal) does
+        not end supervision: it is logged and the lifecycle resumes from the record, adopting
+        the process if one runs, after a growing pause."""
+        pause_s = 1.0
+        while True:
+            try:
+                await self._lifecycle(adopt)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("supervision of %s failed; resuming in %gs", self.spec.name,
+                              pause_s, extra=extra(dyno_id=self.id))
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, MAX_RESUME_PAUSE_S)
+            adopt = self.record.pid is not None
 
     async def _lifecycle(self, adopt: bool) -> None:
         now = time.monotonic
         next_start: float | None
         if adopt and self.record.pid is not None:
-            next_start = self._after_exit(await self._supervise(adopted=True))
+            next_start = await self._finish(await self._supervise(adopted=True))
         elif self.record.desired == "running" and self.state is not DynoState.COMPLETE:
             # A cool-off survives an agent restart: it is kept in wall-clock time.
             wait_s = (self.record.restart_at or 0.0) - time.time()
@@ -184,7 +207,7 @@ class Dyno:
             if taken is None:
                 timeout = None if next_start is None else max(0.0, next_start - now())
                 if timeout == 0.0:
-                    next_start = self._after_exit(await self._start_and_supervise())
+                    next_start = await self._finish(await self._start_and_supervise())
                     continue
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -195,7 +218,8 @@ class Dyno:
             done.append(future)
             if command is Command.DELETE:
                 await self._destroy()
-                future.set_result(None)
+                if not future.done():
+                    future.set_result(None)
                 return
             if command is Command.STOP:
                 self.record.desired = "stopped"
@@ -263,12 +287,12 @@ class Dyno:
         boot_pending = self.state is DynoState.STARTING and self.spec.is_web
         if self.state is DynoState.STARTING and not self.spec.is_web:
             self._mark_up()
-        boot_deadline = started + self.spec.boot_timeout_s
+        boot_deadline = started + self.boot_timeout_s
         next_probe = clock()
         next_sample = clock() + self.timing.sample_interval_s
         cycle_at = clock() + ((record.cycle_at or wall) - wall)
         intent = Intent.NONE
-        plan = policy.stop_plan(float(self.spec.stop_timeout_s))
+        plan = policy.stop_plan(self.stop_timeout_s)
         stop_started: float | None = None
         stop_steps = 0
         exit_status: int | None = None
@@ -310,6 +334,10 @@ class Dyno:
                     if self.state is DynoState.UP:
                         self._transition(DynoState.STARTING, Reason.RESTART)
                     begin_stop(Intent.RESTART)
+                elif command is Command.RESTART and intent is Intent.STOP and not deferred:
+                    # Asked to run again while stopping: finish the stop, then start.
+                    self.record.desired = "running"
+                    intent = Intent.RESTART
                 continue
             now = clock()
             if boot_pending and stop_started is None:
@@ -318,7 +346,7 @@ class Dyno:
                     self._mark_up()
                 elif now >= boot_deadline:
                     boot_pending = False
-                    self._say(*policy.boot_timeout_lines(float(self.spec.boot_timeout_s)))
+                    self._say(*policy.boot_timeout_lines(self.boot_timeout_s))
                     kill_now(Intent.BOOT_TIMEOUT)
                 next_probe = clock() + BOOT_PROBE_INTERVAL_S
             if now >= next_sample:
@@ -402,6 +430,17 @@ class Dyno:
             self._last_r14 = now
         return decision.verdict is policy.MemoryVerdict.R15
 
+    async def _finish(self, info: ExitInfo) -> float | None:
+        """Apply the exit; a dyno that has completed frees its cgroup, address and user at
+        once (its record stays, for `ps` and its exit status, until it is deleted)."""
+        next_start = self._after_exit(info)
+        placement = self.record.placement
+        if self.state is DynoState.COMPLETE and placement is not None:
+            await self.runtime.unplace(placement)
+            self.record.placement = None
+            self.sink.save(self)
+        return next_start
+
     def _after_exit(self, info: ExitInfo) -> float | None:
         """Apply Heroku's exit rules; when to start again (monotonic), or None."""
         self._say(logs.process_exited(info.status))
@@ -428,6 +467,8 @@ class Dyno:
         placement = self.record.placement
         if placement is not None:
             await self.runtime.unplace(placement)
+            self.record.placement = None
+        self.sink.forget(self)
         self.deleted.set()
 
     # -- status ------------------------------------------------------------------------------

@@ -58,6 +58,13 @@ class MethodNotAllowed(AgentError):
     http_status = HTTPStatus.METHOD_NOT_ALLOWED
 
 
+class Timeout(AgentError):
+    """A lifecycle command did not finish in time; it goes on in the background."""
+
+    code = "timeout"
+    http_status = HTTPStatus.GATEWAY_TIMEOUT
+
+
 class NotReady(AgentError):
     """The agent is starting or shutting down and cannot take the request yet."""
 
@@ -89,6 +96,6 @@ class ConfigError(Exception):
 # Every code the operator API can return, for the README table and for tests.
 ERROR_CODES: dict[str, tuple[int, str]] = {
     cls.code: (int(cls.http_status), (cls.__doc__ or "").strip())
-    for cls in (BadRequest, InvalidSpec, NotFound, MethodNotAllowed, Conflict, NotReady, Draining,
-                Forbidden, AgentError)
+    for cls in (BadRequest, InvalidSpec, NotFound, MethodNotAllowed, Conflict, Timeout, NotReady,
+                Draining, Forbidden, AgentError)
 }

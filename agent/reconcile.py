@@ -333,18 +333,15 @@ class SupervisorFleet:
         self.supervisor = supervisor
 
     def parse(self, body: Any) -> DynoSpec:
-        config = self.supervisor.config
-        if isinstance(body, Mapping):
-            # The same defaults as the operator API, so that an unchanged spec compares equal
-            # to the running one instead of replacing the dyno on every sync.
-            body = {"boot_timeout_s": int(config.boot_timeout_s),
-                    "stop_timeout_s": int(config.stop_timeout_s), **body}
-        return parse_spec(body, config.sizes)
+        return parse_spec(body, self.supervisor.config.sizes)
 
     def observe(self) -> dict[str, Observed]:
+        # One-off dynos (`dynoctl run`, `run.N`) are not the desired set's to remove: they
+        # end by themselves, and a sync must not cut an operator's session.
         return {dyno_id: Observed(dyno.spec, dyno.record.desired == "running",
                                   dyno.state is DynoState.COMPLETE)
-                for dyno_id, dyno in self.supervisor.dynos.items()}
+                for dyno_id, dyno in self.supervisor.dynos.items()
+                if dyno.spec.type != "run"}
 
     async def start(self, spec: DynoSpec) -> None:
         await self.supervisor.create_dyno(spec.to_dict())

@@ -23,8 +23,8 @@ from typing import Protocol
 
 import cgroups
 import netns
-from agent.holder import HolderClient, HolderError
-from agent.launcher import LaunchRequest, UidAllocator
+from agent.holder import HolderClient, HolderError, HolderTimeout
+from agent.launcher import LauncherError, LaunchRequest, UidAllocator
 from agent.records import Placement
 from agent.slug import SlugError, SlugStore
 from agent.spec import HOST_STACK, DynoSpec
@@ -141,10 +141,16 @@ class HostRuntime:
             except SlugError as exc:
                 raise DynoStartError(str(exc)) from None
             self._stack_dir(spec)
-            uid, gid = await asyncio.to_thread(self.uids.allocate, spec.id)
+            try:
+                uid, gid = await asyncio.to_thread(self.uids.allocate, spec.id)
+            except LauncherError as exc:
+                raise DynoStartError(f"Error: no user for the dyno: {exc}") from None
             undo.callback(self.uids.release, spec.id)
             dyno_dir = self.run_dir / "dynos" / spec.id
-            dyno_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+            try:
+                dyno_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+            except OSError as exc:
+                raise DynoStartError(f"Error: cannot create {dyno_dir}: {exc.strerror}") from None
             undo.callback(shutil.rmtree, dyno_dir, True)
             rel = cgroup_rel(spec.app, spec.id)
             try:
@@ -181,6 +187,12 @@ class HostRuntime:
             hide_paths=self.hide_paths, reaper=REAPER)
         try:
             launched = await self.holder.launch(request)
+        except HolderTimeout as exc:
+            # The holder may still start it: empty the cgroup so that no untracked process
+            # runs beside the next attempt.
+            self.kill(placement)
+            raise DynoStartError(f"Error: the dyno's process did not start in time: {exc}") \
+                from None
         except HolderError as exc:
             raise DynoStartError(f"Error: the dyno's process could not be started: {exc}") from None
         os.close(launched.pidfd)
@@ -205,7 +217,12 @@ class HostRuntime:
         would run it twice over).
         """
         count = 0
-        for pid in self.group(placement).pids():
+        try:
+            pids = self.group(placement).pids()
+        except cgroups.CgroupError as exc:
+            log.error("cannot list the processes of %s: %s", placement.cgroup, exc)
+            return 0
+        for pid in pids:
             if _is_pid_namespace_init(pid):
                 continue
             try:
@@ -217,8 +234,12 @@ class HostRuntime:
 
     def kill(self, placement: Placement) -> None:
         group = self.group(placement)
-        if group.exists():
-            group.kill()
+        try:
+            if group.exists():
+                group.kill()
+        except cgroups.CgroupError as exc:
+            # Reported, not raised: the caller waits for the cgroup to empty and tries again.
+            log.error("cannot kill cgroup %s: %s", placement.cgroup, exc)
 
     def populated(self, placement: Placement) -> bool:
         group = self.group(placement)

@@ -28,8 +28,6 @@ ENV_MAX_BYTES = 32 * 1024  # Heroku: config vars are at most 32 kB per app in to
 COMMAND_MAX_BYTES = 64 * 1024
 URL_MAX_CHARS = 4096
 TIMEOUT_MAX_S = 86_400
-DEFAULT_BOOT_TIMEOUT_S = 60
-DEFAULT_STOP_TIMEOUT_S = 30
 DEFAULT_PORT = 5000
 HOST_STACK = "host"
 # Types whose dynos run once: Heroku never restarts one-off (`run`) or release dynos.
@@ -126,8 +124,10 @@ class DynoSpec:
     size: Size
     space: str
     restart: Restart
-    boot_timeout_s: int
-    stop_timeout_s: int
+    # None: the agent's configured default applies (`boot_timeout_s`, `stop_timeout_s`), read
+    # when used, so the same body stays the same spec when the agent's defaults change.
+    boot_timeout_s: int | None
+    stop_timeout_s: int | None
 
     @property
     def type(self) -> str:
@@ -144,7 +144,7 @@ class DynoSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as JSON-like data; `parse_spec(spec.to_dict(), sizes) == spec`."""
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "app": self.app,
             "name": self.name,
@@ -154,9 +154,12 @@ class DynoSpec:
             "size": self.size.name,
             "space": self.space,
             "restart": self.restart,
-            "boot_timeout_s": self.boot_timeout_s,
-            "stop_timeout_s": self.stop_timeout_s,
         }
+        if self.boot_timeout_s is not None:
+            data["boot_timeout_s"] = self.boot_timeout_s
+        if self.stop_timeout_s is not None:
+            data["stop_timeout_s"] = self.stop_timeout_s
+        return data
 
 
 def _type_name(value: Any) -> str:
@@ -314,10 +317,10 @@ def parse_spec(data: Any, sizes: Mapping[str, Size] = DEFAULT_SIZES) -> DynoSpec
     restart = _text("restart", data.get("restart", "never" if one_shot else "always"))
     if restart not in ("always", "never"):
         raise SpecError("restart", f'must be "always" or "never", got {restart!r}', restart)
-    boot = _int("boot_timeout_s", data.get("boot_timeout_s", DEFAULT_BOOT_TIMEOUT_S),
-                1, TIMEOUT_MAX_S)
-    stop = _int("stop_timeout_s", data.get("stop_timeout_s", DEFAULT_STOP_TIMEOUT_S),
-                1, TIMEOUT_MAX_S)
+    boot = (None if data.get("boot_timeout_s") is None
+            else _int("boot_timeout_s", data["boot_timeout_s"], 1, TIMEOUT_MAX_S))
+    stop = (None if data.get("stop_timeout_s") is None
+            else _int("stop_timeout_s", data["stop_timeout_s"], 1, TIMEOUT_MAX_S))
     return DynoSpec(id=spec_id, app=app, name=name, command=command, env=env,
                     release=release, size=size, space=space,
                     restart="always" if restart == "always" else "never",

@@ -51,6 +51,9 @@ class Supervisor:
         self.sample_interval_s = sample_interval_s
         self.state_listeners: list[Callable[[StateChange], None]] = []
         self._release = release
+        # Records whose spec no longer validates: left alone, and their kernel objects are
+        # spared by the sweep (an agent restart never kills a dyno).
+        self.unparsed: list[Record] = []
         self._background: set[asyncio.Task[None]] = set()
         # Held processes no record owns (an agent killed between the holder's launch and the
         # record's save, or a record deleted meanwhile): released once they have exited, so
@@ -61,7 +64,17 @@ class Supervisor:
     def timing(self) -> Timing:
         return Timing(restart=RestartPolicy(self.config.restart_schedule_s),
                       cycle_after_s=self.config.cycle_after_s, cycle_jitter_s=CYCLE_JITTER_S,
-                      sample_interval_s=self.sample_interval_s)
+                      sample_interval_s=self.sample_interval_s,
+                      boot_timeout_s=self.config.boot_timeout_s,
+                      stop_timeout_s=self.config.stop_timeout_s)
+
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: new timings for every dyno from now on (specs are not touched)."""
+        self.config = config
+        self.sample_interval_s = config.sample_interval_s
+        timing = self.timing
+        for dyno in self.dynos.values():
+            dyno.timing = timing
 
     # -- the Sink of every dyno ----------------------------------------------------------------
     def line(self, dyno: Dyno, text: str) -> None:
@@ -73,8 +86,22 @@ class Supervisor:
             listener(change)
 
     def save(self, dyno: Dyno) -> None:
-        if dyno.id in self.dynos:
+        if dyno.id not in self.dynos:
+            return
+        try:
             self.records.save(dyno.record)
+        except OSError as exc:
+            # The dyno goes on; the record is written again at its next change.
+            log.error("cannot save the record of %s: %s", dyno.id, exc,
+                      extra={"DYNO_ID": dyno.id})
+
+    def forget(self, dyno: Dyno) -> None:
+        if self.dynos.get(dyno.id) is dyno:
+            del self.dynos[dyno.id]
+        try:
+            self.records.delete(dyno.id)
+        except OSError as exc:
+            log.error("cannot delete the record of %s: %s", dyno.id, exc)
 
     def forget_process(self, dyno: Dyno, pid: int) -> None:
         if self._release is not None:
@@ -143,28 +170,11 @@ class Supervisor:
                 spec = parse_spec(record.spec, self.config.sizes)
             except SpecError as exc:
                 log.error("record %s has an invalid spec (%s); leaving it alone", record.id, exc)
+                self.unparsed.append(record)
                 continue
             dyno = self._make(spec, record)
-            adopt = False
-            if record.pid is not None:
-                process = by_key.get((record.id, record.pid))
-                if process is not None:
-                    adopt = True
-                    if not process.running:
-                        dyno.on_exit(process.pid, process.status if process.status is not None
-                                     else 128 + (process.signal or 9))
-                elif record.start_time is not None and self.runtime.pid_alive(
-                        record.pid, record.start_time):
-                    # Alive but unknown to the holder (it was replaced): no exit status or
-                    # output can reach us any more, so end it and let policy restart it.
-                    log.warning("dyno %s runs outside the holder; restarting it", record.id)
-                    if record.placement is not None:
-                        self.runtime.kill(record.placement)
-                    adopt = True
-                    dyno.on_exit(record.pid, 137)
-                else:
-                    adopt = True
-                    dyno.on_exit(record.pid, 137)
+            adopt = record.pid is not None
+            self._match_process(dyno, by_key)
             self.dynos[spec.id] = dyno
             dyno.start(adopt=adopt)
             restored.append(spec.id)
@@ -182,6 +192,33 @@ class Supervisor:
                     self.runtime.kill(owner.placement)
         log.info("restored %d dynos", len(restored))
         return restored
+
+    def _match_process(self, dyno: Dyno, by_key: dict[tuple[str, int], HeldProcess]) -> None:
+        """Square a dyno's recorded process with what the holder holds: an exit it saw is
+        delivered; a process it does not know (the holder was replaced) can no longer be
+        followed — no exit status, no output — so it is ended and counts as exited."""
+        record = dyno.record
+        if record.pid is None:
+            return
+        process = by_key.get((record.id, record.pid))
+        if process is not None:
+            if not process.running:
+                dyno.on_exit(process.pid, process.status if process.status is not None
+                             else 128 + (process.signal or 9))
+            return
+        if record.start_time is not None and self.runtime.pid_alive(record.pid,
+                                                                     record.start_time):
+            log.warning("dyno %s runs outside the holder; ending it so policy restarts it",
+                        record.id)
+            if record.placement is not None:
+                self.runtime.kill(record.placement)
+        dyno.on_exit(record.pid, 137)
+
+    def resync(self, held: Iterable[HeldProcess]) -> None:
+        """After reconnecting to the holder (perhaps a new one, the old having died)."""
+        by_key = {(p.dyno_id, p.pid): p for p in held if p.kind == "launch"}
+        for dyno in list(self.dynos.values()):
+            self._match_process(dyno, by_key)
 
     def _make(self, spec: DynoSpec, record: Record) -> Dyno:
         return Dyno(spec, record, self.runtime, self, self.timing, self.start_slots)
@@ -232,7 +269,9 @@ class Supervisor:
         stats = self.runtime.stats(placement) if placement is not None else None
         size = dyno.spec.size
         status.update({
-            "spec": dyno.spec.to_dict(),
+            # With the timeouts in force, whether the spec gave them or the agent's defaults.
+            "spec": {**dyno.spec.to_dict(), "boot_timeout_s": dyno.boot_timeout_s,
+                     "stop_timeout_s": dyno.stop_timeout_s},
             "cgroup": placement.cgroup if placement else None,
             "netns": placement.netns_path if placement else None,
             "uid": placement.uid if placement else None,
@@ -258,10 +297,6 @@ class Supervisor:
             raise errors.NotReady("the agent is shutting down")
         if self.draining:
             raise errors.Draining("the agent is draining and starts no new dynos")
-        if isinstance(body, dict):
-            # The agent's configured timeouts are the defaults a spec may override.
-            body = {"boot_timeout_s": int(self.config.boot_timeout_s),
-                    "stop_timeout_s": int(self.config.stop_timeout_s), **body}
         try:
             spec = parse_spec(body, self.config.sizes)
         except SpecError as exc:
@@ -286,23 +321,26 @@ class Supervisor:
         return dyno.status()
 
     async def _command(self, dyno: Dyno, command: Command, timeout_s: float) -> None:
+        # Shielded: a caller that gives up (timeout, disconnect) does not cancel the command;
+        # the dyno carries it out all the same.
+        future = dyno.request(command)
         try:
             async with asyncio.timeout(timeout_s):
-                await dyno.request(command)
+                await asyncio.shield(future)
         except TimeoutError:
-            raise errors.AgentError(f"{command.value} of {dyno.spec.name} did not finish "
-                                    f"within {timeout_s:g}s") from None
+            raise errors.Timeout(f"{command.value} of {dyno.spec.name} did not finish within "
+                                 f"{timeout_s:g}s; it goes on in the background") from None
 
     async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
         dyno = self.find(ref, app)
         if dyno.state is DynoState.COMPLETE:
             raise errors.Conflict(f"{dyno.spec.name} has completed; one-off dynos do not restart")
-        await self._command(dyno, Command.RESTART, dyno.spec.stop_timeout_s + COMMAND_GRACE_S)
+        await self._command(dyno, Command.RESTART, dyno.stop_timeout_s + COMMAND_GRACE_S)
         return dyno.status()
 
     async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
         dyno = self.find(ref, app)
-        await self._command(dyno, Command.STOP, dyno.spec.stop_timeout_s + COMMAND_GRACE_S)
+        await self._command(dyno, Command.STOP, dyno.stop_timeout_s + COMMAND_GRACE_S)
         return dyno.status()
 
     async def signal_dyno(self, ref: str, signal: str,
@@ -318,9 +356,7 @@ class Supervisor:
 
     async def delete_dyno(self, ref: str, app: str | None = None) -> None:
         dyno = self.find(ref, app)
-        await self._command(dyno, Command.DELETE, dyno.spec.stop_timeout_s + COMMAND_GRACE_S)
-        self.dynos.pop(dyno.id, None)
-        self.records.delete(dyno.id)
+        await self._command(dyno, Command.DELETE, dyno.stop_timeout_s + COMMAND_GRACE_S)
 
     @property
     def log_hub(self) -> LogHub:

@@ -709,3 +709,30 @@ def test_nothing_is_left_after_all_dynos_are_deleted_and_the_agent_stops(slug: P
         finally:
             agent.cleanup()
 
+
+
+def test_a_dead_holder_costs_its_dynos_one_restart_not_their_supervision(
+        agent: AgentProcess, app: str, slug: Path) -> None:
+    created = agent.api("POST", "/v1/dynos", spec(app, "worker.1", TICKER, slug), expect=201)
+    first = wait_state(agent, created["id"], "up")
+    holders = _processes_mentioning(f"{agent.base}/run/holder.sock")
+    assert len(holders) == 1, holders
+    os.kill(holders[0], signal.SIGKILL)
+    # The agent reconnects to a new holder, finds the dyno's process unknown to it (no exit
+    # status or output could reach it any more), ends it and restarts it by policy.
+    wait_for(lambda: (d := dyno(agent, created["id"]))["state"] == "up"
+             and d["pid"] not in (None, first["pid"]), 30, what="restarted under a new holder")
+
+    def old_process_gone() -> bool:
+        # Re-parented to the machine's init when the holder died: a zombie until it reaps.
+        try:
+            stat = Path(f"/proc/{first['pid']}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    wait_for(old_process_gone, 10, what="the orphaned process ended")
+    restarted = dyno(agent, created["id"])
+    wait_for(lambda: any(t.startswith("tick") for t in app_texts(agent, app, "worker.1")
+                         [-3:]), 10, what="output through the new holder")
+    assert restarted["restarts"] >= 1
+    assert len(_processes_mentioning(f"{agent.base}/run/holder.sock")) == 1

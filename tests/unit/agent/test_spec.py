@@ -48,7 +48,8 @@ def test_minimal_spec_gets_design_defaults() -> None:
     assert spec.size == DEFAULT_SIZES["standard-1x"]
     assert spec.space == "shop"
     assert spec.restart == "always"
-    assert (spec.boot_timeout_s, spec.stop_timeout_s) == (60, 30)
+    # Absent: the agent's configured defaults apply when the dyno runs.
+    assert (spec.boot_timeout_s, spec.stop_timeout_s) == (None, None)
     assert spec.is_web and not spec.is_one_shot
 
 
