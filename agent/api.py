@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import signal as signal_mod
 import socket
@@ -349,6 +350,7 @@ def _make_middlewares(backend: Backend) -> list[Any]:
                                                                 "PEER_PID": cred.pid})
                 return error_response(Forbidden(
                     f"uid {cred.uid} is neither root nor in the socket's group"))
+            request["peer_uid"] = cred.uid
         return await handler(request)
 
     @web.middleware
@@ -381,6 +383,19 @@ def _make_middlewares(backend: Backend) -> list[Any]:
 
 # -- the application ------------------------------------------------------------------------
 
+def _check_slug_path_allowed(body: dict[str, Any], peer_uid: int) -> None:
+    """A local slug path is read by the agent, as root, and mounted into the dyno: from a
+    peer that is not root it would expose files that peer cannot read. Such peers give a
+    `url` with its `sha256` instead."""
+    if peer_uid in (0, os.geteuid()):
+        return
+    release = body.get("release")
+    slug = release.get("slug") if isinstance(release, dict) else None
+    if isinstance(slug, dict) and "path" in slug:
+        raise Forbidden(f"uid {peer_uid} may not start a dyno from a local slug path; "
+                        "give release.slug.url and sha256")
+
+
 def build_app(backend: Backend) -> web.Application:
     # handler_cancellation: a follow stream that is waiting for the next line learns that its
     # client left only through the cancellation of its handler (a GET has no body whose EOF
@@ -410,6 +425,7 @@ def build_app(backend: Backend) -> web.Application:
     async def create_dyno(request: web.Request) -> web.Response:
         _Query(request, frozenset())
         body = await _json_object(request)
+        _check_slug_path_allowed(body, request.get("peer_uid", 0))
         status = await operations.run(backend.create_dyno(body),
                                       f"api-create-{str(body.get('id') or 'new')[:64]}")
         return json_response(status, status=201)

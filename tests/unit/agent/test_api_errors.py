@@ -59,3 +59,15 @@ def test_peer_rules() -> None:
     assert not is_allowed(PeerCred(1, 54321, 54321), None)
     assert is_allowed(PeerCred(1, 54321, 777), 777)
     assert not is_allowed(PeerCred(1, 54321, 778), 777)
+
+
+def test_local_slug_paths_are_for_root_only() -> None:
+    from agent.api import _check_slug_path_allowed
+    from agent.errors import Forbidden
+
+    by_path = {"release": {"version": 1, "slug": {"path": "/root/secret"}}}
+    by_url = {"release": {"version": 1, "slug": {"url": "https://x/s.tgz", "sha256": "0" * 64}}}
+    _check_slug_path_allowed(by_path, 0)
+    _check_slug_path_allowed(by_url, 54321)
+    with pytest.raises(Forbidden, match="local slug path"):
+        _check_slug_path_allowed(by_path, 54321)
