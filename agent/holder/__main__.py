@@ -30,8 +30,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", required=True, help="pid file (and log) live here")
     parser.add_argument("--backend", choices=("isolated", "plain"), default="isolated",
                         help="isolated: agent.launcher (default); plain: fork/exec, no isolation")
-    parser.add_argument("--buffer-lines", type=int, default=BufferLimits.max_lines)
-    parser.add_argument("--buffer-bytes", type=int, default=BufferLimits.max_bytes)
+    parser.add_argument("--buffer-lines", type=int, default=BufferLimits.max_lines,
+                        help="lines kept per held process (a coarse guard; bytes bind)")
+    parser.add_argument("--buffer-bytes", type=int, default=BufferLimits.max_bytes,
+                        help="memory kept per held process: line data, a newline per line and "
+                             "a small overhead per pipe read")
     parser.add_argument("--buffer-total-bytes", type=int, default=BufferLimits.total_bytes,
                         help="bound over every held process's buffer together")
     parser.add_argument("--log-file", help="append the holder's own log here (else stderr)")
