@@ -134,10 +134,12 @@ class Supervisor:
             dyno.output_dropped += event.dropped
             self.hub.publish(LogLine.agent(_now(), app, name, l10_buffer_overflow(event.dropped),
                                            dyno.id))
+        last_stamp, at = -1.0, _now()
         for stamp, data in event.lines:
+            if stamp != last_stamp:  # lines of one pipe read share their time
+                last_stamp, at = stamp, datetime.fromtimestamp(stamp, UTC)
             text = data.decode("utf-8", errors="replace").rstrip("\n")
-            self.hub.publish(LogLine.output(datetime.fromtimestamp(stamp, UTC), app, name, text,
-                                            dyno.id))
+            self.hub.publish(LogLine.output(at, app, name, text, dyno.id))
 
     # -- start-up: adoption ----------------------------------------------------------------------
     def _release_stray(self, dyno_id: str, pid: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
 import json
 import os
@@ -213,7 +215,45 @@ class AgentProcess:
 
     def cleanup(self) -> None:
         self.stop()
+        self.force_leftovers_away()
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def force_leftovers_away(self) -> list[str]:
+        """A safety net for a failed test: whatever this agent left (its holder, its dynos'
+        processes, cgroups and namespaces) is ended and removed. Returns what it found, so a
+        test that expects a clean exit can assert it is empty."""
+        found: list[str] = []
+        holder_socket = str(self.base / "run" / "holder.sock").encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if holder_socket in (entry / "cmdline").read_bytes():
+                        found.append(f"holder pid {entry.name}")
+                        os.kill(int(entry.name), signal.SIGKILL)
+        for record in (self.base / "state" / "dynos").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                netns = json.loads(record.read_text())["placement"]["netns"]
+                if (Path("/run/netns") / netns).exists():
+                    found.append(f"netns {netns}")
+                    subprocess.run(["ip", "netns", "del", netns], check=False,
+                                   capture_output=True, timeout=30)
+        root = self.settings["cgroup_root"]
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            top = hierarchy / root
+            if not top.is_dir():
+                continue
+            found.append(f"cgroup {top}")
+            below = sorted((p for p in top.rglob("*") if p.is_dir()),
+                           key=lambda p: len(p.parts), reverse=True)
+            groups = [*below, top]
+            for group in groups:
+                with contextlib.suppress(OSError, ValueError):
+                    for pid in (group / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+            for group in groups:
+                wait_for(functools.partial(_rmdir_quietly, group), 5, what=f"rmdir {group}")
+        return found
 
 
 @contextmanager
@@ -224,3 +264,13 @@ def running_agent(**kwargs: Any) -> Iterator[AgentProcess]:
         yield agent
     finally:
         agent.cleanup()
+
+
+def _rmdir_quietly(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
