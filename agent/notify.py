@@ -1,4 +1,5 @@
-"""systemd service notifications (READY, STATUS, STOPPING, WATCHDOG) through python-systemd.
+"""systemd service notifications (READY, STATUS, STOPPING, WATCHDOG): sd_notify's datagram
+protocol on a non-blocking socket (see `send` for why not libsystemd's).
 
 Without NOTIFY_SOCKET every call is a no-op, so the daemon runs the same in and out of systemd.
 """
@@ -9,19 +10,44 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
-
-from systemd import daemon as sd_daemon  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
 
+_sock: socket.socket | None = None
+_dropped = 0
+
+
+def _address(raw: str) -> str | bytes:
+    # "@name" is an abstract socket: a leading NUL byte on the wire.
+    return b"\0" + raw[1:].encode() if raw.startswith("@") else raw
+
+
 def send(*assignments: str) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
+    """One sd_notify datagram, never blocking.
+
+    Not libsystemd's sd_notify (python-systemd's `daemon.notify`): it sends on a blocking
+    socket, and a receiver whose queue is full (net.unix.max_dgram_qlen is 10 on this kind
+    of host) would freeze the whole event loop. A datagram that does not fit is dropped and
+    counted; the next keep-alive or status follows soon after.
+    """
+    global _sock, _dropped
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
         return
-    # python-systemd returns False (rather than raising) when the datagram was not sent.
-    if not sd_daemon.notify("\n".join(assignments)):
-        log.warning("sd_notify failed", extra={"NOTIFY": assignments[0]})
+    if _sock is None:
+        _sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                              | socket.SOCK_CLOEXEC)
+    try:
+        _sock.sendto("\n".join(assignments).encode(), _address(target))
+    except BlockingIOError:
+        _dropped += 1
+        if _dropped == 1 or _dropped % 100 == 0:
+            log.warning("sd_notify receiver is not reading; %d notifications dropped", _dropped)
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", target, exc.strerror)
 
 
 def ready(status: str) -> None:

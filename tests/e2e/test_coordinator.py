@@ -59,51 +59,6 @@ class Cluster:
         return wait_for(all_up, timeout_s, interval_s=0.1, what=f"{ids} up")
 
 
-def _holder_pids(base: Path) -> list[int]:
-    """The holder processes this test's agent started (their command line names its dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if b"agent.holder" in cmdline and str(base).encode() in cmdline:
-                    pids.append(int(entry.name))
-    return pids
-
-
-def _force_cleanup(agent: AgentProcess, prefix: str) -> None:
-    """Whatever a failed test left: the agent's cgroup trees, its holder, dyno namespaces."""
-    root = agent.settings["cgroup_root"]
-    unified = Path("/sys/fs/cgroup/unified") / root
-    if unified.exists():
-        with contextlib.suppress(OSError):
-            (unified / "cgroup.kill").write_text("1")
-    for pid in _holder_pids(agent.base):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
-        top = hierarchy / root
-        if top.is_dir():
-            # Deepest first; a just-killed group empties asynchronously, so retry briefly.
-            for path in [*sorted(top.rglob("*"), key=lambda p: -len(p.parts)), top]:
-                if path.is_dir():
-                    with contextlib.suppress(OSError, TimeoutError):
-                        wait_for(lambda p=path: _rmdir(p), 5, interval_s=0.05)
-    for n in range(1, 10):
-        subprocess.run(["ip", "netns", "del", f"dyno-{prefix}-{n}"], capture_output=True,
-                       check=False)
-
-
-def _rmdir(path: Path) -> bool:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     prefix = unique("dt", 6)
@@ -132,7 +87,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 agent.stop()
             finally:
                 coordinator.close()
-                _force_cleanup(agent, prefix)
+                # cleanup() also ends what a failed test left (holder, cgroups, namespaces).
                 agent.cleanup()
 
 

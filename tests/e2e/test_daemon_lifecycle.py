@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -100,25 +102,29 @@ def test_notify_ready_then_stopping_and_watchdog(tmp_path: Path) -> None:
     notify_path = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(notify_path))
-    receiver.setblocking(False)
+    receiver.settimeout(0.2)
     messages: list[str] = []
+    done = threading.Event()
 
-    def drain() -> list[str]:
-        while True:
-            try:
+    def drain() -> None:
+        # A reader as systemd is: always reading (the queue holds only 10 datagrams).
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
                 messages.append(receiver.recv(4096).decode())
-            except BlockingIOError:
-                return messages
 
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     agent = AgentProcess(env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"})
     try:
         agent.start()
-        wait_for(lambda: any("READY=1" in m for m in drain()), 10, what="READY=1")
-        wait_for(lambda: any("WATCHDOG=1" in m for m in drain()), 5, what="WATCHDOG=1")
+        wait_for(lambda: any("READY=1" in m for m in messages), 10, what="READY=1")
+        wait_for(lambda: any("WATCHDOG=1" in m for m in messages), 5, what="WATCHDOG=1")
         agent.signal(signal.SIGTERM)
         assert agent.wait(5) == 0
-        drain()
+        wait_for(lambda: any("STOPPING=1" in m for m in messages), 5, what="STOPPING=1")
     finally:
+        done.set()
+        reader.join(5)
         agent.cleanup()
         receiver.close()
     ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
@@ -126,6 +132,23 @@ def test_notify_ready_then_stopping_and_watchdog(tmp_path: Path) -> None:
     assert ready < stopping
     assert any(m.startswith("STATUS=starting") for m in messages[:ready])
     assert f"MAINPID={agent.proc.pid}" in messages[ready]  # type: ignore[union-attr]
+
+
+def test_a_notify_receiver_that_never_reads_does_not_block_the_agent(tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(notify_path))  # bound, never read: its queue fills after 10 datagrams
+    agent = AgentProcess(env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "20000"})
+    try:
+        agent.start()
+        for _ in range(5):
+            assert agent.ctl_json("info")["state"] == "ready"
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(5) == 0
+        assert "notifications dropped" in agent.log()
+    finally:
+        agent.cleanup()
+        receiver.close()
 
 
 def test_sighup_reloads_log_level_and_keeps_serving() -> None:

@@ -252,7 +252,7 @@ class AgentProcess:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(int(pid), signal.SIGKILL)
             for group in groups:
-                wait_for(functools.partial(_rmdir_quietly, group), 5, what=f"rmdir {group}")
+                wait_for(functools.partial(rmdir_quietly, group), 5, what=f"rmdir {group}")
         return found
 
 
@@ -266,7 +266,8 @@ def running_agent(**kwargs: Any) -> Iterator[AgentProcess]:
         agent.cleanup()
 
 
-def _rmdir_quietly(path: Path) -> bool:
+def rmdir_quietly(path: Path) -> bool:
+    """rmdir that answers whether the directory is gone (for polling with wait_for)."""
     try:
         path.rmdir()
     except FileNotFoundError:
