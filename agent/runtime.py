@@ -157,7 +157,7 @@ class HostRuntime:
                 group = self.tree.create_group(rel, self.limits(spec))
             except cgroups.CgroupError as exc:
                 raise DynoStartError(f"Error: cannot create the dyno's cgroup: {exc}") from None
-            undo.callback(_remove_group_quietly, group)
+            undo.push_async_callback(asyncio.to_thread, _remove_group_quietly, group)
             name = netns_name(spec.id)
             await self._teardown_done(name)
             try:
