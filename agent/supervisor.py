@@ -157,6 +157,15 @@ class Supervisor:
         for record in records:
             if record.pid is not None:
                 unclaimed.pop((record.id, record.pid), None)
+        for record in list(records):
+            if record.state == str(DynoState.COMPLETE) and record.pid is None and \
+                    str(record.spec.get("name", "")).startswith("run."):
+                # A `dynoctl run` session that ended while no agent was there to remove it.
+                log.info("forgetting completed one-off dyno %s", record.id)
+                if record.placement is not None:
+                    self._spawn(self.runtime.unplace(record.placement), f"unplace-{record.id}")
+                self.records.delete(record.id)
+                records.remove(record)
         for record in records:
             if record.pid is None:
                 # The agent died after the holder launched the process but before the record

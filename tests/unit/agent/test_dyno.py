@@ -597,3 +597,22 @@ async def test_oom_kill_while_no_agent_watched_is_still_oom(tmp_path: Path) -> N
         assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
     finally:
         await h.supervisor.detach_all()
+
+
+async def test_restore_forgets_one_off_dynos_that_completed_while_no_agent_ran(
+        tmp_path: Path) -> None:
+    first = await _harness(tmp_path)
+    one_off = await first.create("run.1")
+    worker = await first.create("worker.1")
+    await first.state(worker, "up")
+    first.runtime.exit(one_off, 0)
+    await first.state(one_off, "complete")
+    await first.supervisor.detach_all()
+
+    second = await _harness(tmp_path)
+    try:
+        restored = second.supervisor.restore([])
+        assert one_off not in restored and worker in restored
+        assert not (second.records.dir / f"{one_off}.json").exists()
+    finally:
+        await second.supervisor.detach_all()
