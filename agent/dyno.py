@@ -329,6 +329,9 @@ class Dyno:
                 if command in (Command.STOP, Command.DELETE):
                     self.record.desired = "stopped"
                     begin_stop(Intent.STOP)
+                    # A stop asked for during a restart, a cycle or a kill wins: the dyno
+                    # ends down, not started again.
+                    intent = Intent.STOP
                 elif command is Command.RESTART and stop_started is None:
                     self._say(logs.restarting())
                     if self.state is DynoState.UP:

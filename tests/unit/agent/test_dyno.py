@@ -616,3 +616,18 @@ async def test_restore_forgets_one_off_dynos_that_completed_while_no_agent_ran(
         assert not (second.records.dir / f"{one_off}.json").exists()
     finally:
         await second.supervisor.detach_all()
+
+
+async def test_a_stop_during_a_restart_wins(tmp_path: Path) -> None:
+    h = await _harness(tmp_path, FakeRuntime(ignores_term=True))
+    try:
+        dyno_id = await h.create("worker.1")
+        await h.state(dyno_id, "up")
+        restarting = asyncio.create_task(h.supervisor.restart_dyno(dyno_id))
+        await h.until(lambda: bool(h.runtime.signals), what="SIGTERM of the restart")
+        stopping = asyncio.create_task(h.supervisor.stop_dyno(dyno_id))
+        await asyncio.wait_for(asyncio.gather(restarting, stopping), 10.0)
+        await h.state(dyno_id, "down")
+        assert h.runtime.launches == [dyno_id], "not launched again"
+    finally:
+        await h.supervisor.detach_all()
