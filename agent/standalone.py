@@ -231,6 +231,9 @@ class FormationController:
         return result
 
 
+PRINT_BATCH_LINES = 1000
+
+
 class LogPrinter:
     """`HH:MM:SS web.1 | text` lines, a colour per dyno when writing to a terminal."""
 
@@ -249,12 +252,17 @@ class LogPrinter:
         code = self._colours.setdefault(dyno, COLOURS[len(self._colours) % len(COLOURS)])
         return f"\x1b[{code}m{label}\x1b[0m {text}"
 
-    def line(self, line: LogLine) -> None:
+    def render(self, line: LogLine) -> str | None:
         # Runtime-metric samples are for drains and `dynoctl logs`; on a terminal they
         # would drown the app's own output every 20 s.
         if line.source is LogSource.AGENT and line.text.startswith("source="):
-            return
-        self.write(self.format(line.at, line.dyno, line.text))
+            return None
+        return self.format(line.at, line.dyno, line.text)
+
+    def line(self, line: LogLine) -> None:
+        text = self.render(line)
+        if text is not None:
+            self.write(text)
 
     def system(self, text: str) -> None:
         self.write(self.format(datetime.now().astimezone(), SYSTEM, text))
@@ -265,10 +273,16 @@ class LogPrinter:
             self.out.flush()
 
     async def follow(self, follower: Follower) -> None:
+        """Print in batches, each written on a worker thread: a terminal that does not read
+        (`dynoagent up | less`, Ctrl-S) then stalls only the printing, never the agent; the
+        follower meanwhile keeps a bounded backlog and reports what it had to drop (L10)."""
         async for line in follower:
-            self.line(line)
-            while (more := follower.get_nowait()) is not None:
-                self.line(more)
+            batch = [line]
+            while len(batch) < PRINT_BATCH_LINES and (more := follower.get_nowait()) is not None:
+                batch.append(more)
+            texts = [text for text in map(self.render, batch) if text is not None]
+            if texts:
+                await asyncio.to_thread(self.write, "\n".join(texts))
 
     def drain(self, follower: Follower) -> None:
         while (more := follower.get_nowait()) is not None:
