@@ -564,11 +564,17 @@ class CoordinatorLink:
         headers = self._headers()
         async with self.session_factory() as session:
             try:
-                ws = await session.ws_connect(
-                    self.url, protocols=(SUBPROTOCOL,), headers=headers, ssl=ssl_context,
-                    heartbeat=self.heartbeat_interval_s, max_msg_size=HARD_FRAME_BYTES,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
-                    autoclose=True, autoping=True)
+                # A coordinator that accepts TCP but never answers the upgrade must cost one
+                # failed attempt and a backoff, not aiohttp's default of minutes.
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    ws = await session.ws_connect(
+                        self.url, protocols=(SUBPROTOCOL,), headers=headers, ssl=ssl_context,
+                        heartbeat=self.heartbeat_interval_s, max_msg_size=HARD_FRAME_BYTES,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
+                        autoclose=True, autoping=True)
+            except TimeoutError:
+                raise LinkError(self.url, f"no handshake within {CONNECT_TIMEOUT_S:g}s") \
+                    from None
             except aiohttp.WSServerHandshakeError as exc:
                 raise LinkError(self.url, f"handshake refused: {exc.status} {exc.message}",
                                 exc.status) from None
