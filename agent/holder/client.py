@@ -429,8 +429,17 @@ class HolderClient:
             except ProtocolError as exc:
                 self._lost(f"protocol error: {exc.message}")
                 return
-            for message, mfds in messages:
-                self._on_message(message, mfds)
+            for index, (message, mfds) in enumerate(messages):
+                try:
+                    self._on_message(message, mfds)
+                except ProtocolError as exc:
+                    # A malformed event: the stream cannot be trusted past it. Close what the
+                    # rest of this read carried and end the connection, so pending requests
+                    # fail at once instead of waiting out their deadlines.
+                    for _message, rest in messages[index + 1:]:
+                        _close_all(rest)
+                    self._lost(f"protocol error: {exc.message}")
+                    return
             if not self._paused and (len(self._events) >= EVENT_QUEUE_PAUSE
                                      or self._queued_bytes >= OUTPUT_QUEUE_PAUSE_BYTES):
                 self._paused = True

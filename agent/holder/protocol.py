@@ -54,6 +54,8 @@ Events:
 from __future__ import annotations
 
 import array
+import contextlib
+import os
 import socket
 import struct
 from collections import deque
@@ -115,6 +117,19 @@ class FrameDecoder:
     def messages(self) -> list[tuple[Message, list[int]]]:
         """Every complete message so far; raises ProtocolError (the connection must close)."""
         out: list[tuple[Message, list[int]]] = []
+        try:
+            self._decode_into(out)
+        except ProtocolError:
+            # The connection is closing: the fds of frames decoded before the bad one will
+            # never be handled, and nobody else can close them.
+            for _message, fds in out:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
+        return out
+
+    def _decode_into(self, out: list[tuple[Message, list[int]]]) -> None:
         while len(self._buf) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buf)
             if length > self._max:
@@ -128,7 +143,6 @@ class FrameDecoder:
             if not isinstance(nfd, int) or nfd < 0 or nfd > len(self._fds):
                 raise ProtocolError(f"frame announces {nfd!r} fds, {len(self._fds)} received", nfd)
             out.append((message, [self._fds.popleft() for _ in range(nfd)]))
-        return out
 
     def take_stray_fds(self) -> list[int]:
         """Fds no frame claimed (for closing when the connection ends)."""

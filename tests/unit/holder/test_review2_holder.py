@@ -1,6 +1,6 @@
 """Review 2 (holder protocol): fds of a frame decoded just before a malformed one are leaked
 by the holder, and a malformed event makes the client lose the response read with it.
-Expected failures until fixed."""
+Fixed; the tests keep it so."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import contextlib
 import os
 import socket
 import time
-
-import pytest
 
 from agent.holder.client import HolderClient
 from agent.holder.errors import ConnectionLost, HolderTimeout
@@ -33,9 +31,9 @@ def _eof_within(fd: int, timeout_s: float) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="FrameDecoder.messages() pops the fds of frames decoded "
-                   "before a malformed one and then raises, so the holder's close path "
-                   "(take_stray_fds) never sees them: the fds leak in the holder for good")
+# Review finding, fixed: FrameDecoder.messages() pops the fds of frames decoded before a
+# malformed one and then raises, so the holder's close path (take_stray_fds) never sees them:
+# the fds leak in the holder for good
 def test_fds_of_a_frame_before_a_malformed_one_are_closed(holder: HolderProc) -> None:
     read_fd, write_fd = os.pipe()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,10 +57,10 @@ def test_fds_of_a_frame_before_a_malformed_one_are_closed(holder: HolderProc) ->
         os.close(read_fd)
 
 
-@pytest.mark.xfail(strict=True, reason="HolderClient._on_readable does not catch the "
-                   "ProtocolError that decode_event raises for a malformed event: it escapes "
-                   "the reader callback, the rest of that read (here the ping's response) is "
-                   "dropped, and the request hangs until its timeout instead of failing at once")
+# Review finding, fixed: HolderClient._on_readable does not catch the ProtocolError that
+# decode_event raises for a malformed event: it escapes the reader callback, the rest of that
+# read (here the ping's response) is dropped, and the request hangs until its timeout instead of
+# failing at once
 async def test_a_malformed_event_ends_the_connection_instead_of_losing_responses() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
