@@ -486,6 +486,11 @@ class AttachServer:
                 # By pidfd: the pid alone could have been reused once the holder reaped it.
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(entered.pidfd, signal.SIGKILL)
+                # And its whole process group (the launcher gives it one of its own): a group
+                # id stays unused by new processes while any member lives, so this cannot hit
+                # a stranger.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(entered.pid, signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5.0):
                         await asyncio.shield(exited)

@@ -65,6 +65,9 @@ def _child(pidfd: int, argv: list[str], env: dict[str, str], uid: int, gid: int,
         sc.setns(pidfd, _CHILD_NAMESPACES)
         phase = "user"
         privileges.install_stdio(*stdio)
+        # A process group of its own: whoever ends the command (a caller that left) ends
+        # its background jobs and pipelines with it, by group.
+        os.setpgid(0, 0)
         privileges.reset_signals()
         privileges.reset_process_attributes()
         privileges.set_rlimits(nofile_limit)

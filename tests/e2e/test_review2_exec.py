@@ -1,6 +1,6 @@
 """Review 2 (attach): when the caller of `dynoctl exec` goes away, the agent SIGKILLs only the
-process it entered; whatever that process started stays in the dyno for good. Expected
-failure until fixed."""
+process it entered; whatever that process started stays in the dyno for good. Fixed; the
+test keeps it so."""
 
 from __future__ import annotations
 
@@ -51,9 +51,8 @@ def _processes(up: Up) -> list[str]:
     return result.stdout.splitlines()[1:]
 
 
-@pytest.mark.xfail(strict=True, reason="attach._exec kills only the entered pid (pidfd) when "
-                   "the caller leaves; its children (background jobs, pipelines) are left "
-                   "running in the dyno")
+# Review finding, fixed: attach._exec kills only the entered pid (pidfd) when the caller leaves;
+# its children (background jobs, pipelines) are left running in the dyno
 def test_a_caller_that_leaves_exec_takes_its_children_with_it(up: Up) -> None:
     wait_for(lambda: up.states().get("web.1") == "up", 60, what="web.1 up")
     caller = subprocess.Popen(
