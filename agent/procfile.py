@@ -199,7 +199,7 @@ def check_types(items: Iterable[FormationItem], procfile: Procfile,
 
 def load_env_file(path: Path, required: bool) -> Mapping[str, str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         if required:
             raise AppDirError("does not exist", path) from None
@@ -215,7 +215,7 @@ def load_procfile(directory: Path) -> Procfile:
                           directory)
     path = directory / "Procfile"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise AppDirError("does not exist (an app directory needs a Procfile)", path) from None
     except (OSError, UnicodeDecodeError) as exc:

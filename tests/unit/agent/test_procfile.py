@@ -130,3 +130,13 @@ def test_check_types_against_the_procfile() -> None:
         check_types(parse_formation_items(["clock=1"]), procfile)
     with pytest.raises(AppDirError, match="not part of the formation"):
         check_types(parse_formation_items(["release=1"]), procfile)
+
+
+def test_a_byte_order_mark_from_a_windows_editor_is_not_part_of_the_first_type(
+        tmp_path: Path) -> None:
+    from agent.procfile import load_env_file, load_procfile
+
+    (tmp_path / "Procfile").write_bytes(b"\xef\xbb\xbfweb: python3 web.py\n")
+    (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfGREETING=hi\n")
+    assert "web" in load_procfile(tmp_path).names
+    assert load_env_file(tmp_path / ".env", required=True) == {"GREETING": "hi"}
