@@ -31,7 +31,6 @@ from agent.peercred import is_allowed, peer_credentials
 from agent.runtime import HostRuntime, Launch
 from agent.sizes import DEFAULT_SIZE
 from agent.spec import DEFAULT_PORT, ENV_KEY, DynoSpec, dyno_env
-from agent.states import DynoState
 from agent.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_UNCLAIMED_EXITS = 1024
 # Variables of the caller's terminal that a one-off or entered command gets.
 TERMINAL_ENV = frozenset({"TERM", "COLUMNS", "LINES", "COLORTERM"})
-ENDED_STATES = frozenset({str(DynoState.COMPLETE), str(DynoState.DOWN), str(DynoState.CRASHED)})
 
 
 def attach_path(socket_path: Path) -> Path:
@@ -400,7 +398,7 @@ class AttachServer:
                 self._spawn(self._reap_later(dyno_id, follower), f"attach-reap-{dyno_id}")
                 handed_off = True
                 return
-            ended = asyncio.ensure_future(self._ended(dyno_id, follower))
+            ended = asyncio.ensure_future(self.supervisor.wait_ended(dyno_id, follower))
             gone = asyncio.ensure_future(_readable(conn))
             try:
                 await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -418,20 +416,10 @@ class AttachServer:
                 self.registry.discard(dyno_id)
                 await self._remove(dyno_id)
 
-    async def _ended(self, dyno_id: str, follower: EventFollower) -> int:
-        dyno = self.supervisor.dynos.get(dyno_id)
-        if dyno is not None and str(dyno.state) == str(DynoState.COMPLETE):
-            return int(dyno.record.exit_status or 0)
-        async for event in follower:
-            if event.get("id") == dyno_id and event.get("state") in ENDED_STATES:
-                status = event.get("exit_status")
-                return int(status) if isinstance(status, int) else 1
-        raise errors.NotReady("the agent is shutting down")
-
     async def _reap_later(self, dyno_id: str, follower: EventFollower) -> None:
         try:
             with follower:
-                await self._ended(dyno_id, follower)
+                await self.supervisor.wait_ended(dyno_id, follower)
         finally:
             await self._remove(dyno_id)
 

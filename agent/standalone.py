@@ -22,7 +22,6 @@ from typing import Any, TextIO
 from agent import errors
 from agent.config import Config
 from agent.daemon import Daemon, Step
-from agent.events import EventFollower
 from agent.logs import Follower, LogLine, LogSource
 from agent.procfile import (
     AppDirError,
@@ -46,7 +45,6 @@ STANDALONE_APP_PREFIX = 20
 # Short cool-offs: on a developer's machine a crash should come back while they watch.
 STANDALONE_RESTART_SCHEDULE_S = (5.0, 10.0, 20.0, 40.0)
 RELEASE_VERSION = 1
-ENDED_STATES = frozenset({str(DynoState.COMPLETE), str(DynoState.DOWN), str(DynoState.CRASHED)})
 # heroku local's palette, in the order it hands colours out.
 COLOURS = (36, 33, 32, 35, 31, 34, 96, 93, 92, 95, 91, 94)
 SYSTEM = "system"
@@ -289,18 +287,6 @@ class LogPrinter:
             self.line(more)
 
 
-async def wait_ended(supervisor: Any, dyno_id: str, follower: EventFollower) -> int:
-    """The exit status of a one-shot dyno once it has completed (or stopped)."""
-    dyno = supervisor.dynos.get(dyno_id)
-    if dyno is not None and dyno.state is DynoState.COMPLETE:
-        return int(dyno.record.exit_status or 0)
-    async for event in follower:
-        if event.get("id") == dyno_id and event.get("state") in ENDED_STATES:
-            status = event.get("exit_status")
-            return int(status) if isinstance(status, int) else 1
-    raise errors.NotReady("the agent is shutting down")
-
-
 @dataclass
 class UpOptions:
     source: AppSource
@@ -412,7 +398,7 @@ class StandaloneDaemon(Daemon):
                 self.printer.system(f"cannot start release.1: {exc.message}")
                 return 1
             try:
-                return await wait_ended(self.supervisor, body["id"], events)
+                return await self.supervisor.wait_ended(body["id"], events)
             finally:
                 with contextlib.suppress(errors.AgentError):
                     await self.supervisor.delete_dyno(body["id"])

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_STARTS = 16
 SAMPLE_INTERVAL_S = 20.0
 COMMAND_GRACE_S = 15.0
+# States in which a one-shot dyno has ended.
+ENDED_STATES = frozenset({str(DynoState.COMPLETE), str(DynoState.DOWN), str(DynoState.CRASHED)})
 
 
 def _now() -> datetime:
@@ -368,6 +370,31 @@ class Supervisor:
     async def delete_dyno(self, ref: str, app: str | None = None) -> None:
         dyno = self.find(ref, app)
         await self._command(dyno, Command.DELETE, dyno.stop_timeout_s + COMMAND_GRACE_S)
+
+    async def wait_ended(self, dyno_id: str, follower: EventFollower) -> int:
+        """The exit status of a one-shot dyno once it has ended (completed, stopped or
+        crashed), from `follower` (subscribed before the dyno could end). An event lost to a
+        follower that fell behind is made up for by looking at the dyno itself."""
+        def ended() -> int | None:
+            dyno = self.dynos.get(dyno_id)
+            if dyno is None:
+                return 1
+            if str(dyno.state) in ENDED_STATES and dyno.record.pid is None:
+                return int(dyno.record.exit_status if dyno.record.exit_status is not None
+                           else 1)
+            return None
+
+        if dyno_id in self.dynos and self.dynos[dyno_id].state is DynoState.COMPLETE:
+            return ended() or 0
+        async for event in follower:
+            if "dropped" in event:
+                status = ended()
+                if status is not None:
+                    return status
+            elif event.get("id") == dyno_id and event.get("state") in ENDED_STATES:
+                exit_status = event.get("exit_status")
+                return int(exit_status) if isinstance(exit_status, int) else 1
+        raise errors.NotReady("the agent is shutting down")
 
     @property
     def log_hub(self) -> LogHub:

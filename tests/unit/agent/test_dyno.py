@@ -631,3 +631,26 @@ async def test_a_stop_during_a_restart_wins(tmp_path: Path) -> None:
         assert h.runtime.launches == [dyno_id], "not launched again"
     finally:
         await h.supervisor.detach_all()
+
+
+async def test_wait_ended_survives_a_dropped_end_event(tmp_path: Path) -> None:
+    h = await _harness(tmp_path)
+    try:
+        dyno_id = await h.create("run.1")
+        await h.state(dyno_id, "up")
+        def crowd_out(change: Any) -> None:
+            # Right behind the `complete` event, before the waiter can read it: the follower
+            # keeps one event, so `complete` is among those lost.
+            if change.id == dyno_id and change.state == "complete":
+                for n in range(3):
+                    h.supervisor.bus.publish({"id": "other", "state": "up", "n": n})
+
+        h.supervisor.state_listeners.append(crowd_out)
+        with h.supervisor.bus.subscribe(max_queue=1) as follower:
+            waiting = asyncio.create_task(h.supervisor.wait_ended(dyno_id, follower))
+            await asyncio.sleep(0)  # the waiter is now reading the follower
+            h.runtime.exit(dyno_id, 7)
+            status = await asyncio.wait_for(waiting, 5)
+        assert status == 7
+    finally:
+        await h.supervisor.detach_all()
