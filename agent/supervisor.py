@@ -56,6 +56,8 @@ class Supervisor:
         # Records whose spec no longer validates: left alone, and their kernel objects are
         # spared by the sweep (an agent restart never kills a dyno).
         self.unparsed: list[Record] = []
+        # Per held process: the number of the next output line not yet published.
+        self._next_seq: dict[tuple[str, int], int] = {}
         self._background: set[asyncio.Task[None]] = set()
         # Held processes no record owns (an agent killed between the holder's launch and the
         # record's save, or a record deleted meanwhile): released once they have exited, so
@@ -106,6 +108,7 @@ class Supervisor:
             log.error("cannot delete the record of %s: %s", dyno.id, exc)
 
     def forget_process(self, dyno: Dyno, pid: int) -> None:
+        self._next_seq.pop((dyno.id, pid), None)
         if self._release is not None:
             self._spawn(self._release(dyno.id, pid), f"release-{dyno.id}")
 
@@ -131,13 +134,22 @@ class Supervisor:
         dyno = self.dynos.get(event.dyno_id)
         if dyno is None:
             return
+        # Delivery from the holder is at least once: after a re-subscribe it sends again what
+        # was not yet acknowledged. Lines are numbered per process; skip those already seen.
+        key = (event.dyno_id, event.pid)
+        seen_up_to = self._next_seq.get(key, 0)
+        end = event.seq + len(event.lines)
+        if end <= seen_up_to and event.lines:
+            return
+        self._next_seq[key] = max(end, seen_up_to)
+        lines = event.lines[max(0, seen_up_to - event.seq):]
         app, name = dyno.spec.app, dyno.spec.name
-        if event.dropped:
+        if event.dropped and event.seq >= seen_up_to:
             dyno.output_dropped += event.dropped
             self.hub.publish(LogLine.agent(_now(), app, name, l10_buffer_overflow(event.dropped),
                                            dyno.id))
         last_stamp, at = -1.0, _now()
-        for stamp, data in event.lines:
+        for stamp, data in lines:
             if stamp != last_stamp:  # lines of one pipe read share their time
                 last_stamp, at = stamp, datetime.fromtimestamp(stamp, UTC)
             text = data.decode("utf-8", errors="replace").rstrip("\n")

@@ -654,3 +654,21 @@ async def test_wait_ended_survives_a_dropped_end_event(tmp_path: Path) -> None:
         assert status == 7
     finally:
         await h.supervisor.detach_all()
+
+
+async def test_output_sent_again_after_a_resubscribe_is_published_once(
+        tmp_path: Path) -> None:
+    h = await _harness(tmp_path)
+    try:
+        dyno_id = await h.create("worker.1")
+        await h.state(dyno_id, "up")
+        now = time.time()
+        first = OutputEvent(dyno_id, 1000, 10, 2, ((now, b"a\n"), (now, b"b\n")))
+        again = OutputEvent(dyno_id, 1000, 10, 2, ((now, b"a\n"), (now, b"b\n"), (now, b"c\n")))
+        for event in (first, first, again):
+            h.supervisor.on_holder_event(event)
+        texts = [line.text for line in h.hub.tail(dyno="worker.1") if line.source == "app"]
+        assert texts == ["a", "b", "c"]
+        assert h.supervisor.get_dyno(dyno_id)["output_dropped"] == 2
+    finally:
+        await h.supervisor.detach_all()
