@@ -180,6 +180,35 @@ async def _readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
+FORWARDED_SIGNALS = frozenset({"INT"})
+
+
+async def _until_caller_leaves(sock: socket.socket,
+                               on_signal: Callable[[signal.Signals], None]) -> None:
+    """Read the caller's control lines until it goes away (EOF or error). `{"signal": "INT"}`
+    is its Ctrl-C, delivered to the command as a terminal would (Heroku forwards it too)."""
+    pending = b""
+    while True:
+        await _readable(sock)
+        try:
+            chunk = sock.recv(4096)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        if not chunk:
+            return
+        pending += chunk
+        while b"\n" in pending:
+            line, _, pending = pending.partition(b"\n")
+            with contextlib.suppress(ValueError, AttributeError):
+                name = json.loads(line).get("signal")
+                if name in FORWARDED_SIGNALS:
+                    on_signal(signal.Signals[f"SIG{name}"])
+        if len(pending) > MAX_REQUEST_BYTES:
+            return
+
+
 async def _receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """The JSON request line and the fds that came with it (the caller owns the fds)."""
     data = b""
@@ -399,7 +428,13 @@ class AttachServer:
                 handed_off = True
                 return
             ended = asyncio.ensure_future(self.supervisor.wait_ended(dyno_id, follower))
-            gone = asyncio.ensure_future(_readable(conn))
+
+            def forward(sig: signal.Signals) -> None:
+                dyno = self.supervisor.dynos.get(dyno_id)
+                if dyno is not None and dyno.placement is not None:
+                    self.supervisor.runtime.signal_all(dyno.placement, sig)
+
+            gone = asyncio.ensure_future(_until_caller_leaves(conn, forward))
             try:
                 await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -465,7 +500,12 @@ class AttachServer:
         exited = self.exits.wait(dyno.id, entered.pid)
         await self._send(conn, {"event": "started", "id": dyno.id, "name": dyno.spec.name,
                                 "pid": entered.pid})
-        gone = asyncio.ensure_future(_readable(conn))
+
+        def forward(sig: signal.Signals) -> None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(entered.pid, sig)
+
+        gone = asyncio.ensure_future(_until_caller_leaves(conn, forward))
         try:
             waits: list[asyncio.Future[Any]] = [exited, gone]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -483,6 +523,9 @@ class AttachServer:
                     async with asyncio.timeout(5.0):
                         await asyncio.shield(exited)
             else:
+                # The session is over: what it left running in the background goes with it.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(entered.pid, signal.SIGKILL)
                 await self._send(conn, {"event": "exit", "status": exited.result()})
         finally:
             gone.cancel()

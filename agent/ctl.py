@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import array
 import codecs
+import contextlib
 import http.client
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 import time
@@ -540,6 +542,8 @@ def attach(client: Client, request: dict[str, Any], stdio: bool,
             sock.sendmsg([data], ancillary)
         except OSError as exc:
             raise CtlError(f"cannot send the request to {path}: {exc.strerror or exc}") from None
+        if stdio:
+            _forward_interrupts(sock)
         reader = sock.makefile("rb")
         for raw in reader:
             try:
@@ -562,6 +566,16 @@ def attach(client: Client, request: dict[str, Any], stdio: bool,
         raise CtlError("dynoagent closed the connection before the command finished")
     finally:
         sock.close()
+
+
+def _forward_interrupts(sock: socket.socket) -> None:
+    """Ctrl-C goes to the command in the dyno, as on a terminal of its own; Ctrl-\\ (SIGQUIT)
+    still ends dynoctl, and the agent then ends the session."""
+    def forward(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(b'{"signal": "INT"}\n')
+
+    signal.signal(signal.SIGINT, forward)
 
 
 def _command_text(argv: list[str]) -> str:

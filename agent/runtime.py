@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 from collections.abc import Mapping
@@ -307,20 +308,32 @@ def shell_command(command: str) -> str:
     not a shell around it, is the reaper's child.
 
     bash does this on its own (as on Heroku); dash does not, and a waiting dash dies on the
-    SIGTERM of a stop at once, its reaper with it, and the kernel then SIGKILLs the app in
-    the middle of its graceful shutdown. Lists, pipelines, subshells, leading assignments and
-    shell keywords keep the plain form.
+    SIGTERM of a stop (or the SIGINT of a Ctrl-C) at once, its reaper with it, and the kernel
+    then SIGKILLs the app in the middle of its graceful shutdown. Lists, pipelines,
+    subshells, leading assignments and shell keywords (unquoted) keep the plain form.
     """
     text = command.strip()
-    if not text or _NOT_SIMPLE.search(text) or _LEADING.match(text):
+    if not text or "\n" in text:
+        return command
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:  # unbalanced quotes: let the shell report it
+        return command
+    if not tokens or any(token in _CONTROL for token in tokens):
+        return command
+    first = tokens[0]
+    if first in _KEYWORDS or _ASSIGNMENT.match(first):
         return command
     return f"exec {text}"
 
 
-_NOT_SIMPLE = re.compile(r"[;&|\n(){}]")
-_LEADING = re.compile(
-    r"(?:[A-Za-z_][A-Za-z0-9_]*=|(?:exec|if|then|for|while|until|case|!|function|select|"
-    r"time|trap|cd|export|set|unset|eval|source|\.|\[\[?)(?:\s|$))")
+_CONTROL = frozenset({";", "&", "&&", "||", "|", "|&", "(", ")", ";;", "{", "}", "$("})
+_KEYWORDS = frozenset({"exec", "if", "then", "for", "while", "until", "case", "!", "function",
+                       "select", "time", "trap", "cd", "export", "set", "unset", "eval",
+                       "source", ".", "[", "[[", "{", "}"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def _remove_group_quietly(group: cgroups.Group) -> None:

@@ -64,8 +64,8 @@ def test_a_caller_that_leaves_exec_takes_its_children_with_it(up: Up) -> None:
         ready, _, _ = select.select([caller.stdout], [], [], 30)
         assert ready and caller.stdout.readline().strip() == b"started"
         assert any(p.startswith("sleep 271") for p in _processes(up))
-        caller.send_signal(signal.SIGINT)
-        assert caller.wait(timeout=10) == 130
+        caller.kill()  # the caller goes away without a word
+        assert caller.wait(timeout=10) == -signal.SIGKILL
     finally:
         caller.kill()
         caller.wait(timeout=10)
@@ -74,3 +74,46 @@ def test_a_caller_that_leaves_exec_takes_its_children_with_it(up: Up) -> None:
     # The agent ends what the caller started (sh is SIGKILLed at once); its child too?
     wait_for(lambda: not any(p.startswith("sleep 271") for p in _processes(up)), 10,
              what="the exec'd command's child gone")
+
+
+def test_ctrl_c_reaches_the_command_of_an_attached_run(up: Up) -> None:
+    wait_for(lambda: up.states().get("web.1") == "up", 60, what="web.1 up")
+    caller = subprocess.Popen(
+        [str(BIN / "dynoctl"), "--socket", str(up.socket), "run", "--", "sh", "-c",
+         "trap 'echo caught; exit 5' INT; echo ready; while :; do sleep 0.1; done"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert caller.stdout is not None
+        ready, _, _ = select.select([caller.stdout], [], [], 30)
+        assert ready and caller.stdout.readline().strip() == b"ready"
+        caller.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
+        assert caller.wait(timeout=15) == 5
+        assert caller.stdout.read().strip() == b"caught"
+    finally:
+        caller.kill()
+        caller.wait(timeout=10)
+        if caller.stdout is not None:
+            caller.stdout.close()
+
+
+def test_ctrl_c_in_exec_interrupts_the_command_and_the_session_ends(up: Up) -> None:
+    wait_for(lambda: up.states().get("web.1") == "up", 60, what="web.1 up")
+    caller = subprocess.Popen(
+        [str(BIN / "dynoctl"), "--socket", str(up.socket), "exec", "web.1", "--", "sh", "-c",
+         "sleep 272 & echo started; wait"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert caller.stdout is not None
+        ready, _, _ = select.select([caller.stdout], [], [], 30)
+        assert ready and caller.stdout.readline().strip() == b"started"
+        caller.send_signal(signal.SIGINT)
+        assert caller.wait(timeout=10) == 130  # sh ended by the forwarded SIGINT
+    finally:
+        caller.kill()
+        caller.wait(timeout=10)
+        if caller.stdout is not None:
+            caller.stdout.close()
+    # Its background job (which ignores SIGINT, as in any non-interactive shell) ends with
+    # the session.
+    wait_for(lambda: not any(p.startswith("sleep 272") for p in _processes(up)), 10,
+             what="the session's background job gone")
