@@ -10,6 +10,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,9 @@ def test_hello_sync_converges_by_generation(cluster: Cluster) -> None:
     assert all(d["state"] == "up" for d in hello["dynos"]) and hello["generation"] == 2
 
 
+AWAY_S = 30.0
+
+
 def test_events_while_the_coordinator_is_away_arrive_in_order(cluster: Cluster) -> None:
     c = cluster
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
@@ -148,6 +152,7 @@ def test_events_while_the_coordinator_is_away_arrive_in_order(cluster: Cluster) 
     c.coordinator.wait(lambda co: all(len(co.states(i)) >= 2 for i in ids), 15, "up events")
 
     c.coordinator.go_away()
+    away_at = time.monotonic()
     wait_for(lambda: c.agent.ctl_json("info")["coordinator"]["state"] != "connected", 15,
              what="agent noticed")
     # Crash dyno 1 twice while nobody listens: an immediate restart, then a cool-off.
@@ -162,8 +167,18 @@ def test_events_while_the_coordinator_is_away_arrive_in_order(cluster: Cluster) 
     assert after[ids[1]]["pid"] == before[ids[1]]["pid"], "the other dyno was untouched"
     assert c.agent.ctl_json("info")["coordinator"]["events_buffered"] >= 6
 
+    # Away for 30 s in all (the figure): long enough for the agent's reconnect
+    # backoff to grow towards its 30 s ceiling while its dynos go on by themselves.
+    def away_long_enough() -> bool:
+        link = c.agent.ctl_json("info")["coordinator"]
+        return (time.monotonic() - away_at >= AWAY_S
+                and link["counters"]["connect_failures"] >= 3)
+    wait_for(away_long_enough, AWAY_S + 15, interval_s=0.5, what=f"{AWAY_S} s away")
+    assert c.ps()[ids[1]]["pid"] == before[ids[1]]["pid"]
+
     c.coordinator.come_back()
-    c.coordinator.wait(lambda co: len(co.states(ids[0])) >= 8, 30, "buffered events")
+    # The next attempt comes within the backoff ceiling (30 s, jittered).
+    c.coordinator.wait(lambda co: len(co.states(ids[0])) >= 8, 45, "buffered events")
     assert c.states(ids[0]) == [
         (None, "starting"), ("starting", "up"),
         ("up", "crashed"), ("crashed", "starting"), ("starting", "up"),
