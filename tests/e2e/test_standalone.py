@@ -5,6 +5,7 @@ nothing, and Ctrl-C (SIGINT) leaving no dyno, cgroup, namespace, link, mount, ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -137,8 +138,15 @@ def host() -> Iterator[TestHost]:
 
 @pytest.fixture(scope="module")
 def up(host: TestHost) -> Iterator[Up]:
+    # Dyno ids name global objects (/run/netns/dyno-<app>-web-1): a unique app per module.
+    with running_up(host, unique("hello", 6)) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_up(host: TestHost, app: str) -> Iterator[Up]:
+    """`dynoagent up` of the example app in `host`; on the way out, nothing may be left."""
     base = Path(tempfile.mkdtemp(prefix="dt", dir="/tmp"))
-    app = unique("hello", 6)  # dyno ids name global objects (/run/netns/dyno-<app>-web-1)
     running = Up(host, app, base).start()
     try:
         wait_for(lambda: running.proc is not None and (
