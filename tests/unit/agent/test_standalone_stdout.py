@@ -1,6 +1,5 @@
-"""Review 2 (standalone mode): `dynoagent up` prints every log line with a blocking write on
-the event loop, so a stdout nobody reads (`dynoagent up | less`, Ctrl-S on a terminal) freezes
-the whole agent. Fixed; the test keeps it so."""
+"""`dynoagent up` prints log lines off the event loop: a stdout nobody reads (`dynoagent up |
+less`, Ctrl-S on a terminal) stalls only the printing, never the agent."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def _fill(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
-# Review finding, fixed: LogPrinter.write does a blocking write+flush on the event loop: a full
+# Before its fix: LogPrinter.write does a blocking write+flush on the event loop: a full
 # stdout pipe (`dynoagent up | less`, Ctrl-S) stops the agent: no supervision, no proxy, no
 # operator API, Ctrl-C unhandled
 def test_a_stdout_nobody_reads_does_not_freeze_the_event_loop() -> None:

@@ -1,6 +1,5 @@
-"""Review 2 (attach): when the caller of `dynoctl exec` goes away, the agent SIGKILLs only the
-process it entered; whatever that process started stays in the dyno for good. Fixed; the
-test keeps it so."""
+"""The end of an attached session: a caller that leaves `dynoctl exec` takes everything the
+entered command started with it, and Ctrl-C reaches the command of an attached run or exec."""
 
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ def attached(up: Up, *args: str, first_line: bytes) -> Iterator[subprocess.Popen
             caller.stdout.close()
 
 
-# Review finding, fixed: attach._exec kills only the entered pid (pidfd) when the caller leaves;
+# Before its fix: attach._exec kills only the entered pid (pidfd) when the caller leaves;
 # its children (background jobs, pipelines) are left running in the dyno
 def test_a_caller_that_leaves_exec_takes_its_children_with_it(up: Up) -> None:
     with attached(up, "exec", "web.1", "--", "sh", "-c", "sleep 271 & echo started; wait",

@@ -1,6 +1,6 @@
-"""Review 2 (holder protocol): fds of a frame decoded just before a malformed one are leaked
-by the holder, and a malformed event makes the client lose the response read with it.
-Fixed; the tests keep it so."""
+"""Malformed holder frames: the fds of a frame decoded just before a malformed one are closed
+by the holder, and a malformed event ends the client's connection without losing the response
+read with it."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _eof_within(fd: int, timeout_s: float) -> bool:
     return False
 
 
-# Review finding, fixed: FrameDecoder.messages() pops the fds of frames decoded before a
+# Before its fix: FrameDecoder.messages() pops the fds of frames decoded before a
 # malformed one and then raises, so the holder's close path (take_stray_fds) never sees them:
 # the fds leak in the holder for good
 def test_fds_of_a_frame_before_a_malformed_one_are_closed(holder: HolderProc) -> None:
@@ -57,7 +57,7 @@ def test_fds_of_a_frame_before_a_malformed_one_are_closed(holder: HolderProc) ->
         os.close(read_fd)
 
 
-# Review finding, fixed: HolderClient._on_readable does not catch the ProtocolError that
+# Before its fix: HolderClient._on_readable does not catch the ProtocolError that
 # decode_event raises for a malformed event: it escapes the reader callback, the rest of that
 # read (here the ping's response) is dropped, and the request hangs until its timeout instead of
 # failing at once

@@ -1,5 +1,6 @@
-"""Review findings on the supervision layer, each shown by a test that failed before its fix
-(the comment above each test says what went wrong).
+"""Supervisor operations at their edges (a cancelled delete, a failed record save, a restart
+after a stop, a reload, an unchanged desired set, a record that did not parse); the comment
+above each test says what went wrong before its fix.
 
 They run the real Supervisor, Dyno, Engine and Daemon halves on test_dyno's fake Runtime.
 """
@@ -41,7 +42,7 @@ async def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.
     await async_wait_for(check, timeout_s, what=what)
 
 
-# Review finding, fixed: a delete whose caller is cancelled (coordinator link dropped mid-sync,
+# Before its fix: a delete whose caller is cancelled (coordinator link dropped mid-sync,
 # API drain at shutdown) is carried out by the dyno task, which then dies on InvalidStateError
 # (dyno.py:198 set_result on the cancelled future); Supervisor.delete_dyno never pops the dyno
 # nor deletes its record: a dead entry stays listed, every later command on it hangs
@@ -63,7 +64,7 @@ async def test_cancelled_delete_still_forgets_the_dyno(tmp_path: Path) -> None:
         await h.supervisor.detach_all()
 
 
-# Review finding, fixed: an exception inside a dyno's task (here ENOSPC from the record save in
+# Before its fix: an exception inside a dyno's task (here ENOSPC from the record save in
 # _transition; equally UidAllocationError from place(), CgroupError from
 # kill()/signal_all()/unplace()) ends its supervision for good: no restart, and every later
 # command times out as a 500
@@ -84,7 +85,7 @@ async def test_a_failed_record_save_does_not_end_supervision(
     await _until(lambda: len(h.runtime.launches) == 2, "restart after the crash", 3.0)
 
 
-# Review finding, fixed: a restart requested while a stop is under way is acknowledged (its
+# Before its fix: a restart requested while a stop is under way is acknowledged (its
 # future resolves when the process exits) but dropped: intent stays STOP, desired 'stopped', the
 # dyno ends down
 async def test_restart_after_stop_is_not_lost(tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ async def test_restart_after_stop_is_not_lost(tmp_path: Path) -> None:
         await h.supervisor.detach_all()
 
 
-# Review finding, fixed: SIGHUP replaces Daemon.config only; the Supervisor (and each Dyno's
+# Before its fix: SIGHUP replaces Daemon.config only; the Supervisor (and each Dyno's
 # Timing, and the coordinator link's token file) keep the start-up Config, so the RELOADABLE
 # keys restart_schedule_s, boot/stop_timeout_s, cycle_after_s, sizes, sample_interval_s change
 # nothing although the log says 'configuration reloaded'
@@ -118,7 +119,7 @@ async def test_sighup_reload_reaches_the_supervisor(h: Harness, tmp_path: Path) 
     assert h.supervisor.get_dyno(str(status["id"]))["spec"]["stop_timeout_s"] == 7
 
 
-# Review finding, fixed: the agent's boot/stop timeout defaults and its size table are baked
+# Before its fix: the agent's boot/stop timeout defaults and its size table are baked
 # into DynoSpec, which is the engine's identity for 'changed': once a reload takes effect, the
 # next dynos.sync with unchanged bodies replaces (stops and restarts) every dyno on the host
 async def test_same_desired_set_after_a_config_change_replaces_nothing(h: Harness) -> None:
@@ -166,7 +167,7 @@ class _FakeNetwork:
         return "swept"
 
 
-# Review finding, fixed: restore() 'leaves alone' a record whose spec no longer parses (a
+# Before its fix: restore() 'leaves alone' a record whose spec no longer parses (a
 # [sizes.X] removed from the config, a stricter validator after an upgrade), but _sweep then
 # treats its cgroup and netns as ownerless and destroys them: the running dyno is killed by an
 # agent restart

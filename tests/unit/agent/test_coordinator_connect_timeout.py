@@ -1,7 +1,6 @@
-"""Review 2 (coordinator link): the WebSocket handshake has no deadline of its own
-(CONNECT_TIMEOUT_S is defined but unused), so a coordinator that accepts TCP and never
-answers holds the link in `connecting` for aiohttp's 5-minute default instead of backing off.
-Fixed; the test keeps it so."""
+"""The coordinator link's WebSocket handshake has a deadline of its own (CONNECT_TIMEOUT_S):
+a coordinator that accepts TCP and never answers costs one failed attempt and a backoff, not
+aiohttp's 5-minute default."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import random
 from agent.coordinator import CONNECT_TIMEOUT_S, CoordinatorLink
 
 
-# Review finding, fixed: ws_connect has no handshake timeout (CONNECT_TIMEOUT_S unused): a
+# Before its fix: ws_connect has no handshake timeout (CONNECT_TIMEOUT_S unused): a
 # coordinator that accepts but never answers stalls the link for aiohttp's 300 s default instead
 # of failing and backing off
 async def test_a_silent_coordinator_fails_the_attempt_within_the_connect_timeout() -> None:
