@@ -22,7 +22,7 @@ class RequestError(LauncherError):
 class LaunchError(LauncherError):
     """Launching (or entering) a dyno failed in `phase`; `errno` is the kernel's answer or 0.
 
-    Phases: fork, cgroup, namespaces, netns, mounts, pivot, user, exec, timeout.
+    Phases: fork, cgroup, namespaces, netns, mounts, pivot, user, seccomp, exec, timeout.
     """
 
     def __init__(self, phase: str, errno: int, message: str, path: str | None = None) -> None:
@@ -45,3 +45,7 @@ class UidAllocationError(LauncherError):
         self.path = path
         self.errno = errno
         super().__init__(message if path is None else f"{message} path={path}")
+
+
+class SeccompError(LauncherError):
+    """The dyno's seccomp filter cannot be built: a malformed plan or an unsupported host."""

@@ -182,3 +182,30 @@ def open_in_root(root_fd: int, path: str, flags: int) -> int:
                             ctypes.c_size_t(ctypes.sizeof(how)))
     _check(fd, "openat2", path)
     return fd
+
+
+_SYS_SECCOMP = 317
+_SECCOMP_SET_MODE_FILTER = 1
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class BpfProgram:
+    """A classic BPF program (struct sock_filter[]) copied into C memory once, so that a
+    forked child installs it with a single syscall and allocates nothing."""
+
+    def __init__(self, code: bytes) -> None:
+        if not code or len(code) % 8 or len(code) // 8 > 0xFFFF:
+            raise ValueError(f"not a sock_filter array: {len(code)} bytes")
+        self.code = code
+        self._buffer = ctypes.create_string_buffer(code, len(code))
+        self._fprog = _SockFprog(len(code) // 8, ctypes.addressof(self._buffer))
+
+
+def seccomp_set_filter(program: BpfProgram) -> None:
+    """seccomp(SECCOMP_SET_MODE_FILTER) for the calling thread (Linux 3.17+). Needs
+    no_new_privs or CAP_SYS_ADMIN; cannot be undone, is kept across fork and execve."""
+    _check(_libc.syscall(_SYS_SECCOMP, ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+                         ctypes.c_uint(0), ctypes.byref(program._fprog)), "seccomp")

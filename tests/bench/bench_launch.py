@@ -8,7 +8,8 @@ a read-only root, /app from a slug directory (ours: overlay with a tmpfs upper; 
 read-only bind), /tmp tmpfs, uid 400001, no capabilities, RLIMIT_NOFILE 10000 and RLIMIT_CORE
 0. Ours also writes and binds its own /etc/hosts, hostname and resolv.conf (runc/crun do not).
 A sample ends when the container has exited and been reaped. Prints medians, p99 and ratios;
-asserts nothing.
+asserts nothing. Ours runs with the dyno seccomp filter (as in production) and, interleaved in
+the same run, without it: the difference is what the filter costs a launch (goal <= 0.5 ms).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.launcher import LaunchRequest, launch
+from agent.launcher import LaunchRequest, launch, seccomp
 from agent.launcher import syscalls as sc
 
 RUNS = int(os.environ.get("BENCH_LAUNCH_RUNS", "100"))
@@ -78,7 +79,8 @@ def _cgroup(name: str) -> Iterator[tuple[str, ...]]:
 
 def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
           launch_only: list[float], phases: dict[str, list[float]] | None = None,
-          idmap_slug: bool = True, own_etc: bool = True) -> Callable[[int], None]:
+          idmap_slug: bool = True, own_etc: bool = True,
+          seccomp_filter: bool = True) -> Callable[[int], None]:
     reaper = "/usr/bin/tini-static" if stack != "/" else "/usr/bin/tini"
     argv = ("/bin/true",)
 
@@ -92,7 +94,7 @@ def _ours(rootfs: Path, slug: Path, work: Path, netns: str, stack: str,
                 slug_dir=str(slug), dyno_dir=str(dyno_dir), writable_limit_bytes=64 << 20,
                 cgroup_procs=procs, netns_path=f"/run/netns/{netns}",
                 hide_paths=(str(work),), reaper=reaper, idmap_slug=idmap_slug,
-                own_etc=own_etc)
+                own_etc=own_etc, seccomp=seccomp_filter)
             t0 = time.monotonic()
             result = launch(req, 0, 1, 2)
             _, status = os.waitpid(result.pid, 0)
@@ -214,6 +216,25 @@ def _line(name: str, samples: list[float], ref: float | None) -> str:
             f"{ratio}   (n={len(samples)})")
 
 
+def _seccomp_cost(results: dict[str, list[float]], filtered: dict[str, list[float]],
+                  unfiltered: dict[str, list[float]]) -> None:
+    """What the dyno seccomp filter adds to a launch: built once per holder (timed here on
+    its own), installed by every launch child in its `user` phase, right before exec."""
+    t0 = time.perf_counter()
+    seccomp.compile_plan(seccomp.DYNO_PLAN)
+    compile_ms = (time.perf_counter() - t0) * 1000
+    total = (statistics.median(results["ours (busybox stack)"])
+             - statistics.median(results["ours (busybox, no seccomp filter)"]))
+    launch_wait = (statistics.median(results["ours: launch+wait only"])
+                   - statistics.median(results["ours, no seccomp: launch+wait only"]))
+    user = statistics.median(filtered["user"]) - statistics.median(unfiltered["user"])
+    print(f"seccomp filter cost per launch (median with - without, same run): "
+          f"whole sample {total:+.3f} ms, launch+wait {launch_wait:+.3f} ms, "
+          f"child's user phase (where it is installed) {user:+.3f} ms; "
+          f"compiling it, once per holder: {compile_ms:.3f} ms; goal <= 0.5 ms: "
+          f"{'met' if max(launch_wait, user) <= 0.5 else 'NOT met'}")
+
+
 def main() -> None:
     if os.geteuid() != 0:
         print("skipped: needs root (namespaces, cgroups, netns)")
@@ -239,10 +260,15 @@ def main() -> None:
         work.mkdir()
 
         launch_only: list[float] = []
+        launch_only_unfiltered: list[float] = []
         phases: dict[str, list[float]] = {}
+        phases_unfiltered: dict[str, list[float]] = {}
         contenders: dict[str, Callable[[int], None]] = {
             "ours (busybox stack)": _ours(rootfs, slug, work, netns, str(rootfs), launch_only,
                                           phases),
+            "ours (busybox, no seccomp filter)": _ours(rootfs, slug, work, netns, str(rootfs),
+                                                       launch_only_unfiltered,
+                                                       phases_unfiltered, seccomp_filter=False),
             "ours (busybox, slug not idmapped)": _ours(rootfs, slug, work, netns, str(rootfs),
                                                        [], idmap_slug=False),
             "ours (busybox, no own /etc files)": _ours(rootfs, slug, work, netns, str(rootfs),
@@ -266,6 +292,7 @@ def main() -> None:
             contenders["crun run (private mnt ns)"] = crun_one
         results = _time_interleaved(contenders, RUNS)
         results["ours: launch+wait only"] = launch_only[WARMUP:]
+        results["ours, no seccomp: launch+wait only"] = launch_only_unfiltered[WARMUP:]
         if crun is not None:
             results["crun run, timed inside its ns"] = crun_inner
 
@@ -277,6 +304,7 @@ def main() -> None:
         print(_line(name, samples, runc_median))
     print("ours, median per phase (ms): " + "  ".join(
         f"{phase}={statistics.median(ms):.2f}" for phase, ms in phases.items()))
+    _seccomp_cost(results, phases, phases_unfiltered)
     ours = statistics.median(results["ours (busybox stack)"])
     print(f"goal ours <= 0.5x runc median: {ours / runc_median:.2f}x "
           f"({'met' if ours <= 0.5 * runc_median else 'NOT met'})")

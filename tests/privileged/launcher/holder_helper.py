@@ -47,7 +47,7 @@ def _handle(cmd: dict[str, Any]) -> dict[str, Any]:
         fds = _stdio(cmd)
         try:
             pid = enter(cmd["pid"], cmd["argv"], cmd["env"], cmd["uid"], cmd["gid"], cmd["cwd"],
-                        *fds, tuple(cmd["cgroup_procs"]))
+                        *fds, tuple(cmd["cgroup_procs"]), seccomp=cmd.get("seccomp", True))
         finally:
             for fd in fds:
                 os.close(fd)
