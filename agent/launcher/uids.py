@@ -1,105 +1,414 @@
-"""UidAllocator: one unprivileged uid/gid per dyno id, persisted in the state dir.
+"""The host-wide uid registry: one unprivileged uid/gid per dyno, unique across every agent on
+the host, and never handed out again until its quarantine has passed and nothing of it remains
+(no process, no kernel key).
 
-A unique uid per dyno keeps per-user kernel limits (RLIMIT_NPROC, inotify, keyrings) and
-signal/ptrace permission checks from crossing dynos. The file is rewritten atomically
-(temp file, fsync, rename) under an flock, so a crash never leaves it half-written.
+A unique uid per dyno keeps per-user kernel state (RLIMIT_NPROC, inotify, keyrings) and
+signal/ptrace permission checks from crossing dynos; that holds only if the uid is unique on
+the whole host, not per agent, and if a freed uid is not given to the next tenant while
+something of the last one (a user keyring with its keys, a lingering process) still exists.
+
+One file under /run, shared by every agent, rewritten atomically (temp file, rename) under an
+flock. It lives for one boot, as the processes and keys it accounts for do: /run is normally
+a tmpfs, and a registry written under another boot id is ignored where it is not. Its path is
+fixed (not a config key) in production: an agent pointed at a registry of its own would break
+the guarantee for everyone; tests pass a path of their own.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import stat
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from agent.launcher.errors import UidAllocationError
 
+log = logging.getLogger(__name__)
+
+# The same range for every agent: uniqueness comes from the registry, not from the range.
 DEFAULT_FIRST = 400000
 DEFAULT_LAST = 465535
-FILE_NAME = "uids.json"
+DEFAULT_QUARANTINE_S = 600.0
+REGISTRY_PATH = "/run/dynoagent-uids/registry.json"
+FORMAT_VERSION = 1
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+# What the per-agent allocator of earlier versions left in the state dir.
+LEGACY_DIR_NAME = "uids"
+LEGACY_FILES = ("uids.json", "uids.json.lock")
 
+# Which uids in [first, last] still own something on the host (a process, a kernel key).
+Remnants = Callable[[int, int], frozenset[int]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One uid the registry knows: held by `owner`'s dyno `dyno`, or freed by it and kept out
+    of use until `free_at` (seconds of CLOCK_BOOTTIME)."""
+
+    owner: str  # the realpath of the owning agent's state_dir
+    dyno: str
+    free_at: float | None = None  # None: in use
+
+    @property
+    def in_use(self) -> bool:
+        return self.free_at is None
+
+
+@dataclass(frozen=True)
+class Table:
+    """The registry's content. `next_uid` makes allocation go round the range instead of
+    taking the lowest free uid, so a uid comes back into use as late as possible."""
+
+    boot_id: str
+    next_uid: int
+    entries: Mapping[int, Entry]
+
+
+# -- the pure part: what a registry looks like after each operation ----------------------------
+
+def parse(raw: bytes, first: int, last: int) -> Table:
+    """The table in `raw`; ValueError says what is wrong with it."""
+    data = json.loads(raw)
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"not a version {FORMAT_VERSION} uid registry")
+    boot_id, next_uid, entries = data.get("boot_id"), data.get("next_uid"), data.get("uids")
+    if not isinstance(boot_id, str) or not isinstance(next_uid, int) or \
+            isinstance(next_uid, bool) or not isinstance(entries, dict):
+        raise ValueError("boot_id, next_uid or uids missing or of the wrong type")
+    table: dict[int, Entry] = {}
+    for key, value in entries.items():
+        # [owner, dyno, free_at]: a list, not an object, because the whole registry is read
+        # and rewritten on every allocation.
+        if not key.isdigit() or not isinstance(value, list) or len(value) != 3:
+            raise ValueError(f"bad entry {key!r}: {value!r}")
+        owner, dyno, free_at = value
+        if not isinstance(owner, str) or not isinstance(dyno, str) or not (
+                free_at is None or (isinstance(free_at, (int, float))
+                                    and not isinstance(free_at, bool))):
+            raise ValueError(f"bad entry {key!r}: {value!r}")
+        table[int(key)] = Entry(owner, dyno, None if free_at is None else float(free_at))
+    return Table(boot_id, next_uid if first <= next_uid <= last else first, table)
+
+
+def dump(table: Table) -> bytes:
+    entries = {str(uid): [e.owner, e.dyno, e.free_at] for uid, e in sorted(table.entries.items())}
+    return json.dumps({"version": FORMAT_VERSION, "boot_id": table.boot_id,
+                       "next_uid": table.next_uid, "uids": entries},
+                      separators=(",", ":")).encode()
+
+
+def collect(table: Table, now: float, quarantine_s: float,
+            owner_alive: Callable[[str], bool]) -> Table:
+    """Free what no live agent owns (its state_dir is gone: a removed agent, a test's temp
+    dir) — into quarantine, like any freed uid — and forget entries whose quarantine is over:
+    from then on only the remnants probe decides, as for a uid never used."""
+    alive: dict[str, bool] = {}
+
+    def live(owner: str) -> bool:
+        if owner not in alive:
+            alive[owner] = owner_alive(owner)
+        return alive[owner]
+
+    entries: dict[int, Entry] = {}
+    for uid, entry in table.entries.items():
+        if entry.in_use and not live(entry.owner):
+            entries[uid] = replace(entry, free_at=now + quarantine_s)
+        elif entry.free_at is None or entry.free_at > now:
+            entries[uid] = entry
+    return replace(table, entries=entries)
+
+
+def held_by(table: Table, owner: str, dyno: str) -> int | None:
+    return next((uid for uid, e in table.entries.items()
+                 if e.in_use and e.owner == owner and e.dyno == dyno), None)
+
+
+def choose(table: Table, first: int, last: int, remnants: Callable[[], frozenset[int]]) -> int:
+    """The first uid from the cursor on (going round) that the registry does not hold or
+    quarantine and that owns nothing on the host."""
+    left: frozenset[int] = frozenset()
+    probed = False
+    size = last - first + 1
+    start = table.next_uid - first
+    for step in range(size):
+        uid = first + (start + step) % size
+        if uid in table.entries:
+            continue
+        if not probed:
+            # One scan per allocation, and only once a candidate is found.
+            left, probed = remnants(), True
+        if uid not in left:
+            return uid
+    in_use = sum(1 for e in table.entries.values() if e.in_use)
+    raise UidAllocationError(
+        f"uid range {first}-{last} exhausted: {in_use} in use, "
+        f"{len(table.entries) - in_use} in quarantine, {len(left)} still owning processes "
+        f"or keys")
+
+
+def take(table: Table, uid: int, owner: str, dyno: str, first: int, last: int) -> Table:
+    entries = {**table.entries, uid: Entry(owner, dyno)}
+    return replace(table, entries=entries, next_uid=uid + 1 if uid < last else first)
+
+
+def free(table: Table, owner: str, dynos: Callable[[str, int], bool], now: float,
+         quarantine_s: float) -> Table:
+    """Put `owner`'s uids in use for which `dynos(dyno, uid)` holds into quarantine."""
+    entries = {uid: replace(e, free_at=now + quarantine_s)
+               if e.in_use and e.owner == owner and dynos(e.dyno, uid) else e
+               for uid, e in table.entries.items()}
+    return replace(table, entries=entries)
+
+
+# -- what remains of a uid on the host --------------------------------------------------------
+
+def host_remnants(first: int, last: int, proc: str = "/proc") -> frozenset[int]:
+    """The uids in [first, last] that own a kernel key or a process.
+
+    /proc/key-users lists every uid that owns a key (a user keyring outlives the user's last
+    process; since Linux 5.3 it stays in the user namespace's keyring register until revoked
+    or invalidated). A process counts under any of its real, effective, saved and fs uids —
+    read from /proc/PID/status, not the owner of /proc/PID, which is root for a
+    non-dumpable process. Threads share the process's uids unless one with CAP_SETUID changed
+    its own, which no dyno process has.
+    """
+    found: set[int] = set()
+    # A kernel without CONFIG_KEYS has no key-users file, and no keys at all.
+    with suppress(FileNotFoundError), open(f"{proc}/key-users", "rb") as f:
+        for line in f:
+            head = line.split(b":", 1)[0].strip()
+            if head.isdigit() and first <= int(head) <= last:
+                found.add(int(head))
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"{proc}/{name}/status", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # exited meanwhile
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        at = data.find(b"\nUid:")
+        if at < 0:
+            continue
+        end = data.find(b"\n", at + 5)
+        for field in data[at + 5:end].split():
+            uid = int(field)
+            if first <= uid <= last:
+                found.add(uid)
+    return frozenset(found)
+
+
+def boottime() -> float:
+    """Seconds since boot, the same for every process on the host: the registry lives for one
+    boot, and the wall clock may jump."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def current_boot_id() -> str:
+    try:
+        return Path(BOOT_ID_PATH).read_text().strip()
+    except OSError:
+        return ""
+
+
+def forget_legacy_table(state_dir: str) -> None:
+    """Remove the per-agent uids.json of earlier versions: the dyno records already say which
+    uid each placed dyno has, and the registry now holds the host-wide fact."""
+    legacy = os.path.join(state_dir, LEGACY_DIR_NAME)
+    for name in LEGACY_FILES:
+        with suppress(FileNotFoundError):
+            os.unlink(os.path.join(legacy, name))
+    with suppress(FileNotFoundError, OSError):
+        os.rmdir(legacy)
+
+
+# -- the registry file ------------------------------------------------------------------------
 
 class UidAllocator:
-    def __init__(self, state_dir: str, first: int = DEFAULT_FIRST,
-                 last: int = DEFAULT_LAST) -> None:
+    """One agent's view of the host-wide registry: it allocates, looks up and frees the uids
+    of its own dynos, and never touches an entry of another live agent."""
+
+    def __init__(self, state_dir: str, *, quarantine_s: float = DEFAULT_QUARANTINE_S,
+                 path: str = REGISTRY_PATH, first: int = DEFAULT_FIRST,
+                 last: int = DEFAULT_LAST, clock: Callable[[], float] = boottime,
+                 remnants: Remnants = host_remnants,
+                 owner_alive: Callable[[str], bool] = os.path.isdir,
+                 boot_id: str | None = None) -> None:
         if not 0 < first <= last:
             raise UidAllocationError(f"bad uid range {first}-{last}")
+        if not quarantine_s >= 0:
+            raise UidAllocationError(f"bad uid quarantine {quarantine_s!r}")
         self.first = first
         self.last = last
-        self.path = os.path.join(state_dir, FILE_NAME)
-        self._lock_path = self.path + ".lock"
+        self.quarantine_s = quarantine_s
+        self.path = path
+        self._lock_path = os.path.join(os.path.dirname(path), "registry.lock")
+        self._clock = clock
+        self._remnants = remnants
+        self._owner_alive = owner_alive
+        self.boot_id = current_boot_id() if boot_id is None else boot_id
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.owner = os.path.realpath(state_dir)
+        self._check_dir()
+
+    def _check_dir(self) -> None:
+        """The registry's directory is root's alone: whoever could write there could hand
+        every agent's uids to anyone."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            st = os.lstat(directory)
+        except OSError as e:
+            raise UidAllocationError(f"cannot create the uid registry's directory: "
+                                     f"{e.strerror}", directory, e.errno) from e
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise UidAllocationError("the uid registry's directory must be a directory of "
+                                     "this user, writable by no one else", directory)
 
     def allocate(self, dyno_id: str) -> tuple[int, int]:
-        """(uid, gid) of `dyno_id`, allocating the lowest free one on first use."""
+        """(uid, gid) of `dyno_id`: the one it holds, or a fresh one."""
         with self._locked():
             table = self._load()
-            if dyno_id in table:
-                return table[dyno_id], table[dyno_id]
-            used = set(table.values())
-            uid = next((u for u in range(self.first, self.last + 1) if u not in used), None)
-            if uid is None:
-                raise UidAllocationError(
-                    f"uid range {self.first}-{self.last} exhausted ({len(used)} dynos)",
-                    self.path)
-            table[dyno_id] = uid
-            self._store(table)
+            uid = held_by(table, self.owner, dyno_id)
+            if uid is not None:
+                return uid, uid
+            collected = collect(table, self._clock(), self.quarantine_s, self._owner_alive)
+            try:
+                uid = choose(collected, self.first, self.last,
+                             lambda: self._remnants(self.first, self.last))
+            except UidAllocationError:
+                if collected != table:
+                    # What was collected stays so: a stale owner's quarantine starts once.
+                    self._store(collected)
+                raise
+            self._store(take(collected, uid, self.owner, dyno_id, self.first, self.last))
             return uid, uid
 
     def lookup(self, dyno_id: str) -> tuple[int, int] | None:
-        uid = self._load().get(dyno_id)
+        with self._locked():
+            uid = held_by(self._load(), self.owner, dyno_id)
         return None if uid is None else (uid, uid)
 
     def release(self, dyno_id: str) -> None:
-        """Forget the dyno's uid (no-op when it has none); the uid may be reused later."""
+        """Free the dyno's uid (no-op when it holds none): nobody gets it within the
+        quarantine, nor while anything of it remains."""
         with self._locked():
             table = self._load()
-            if table.pop(dyno_id, None) is not None:
-                self._store(table)
+            if held_by(table, self.owner, dyno_id) is None:
+                return
+            self._store(free(table, self.owner, lambda dyno, _uid: dyno == dyno_id,
+                             self._clock(), self.quarantine_s))
 
     def allocations(self) -> dict[str, int]:
-        return self._load()
+        """This agent's dynos and the uids they hold."""
+        with self._locked():
+            table = self._load()
+        return {e.dyno: uid for uid, e in table.entries.items()
+                if e.in_use and e.owner == self.owner}
+
+    def reconcile(self, held: Mapping[str, int]) -> dict[str, int]:
+        """At agent start, square the registry with the dyno records: `held` maps each placed
+        dyno to the uid its record names. This agent's other entries are freed (dynos it no
+        longer has, or an allocation whose record was never written). A dyno keeps its uid
+        when the registry has it for that dyno, or has no entry for it (after a reboot, or
+        on the first start with a registry); a uid the registry gives to someone else is
+        replaced by a fresh one. Returns {dyno: new uid} for the dynos whose uid changed."""
+        with self._locked():
+            now = self._clock()
+            table = collect(self._load(), now, self.quarantine_s, self._owner_alive)
+            table = free(table, self.owner, lambda dyno, uid: held.get(dyno) != uid, now,
+                         self.quarantine_s)
+            moved: dict[str, int] = {}
+            left: frozenset[int] | None = None
+
+            def probe() -> frozenset[int]:
+                nonlocal left
+                if left is None:
+                    left = self._remnants(self.first, self.last)
+                return left
+
+            homeless = []
+            for dyno, uid in sorted(held.items()):
+                entry = table.entries.get(uid)
+                mine = entry is not None and entry.owner == self.owner and entry.dyno == dyno
+                if mine or (entry is None and self.first <= uid <= self.last):
+                    # The record proves the uid was this dyno's; anything of it that remains
+                    # is the dyno's own (its process runs on across an agent restart).
+                    entries = {**table.entries, uid: Entry(self.owner, dyno)}
+                    table = replace(table, entries=entries)
+                else:
+                    homeless.append(dyno)
+            # Only once every recorded uid is claimed: a fresh one must not be one of them.
+            for dyno in homeless:
+                fresh = choose(table, self.first, self.last, probe)
+                table = take(table, fresh, self.owner, dyno, self.first, self.last)
+                moved[dyno] = fresh
+            self._store(table)
+            return moved
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise UidAllocationError(f"cannot open the uid registry's lock: {e.strerror}",
+                                     self._lock_path, e.errno) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
-    def _load(self) -> dict[str, int]:
+    def _load(self) -> Table:
         try:
-            with open(self.path, encoding="utf-8") as f:
-                raw = json.load(f)
+            with open(self.path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            raise UidAllocationError(f"unreadable uid table: {e}", self.path,
-                                     getattr(e, "errno", None)) from e
-        if not isinstance(raw, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) for k, v in raw.items()):
-            raise UidAllocationError("uid table is not a {dyno_id: uid} map", self.path)
-        return raw
+            return Table(self.boot_id, self.first, {})
+        except OSError as e:
+            raise UidAllocationError(f"unreadable uid registry: {e.strerror}", self.path,
+                                     e.errno) from e
+        try:
+            table = parse(raw, self.first, self.last)
+        except ValueError as e:
+            # Never reset: every agent's uids are in it. A human removes it, knowing that.
+            raise UidAllocationError(f"corrupt uid registry ({e}); remove it only when no "
+                                     f"dyno runs on this host", self.path) from e
+        if table.boot_id != self.boot_id:
+            # A registry from an earlier boot (a /run that is not a tmpfs): nothing of its
+            # uids survived the reboot.
+            log.warning("uid registry %s is from an earlier boot; starting afresh", self.path)
+            return Table(self.boot_id, self.first, {})
+        return table
 
-    def _store(self, table: dict[str, int]) -> None:
+    def _store(self, table: Table) -> None:
         tmp = f"{self.path}.tmp.{os.getpid()}"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(table, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.fsync(dir_fd)
+                data = dump(table)
+                while data:
+                    data = data[os.write(fd, data):]
+                # No fsync: the rename keeps a crashed writer from leaving half a registry,
+                # and after a power loss the registry is of an earlier boot, hence ignored.
             finally:
-                os.close(dir_fd)
+                os.close(fd)
+            os.replace(tmp, self.path)
         except OSError as e:
-            raise UidAllocationError(f"cannot write uid table: {e.strerror}", self.path,
+            raise UidAllocationError(f"cannot write the uid registry: {e.strerror}", self.path,
                                      e.errno) from e
         finally:
-            if os.path.exists(tmp):
+            with suppress(FileNotFoundError):
                 os.unlink(tmp)
+

@@ -71,7 +71,7 @@ def request_factory(tmp_path: Path,
         dyno_dir = tmp_path / name / "dyno"
         slug.mkdir(parents=True)
         dyno_dir.mkdir()
-        uid = 400000 + secrets.randbelow(60000)
+        uid = 600000 + secrets.randbelow(60000)  # above every agent's range
         return {"dyno_id": name, "hostname": f"{name}-host",
                 "argv": ["/bin/sh", "-c", command],
                 "env": [["PATH", "/usr/local/bin:/usr/bin:/bin"], ["HOME", "/app"]],

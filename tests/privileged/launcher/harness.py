@@ -135,7 +135,7 @@ def make_dyno(tmp_path: Path, cgroups: Cgroups) -> Any:
         for rel, text in (slug_files or {"Procfile": "web: true\n"}).items():
             (slug / rel).parent.mkdir(parents=True, exist_ok=True)
             (slug / rel).write_text(text)
-        uid = 400000 + secrets.randbelow(60000)
+        uid = 600000 + secrets.randbelow(60000)  # above every agent's range
         req: dict[str, Any] = {
             "dyno_id": name, "hostname": f"{name}-host", "argv": ["/bin/sh", "-c", command],
             "env": [["PATH", "/usr/local/bin:/usr/bin:/bin"], ["HOME", "/app"]],
