@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import signal as signal_mod
-import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final, Protocol, TypeVar, cast
 
@@ -49,7 +48,7 @@ from agent.errors import (
 )
 from agent.events import EventFollower
 from agent.logs import Follower, LogHub, LogLine
-from agent.peercred import is_allowed, peer_credentials
+from agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +288,7 @@ class _Streams:
 
 
 _OPERATIONS = web.AppKey("operations", _Operations)
+_PEER_UID = web.RequestKey("peer_uid", int)
 _STREAMS = web.AppKey("streams", _Streams)
 
 
@@ -338,19 +338,35 @@ def _snapshot_event(status: dict[str, Any]) -> dict[str, Any]:
 
 # -- middlewares ----------------------------------------------------------------------------
 
-def _make_middlewares(backend: Backend) -> list[Any]:
+PeerReader = Callable[[web.Request], PeerCred]
+
+
+def transport_peer(request: web.Request) -> PeerCred:
+    """The credentials of the process on the other end of the request's Unix socket.
+
+    asyncio's transports hand out a TransportSocket (not a socket.socket), which reads
+    SO_PEERCRED all the same; anything else (no socket, TCP) raises PeerCredError.
+    """
+    transport = request.transport
+    return peer_credentials(transport.get_extra_info("socket") if transport is not None
+                            else None)
+
+
+def _make_middlewares(backend: Backend, peer_of: PeerReader) -> list[Any]:
     @web.middleware
     async def peer_check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
-            cred = peer_credentials(sock)
-            if not is_allowed(cred, backend.socket_gid):
-                log.warning("operator request refused", extra={"PEER_UID": cred.uid,
-                                                                "PEER_PID": cred.pid})
-                return error_response(Forbidden(
-                    f"uid {cred.uid} is neither root nor in the socket's group"))
-            request["peer_uid"] = cred.uid
+        # Every route, /metrics included: fail closed when the peer cannot be identified.
+        try:
+            cred = peer_of(request)
+        except PeerCredError as exc:
+            log.warning("operator request refused: %s", exc)
+            return error_response(Forbidden(f"the peer cannot be identified: {exc.strerror}"))
+        if not is_allowed(cred, backend.socket_gid):
+            log.warning("operator request refused", extra={"PEER_UID": cred.uid,
+                                                            "PEER_PID": cred.pid})
+            return error_response(Forbidden(
+                f"uid {cred.uid} is neither root nor in the socket's group"))
+        request[_PEER_UID] = cred.uid
         return await handler(request)
 
     @web.middleware
@@ -396,11 +412,14 @@ def _check_slug_path_allowed(body: dict[str, Any], peer_uid: int) -> None:
                         "give release.slug.url and sha256")
 
 
-def build_app(backend: Backend) -> web.Application:
+def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.Application:
+    """The operator API over `backend`. `peer_of` identifies a request's peer (the seam for
+    tests served over TCP); it raises PeerCredError when it cannot, and the request is
+    refused."""
     # handler_cancellation: a follow stream that is waiting for the next line learns that its
     # client left only through the cancellation of its handler (a GET has no body whose EOF
     # could tell it). Lifecycle calls are shielded from that by _Operations.
-    app = web.Application(middlewares=_make_middlewares(backend),
+    app = web.Application(middlewares=_make_middlewares(backend, peer_of),
                           handler_args={"handler_cancellation": True})
     operations = app[_OPERATIONS] = _Operations()
     streams = app[_STREAMS] = _Streams()
@@ -425,7 +444,7 @@ def build_app(backend: Backend) -> web.Application:
     async def create_dyno(request: web.Request) -> web.Response:
         _Query(request, frozenset())
         body = await _json_object(request)
-        _check_slug_path_allowed(body, request.get("peer_uid", 0))
+        _check_slug_path_allowed(body, request[_PEER_UID])
         status = await operations.run(backend.create_dyno(body),
                                       f"api-create-{str(body.get('id') or 'new')[:64]}")
         return json_response(status, status=201)

@@ -1,6 +1,8 @@
-"""Idmapped slug mounts: the slug (extracted as root, shared by every dyno of a release)
-appears owned by the dyno's own uid, so the app may modify /app like on Heroku while each
-dyno's changes stay in its private overlay upper layer."""
+"""Idmapped slug mounts: the files of the slug directory's owner (root for a slug extracted
+into the cache, shared by every dyno of a release; the developer for `dynoagent up`'s app
+directory) appear owned by the dyno's own uid, so the app may modify /app like on Heroku while
+each dyno's changes stay in its private overlay upper layer. Files of anyone else appear
+owned by the overflow uid (nobody): only the owner's files become the dyno's."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ _libc.clone.restype = ctypes.c_int
 _dying: list[tuple[int, ctypes.Array[ctypes.c_char]]] = []
 
 
-def userns_mapping_root_to(uid: int, gid: int) -> int:
-    """An fd on a new user namespace that maps 0 -> uid and 0 -> gid, and nothing else.
+def userns_mapping(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
+    """An fd on a new user namespace that maps owner_uid -> uid and owner_gid -> gid, and
+    nothing else (an idmapped mount shows on-disk id N as the id N maps to here).
 
     Call it in the holder (whose /proc matches its pid namespace), not in the launch child.
     A user namespace needs a process to be born in: we clone one with CLONE_VM that only
@@ -43,9 +46,9 @@ def userns_mapping_root_to(uid: int, gid: int) -> int:
         raise OSError(err, f"clone(CLONE_NEWUSER): {os.strerror(err)}")
     try:
         proc = f"/proc/{pid}"
-        _write(f"{proc}/uid_map", f"0 {uid} 1\n")
+        _write(f"{proc}/uid_map", f"{owner_uid} {uid} 1\n")
         _write(f"{proc}/setgroups", "deny\n")
-        _write(f"{proc}/gid_map", f"0 {gid} 1\n")
+        _write(f"{proc}/gid_map", f"{owner_gid} {gid} 1\n")
         return os.open(f"{proc}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.kill(pid, signal.SIGKILL)

@@ -242,7 +242,9 @@ def test_named_stack_with_static_reaper(holder: Holder, make_dyno: Any, tmp_path
 
 
 @pytest.mark.parametrize(("override", "phase", "errno"), [
-    ({"slug_dir": "/nonexistent/dtslug"}, "mounts", 2),
+    # The idmapped slug's owner is read before the fork; without idmapping, the mount fails.
+    ({"slug_dir": "/nonexistent/dtslug"}, "prepare", 2),
+    ({"slug_dir": "/nonexistent/dtslug", "idmap_slug": False}, "mounts", 2),
     ({"cgroup_procs": ["/sys/fs/cgroup/pids/dt-no-such-group/cgroup.procs"]}, "cgroup", 2),
     ({"netns_path": "/run/netns/dt-no-such-netns"}, "netns", 2),
     ({"reaper": "/nonexistent/tini"}, "exec", 2),

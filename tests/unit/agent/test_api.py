@@ -19,10 +19,16 @@ from agent.api import Backend, build_app, signal_name
 from agent.errors import AgentError, BadRequest, Conflict, InvalidSpec, NotFound
 from agent.events import EventBus, EventFollower
 from agent.logs import LogHub, LogLine
+from agent.peercred import PeerCred
 from tests.support.wait import async_wait_for
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
 Client = TestClient[Any, Any]
+
+
+def as_root(_request: Any) -> PeerCred:
+    """These tests serve over TCP, where no peer credentials exist: the peer is root."""
+    return PeerCred(pid=1, uid=0, gid=0)
 
 
 def make_status(dyno_id: str, app: str, name: str, *, state: str = "up",
@@ -153,7 +159,7 @@ def backend() -> FakeBackend:
 
 @pytest.fixture
 async def client(backend: FakeBackend) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(build_app(backend))) as c:
+    async with TestClient(TestServer(build_app(backend, peer_of=as_root))) as c:
         yield c
 
 
@@ -427,7 +433,7 @@ async def test_hub_close_ends_the_stream_cleanly(client: Client, backend: FakeBa
 
 
 async def test_shutdown_ends_open_streams(backend: FakeBackend) -> None:
-    async with TestClient(TestServer(build_app(backend))) as c:
+    async with TestClient(TestServer(build_app(backend, peer_of=as_root))) as c:
         logs = await c.get("/v1/logs", params={"follow": "1"})
         events = await c.get("/v1/events", params={"follow": "1"})
         await async_wait_for(_async(lambda: backend.hub.followers == 1), 5)

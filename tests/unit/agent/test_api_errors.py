@@ -22,8 +22,12 @@ class FakeBackend:
 
 @pytest.fixture
 async def client() -> Any:
-    async with TestClient(TestServer(build_app(FakeBackend()))) as c:
+    async with TestClient(TestServer(build_app(FakeBackend(), peer_of=as_root))) as c:
         yield c
+
+
+def as_root(_request: Any) -> PeerCred:
+    return PeerCred(pid=1, uid=0, gid=0)
 
 
 async def test_info(client: TestClient[Any, Any]) -> None:
@@ -59,6 +63,37 @@ def test_peer_rules() -> None:
     assert not is_allowed(PeerCred(1, 54321, 54321), None)
     assert is_allowed(PeerCred(1, 54321, 777), 777)
     assert not is_allowed(PeerCred(1, 54321, 778), 777)
+    # A supplementary group the peer held when it connected counts like its primary group.
+    assert is_allowed(PeerCred(1, 54321, 778, (5, 777)), 777)
+    assert not is_allowed(PeerCred(1, 54321, 778, (5, 776)), 777)
+
+
+ROUTES = [("GET", "/v1/info"), ("GET", "/v1/dynos"), ("POST", "/v1/dynos"),
+          ("GET", "/v1/logs"), ("GET", "/v1/events"), ("GET", "/metrics"),
+          ("DELETE", "/v1/dynos/web.1"), ("GET", "/no/such/route")]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+async def test_a_peer_outside_the_group_is_refused_on_every_route(method: str,
+                                                                   path: str) -> None:
+    def stranger(_request: Any) -> PeerCred:
+        return PeerCred(pid=1, uid=54321, gid=54321, groups=(100,))
+
+    async with TestClient(TestServer(build_app(FakeBackend(), peer_of=stranger))) as c:
+        resp = await c.request(method, path, json={})
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+async def test_a_peer_that_cannot_be_identified_is_refused(method: str, path: str) -> None:
+    # The default reader over TCP: there are no peer credentials, so nobody is let in.
+    async with TestClient(TestServer(build_app(FakeBackend()))) as c:
+        resp = await c.request(method, path, json={})
+        assert resp.status == 403
+        body = await resp.json()
+        assert body["error"]["code"] == "forbidden"
+        assert "cannot be identified" in body["error"]["message"]
 
 
 def test_local_slug_paths_are_for_root_only() -> None:
