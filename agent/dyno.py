@@ -100,6 +100,8 @@ class Dyno:
         self._task: asyncio.Task[None] | None = None
         self._up_mono: float | None = None
         self._last_r14: float | None = None
+        # The kernel's OOM-kill count of the dyno's cgroup, as its watch last reported it.
+        self._oom_kills: int | None = None
         self.deleted = asyncio.Event()
 
     # -- what the owner calls ----------------------------------------------------------------
@@ -261,7 +263,24 @@ class Dyno:
         return await self._supervise(adopted=False)
 
     async def _supervise(self, adopted: bool) -> ExitInfo:
-        """Watch the running process until it has exited and its cgroup is empty."""
+        """Watch the running process until it has exited and its cgroup is empty, hearing of
+        the kernel's OOM kills as they happen (an event from the cgroup, not a sample)."""
+        placement = self.record.placement
+        assert placement is not None
+        self._oom_kills = None
+
+        def on_oom_kill(count: int) -> None:
+            self._oom_kills = count
+            self._wakeup.set()
+
+        watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
+        try:
+            return await self._watch_process(adopted)
+        finally:
+            if watch is not None:
+                watch.close()
+
+    async def _watch_process(self, adopted: bool) -> ExitInfo:
         placement = self.record.placement
         pid = self.record.pid
         assert placement is not None and pid is not None
@@ -280,6 +299,10 @@ class Dyno:
         # time and the OOM-kill count from before it ran (an OOM kill while no agent watched
         # is still an OOM kill), and its time up for the crash-count reset.
         oom_base = record.oom_base if record.oom_base is not None else oom_now
+        if self._oom_kills is None or oom_now > self._oom_kills:
+            self._oom_kills = oom_now
+        # Set once R15 has been said: it is said once, and the exit is then reported as 137.
+        r15 = False
         started = clock() - max(0.0, wall - record.launched_at)
         if adopted and self.state is DynoState.UP:
             up_s = 0.0 if record.up_since is None else max(0.0, wall - record.up_since)
@@ -342,6 +365,20 @@ class Dyno:
                     self.record.desired = "running"
                     intent = Intent.RESTART
                 continue
+            if not r15 and (self._oom_kills or 0) > oom_base:
+                # The kernel OOM-killed a process at the kill point. On v2 memory.oom.group
+                # took the whole dyno already; on a v1 hierarchy only the victim died and the
+                # rest would run on, so the whole dyno is killed here, as Heroku's R15 does.
+                self._say(*self._oom_kill_decision(placement, self._oom_kills, oom_base).lines)
+                r15 = True
+                if stop_started is None:
+                    kill_now(Intent.OOM)
+                else:
+                    # A stop, restart or cycle under way keeps its outcome; only its grace
+                    # period ends.
+                    stop_steps = len(plan)
+                    self.runtime.kill(placement)
+                continue
             now = clock()
             if boot_pending and stop_started is None:
                 if await self.runtime.accepting(placement.ip, DEFAULT_PORT):
@@ -354,8 +391,11 @@ class Dyno:
                 next_probe = clock() + BOOT_PROBE_INTERVAL_S
             if now >= next_sample:
                 next_sample = now + self.timing.sample_interval_s
-                if self._sample(placement, now) and stop_started is None:
+                if self._sample(placement, now) and stop_started is None and not r15:
+                    r15 = True
                     kill_now(Intent.OOM)
+                elif not r15 and (self._oom_kills or 0) > oom_base:
+                    continue  # a kill the watch did not report: R15 at the top of the loop
             if now >= cycle_at and stop_started is None and self.state is DynoState.UP:
                 self._say(logs.cycling())
                 self._transition(DynoState.STARTING, Reason.CYCLING)
@@ -392,9 +432,14 @@ class Dyno:
             self.runtime.kill(placement)
             await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
         stats = self.runtime.stats(placement)
-        oom_killed = stats is not None and (stats.oom_kill_events or 0) > oom_base
-        if oom_killed and intent is not Intent.OOM:
-            self._say(logs.r15_memory_quota_vastly_exceeded(), logs.stopping_process_sigkill())
+        final_kills = stats.oom_kill_events if stats is not None else None
+        if not r15 and (final_kills or 0) > oom_base:
+            # PID 1 itself was the victim (or the whole group, on v2) and its exit came in
+            # before the OOM event: the same lines, still before the exit status.
+            self._say(*self._oom_kill_decision(placement, final_kills, oom_base).lines)
+            r15 = True
+        oom_killed = r15
+        exit_status = policy.reported_exit_status(exit_status, r15=r15)
         up_for = None if self._up_mono is None else clock() - self._up_mono
         self._up_mono = None
         self.record.pid = None
@@ -405,6 +450,14 @@ class Dyno:
             if not future.done():
                 future.set_result(None)
         return ExitInfo(exit_status, intent, oom_killed, up_for)
+
+    def _oom_kill_decision(self, placement: Placement, oom_kills: int | None,
+                           oom_base: int) -> policy.MemoryDecision:
+        stats = self.runtime.stats(placement)
+        return policy.oom_kill_check(
+            oom_kills=oom_kills, oom_base=oom_base,
+            quota_bytes=self.spec.size.memory_quota_bytes, kill_at=self.spec.size.kill_at,
+            peak_bytes=stats.memory_peak_bytes if stats is not None else None)
 
     def _mark_up(self) -> None:
         self._up_mono = time.monotonic()
@@ -417,6 +470,10 @@ class Dyno:
         self.last_stats = stats
         if stats is None:
             return False
+        # The sample also reads the kernel's OOM-kill count: a safety net should the watch
+        # have missed a kill (or been unavailable).
+        if stats.oom_kill_events is not None and stats.oom_kill_events > (self._oom_kills or 0):
+            self._oom_kills = stats.oom_kill_events
         rss = stats.memory_rss_bytes if stats.memory_rss_bytes is not None else (
             stats.memory_current_bytes or 0)
         swap = stats.memory_swap_bytes or 0

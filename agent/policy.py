@@ -247,6 +247,35 @@ def memory_check(*, quota_bytes: int, kill_at: float, usage_bytes: int,
     return MemoryDecision(MemoryVerdict.OK, usage_bytes, quota_bytes, ())
 
 
+def oom_kill_check(*, oom_kills: int | None, oom_base: int, quota_bytes: int, kill_at: float,
+                   peak_bytes: int | None) -> MemoryDecision:
+    """R15 once the kernel has OOM-killed any process of the dyno since it started.
+
+    The cgroup's memory limit is the kill point, so a kernel OOM kill there is the kill point
+    reached, whichever process was the victim. On Heroku R15 ends the dyno; the kernel kills
+    only one process on a v1 hierarchy (there is no memory.oom.group), so the caller must kill
+    the whole dyno. `oom_kills` is the kernel's counter now (None: unknown), `oom_base` its
+    value when the process started. Usage is reported as the group's peak (the moment of the
+    kill; the victim's memory is already freed), or the kill point when the kernel has no peak.
+    """
+    if quota_bytes <= 0:
+        raise PolicyError("memory_quota_bytes", quota_bytes, "must be positive")
+    if oom_kills is None or oom_kills <= oom_base:
+        return MemoryDecision(MemoryVerdict.OK, 0, quota_bytes, ())
+    usage = peak_bytes if peak_bytes else int(quota_bytes * kill_at)
+    return MemoryDecision(MemoryVerdict.R15, usage, quota_bytes,
+                          (logs.process_running_mem(usage, quota_bytes),
+                           logs.r15_memory_quota_vastly_exceeded(),
+                           logs.stopping_process_sigkill()))
+
+
+def reported_exit_status(exit_status: int, *, r15: bool) -> int:
+    """The status printed and stored for an exit. After R15 it is always 137, as on Heroku:
+    the dyno was ended with SIGKILL, even if its PID 1 managed to exit on its own (say,
+    with 0 after its OOM-killed child) before the kill reached it."""
+    return EXIT_SIGKILL if r15 else exit_status
+
+
 # --- cycling ---------------------------------------------------------------------------------
 
 def cycle_deadline(up_since: float, rng: random.Random, base_s: float = CYCLE_BASE_S,

@@ -22,9 +22,24 @@ PIDS_MAX_LIMIT = 4 * 1024 * 1024
 # above 100x is indistinguishable from "never" on any real host, so both are mistakes.
 KILL_AT_MIN = 1.0
 KILL_AT_MAX = 100.0
+# Open files per process (RLIMIT_NOFILE, soft = hard). Below 64 a shell and its dynamic
+# loader run short; above fs.nr_open's default (1048576) setrlimit fails. The launcher
+# checks the same bounds (agent.launcher.request), which this module may not import.
+NOFILE_MIN = 64
+NOFILE_MAX = 1 << 20
+# Shared sizes: the Linux default soft limit, which software is written to live with. With
+# Heroku's 256 processes of a 1x dyno that is at most 262,144 open files per dyno (10.6% of
+# the file table, fs.file-max, of a 24 GiB host; 2x: 524,288, 21%), where 10,000 per process
+# let one dyno fill the whole table (issue 11). README "Sizes" explains the figures.
+NOFILE_SHARED = 1024
+# Performance sizes keep Heroku's 10,000: with 16,384 or 32,768 processes no useful
+# per-process figure keeps the total under the table; only their memory bounds it (every
+# open file is charged to the dyno's memory cgroup, about 275 bytes), so they belong on a
+# host of their own or one whose fs.file-max is raised, as systemd does at boot.
+NOFILE_PERFORMANCE = 10_000
 
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,29}")
-_OVERRIDE_KEYS = ("memory_mb", "pids_max", "cpu_weight", "cpu_max", "kill_at")
+_OVERRIDE_KEYS = ("memory_mb", "pids_max", "cpu_weight", "cpu_max", "kill_at", "nofile")
 # Display words that Heroku spells in capitals although they contain no digit.
 _ACRONYMS = frozenset({"ram"})
 
@@ -46,6 +61,7 @@ class Size:
     `cpu_max_cpus` is a hard cap in CPUs' worth (cpu.max quota/period), None for no cap:
     shared sizes compete by weight, performance sizes get a dedicated-style cap.
     `kill_at` is the R15 kill point as a multiple of `memory_quota_bytes`.
+    `nofile` is the open files each process may hold (RLIMIT_NOFILE, soft = hard).
     """
 
     name: str
@@ -54,6 +70,7 @@ class Size:
     cpu_weight: int
     cpu_max_cpus: float | None
     kill_at: float
+    nofile: int = NOFILE_SHARED
 
     @property
     def display_name(self) -> str:
@@ -62,6 +79,14 @@ class Size:
     @property
     def kill_at_bytes(self) -> int:
         return int(self.memory_quota_bytes * self.kill_at)
+
+    @property
+    def fd_budget(self) -> int:
+        """The most open files a dyno of this size can hold through its descriptors: every
+        process it may have, each at its limit. (Descriptors in flight over Unix sockets
+        add at most `nofile` more: the kernel caps them per user, and each dyno has its
+        own.) Its memory bounds it too: the kernel charges each open file to the dyno."""
+        return self.nofile * self.pids_max
 
 
 def display_name(name: str) -> str:
@@ -76,13 +101,14 @@ def display_name(name: str) -> str:
 
 
 def _shared(name: str, memory_mib: int, pids_max: int, cpu_weight: int) -> Size:
-    return Size(name, memory_mib * MIB, pids_max, cpu_weight, None, 2.0)
+    return Size(name, memory_mib * MIB, pids_max, cpu_weight, None, 2.0, NOFILE_SHARED)
 
 
 def _dedicated(name: str, memory_mib: int, pids_max: int, cpus: float) -> Size:
     # Weight in proportion to the CPUs' worth, so that under contention with shared dynos
     # (weight 100 per 1x) a performance dyno still receives what its cap promises.
-    return Size(name, memory_mib * MIB, pids_max, int(100 * cpus), cpus, 2.0)
+    return Size(name, memory_mib * MIB, pids_max, int(100 * cpus), cpus, 2.0,
+                NOFILE_PERFORMANCE)
 
 
 # Heroku's published figures (DESIGN §5, reference/heroku.md §2).
@@ -143,6 +169,8 @@ def _apply(key: str, base: Size, table: Mapping[Any, Any]) -> Size:
             changes["cpu_max_cpus"] = _cpu_max(path, value)
         elif field == "kill_at":
             changes["kill_at"] = _number(path, value, KILL_AT_MIN, KILL_AT_MAX)
+        elif field == "nofile":
+            changes["nofile"] = _int(path, value, NOFILE_MIN, NOFILE_MAX)
         else:
             raise SizeError(path, f"unknown key; known keys: {', '.join(_OVERRIDE_KEYS)}", field)
     return replace(base, **changes)
@@ -153,7 +181,8 @@ def apply_overrides(defaults: Mapping[str, Size],
     """Return `defaults` with the config's `[sizes.NAME]` tables applied.
 
     An existing size takes only the keys given; a new size must give `memory_mb` and
-    `pids_max` and defaults to weight 100, no CPU cap and a kill point of 2x the quota.
+    `pids_max` and defaults to weight 100, no CPU cap, a kill point of 2x the quota and
+    1024 open files per process.
     """
     sizes = dict(defaults)
     for name, fields in table.items():
@@ -167,6 +196,6 @@ def apply_overrides(defaults: Mapping[str, Size],
             for required in ("memory_mb", "pids_max"):
                 if required not in fields:
                     raise SizeError(f"{key}.{required}", "is required for a new size")
-            base = Size(name, 0, 0, 100, None, 2.0)
+            base = Size(name, 0, 0, 100, None, 2.0, NOFILE_SHARED)
         sizes[name] = _apply(key, base, fields)
     return sizes

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from cgroups.discovery import Hierarchy, Layout
 from cgroups.errors import (
@@ -20,7 +21,7 @@ from cgroups.errors import (
 )
 from cgroups.fs import normalise
 from cgroups.limits import Limits, Mode, plan_writes
-from cgroups.notify import EventKind, GroupWatch
+from cgroups.notify import EventKind, GroupEvent, GroupWatch
 from cgroups.stats import (
     PRESSURE_FILES,
     V1_FILES,
@@ -278,6 +279,7 @@ class Group:
 
     # -- notifications ------------------------------------------------------------------------
 
-    def watch(self) -> GroupWatch:
-        """Async notifications for this group; use as `async with group.watch() as w:`."""
-        return GroupWatch(self)
+    def watch(self, on_event: Callable[[GroupEvent], None] | None = None) -> GroupWatch:
+        """Async notifications for this group; use as `async with group.watch() as w:`.
+        `on_event` is called with each event as well (see GroupWatch)."""
+        return GroupWatch(self, on_event=on_event)

@@ -15,6 +15,7 @@ import errno
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -77,11 +78,15 @@ class GroupWatch:
     """Notifications of one group, queued for `next()` / `wait_for()` on the running loop.
 
     Counters are compared with the values read when the watch started, so only changes from
-    then on are reported. The queue keeps the newest `max_queued` events.
+    then on are reported. The queue keeps the newest `max_queued` events. `on_event`, if
+    given, is also called with each event as it is queued (on the loop, from the kernel's
+    wake-up), for a caller that reacts to events without a task of its own waiting on them.
     """
 
-    def __init__(self, group: Group, max_queued: int = 256) -> None:
+    def __init__(self, group: Group, max_queued: int = 256,
+                 on_event: Callable[[GroupEvent], None] | None = None) -> None:
         self.group = group
+        self._on_event = on_event
         self._queue: collections.deque[GroupEvent] = collections.deque(maxlen=max_queued)
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -267,9 +272,12 @@ class GroupWatch:
         return {"oom_kill": control.get("oom_kill", 0)}
 
     def _emit(self, kind: EventKind, count: int) -> None:
-        self._queue.append(self._event(kind, count))
+        event = self._event(kind, count)
+        self._queue.append(event)
         if self._wakeup is not None:
             self._wakeup.set()
+        if self._on_event is not None:
+            self._on_event(event)
 
     def _event(self, kind: EventKind, count: int) -> GroupEvent:
         return GroupEvent(kind, self.group.rel, count, self.counters.get("oom_kill", 0),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.runtime import dyno_limits
+from agent.sizes import Size
 from cgroups import (
     CgroupFS,
     EventKind,
@@ -192,6 +194,64 @@ def test_remove_refuses_a_populated_group_and_attach_reaches_every_hierarchy(
         assert group.exists()
     finally:
         _reap(proc)
+    group.remove(timeout_s=5)
+
+
+async def test_oom_kill_of_a_child_takes_the_group_on_v2_and_only_the_child_on_v1(
+        tree: Tree) -> None:
+    """What the kernel does when a process that is not the group's first one is the hog: on
+    v2 memory.oom.group (set by the limits plan) ends every process of the group; a v1
+    hierarchy has no such file and kills only the victim, which is why the agent kills the
+    rest of a dyno itself when it hears of the kill (tests/e2e/test_memory_kill.py)."""
+    group = tree.create_group("app-t.slice/oomgroup.scope", Limits(memory_max_bytes=64 * MiB))
+    parent = ("import subprocess, sys, time\n"
+              "hog = subprocess.Popen([sys.executable, '-c', 'b = bytearray(256 << 20)\\n"
+              "for i in range(0, len(b), 4096): b[i] = 1\\n'])\n"
+              "print(hog.wait(), flush=True)\n"
+              "time.sleep(60)\n")
+    async with group.watch() as watch:
+        proc = spawn(group, [PY, "-c", parent], stdout=subprocess.PIPE)
+        try:
+            await watch.wait_for(EventKind.OOM_KILL, timeout_s=30)
+            if tree.layout.mode is Mode.V2:
+                status = await asyncio.to_thread(proc.wait, 10)
+                assert status == -signal.SIGKILL, "the small parent died with its child"
+                await watch.wait_for(EventKind.EMPTY, timeout_s=10)
+            else:
+                assert proc.stdout is not None
+                line = await asyncio.to_thread(proc.stdout.readline)
+                assert line.strip() == str(-signal.SIGKILL).encode(), line
+                assert proc.poll() is None, "v1 killed only the hog; its parent runs on"
+                assert group.populated()
+        finally:
+            _reap(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+    group.remove(timeout_s=5)
+
+
+async def test_a_dyno_past_its_quota_reaches_the_kill_point_and_is_killed(tree: Tree) -> None:
+    """The limits the agent gives a dyno (agent.runtime.dyno_limits; here a 32 MiB quota,
+    killed at 2x): a hog that goes on allocating must reach the kill point and be OOM-killed
+    promptly, in every mode. Over the quota a dyno runs on (R14); at the kill point it ends
+    (R15); it must never be held in between. (With memory.high at the quota, v2 throttled
+    such a hog for the whole 60 s without killing it: there is no swap to reclaim into.)"""
+    size = Size("t", 32 * MiB, 64, 100, None, 2.0)
+    group = tree.create_group("app-t.slice/oomhigh.scope", dyno_limits(size, tree.layout.mode))
+    hog = ("b = bytearray(256 << 20)\n"
+           "for i in range(0, len(b), 4096): b[i] = 1\n")
+    async with group.watch() as watch:
+        started = time.monotonic()
+        proc = spawn(group, [PY, "-c", hog])
+        try:
+            status = await asyncio.to_thread(proc.wait, 60)
+            took_s = time.monotonic() - started
+            await watch.wait_for(EventKind.OOM_KILL, timeout_s=5)
+        finally:
+            _reap(proc)
+    print(f"hog OOM-killed after {took_s:.2f} s (mode {tree.layout.mode.value})")
+    assert status == -signal.SIGKILL
+    assert group.stats().memory_limit_bytes == 64 * MiB
     group.remove(timeout_s=5)
 
 

@@ -10,7 +10,7 @@ import json
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ class FakeRuntime:
     concurrent: int = 0
     max_concurrent: int = 0
     procs: dict[str, Proc] = field(default_factory=dict)
+    oom_watchers: dict[str, Callable[[int], None]] = field(default_factory=dict)
     _pids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
 
     async def place(self, spec: DynoSpec) -> Placement:
@@ -99,6 +100,25 @@ class FakeRuntime:
         event = ExitEvent(dyno_id, "launch", proc.pid, status, None, time.time())
         asyncio.get_running_loop().call_soon(self.supervisor.on_holder_event, event)
 
+    def oom_kill_child(self, dyno_id: str, *, notify: bool = True,
+                       peak_bytes: int | None = 128 * MIB) -> None:
+        """The kernel OOM-kills a process of the dyno that is not its PID 1 (a v1 hierarchy
+        has no memory.oom.group): the counter moves, the watch hears of it unless `notify`
+        is False, and PID 1 runs on."""
+        stats = self.stats_value or cgroups.Stats()
+        count = (stats.oom_kill_events or 0) + 1
+        self.stats_value = cgroups.Stats(memory_rss_bytes=stats.memory_rss_bytes,
+                                         memory_peak_bytes=peak_bytes, oom_kill_events=count)
+        watcher = self.oom_watchers.get(dyno_id)
+        if notify and watcher is not None:
+            asyncio.get_running_loop().call_soon(watcher, count)
+
+    def watch_oom_kills(self, placement: Placement,
+                        on_kill: Callable[[int], None]) -> _Unwatch:
+        dyno_id = self._id_of(placement)
+        self.oom_watchers[dyno_id] = on_kill
+        return _Unwatch(lambda: self.oom_watchers.pop(dyno_id, None))
+
     def _id_of(self, placement: Placement) -> str:
         return placement.netns.removeprefix("dyno-")
 
@@ -135,6 +155,19 @@ class FakeRuntime:
     def pid_alive(self, pid: int, start_time: int) -> bool:
         return (pid, start_time) in self.alive
 
+    def seccomp_mode(self, pid: int, start_time: int) -> int | None:
+        # As the launcher leaves every dyno's PID 1: filtered while it runs.
+        running = any(p.pid == pid and not p.exited for p in self.procs.values())
+        return 2 if running else None
+
+
+@dataclass
+class _Unwatch:
+    undo: Callable[[], object]
+
+    def close(self) -> None:
+        self.undo()
+
 
 SIZES = apply_overrides(DEFAULT_SIZES, {"tiny": {"memory_mb": 64, "pids_max": 64,
                                                  "kill_at": 2}})
@@ -143,7 +176,9 @@ SIZES = apply_overrides(DEFAULT_SIZES, {"tiny": {"memory_mb": 64, "pids_max": 64
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     settings: dict[str, Any] = {"state_dir": tmp_path / "state", "run_dir": tmp_path / "run",
                                 "restart_schedule_s": (COOL_OFF_S, 2 * COOL_OFF_S),
-                                "stop_timeout_s": 1.0, "boot_timeout_s": 1.0, "sizes": SIZES}
+                                "stop_timeout_s": 1.0, "boot_timeout_s": 1.0, "sizes": SIZES,
+                                # The fake runtime mounts nothing: any slug path will do.
+                                "slug_roots": (Path("/"),)}
     settings.update(overrides)
     return Config(**settings)
 
@@ -374,6 +409,95 @@ async def test_kernel_oom_kill_is_reported_as_r15_and_oom(h: Harness) -> None:
                           "State changed from up to crashed"]
 
 
+def _agent_texts(h: Harness, name: str) -> list[str]:
+    """The agent's lines about a dyno including `Process running mem=`, without metrics."""
+    return [line.text for line in h.hub.tail(dyno=name)
+            if line.source == "agent" and not METRICS.match(line.text)]
+
+
+R15_THEN_137 = ["Error R15 (Memory quota vastly exceeded)", "Stopping process with SIGKILL",
+                "Process exited with status 137", "State changed from up to crashed"]
+
+
+async def test_oom_kill_of_a_child_kills_the_whole_dyno_with_r15_then_137(h: Harness) -> None:
+    dyno_id = await h.create("worker.1", size="tiny")
+    await h.state(dyno_id, "up")
+    # Only a child dies; PID 1 would run on if the agent did not end the dyno.
+    h.runtime.oom_kill_child(dyno_id)
+    crashed = await h.event(dyno_id, "crashed")
+    assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
+    assert h.runtime.kills == 1
+    texts = _agent_texts(h, "worker.1")
+    r15 = texts.index(R15_THEN_137[0])
+    # The peak (128 MiB) is the kill point of the 64 MiB quota.
+    assert texts[r15 - 1:r15 + 4] == ["Process running mem=128M(200.0%)", *R15_THEN_137]
+    assert texts.count(R15_THEN_137[0]) == 1
+    # The watch of that run is closed; the restart (the first crash restarts at once) has
+    # its own.
+    await h.until(lambda: len(h.runtime.launches) == 2, what="restarted")
+
+
+async def test_pid1_exiting_0_after_an_unheard_oom_kill_still_reports_r15_and_137(
+        h: Harness) -> None:
+    dyno_id = await h.create("worker.1", size="tiny")
+    await h.state(dyno_id, "up")
+    # The exit arrives before the OOM event does: the counter read at the exit decides.
+    h.runtime.oom_kill_child(dyno_id, notify=False, peak_bytes=None)
+    h.runtime.exit(dyno_id, 0)
+    crashed = await h.event(dyno_id, "crashed")
+    assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
+    texts = _agent_texts(h, "worker.1")
+    r15 = texts.index(R15_THEN_137[0])
+    # Without a peak from the kernel, the kill point is what was reached.
+    assert texts[r15 - 1:r15 + 4] == ["Process running mem=128M(200.0%)", *R15_THEN_137]
+    assert "Process exited with status 0" not in texts
+
+
+async def test_an_oom_kill_the_watch_missed_is_caught_by_the_next_sample(
+        tmp_path: Path) -> None:
+    h = await _harness(tmp_path, sample_interval_s=SAMPLE_S)
+    try:
+        dyno_id = await h.create("worker.1", size="tiny")
+        await h.state(dyno_id, "up")
+        h.runtime.oom_kill_child(dyno_id, notify=False)
+        crashed = await h.event(dyno_id, "crashed", timeout_s=1.0)
+        assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
+        lines = h.lines("worker.1")
+        r15 = lines.index(R15_THEN_137[0])
+        assert lines[r15:r15 + 4] == R15_THEN_137
+    finally:
+        await h.supervisor.detach_all()
+
+
+async def test_oom_kill_during_a_stop_ends_it_at_once_and_it_stays_a_stop(h: Harness) -> None:
+    h.runtime.ignores_term = True
+    dyno_id = await h.create("worker.1", size="tiny")
+    await h.state(dyno_id, "up")
+    stopping = asyncio.ensure_future(h.supervisor.stop_dyno(dyno_id))
+    await h.until(lambda: h.runtime.signals, what="SIGTERM sent")
+    started = time.monotonic()
+    h.runtime.oom_kill_child(dyno_id)
+    status = await stopping
+    # Well before the 1 s stop timeout: no R12, the R15 kill ended it.
+    assert time.monotonic() - started < 0.5
+    assert (status["state"], status["exit_status"], status["reason"]) == ("down", 137,
+                                                                          "stopped")
+    lines = h.lines("worker.1")
+    assert not any(line.startswith("Error R12") for line in lines)
+    assert lines[-4:] == ["Error R15 (Memory quota vastly exceeded)",
+                          "Stopping process with SIGKILL", "Process exited with status 137",
+                          "State changed from up to down"]
+
+
+async def test_oom_watch_is_closed_once_the_process_is_gone(h: Harness) -> None:
+    dyno_id = await h.create("run.1", restart="never")
+    await h.state(dyno_id, "up")
+    assert dyno_id in h.runtime.oom_watchers
+    h.runtime.exit(dyno_id, 0)
+    await h.state(dyno_id, "complete")
+    assert dyno_id not in h.runtime.oom_watchers
+
+
 async def test_cycling_says_cycling_and_restarts(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("agent.supervisor.CYCLE_JITTER_S", 0.0)
@@ -595,6 +719,23 @@ async def test_oom_kill_while_no_agent_watched_is_still_oom(tmp_path: Path) -> N
         h.runtime.stats_value = cgroups.Stats(oom_kill_events=1)
         crashed = await h.event(dyno_id, "crashed")
         assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
+    finally:
+        await h.supervisor.detach_all()
+
+
+async def test_child_oom_killed_while_no_agent_watched_ends_the_adopted_dyno(
+        tmp_path: Path) -> None:
+    h, dyno_id, _pid = await _adopt_with(tmp_path, "worker.1", True, None)
+    try:
+        # The kill happened before this agent's watch began: the counter is past the base
+        # the record kept, and PID 1 still runs.
+        h.runtime.stats_value = cgroups.Stats(oom_kill_events=1)
+        crashed = await h.event(dyno_id, "crashed")
+        assert (crashed["reason"], crashed["exit_status"]) == ("oom", 137)
+        assert h.runtime.kills == 1
+        lines = h.lines("worker.1")
+        r15 = lines.index(R15_THEN_137[0])
+        assert lines[r15:r15 + 4] == R15_THEN_137
     finally:
         await h.supervisor.detach_all()
 

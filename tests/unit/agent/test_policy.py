@@ -31,6 +31,8 @@ from agent.policy import (
     memory_check,
     memory_usage_bytes,
     needs_port_check,
+    oom_kill_check,
+    reported_exit_status,
     stop_next,
     stop_plan,
 )
@@ -255,6 +257,42 @@ def test_memory_check_refuses_bad_parameters(quota: int, kill_at: float) -> None
 
 def test_usage_excludes_cache() -> None:
     assert memory_usage_bytes(rss_bytes=100, swap_bytes=20) == 120
+
+
+R15_LINES = ("Error R15 (Memory quota vastly exceeded)", "Stopping process with SIGKILL")
+
+
+@pytest.mark.parametrize(("oom_kills", "oom_base", "peak", "expected"), [
+    (None, 0, None, None),  # counter unknown: nothing to say
+    (0, 0, 1024 * MIB, None),
+    (3, 3, 1024 * MIB, None),  # kills from before this process started are not its own
+    (4, 3, 1024 * MIB, "Process running mem=1024M(200.0%)"),
+    (1, 0, 1029 * MIB, "Process running mem=1029M(201.0%)"),  # Heroku's own example
+    (1, 0, None, "Process running mem=1024M(200.0%)"),  # no peak: the kill point was reached
+    (1, 0, 0, "Process running mem=1024M(200.0%)"),
+])
+def test_kernel_oom_kill_is_r15_with_the_usage_at_the_kill(
+        oom_kills: int | None, oom_base: int, peak: int | None, expected: str | None) -> None:
+    d = oom_kill_check(oom_kills=oom_kills, oom_base=oom_base, quota_bytes=QUOTA, kill_at=2.0,
+                       peak_bytes=peak)
+    if expected is None:
+        assert (d.verdict, d.lines) == (MemoryVerdict.OK, ())
+    else:
+        assert d.verdict is MemoryVerdict.R15
+        assert d.lines == (expected, *R15_LINES)
+
+
+def test_kernel_oom_kill_refuses_a_bad_quota() -> None:
+    with pytest.raises(PolicyError):
+        oom_kill_check(oom_kills=1, oom_base=0, quota_bytes=0, kill_at=2.0, peak_bytes=None)
+
+
+@pytest.mark.parametrize(("status", "r15", "expected"), [
+    (0, True, 137), (1, True, 137), (137, True, 137), (143, True, 137),
+    (0, False, 0), (3, False, 3), (143, False, 143),
+])
+def test_after_r15_the_exit_is_always_137(status: int, r15: bool, expected: int) -> None:
+    assert reported_exit_status(status, r15=r15) == expected == (EXIT_SIGKILL if r15 else status)
 
 
 # --- cycling --------------------------------------------------------------------------------

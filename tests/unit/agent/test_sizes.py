@@ -6,22 +6,63 @@ from typing import Any
 
 import pytest
 
-from agent.sizes import DEFAULT_SIZES, MIB, Size, SizeError, apply_overrides, display_name
+from agent.launcher.request import MAX_NOFILE, MIN_NOFILE
+from agent.sizes import (
+    DEFAULT_SIZES,
+    MIB,
+    NOFILE_MAX,
+    NOFILE_MIN,
+    Size,
+    SizeError,
+    apply_overrides,
+    display_name,
+)
+
+# The file table (fs.file-max) of the reference host the README's shares are given for: 24
+# GiB of RAM (the kernel's default is about RAM / 10 KiB), this project's machines.
+REFERENCE_FILE_MAX = 2_466_116
 
 
-@pytest.mark.parametrize(("name", "memory_mib", "pids", "weight", "cpus"), [
-    ("eco", 512, 256, 100, None),
-    ("basic", 512, 256, 100, None),
-    ("standard-1x", 512, 256, 100, None),
-    ("standard-2x", 1024, 512, 200, None),
-    ("performance-m", 2560, 16384, 200, 2.0),
-    ("performance-l", 14336, 32768, 800, 8.0),
+@pytest.mark.parametrize(("name", "memory_mib", "pids", "weight", "cpus", "nofile"), [
+    ("eco", 512, 256, 100, None, 1024),
+    ("basic", 512, 256, 100, None, 1024),
+    ("standard-1x", 512, 256, 100, None, 1024),
+    ("standard-2x", 1024, 512, 200, None, 1024),
+    ("performance-m", 2560, 16384, 200, 2.0, 10000),
+    ("performance-l", 14336, 32768, 800, 8.0, 10000),
 ])
 def test_default_table_is_herokus(name: str, memory_mib: int, pids: int, weight: int,
-                                  cpus: float | None) -> None:
+                                  cpus: float | None, nofile: int) -> None:
     size = DEFAULT_SIZES[name]
-    assert size == Size(name, memory_mib * MIB, pids, weight, cpus, 2.0)
+    assert size == Size(name, memory_mib * MIB, pids, weight, cpus, 2.0, nofile)
     assert size.kill_at_bytes == 2 * memory_mib * MIB
+    assert size.fd_budget == nofile * pids
+
+
+@pytest.mark.parametrize(("name", "budget", "share"), [
+    ("eco", 262_144, 0.106), ("basic", 262_144, 0.106), ("standard-1x", 262_144, 0.106),
+    ("standard-2x", 524_288, 0.213),
+])
+def test_no_shared_dyno_can_hold_more_than_a_quarter_of_the_file_table(
+        name: str, budget: int, share: float) -> None:
+    # The figures README's Sizes table gives; before issue 11 a 1x dyno could hold
+    # 256 x 10,000 = 2.56 M open files, more than the whole table.
+    size = DEFAULT_SIZES[name]
+    assert size.fd_budget == budget
+    assert round(budget / REFERENCE_FILE_MAX, 3) == share <= 0.25
+
+
+def test_nofile_bounds_are_the_launchers() -> None:
+    assert (NOFILE_MIN, NOFILE_MAX) == (MIN_NOFILE, MAX_NOFILE)
+
+
+def test_nofile_override() -> None:
+    sizes = apply_overrides(DEFAULT_SIZES, {"standard-1x": {"nofile": 4096},
+                                            "fdtest": {"memory_mb": 64, "pids_max": 8}})
+    assert sizes["standard-1x"].nofile == 4096
+    assert sizes["standard-1x"].fd_budget == 4096 * 256
+    assert sizes["fdtest"].nofile == 1024  # a new size starts from the shared figure
+    assert DEFAULT_SIZES["standard-1x"].nofile == 1024
 
 
 def test_defaults_cannot_be_mutated() -> None:
@@ -72,6 +113,11 @@ def test_new_size_and_cpu_cap_removal() -> None:
     ({"eco": {"cpu_max": float("nan")}}, "sizes.eco.cpu_max"),
     ({"eco": {"kill_at": 0.5}}, "sizes.eco.kill_at"),
     ({"eco": {"kill_at": float("inf")}}, "sizes.eco.kill_at"),
+    ({"eco": {"nofile": 63}}, "sizes.eco.nofile"),
+    ({"eco": {"nofile": (1 << 20) + 1}}, "sizes.eco.nofile"),
+    ({"eco": {"nofile": "1024"}}, "sizes.eco.nofile"),
+    ({"eco": {"nofile": 1024.0}}, "sizes.eco.nofile"),
+    ({"eco": {"nofile": True}}, "sizes.eco.nofile"),
     ({"eco": []}, "sizes.eco"),
     ({"Big": {"memory_mb": 1, "pids_max": 1}}, "sizes.Big"),
     ({"new": {"pids_max": 10}}, "sizes.new.memory_mb"),

@@ -119,6 +119,17 @@ async def test_hybrid_oom_then_kill_counter_seen_by_follow_up(hybrid_host: FakeH
         assert kill.count == 1 and kill.oom_kill_events == 1
 
 
+async def test_on_event_hears_each_event_as_it_is_queued(hybrid_host: FakeHost) -> None:
+    g = _group(hybrid_host)
+    heard: list[tuple[EventKind, int]] = []
+    async with g.watch(on_event=lambda e: heard.append((e.kind, e.count))) as w:
+        os.eventfd_write(w._eventfd, 1)
+        hybrid_host.set("memory", g.rel, "memory.oom_control",
+                        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+        await w.wait_for(EventKind.OOM_KILL, timeout_s=2)
+    assert heard == [(EventKind.OOM, 1), (EventKind.OOM_KILL, 1)]
+
+
 async def test_hybrid_eventfd_on_removal_reports_removed(hybrid_host: FakeHost) -> None:
     g = _group(hybrid_host)
     async with g.watch() as w:
