@@ -1,10 +1,16 @@
-"""The attach socket: `dynoctl run` and `dynoctl exec` hand the agent their own stdin, stdout
-and stderr (SCM_RIGHTS) with a JSON request, and get back the exit status of what ran.
+"""The attach socket: `dynoctl run` and `dynoctl exec` start a command and relay its stdio.
 
-Wire format: the client sends one JSON object ending in "\\n" in the same sendmsg as its fds
-(three, or none for a detached run); the agent answers JSON lines: `{"event": "started", ...}`
-then `{"event": "exit", "status": N}`, or `{"error": {"code": ..., "message": ...}}`.
-Closing the connection early stops what was started.
+No fd of the caller ever enters a dyno (a process of the dyno could take it with pidfd_getfd
+and keep the operator's terminal): the command gets its own pipes, or its own pty made in the
+dyno when the caller has a terminal, and the agent relays bytes, window size and signals.
+
+Wire format: the client sends one JSON object ending in "\\n" and no fds: {"v": 2, "op":
+"run"|"exec", ..., "tty": bool, "window": [rows, columns], "detached": bool (run)}. From then
+on both directions carry the frames of `agent.attachwire`: the agent sends control frames
+({"event": "started", ...}, {"event": "exit", "status": N} or {"error": {"code", "message"}}),
+stdout and stderr data and stdin credit; the caller sends stdin within that credit, stdin EOF,
+window sizes and signals. A request without "v": 2, or with fds (an older dynoctl), gets one
+JSON error line. Closing the connection early stops what was started.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,13 +28,17 @@ import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import cgroups
+from agent import attachwire as wire
 from agent import errors
 from agent.events import EventBus, EventFollower
 from agent.holder import ExitEvent, HolderClient, HolderError
-from agent.peercred import is_allowed, peer_credentials
+from agent.peercred import PeerCredError, is_allowed, peer_credentials
+from agent.relay import Pipes, Relay, close_all, pty_ends
 from agent.runtime import HostRuntime, Launch
 from agent.sizes import DEFAULT_SIZE
 from agent.spec import DEFAULT_PORT, ENV_KEY, DynoSpec, dyno_env
@@ -42,6 +53,7 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_UNCLAIMED_EXITS = 1024
 # Variables of the caller's terminal that a one-off or entered command gets.
 TERMINAL_ENV = frozenset({"TERM", "COLUMNS", "LINES", "COLORTERM"})
+DEFAULT_WINDOW = (24, 80)
 
 
 def attach_path(socket_path: Path) -> Path:
@@ -59,31 +71,53 @@ def _close_all(fds: tuple[int, ...] | list[int]) -> None:
             os.close(fd)
 
 
+@dataclass
+class OneOffStdio:
+    """What the launch of an attached one-off takes from its session: the dyno's ends of the
+    session's pipes, or the size of a pty to make in the dyno, whose master the launch puts
+    in `master` for the session."""
+
+    pipes: tuple[int, int, int] | None = None
+    tty: tuple[int, int] | None = None
+    master: asyncio.Future[int] | None = None
+
+
 class StdioRegistry:
-    """Caller fds waiting for the launch of their one-off dyno; owns them until taken."""
+    """The stdio of one-off dynos waiting for their launch; owns the pipe ends until taken."""
 
     def __init__(self) -> None:
-        self._fds: dict[str, tuple[int, int, int]] = {}
+        self._entries: dict[str, OneOffStdio] = {}
 
-    def put(self, dyno_id: str, fds: tuple[int, int, int]) -> None:
+    def put_pipes(self, dyno_id: str, fds: tuple[int, int, int]) -> None:
         self.discard(dyno_id)
-        self._fds[dyno_id] = fds
+        self._entries[dyno_id] = OneOffStdio(pipes=fds)
 
-    def take(self, dyno_id: str) -> tuple[int, int, int] | None:
-        return self._fds.pop(dyno_id, None)
+    def put_tty(self, dyno_id: str, rows: int, cols: int) -> asyncio.Future[int]:
+        self.discard(dyno_id)
+        master: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._entries[dyno_id] = OneOffStdio(tty=(rows, cols), master=master)
+        return master
+
+    def take(self, dyno_id: str) -> OneOffStdio | None:
+        return self._entries.pop(dyno_id, None)
 
     def discard(self, dyno_id: str) -> None:
-        fds = self._fds.pop(dyno_id, None)
-        if fds is not None:
-            _close_all(fds)
+        entry = self._entries.pop(dyno_id, None)
+        if entry is None:
+            return
+        if entry.pipes is not None:
+            _close_all(entry.pipes)
+        if entry.master is not None:
+            entry.master.cancel()
 
     def __contains__(self, dyno_id: object) -> bool:
-        return dyno_id in self._fds
+        return dyno_id in self._entries
 
 
 class _StdioHolder:
-    """The holder client as HostRuntime sees it: launches of a dyno with registered caller
-    fds pass them on (so the dyno writes to the caller's terminal); the rest is unchanged."""
+    """The holder client as HostRuntime sees it: the launch of an attached one-off gets the
+    session's pipes or a pty of its own (whose master goes to the session); the rest is
+    unchanged."""
 
     def __init__(self, client: HolderClient, registry: StdioRegistry) -> None:
         self._client = client
@@ -91,13 +125,23 @@ class _StdioHolder:
 
     async def launch(self, request: Any, **kwargs: Any) -> Any:
         dyno_id = getattr(request, "dyno_id", None)
-        stdio = self._registry.take(dyno_id) if isinstance(dyno_id, str) else None
-        if stdio is None:
+        entry = self._registry.take(dyno_id) if isinstance(dyno_id, str) else None
+        if entry is None:
             return await self._client.launch(request, **kwargs)
+        if entry.tty is not None:
+            launched = await self._client.launch(request, tty=entry.tty, **kwargs)
+            master = launched.tty_master
+            if master is not None:
+                if entry.master is not None and not entry.master.done():
+                    entry.master.set_result(master)
+                else:
+                    os.close(master)  # the session has gone
+            return dataclasses.replace(launched, tty_master=None)
         try:
-            return await self._client.launch(request, stdio=stdio, **kwargs)
+            return await self._client.launch(request, stdio=entry.pipes, **kwargs)
         finally:
-            _close_all(stdio)  # the holder has its own copies now
+            if entry.pipes is not None:
+                _close_all(entry.pipes)  # the holder has its own copies now
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -180,37 +224,9 @@ async def _readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
-FORWARDED_SIGNALS = frozenset({"INT"})
-
-
-async def _until_caller_leaves(sock: socket.socket,
-                               on_signal: Callable[[signal.Signals], None]) -> None:
-    """Read the caller's control lines until it goes away (EOF or error). `{"signal": "INT"}`
-    is its Ctrl-C, delivered to the command as a terminal would (Heroku forwards it too)."""
-    pending = b""
-    while True:
-        await _readable(sock)
-        try:
-            chunk = sock.recv(4096)
-        except BlockingIOError:
-            continue
-        except OSError:
-            return
-        if not chunk:
-            return
-        pending += chunk
-        while b"\n" in pending:
-            line, _, pending = pending.partition(b"\n")
-            with contextlib.suppress(ValueError, AttributeError):
-                name = json.loads(line).get("signal")
-                if name in FORWARDED_SIGNALS:
-                    on_signal(signal.Signals[f"SIG{name}"])
-        if len(pending) > MAX_REQUEST_BYTES:
-            return
-
-
-async def _receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """The JSON request line and the fds that came with it (the caller owns the fds)."""
+async def _receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int], bytes]:
+    """The JSON request line, the fds that came with it (the caller owns them: they are
+    refused) and the bytes that followed the line (the client's first frames)."""
     data = b""
     fds: list[int] = []
     space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -239,15 +255,53 @@ async def _receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[in
     except BaseException:
         _close_all(fds)
         raise
+    line, _, rest = data.partition(b"\n")
     try:
-        request = json.loads(data.partition(b"\n")[0])
+        request = json.loads(line)
     except ValueError as exc:
         _close_all(fds)
         raise errors.BadRequest(f"request is not JSON: {exc}") from None
     if not isinstance(request, dict):
         _close_all(fds)
         raise errors.BadRequest("request must be a JSON object")
-    return request, fds
+    return request, fds, rest
+
+
+def _kill_session(pids: list[int], sid: int) -> None:
+    """SIGKILL the processes among `pids` (a dyno's) whose session is `sid`. A session id is
+    not given to a new process while any member lives, and each process is pinned by a pidfd
+    before its session is read, so this hits nobody else."""
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(b")") + 2:].split()[3]) == sid:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+        finally:
+            os.close(pidfd)
+
+
+def _stdio_mode(request: dict[str, Any]) -> tuple[int, int] | None:
+    """The (rows, columns) of the pty the caller wants, or None for pipes."""
+    tty = request.get("tty", False)
+    if not isinstance(tty, bool):
+        raise errors.BadRequest("tty must be true or false")
+    if not tty:
+        return None
+    window = request.get("window")
+    if window is None:
+        return DEFAULT_WINDOW
+    if (not isinstance(window, list) or len(window) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFF
+                       for v in window)):
+        raise errors.BadRequest("window must be [rows, columns], each 0..65535")
+    return window[0], window[1]
 
 
 def _terminal_env(value: Any) -> dict[str, str]:
@@ -327,40 +381,54 @@ class AttachServer:
             conn.setblocking(False)
             self._spawn(self._session(conn), f"attach-session-{conn.fileno()}")
 
-    async def _send(self, conn: socket.socket, message: dict[str, Any]) -> None:
-        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    async def _send(self, conn: socket.socket, message: dict[str, Any], framed: bool) -> None:
+        """A message before the relay runs: a control frame, or for an older client (which
+        is refused) a JSON line it can read."""
+        data = (wire.control(message) if framed
+                else (json.dumps(message, separators=(",", ":")) + "\n").encode())
         with contextlib.suppress(OSError):
             await asyncio.get_running_loop().sock_sendall(conn, data)
 
     async def _session(self, conn: socket.socket) -> None:
         fds: list[int] = []
+        framed = False
         try:
-            cred = peer_credentials(conn)
+            try:
+                cred = peer_credentials(conn)
+            except PeerCredError as exc:
+                raise errors.Forbidden(f"the peer cannot be identified: {exc.strerror}") \
+                    from None
             if not is_allowed(cred, self.socket_gid):
                 raise errors.Forbidden(f"uid {cred.uid} is neither root nor in the socket's "
                                        "group")
-            request, fds = await _receive_request(conn)
+            request, fds, rest = await _receive_request(conn)
+            framed = request.get("v") == wire.VERSION
+            if fds:
+                # Whatever they are, they never go near a dyno.
+                _close_all(fds)
+                fds = []
+                raise errors.BadRequest("the attach socket takes no file descriptors: the "
+                                        "agent relays the command's stdio (update dynoctl)")
+            if not framed:
+                raise errors.BadRequest(f"attach protocol {wire.VERSION} is required "
+                                        "(update dynoctl)")
             op = request.get("op")
-            if len(fds) not in (0, 3):
-                raise errors.BadRequest(f"send 0 or 3 fds (stdin, stdout, stderr), got {len(fds)}")
-            stdio = (fds[0], fds[1], fds[2]) if fds else None
-            fds = []  # handed on below; each path closes them
             if op == "run":
-                await self._run(conn, request, stdio)
+                await self._run(conn, request, rest)
             elif op == "exec":
-                await self._exec(conn, request, stdio)
+                await self._exec(conn, request, rest)
             else:
-                if stdio is not None:
-                    _close_all(stdio)
                 raise errors.BadRequest(f'op must be "run" or "exec", got {op!r}')
         except errors.AgentError as exc:
-            await self._send(conn, {"error": {"code": exc.code, "message": exc.message}})
+            await self._send(conn, {"error": {"code": exc.code, "message": exc.message}},
+                             framed)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("attach session failed")
             await self._send(conn, {"error": {"code": "internal",
-                                              "message": "internal error; see the agent's log"}})
+                                              "message": "internal error; see the agent's log"}},
+                             framed)
         finally:
             _close_all(fds)
             conn.close()
@@ -388,64 +456,88 @@ class AttachServer:
             if name not in used:
                 return name
 
-    async def _run(self, conn: socket.socket, request: dict[str, Any],
-                   stdio: tuple[int, int, int] | None) -> None:
-        try:
-            command = request.get("command")
-            if not isinstance(command, str) or not command.strip():
-                raise errors.BadRequest("command must be a non-empty string")
-            app = request.get("app")
-            if app is not None and not isinstance(app, str):
-                raise errors.BadRequest("app must be a string")
-            template = self._template(app)
-            size = request.get("size") or DEFAULT_SIZE
-            dyno_id = str(uuid.uuid4())
-            name = self._one_off_name(template.app)
-            body = {"id": dyno_id, "app": template.app, "name": name, "command": command,
-                    "env": {**template.env, **_terminal_env(request.get("env"))},
-                    "release": template.release.to_dict(), "size": size,
-                    "space": template.space, "restart": "never"}
-        except BaseException:
-            if stdio is not None:
-                _close_all(stdio)
-            raise
-        if stdio is not None:
-            self.registry.put(dyno_id, stdio)
+    async def _run(self, conn: socket.socket, request: dict[str, Any], rest: bytes) -> None:
+        command = request.get("command")
+        if not isinstance(command, str) or not command.strip():
+            raise errors.BadRequest("command must be a non-empty string")
+        app = request.get("app")
+        if app is not None and not isinstance(app, str):
+            raise errors.BadRequest("app must be a string")
+        detached = request.get("detached", False)
+        if not isinstance(detached, bool):
+            raise errors.BadRequest("detached must be true or false")
+        window = None if detached else _stdio_mode(request)
+        template = self._template(app)
+        size = request.get("size") or DEFAULT_SIZE
+        dyno_id = str(uuid.uuid4())
+        name = self._one_off_name(template.app)
+        body = {"id": dyno_id, "app": template.app, "name": name, "command": command,
+                "env": {**template.env, **_terminal_env(request.get("env"))},
+                "release": template.release.to_dict(), "size": size,
+                "space": template.space, "restart": "never"}
+        pipes: Pipes | None = None
+        master: asyncio.Future[int] | None = None
+        if window is not None:
+            master = self.registry.put_tty(dyno_id, *window)
+        elif not detached:
+            pipes = Pipes.make()
+            self.registry.put_pipes(dyno_id, pipes.dyno)  # the registry owns these now
         follower = self.bus.subscribe()
         handed_off = False  # to the task that removes a detached one-off once complete
+        relay: Relay | None = None
+        master_attached = False
+        ended: asyncio.Future[int] | None = None
         try:
-            try:
-                status = await self.supervisor.create_dyno(body)
-            except BaseException:
-                self.registry.discard(dyno_id)
-                raise
-            await self._send(conn, {"event": "started", "id": dyno_id, "name": name,
-                                    "app": template.app, "size": status.get("size"),
-                                    "attached": stdio is not None})
-            if stdio is None:
-                # Detached: output goes to the logs; the dyno is removed once it completes.
+            status = await self.supervisor.create_dyno(body)
+            started = {"event": "started", "id": dyno_id, "name": name, "app": template.app,
+                       "size": status.get("size"),
+                       "attached": not detached, "tty": window is not None}
+            if detached:
+                await self._send(conn, started, True)
+                # Output goes to the logs; the dyno is removed once it completes.
                 self._spawn(self._reap_later(dyno_id, follower), f"attach-reap-{dyno_id}")
                 handed_off = True
                 return
-            ended = asyncio.ensure_future(self.supervisor.wait_ended(dyno_id, follower))
 
             def forward(sig: signal.Signals) -> None:
                 dyno = self.supervisor.dynos.get(dyno_id)
                 if dyno is not None and dyno.placement is not None:
                     self.supervisor.runtime.signal_all(dyno.placement, sig)
 
-            gone = asyncio.ensure_future(_until_caller_leaves(conn, forward))
-            try:
-                await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (ended, gone):
-                    task.cancel()
-                await asyncio.gather(ended, gone, return_exceptions=True)
+            relay = Relay(conn, forward, rest)
+            relay.send_control(started)
+            relay.start()
+            if pipes is not None:
+                relay.attach(pipes.agent)
+                pipes = None
+            ended = asyncio.ensure_future(self.supervisor.wait_ended(dyno_id, follower))
+            waits: set[asyncio.Future[Any]] = {ended, relay.left}
+            if master is not None:
+                waits.add(master)
+            while True:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if master is None or master not in done:
+                    break
+                waits.discard(master)
+                if not master.cancelled():
+                    relay.attach(pty_ends(master.result()))
+                    master_attached = True
             if ended.done() and not ended.cancelled() and ended.exception() is None:
-                await self._send(conn, {"event": "exit", "status": ended.result()})
+                await relay.finish(ended.result())
             else:
                 log.info("the caller of %s went away; stopping it", name)
         finally:
+            if ended is not None:
+                ended.cancel()
+                await asyncio.gather(ended, return_exceptions=True)
+            # cancel() is False once the launch delivered the master: then it is ours.
+            if master is not None and not master.cancel() and not master.cancelled() \
+                    and not master_attached:
+                os.close(master.result())
+            if relay is not None:
+                relay.close()
+            if pipes is not None:
+                close_all(pipes.agent.fds)
             if not handed_off:
                 follower.close()
                 self.registry.discard(dyno_id)
@@ -466,70 +558,88 @@ class AttachServer:
             await asyncio.shield(self.supervisor.delete_dyno(dyno_id))
 
     # -- exec --------------------------------------------------------------------------------
-    async def _exec(self, conn: socket.socket, request: dict[str, Any],
-                    stdio: tuple[int, int, int] | None) -> None:
-        if stdio is None:
-            raise errors.BadRequest("exec needs the caller's stdin, stdout and stderr")
+    async def _exec(self, conn: socket.socket, request: dict[str, Any], rest: bytes) -> None:
+        window = _stdio_mode(request)
+        argv = request.get("argv")
+        if (not isinstance(argv, list) or not argv
+                or not all(isinstance(a, str) and "\x00" not in a for a in argv)):
+            raise errors.BadRequest("argv must be a non-empty list of strings")
+        ref = request.get("dyno")
+        app = request.get("app")
+        if not isinstance(ref, str) or (app is not None and not isinstance(app, str)):
+            raise errors.BadRequest("dyno (and app, if given) must be strings")
+        dyno = self.supervisor.find(ref, app)
+        placement = dyno.placement
+        runtime = self.supervisor.runtime
+        if placement is None or dyno.record.pid is None:
+            raise errors.Conflict(f"{dyno.spec.name} has no running process to enter")
+        if not isinstance(runtime, HostRuntime):
+            raise errors.AgentError("exec needs the host runtime")
+        env = {**dyno_env(dyno.spec, placement.ip, DEFAULT_PORT),
+               **_terminal_env(request.get("env"))}
+        holder = self._holder()
+        pipes = None if window is not None else Pipes.make()
         try:
-            argv = request.get("argv")
-            if (not isinstance(argv, list) or not argv
-                    or not all(isinstance(a, str) and "\x00" not in a for a in argv)):
-                raise errors.BadRequest("argv must be a non-empty list of strings")
-            ref = request.get("dyno")
-            app = request.get("app")
-            if not isinstance(ref, str) or (app is not None and not isinstance(app, str)):
-                raise errors.BadRequest("dyno (and app, if given) must be strings")
-            dyno = self.supervisor.find(ref, app)
-            placement = dyno.placement
-            runtime = self.supervisor.runtime
-            if placement is None or dyno.record.pid is None:
-                raise errors.Conflict(f"{dyno.spec.name} has no running process to enter")
-            if not isinstance(runtime, HostRuntime):
-                raise errors.AgentError("exec needs the host runtime")
-            env = {**dyno_env(dyno.spec, placement.ip, DEFAULT_PORT),
-                   **_terminal_env(request.get("env"))}
-            holder = self._holder()
-            try:
-                entered = await holder.enter(
-                    dyno.id, argv, tuple(env.items()), placement.uid, placement.gid, "/app",
-                    runtime.group(placement).procs_paths(), stdio)
-            except HolderError as exc:
+            entered = await holder.enter(
+                dyno.id, argv, tuple(env.items()), placement.uid, placement.gid, "/app",
+                runtime.group(placement).procs_paths(), None if pipes is None else pipes.dyno,
+                tty=window, nofile_limit=dyno.spec.size.nofile)
+        except BaseException as exc:
+            if pipes is not None:
+                close_all(pipes.agent.fds)
+            if isinstance(exc, HolderError):
                 raise AttachError(f"cannot enter {dyno.spec.name}: {exc}") from None
+            raise
         finally:
-            _close_all(stdio)
+            if pipes is not None:
+                close_all(pipes.dyno)  # the command has its own copies
+        if pipes is not None:
+            ends = pipes.agent
+        else:
+            assert entered.tty_master is not None
+            ends = pty_ends(entered.tty_master)
         exited = self.exits.wait(dyno.id, entered.pid)
-        await self._send(conn, {"event": "started", "id": dyno.id, "name": dyno.spec.name,
-                                "pid": entered.pid})
 
         def forward(sig: signal.Signals) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(entered.pid, sig)
 
-        gone = asyncio.ensure_future(_until_caller_leaves(conn, forward))
+        def end_leftovers() -> None:
+            # The command's process group; with a pty its whole session, as a shell with job
+            # control puts each job in a group of its own.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(entered.pid, signal.SIGKILL)
+            if window is not None:
+                with contextlib.suppress(cgroups.CgroupError):
+                    _kill_session(runtime.group(placement).pids(), entered.pid)
+
+        relay = Relay(conn, forward, rest)
         try:
-            waits: list[asyncio.Future[Any]] = [exited, gone]
+            relay.send_control({"event": "started", "id": dyno.id, "name": dyno.spec.name,
+                                "pid": entered.pid, "tty": window is not None})
+            relay.start()
+            relay.attach(ends)
+            waits: list[asyncio.Future[Any]] = [exited, relay.left]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
-                # The caller left: end what it started (it may hold the caller's terminal).
+                # The caller left: end what it started.
                 # By pidfd: the pid alone could have been reused once the holder reaped it.
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(entered.pidfd, signal.SIGKILL)
                 # And its whole process group (the launcher gives it one of its own): a group
                 # id stays unused by new processes while any member lives, so this cannot hit
                 # a stranger.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(entered.pid, signal.SIGKILL)
+                end_leftovers()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5.0):
                         await asyncio.shield(exited)
             else:
-                # The session is over: what it left running in the background goes with it.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(entered.pid, signal.SIGKILL)
-                await self._send(conn, {"event": "exit", "status": exited.result()})
+                # The session is over: what it left running in the background goes with it
+                # (and lets go of the output, so the drain ends at once).
+                end_leftovers()
+                await relay.finish(exited.result())
         finally:
-            gone.cancel()
-            await asyncio.gather(gone, return_exceptions=True)
+            relay.close()
             os.close(entered.pidfd)
             self.exits.forget(dyno.id, entered.pid)
             with contextlib.suppress(HolderError):

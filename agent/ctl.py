@@ -7,22 +7,25 @@ fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX
 from __future__ import annotations
 
 import argparse
-import array
 import codecs
 import contextlib
 import http.client
 import json
 import os
+import select
 import shlex
 import signal
 import socket
 import sys
+import termios
 import time
+import tty
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from agent import attachwire as wire
 from agent.sizes import display_name
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
@@ -243,6 +246,16 @@ def _mib(value: Any) -> str:
     return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) else "-"
 
 
+_SECCOMP_MODES = {0: "none", 1: "strict", 2: "filter"}
+
+
+def _seccomp_text(mode: Any) -> str | None:
+    """/proc's `Seccomp:` of the dyno's PID 1: 2 when the dyno filter is on."""
+    if not isinstance(mode, int) or isinstance(mode, bool):
+        return None
+    return f"{mode} ({_SECCOMP_MODES.get(mode, 'unknown')})"
+
+
 def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[str]:
     raw_stats = dyno.get("stats")
     stats: dict[str, Any] = raw_stats if isinstance(raw_stats, dict) else {}
@@ -275,6 +288,7 @@ def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[st
         ("Last exit", exit_status),
         ("Cgroup", dyno.get("cgroup")),
         ("Netns", dyno.get("netns")),
+        ("Seccomp", _seccomp_text(dyno.get("seccomp"))),
         ("Memory", memory_text if memory is not None else None),
         ("CPU time", f"{cpu:.2f}s" if isinstance(cpu, (int, float)) else None),
         ("Processes", stats.get("pids")),
@@ -503,14 +517,27 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
 # -- run, exec, scale --------------------------------------------------------------------------
 
 TERMINAL_ENV = ("TERM", "COLORTERM")
+# Ctrl-\\ in a TTY session (the terminal is raw, so it arrives as this byte): leave and end
+# the session, as SIGQUIT does for a session on pipes.
+LEAVE_BYTE = b"\x1c"
+LEAVE_STATUS = 128 + signal.SIGQUIT
+SOCKET_READ_BYTES = 256 * 1024
 
 
-def _terminal_env() -> dict[str, str]:
+def _terminal_env(tty_session: bool) -> dict[str, str]:
     env = {key: os.environ[key] for key in TERMINAL_ENV if key in os.environ}
-    if os.isatty(1):
+    if os.isatty(1) and not tty_session:
+        # A pty in the dyno knows its size (and follows the terminal's); fixed COLUMNS and
+        # LINES would override it in most programs.
         size = os.get_terminal_size(1)
         env.update(COLUMNS=str(size.columns), LINES=str(size.lines))
     return env
+
+
+def _wants_tty() -> bool:
+    """A pty in the dyno when we talk to a terminal both ways (as `docker exec -it`); with a
+    pipe or file on either side, bytes pass unchanged through pipes."""
+    return os.isatty(0) and os.isatty(1)
 
 
 def _attach_socket(client: Client) -> str:
@@ -521,61 +548,193 @@ def _attach_socket(client: Client) -> str:
     return path
 
 
-def attach(client: Client, request: dict[str, Any], stdio: bool,
-           on_started: Callable[[dict[str, Any]], None]) -> int:
-    """Send `request` (and our stdin/stdout/stderr when `stdio`) over the agent's attach
-    socket; the exit status of what it started, or 0 once a detached one has started."""
+def attach(client: Client, request: dict[str, Any],
+           on_started: Callable[[dict[str, Any]], None], *, detached: bool = False) -> int:
+    """Send `request` over the agent's attach socket and relay our stdio to the command it
+    starts (our own fds stay here); the command's exit status, or 0 once a detached one has
+    started."""
     path = _attach_socket(client)
+    tty_session = not detached and _wants_tty()
+    request = {**request, "v": wire.VERSION, "tty": tty_session, "detached": detached,
+               "env": _terminal_env(tty_session)}
+    if tty_session:
+        size = os.get_terminal_size(1)
+        request["window"] = [size.lines, size.columns]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
             sock.connect(path)
         except OSError as exc:
             raise CtlError(f"cannot reach dynoagent at {path}: {exc.strerror or exc}") from None
-        # Whatever we buffered must reach the terminal before the dyno writes to it.
+        # Whatever we buffered must reach the terminal before the command's output.
         sys.stdout.flush()
         sys.stderr.flush()
-        data = (json.dumps(request) + "\n").encode()
-        ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))]
-                     if stdio else [])
         try:
-            sock.sendmsg([data], ancillary)
+            sock.sendall((json.dumps(request) + "\n").encode())
         except OSError as exc:
             raise CtlError(f"cannot send the request to {path}: {exc.strerror or exc}") from None
-        if stdio:
-            _forward_interrupts(sock)
-        reader = sock.makefile("rb")
-        for raw in reader:
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                raise CtlError("dynoagent sent a malformed attach answer") from None
-            if not isinstance(message, dict):
-                continue
-            error = message.get("error")
-            if isinstance(error, dict):
-                code = str(error.get("code", "error"))
-                raise CtlError(f"{error.get('message', 'failed')} ({code})", code)
-            if message.get("event") == "started":
-                on_started(message)
-                if not stdio:
-                    return 0
-            elif message.get("event") == "exit":
-                status = message.get("status")
-                return int(status) if isinstance(status, int) else 1
-        raise CtlError("dynoagent closed the connection before the command finished")
+        return _Session(sock, tty_session, detached).run(on_started)
     finally:
         sock.close()
 
 
-def _forward_interrupts(sock: socket.socket) -> None:
-    """Ctrl-C goes to the command in the dyno, as on a terminal of its own; Ctrl-\\ (SIGQUIT)
-    still ends dynoctl, and the agent then ends the session."""
-    def forward(_signum: int, _frame: object) -> None:
-        with contextlib.suppress(OSError):
-            sock.sendall(b'{"signal": "INT"}\n')
+def _ignore(_signum: int, _frame: object) -> None:
+    """A handler only so that the wakeup fd hears of the signal (the loop acts on it)."""
 
-    signal.signal(signal.SIGINT, forward)
+
+def _stdin_open() -> bool:
+    try:
+        os.fstat(0)
+    except OSError:
+        return False
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [])  # a terminal someone left non-blocking
+
+
+class _Session:
+    """dynoctl's half of the relay: one select loop over the agent's socket, our stdin and
+    the signals that matter (Ctrl-C and window changes become frames; SIGTERM and SIGHUP
+    leave). In a TTY session our terminal is raw from the start of the command to the end,
+    restored on every way out."""
+
+    def __init__(self, sock: socket.socket, tty_session: bool, detached: bool) -> None:
+        self.sock = sock
+        self.tty = tty_session
+        self.detached = detached
+        self.decoder = wire.FrameDecoder(wire.AGENT_KINDS)
+        self.started = False
+        self.credit = 0
+        self.stdin_done = not _stdin_open()
+        self.saved_terminal: list[Any] | None = None
+
+    def run(self, on_started: Callable[[dict[str, Any]], None]) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        handled = () if self.detached else (signal.SIGINT, signal.SIGWINCH, signal.SIGTERM,
+                                            signal.SIGHUP)
+        previous = {signum: signal.signal(signum, _ignore) for signum in handled}
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        try:
+            while True:
+                readers: list[Any] = [self.sock, wake_r]
+                if self.started and self.credit > 0 and not self.stdin_done:
+                    readers.append(0)
+                ready, _, _ = select.select(readers, [], [])
+                if wake_r in ready:
+                    for signum in wake_r.recv(64):
+                        status = self._on_signal(signum)
+                        if status is not None:
+                            return status
+                if self.sock in ready:
+                    status = self._on_socket(on_started)
+                    if status is not None:
+                        return status
+                if 0 in ready:
+                    status = self._on_stdin()
+                    if status is not None:
+                        return status
+        finally:
+            self._restore_terminal()
+            signal.set_wakeup_fd(old_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            wake_r.close()
+            wake_w.close()
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            self.sock.sendall(frame)
+        except OSError as exc:
+            raise CtlError(f"the connection to dynoagent broke: {exc.strerror or exc}") from None
+
+    def _on_signal(self, signum: int) -> int | None:
+        if signum == signal.SIGINT:
+            self._send(wire.encode(wire.SIGNAL, b"INT"))
+        elif signum == signal.SIGWINCH and self.tty:
+            with contextlib.suppress(OSError):
+                size = os.get_terminal_size(1)
+                self._send(wire.window(size.lines, size.columns))
+        elif signum in (signal.SIGTERM, signal.SIGHUP):
+            return 128 + signum  # we leave; the agent ends the command
+        return None
+
+    def _on_socket(self, on_started: Callable[[dict[str, Any]], None]) -> int | None:
+        try:
+            data = self.sock.recv(SOCKET_READ_BYTES)
+        except OSError as exc:
+            raise CtlError(f"the connection to dynoagent broke: {exc.strerror or exc}") from None
+        if not data:
+            raise CtlError("dynoagent closed the connection before the command finished")
+        try:
+            frames = self.decoder.feed(data)
+        except wire.FrameError as exc:
+            raise CtlError(f"dynoagent sent a malformed attach frame: {exc}") from None
+        for kind, payload in frames:
+            if kind == wire.STDOUT:
+                _write_all(1, payload)
+            elif kind == wire.STDERR:
+                _write_all(2, payload)
+            elif kind == wire.CREDIT:
+                self.credit += wire.parse_credit(payload)
+            else:
+                status = self._on_control(wire.parse_control(payload), on_started)
+                if status is not None:
+                    return status
+        return None
+
+    def _on_control(self, message: dict[str, Any],
+                    on_started: Callable[[dict[str, Any]], None]) -> int | None:
+        error = message.get("error")
+        if isinstance(error, dict):
+            code = str(error.get("code", "error"))
+            raise CtlError(f"{error.get('message', 'failed')} ({code})", code)
+        event = message.get("event")
+        if event == "started":
+            on_started(message)
+            if self.detached:
+                return 0
+            self.started = True
+            if self.tty:
+                self.saved_terminal = termios.tcgetattr(0)
+                tty.setraw(0, termios.TCSADRAIN)
+        elif event == "exit":
+            self._restore_terminal()
+            status = message.get("status")
+            return int(status) if isinstance(status, int) else 1
+        return None
+
+    def _on_stdin(self) -> int | None:
+        try:
+            data = os.read(0, min(self.credit, wire.MAX_PAYLOAD))
+        except OSError:
+            data = b""  # a terminal that hung up: as good as the end of input
+        if self.tty and LEAVE_BYTE in data:
+            before = data.partition(LEAVE_BYTE)[0]
+            if before:
+                self._send(wire.encode(wire.STDIN, before))
+            return LEAVE_STATUS
+        if not data:
+            self.stdin_done = True
+            self._send(wire.encode(wire.STDIN_EOF))
+            return None
+        self.credit -= len(data)
+        self._send(wire.encode(wire.STDIN, data))
+        return None
+
+    def _restore_terminal(self) -> None:
+        if self.saved_terminal is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(0, termios.TCSADRAIN, self.saved_terminal)
+            self.saved_terminal = None
 
 
 def _command_text(argv: list[str]) -> str:
@@ -590,7 +749,7 @@ def _command_text(argv: list[str]) -> str:
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
     command = _command_text(args.command)
     request: dict[str, Any] = {"op": "run", "command": command, "app": args.app,
-                               "size": args.size, "env": _terminal_env()}
+                               "size": args.size}
 
     def started(message: dict[str, Any]) -> None:
         size = display_name(str(message.get("size") or "standard-1x"))
@@ -602,19 +761,18 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         elif os.isatty(2):
             print(line, file=sys.stderr, flush=True)
 
-    return attach(client, request, not args.detached, started)
+    return attach(client, request, started, detached=args.detached)
 
 
 def cmd_exec(client: Client, args: argparse.Namespace) -> int:
     argv = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
-    request = {"op": "exec", "dyno": args.dyno, "app": args.app, "argv": argv or ["/bin/sh"],
-               "env": _terminal_env()}
+    request = {"op": "exec", "dyno": args.dyno, "app": args.app, "argv": argv or ["/bin/sh"]}
 
     def started(message: dict[str, Any]) -> None:
         if os.isatty(2):
             print(f"Entering {message.get('name')}...", file=sys.stderr, flush=True)
 
-    return attach(client, request, True, started)
+    return attach(client, request, started)
 
 
 def _formation_text(formation: Any) -> str:

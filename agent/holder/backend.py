@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import importlib
 import os
 import signal
+import struct
+import termios
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,16 +28,27 @@ class LaunchOutcome:
     pid: int
     start_time: int
     timings_ms: Mapping[str, float]
+    pty_master: int | None = None  # launched with a tty: its master, owned by the holder
+
+
+@dataclass(frozen=True)
+class EnterOutcome:
+    pid: int
+    pty_master: int | None = None
+
+
+# (rows, columns) of a pty the command gets instead of the given stdio.
+TtySize = tuple[int, int]
 
 
 class Backend(Protocol):
     name: str
 
     def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
-               stderr_fd: int) -> LaunchOutcome: ...
+               stderr_fd: int, tty: TtySize | None = None) -> LaunchOutcome: ...
 
     def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
-              stderr_fd: int) -> int: ...
+              stderr_fd: int, tty: TtySize | None = None) -> EnterOutcome: ...
 
 
 def proc_start_time(pid: int) -> int:
@@ -90,28 +104,41 @@ class IsolatedBackend:
         return self._module
 
     def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
-               stderr_fd: int) -> LaunchOutcome:
+               stderr_fd: int, tty: TtySize | None = None) -> LaunchOutcome:
         launcher = self._launcher()
         request = self._request(launcher.LaunchRequest, params)
+        pty = None if tty is None else launcher.PtyRequest(*tty)
         try:
-            result = launcher.launch(request, stdin_fd, stdout_fd, stderr_fd)
+            result = launcher.launch(request, stdin_fd, stdout_fd, stderr_fd, pty=pty)
         except Exception as exc:
             raise _launcher_failure(LaunchFailed, exc) from exc
         return LaunchOutcome(int(result.pid), int(result.start_time),
-                             {str(k): float(v) for k, v in result.timings_ms.items()})
+                             {str(k): float(v) for k, v in result.timings_ms.items()},
+                             result.pty_master)
 
     def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
-              stderr_fd: int) -> int:
+              stderr_fd: int, tty: TtySize | None = None) -> EnterOutcome:
         launcher = self._launcher()
         env = _env(params)
+        argv = _str_seq(params, "argv")
+        uid, gid = _opt_int(params, "uid"), _opt_int(params, "gid")
+        cwd = str(params.get("cwd") or "/app")
+        cgroup_procs = _str_seq(params, "cgroup_procs", required=False)
+        # The size's open-files limit, as the dyno's app got it; the launcher's default if
+        # the agent did not say.
+        nofile = _opt_int(params, "nofile_limit")
+        limits = {} if nofile is None else {"nofile_limit": nofile}
         try:
-            pid = launcher.enter(
-                target_pid, _str_seq(params, "argv"), env, _opt_int(params, "uid"),
-                _opt_int(params, "gid"), str(params.get("cwd") or "/app"),
-                stdin_fd, stdout_fd, stderr_fd, _str_seq(params, "cgroup_procs", required=False))
+            if tty is not None:
+                pid, master = launcher.enter_pty(target_pid, argv, env, uid, gid, cwd,
+                                                 cgroup_procs, launcher.PtyRequest(*tty),
+                                                 **limits)
+                return EnterOutcome(int(pid), master)
+            pid = launcher.enter(target_pid, argv, env, uid, gid, cwd,
+                                 stdin_fd, stdout_fd, stderr_fd, cgroup_procs, **limits)
         except Exception as exc:
             raise _launcher_failure(EnterFailed, exc) from exc
-        return int(pid)
+        return EnterOutcome(int(pid))
 
     @staticmethod
     def _request(cls: Any, params: Mapping[str, Any]) -> Any:
@@ -148,25 +175,49 @@ class PlainBackend:
     name = "plain"
 
     def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
-               stderr_fd: int) -> LaunchOutcome:
+               stderr_fd: int, tty: TtySize | None = None) -> LaunchOutcome:
         began = time.perf_counter()
         cwd = params.get("cwd") or params.get("dyno_dir") or "/"
         if not isinstance(cwd, str) or not os.path.isdir(cwd):
             cwd = "/"
-        pid = _spawn(_str_seq(params, "argv"), _env(params), cwd, _opt_int(params, "uid"),
-                     _opt_int(params, "gid"), _str_seq(params, "cgroup_procs", required=False),
-                     (stdin_fd, stdout_fd, stderr_fd), LaunchFailed)
+        pid, master = _spawn_maybe_pty(
+            _str_seq(params, "argv"), _env(params), cwd, _opt_int(params, "uid"),
+            _opt_int(params, "gid"), _str_seq(params, "cgroup_procs", required=False),
+            (stdin_fd, stdout_fd, stderr_fd), tty, LaunchFailed)
         timings = {"fork_exec": (time.perf_counter() - began) * 1000.0}
-        return LaunchOutcome(pid, proc_start_time(pid), timings)
+        return LaunchOutcome(pid, proc_start_time(pid), timings, master)
 
     def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
-              stderr_fd: int) -> int:
+              stderr_fd: int, tty: TtySize | None = None) -> EnterOutcome:
         cwd = params.get("cwd") or "/"
         if not isinstance(cwd, str) or not os.path.isdir(cwd):
             cwd = "/"
-        return _spawn(_str_seq(params, "argv"), _env(params), cwd, _opt_int(params, "uid"),
-                      _opt_int(params, "gid"), _str_seq(params, "cgroup_procs", required=False),
-                      (stdin_fd, stdout_fd, stderr_fd), EnterFailed)
+        pid, master = _spawn_maybe_pty(
+            _str_seq(params, "argv"), _env(params), cwd, _opt_int(params, "uid"),
+            _opt_int(params, "gid"), _str_seq(params, "cgroup_procs", required=False),
+            (stdin_fd, stdout_fd, stderr_fd), tty, EnterFailed)
+        return EnterOutcome(pid, master)
+
+
+def _spawn_maybe_pty(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str,
+                     uid: int | None, gid: int | None, cgroup_procs: Sequence[str],
+                     stdio: tuple[int, int, int], tty: TtySize | None,
+                     failure: type[LaunchFailed] | type[EnterFailed]) -> tuple[int, int | None]:
+    """The plain backend's pty: the host's devpts (it isolates nothing anyway)."""
+    if tty is None:
+        return _spawn(argv, env, cwd, uid, gid, cgroup_procs, stdio, failure), None
+    master, peer = os.openpty()
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[0], tty[1], 0, 0))
+        pid = _spawn(argv, env, cwd, uid, gid, cgroup_procs, (peer, peer, peer), failure,
+                     controlling_tty=True)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(peer)
+    os.set_inheritable(master, False)
+    return pid, master
 
 
 # Dispositions the holder changes for itself; a child must start with the defaults.
@@ -175,7 +226,7 @@ _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, 
 
 def _spawn(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: int | None,
            gid: int | None, cgroup_procs: Sequence[str], stdio: tuple[int, int, int],
-           failure: type[LaunchFailed] | type[EnterFailed]) -> int:
+           failure: type[LaunchFailed] | type[EnterFailed], controlling_tty: bool = False) -> int:
     if not argv:
         raise BadRequest("argv: empty command")
     # exec failure travels back on a close-on-exec pipe: EOF means exec succeeded.
@@ -199,6 +250,8 @@ def _spawn(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: i
                     os.close(fd)
             for target, fd in enumerate(stdio):
                 os.dup2(fd, target, inheritable=True)
+            if controlling_tty:
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             os.chdir(cwd)
             if uid is not None and gid is not None and os.geteuid() == 0 and uid != 0:
                 os.setgroups([])

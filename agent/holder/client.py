@@ -104,6 +104,7 @@ class Launched:
     start_time: int
     timings_ms: Mapping[str, float]
     pidfd: int  # owned by the caller
+    tty_master: int | None = None  # launched with a tty: its master, owned by the caller
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Entered:
     pid: int
     start_time: int
     pidfd: int  # owned by the caller
+    tty_master: int | None = None  # entered with a tty: its master, owned by the caller
 
 
 @dataclass(frozen=True)
@@ -272,22 +274,38 @@ class HolderClient:
 
     async def launch(self, request: Mapping[str, Any] | Any, *, stdin: int | None = None,
                      stdio: tuple[int, int, int] | None = None,
+                     tty: tuple[int, int] | None = None,
                      timeout_s: float = 30.0) -> Launched:
-        """Start a dyno (a LaunchRequest or its fields); without `stdio` the holder owns output."""
+        """Start a dyno (a LaunchRequest or its fields); without `stdio` or `tty` (rows,
+        columns of a pty made in the dyno, whose master comes back) the holder owns output."""
         params = _fields(request)
         fds: list[int] = list(stdio) if stdio is not None else (
             [stdin] if stdin is not None else [])
+        if tty is not None:
+            params["tty"] = list(tty)
         result, rfds = await self.request("launch", params, fds, timeout_s)
+        pidfd, master = _result_fds(rfds, "launch", tty is not None)
         return Launched(int(result["pid"]), int(result["start_time"]),
-                        dict(result.get("timings_ms") or {}), _one_fd(rfds, "launch"))
+                        dict(result.get("timings_ms") or {}), pidfd, master)
 
     async def enter(self, dyno_id: str, argv: Sequence[str], env: Sequence[tuple[str, str]],
                     uid: int, gid: int, cwd: str, cgroup_procs: Sequence[str],
-                    stdio: tuple[int, int, int], timeout_s: float = 30.0) -> Entered:
-        params = {"dyno_id": dyno_id, "argv": list(argv), "env": [list(kv) for kv in env],
-                  "uid": uid, "gid": gid, "cwd": cwd, "cgroup_procs": list(cgroup_procs)}
-        result, rfds = await self.request("enter", params, list(stdio), timeout_s)
-        return Entered(int(result["pid"]), int(result["start_time"]), _one_fd(rfds, "enter"))
+                    stdio: tuple[int, int, int] | None, timeout_s: float = 30.0,
+                    tty: tuple[int, int] | None = None,
+                    nofile_limit: int | None = None) -> Entered:
+        """Run a command in a running dyno with `stdio`, or with a pty made in the dyno
+        (`tty`: rows, columns), whose master comes back. `nofile_limit`: the open files of
+        the dyno's size (the launcher's default when None)."""
+        params: dict[str, Any] = {
+            "dyno_id": dyno_id, "argv": list(argv), "env": [list(kv) for kv in env],
+            "uid": uid, "gid": gid, "cwd": cwd, "cgroup_procs": list(cgroup_procs)}
+        if nofile_limit is not None:
+            params["nofile_limit"] = nofile_limit
+        if tty is not None:
+            params["tty"] = list(tty)
+        result, rfds = await self.request("enter", params, list(stdio or ()), timeout_s)
+        pidfd, master = _result_fds(rfds, "enter", tty is not None)
+        return Entered(int(result["pid"]), int(result["start_time"]), pidfd, master)
 
     async def list_processes(self, pidfds: bool = False,
                              timeout_s: float = 10.0) -> list[HeldProcess]:
@@ -537,11 +555,13 @@ def _fields(request: Mapping[str, Any] | Any) -> dict[str, Any]:
     raise TypeError(f"launch takes a LaunchRequest or a mapping, not {type(request).__name__}")
 
 
-def _one_fd(fds: list[int], method: str) -> int:
-    if len(fds) != 1:
+def _result_fds(fds: list[int], method: str, tty: bool) -> tuple[int, int | None]:
+    """A pidfd, and with a tty the pty's master after it."""
+    want = 2 if tty else 1
+    if len(fds) != want:
         _close_all(fds)
-        raise ProtocolError(f"{method}: expected one pidfd, got {len(fds)}", len(fds))
-    return fds[0]
+        raise ProtocolError(f"{method}: expected {want} fds, got {len(fds)}", len(fds))
+    return fds[0], (fds[1] if tty else None)
 
 
 def _close_all(fds: list[int]) -> None:

@@ -26,8 +26,12 @@ Methods:
                hide_paths, reaper); nfd 0 (the holder owns output: one pipe for stdout and
                stderr, stdin /dev/null), 1 (stdin given) or 3 (stdin, stdout, stderr given; the
                holder captures nothing) → {pid, start_time, timings_ms}, nfd 1: a pidfd of PID 1.
-    enter      {dyno_id, argv, env, uid, gid, cwd, cgroup_procs}, nfd 3 (the caller's stdio)
-               → {pid, start_time}, nfd 1: a pidfd of the new process.
+               With `tty: [rows, columns]` and nfd 0, PID 1 gets a new pty of the dyno's own
+               devpts as controlling terminal and stdio; the answer's nfd is 2: the pidfd,
+               then the pty's master (the holder captures nothing).
+    enter      {dyno_id, argv, env, uid, gid, cwd, cgroup_procs}, nfd 3 (its stdio) → {pid,
+               start_time}, nfd 1: a pidfd of the new process. With `tty` and nfd 0 as for
+               launch: nfd 2, the pidfd and the master of the command's new pty.
     list       {pidfds: bool} → {procs: [{dyno_id, kind: "launch"|"enter", pid, start_time,
                state: "running"|"exited", status, signal, buffered_lines, buffered_bytes,
                dropped, pidfd_index}]}; with pidfds, nfd = the number of running processes,
@@ -66,7 +70,8 @@ import msgpack
 from agent.holder.errors import ProtocolError
 
 # 2: output events carry joined blocks of lines instead of one [ts, bytes] per line.
-PROTOCOL_VERSION = 2
+# 3: launch and enter take `tty` (a pty made in the dyno, its master in the answer).
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct(">I")
 # Requests are small (env ≤ 32 KiB by spec); output events are batched well under this.
 MAX_REQUEST_BYTES = 1 << 20

@@ -48,6 +48,7 @@ from agent.holder.protocol import (
     fds_from_ancillary,
     rights,
 )
+from agent.peercred import PeerCredError, peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,11 @@ class Holder:
             except OSError as exc:
                 log.warning("accept failed", extra={"ERRNO": exc.errno})
                 return
+            if not _peer_is_root(sock):
+                # The socket is 0600 in the agent's run dir; this holds if its mode is widened
+                # by hand: only root (the agent) may launch or enter dynos.
+                sock.close()
+                continue
             if len(self._clients) >= MAX_CLIENTS:
                 log.warning("too many clients, refusing one", extra={"MAX": MAX_CLIENTS})
                 sock.close()
@@ -462,12 +468,16 @@ class Holder:
         for held in self._running_by_pid.values():
             if held.dyno_id == dyno_id and held.kind == "launch":
                 raise Conflict(f"dyno {dyno_id} is already running as pid {held.pid}")
+        tty = _tty_of(p.pop("tty", None), fds)
         if len(fds) not in (0, 1, 3):
             raise BadRequest(f"launch takes 0, 1 or 3 fds, got {len(fds)}")
         pipe_r: int | None = None
         pipe_w: int | None = None
         if len(fds) == 3:
             stdio = (fds[0], fds[1], fds[2])
+        elif tty is not None:
+            # The pty is the command's stdio; its output is the caller's to relay.
+            stdio = (self._devnull, self._devnull, self._devnull)
         else:
             # One pipe for stdout and stderr keeps the order the dyno wrote them in.
             pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
@@ -475,7 +485,7 @@ class Holder:
                 fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_BYTES)
             stdio = (fds[0] if fds else self._devnull, pipe_w, pipe_w)
         try:
-            outcome = self._backend.launch(p, *stdio)
+            outcome = self._backend.launch(p, *stdio, tty=tty)
         except BaseException:
             if pipe_r is not None:
                 os.close(pipe_r)
@@ -492,22 +502,36 @@ class Holder:
             self._sel.register(pipe_r, selectors.EVENT_READ, self._on_pipe)
         log.info("launched", extra={"DYNO_ID": dyno_id, "PID": outcome.pid,
                                     "TIMINGS_MS": dict(outcome.timings_ms)})
+        out_fds = [os.dup(held.pidfd)]
+        if outcome.pty_master is not None:
+            out_fds.append(outcome.pty_master)  # closed here once sent
         return {"pid": outcome.pid, "start_time": outcome.start_time,
-                "timings_ms": dict(outcome.timings_ms)}, [os.dup(held.pidfd)]
+                "timings_ms": dict(outcome.timings_ms)}, out_fds
 
     def _m_enter(self, client: Client, p: dict[str, Any],
                  fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         dyno_id = p.get("dyno_id")
-        if len(fds) != 3:
-            raise BadRequest(f"enter takes the caller's 3 stdio fds, got {len(fds)}")
+        tty = _tty_of(p.pop("tty", None), fds)
+        if tty is None and len(fds) != 3:
+            raise BadRequest(f"enter takes 3 stdio fds or a tty, got {len(fds)} fds")
         target = next((h for h in self._running_by_pid.values()
                        if h.dyno_id == dyno_id and h.kind == "launch"), None)
         if target is None:
             raise NotFound(f"no running dyno {dyno_id!r} to enter")
-        pid = self._backend.enter(target.pid, p, fds[0], fds[1], fds[2])
-        held = self._track(str(dyno_id), "enter", pid, _start_time_or_zero(pid))
+        stdio = (fds[0], fds[1], fds[2]) if tty is None else (self._devnull,) * 3
+        outcome = self._backend.enter(target.pid, p, *stdio, tty=tty)
+        pid = outcome.pid
+        try:
+            held = self._track(str(dyno_id), "enter", pid, _start_time_or_zero(pid))
+        except BaseException:
+            if outcome.pty_master is not None:
+                os.close(outcome.pty_master)
+            raise
         log.info("entered", extra={"DYNO_ID": dyno_id, "PID": pid, "TARGET": target.pid})
-        return {"pid": pid, "start_time": held.start_time}, [os.dup(held.pidfd)]
+        out_fds = [os.dup(held.pidfd)]
+        if outcome.pty_master is not None:
+            out_fds.append(outcome.pty_master)  # closed here once sent
+        return {"pid": pid, "start_time": held.start_time}, out_fds
 
     def _m_list(self, _client: Client, p: dict[str, Any],
                 _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -699,6 +723,19 @@ class Holder:
         self._flush(sink)
 
 
+def _tty_of(value: Any, fds: list[int]) -> tuple[int, int] | None:
+    """A request's `tty` ([rows, columns]): the command gets a pty, so no stdio fds come."""
+    if value is None:
+        return None
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFF
+                       for v in value)):
+        raise BadRequest(f"tty: [rows, columns] of 0..65535 is required, got {value!r}")
+    if fds:
+        raise BadRequest("a request with a tty takes no stdio fds")
+    return int(value[0]), int(value[1])
+
+
 def _start_time_or_zero(pid: int) -> int:
     try:
         return proc_start_time(pid)
@@ -725,3 +762,17 @@ def _answers(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def _peer_is_root(sock: socket.socket) -> bool:
+    """The client is root or the holder's own user; unreadable credentials are a refusal."""
+    try:
+        cred = peer_credentials(sock)
+    except PeerCredError as exc:
+        log.warning("refusing a client whose credentials cannot be read: %s", exc)
+        return False
+    if cred.uid in (0, os.geteuid()):
+        return True
+    log.warning("refusing a client that is not root", extra={"PEER_UID": cred.uid,
+                                                             "PEER_PID": cred.pid})
+    return False

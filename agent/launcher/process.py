@@ -68,6 +68,11 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
     return pid, report
 
 
+def kill_and_reap(pid: int) -> None:
+    """For a child that exec'd but whose launch failed after all."""
+    _reap(pid, kill=True)
+
+
 def _reap(pid: int, *, kill: bool) -> None:
     try:
         if kill:

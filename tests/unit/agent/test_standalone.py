@@ -23,6 +23,7 @@ from agent import ctl, errors, standalone
 from agent.attach import StdioRegistry, _ExitWatch, _StdioHolder, attach_path
 from agent.config import Config
 from agent.holder import ExitEvent
+from agent.holder.client import Launched
 from agent.logs import LogLine
 from agent.procfile import AppDirError, parse_formation_items, parse_procfile
 from agent.proxy import ProxyError, TcpProxy, bind_listener
@@ -345,34 +346,55 @@ def test_attach_path() -> None:
         "/run/dynoagent/dynoagent.attach.sock")
 
 
-def test_stdio_registry_owns_fds_until_taken(three_fds: tuple[int, int, int]) -> None:
+async def test_stdio_registry_owns_pipes_until_taken(three_fds: tuple[int, int, int]) -> None:
     registry = StdioRegistry()
-    registry.put("a", three_fds)
-    assert "a" in registry and registry.take("a") == three_fds and "a" not in registry
-    registry.put("b", three_fds)
+    registry.put_pipes("a", three_fds)
+    assert "a" in registry
+    taken = registry.take("a")
+    assert taken is not None and taken.pipes == three_fds and "a" not in registry
+    registry.put_pipes("b", three_fds)
     registry.discard("b")
     assert not any(fd_open(fd) for fd in three_fds)
+    master = registry.put_tty("c", 30, 100)
+    registry.discard("c")
+    assert master.cancelled()
 
 
-async def test_stdio_holder_passes_and_closes_registered_fds(
+async def test_stdio_holder_passes_pipes_and_hands_the_pty_master_to_the_session(
         three_fds: tuple[int, int, int]) -> None:
-    calls: list[tuple[str, Any]] = []
+    calls: list[tuple[str, Any, Any]] = []
+    masters: list[int] = []
 
     class Client:
-        async def launch(self, request: Any, **kwargs: Any) -> str:
-            calls.append((request.dyno_id, kwargs.get("stdio")))
-            return "launched"
+        async def launch(self, request: Any, **kwargs: Any) -> Any:
+            calls.append((request.dyno_id, kwargs.get("stdio"), kwargs.get("tty")))
+            master = None
+            if kwargs.get("tty"):
+                master = os.open(os.devnull, os.O_RDONLY)
+                masters.append(master)
+            return Launched(1, 2, {}, -1, master)
 
         async def ping(self) -> str:
             return "pong"
 
     registry = StdioRegistry()
-    registry.put("one-off", three_fds)
+    registry.put_pipes("one-off", three_fds)
     holder = _StdioHolder(Client(), registry)  # type: ignore[arg-type]
-    assert await holder.launch(SimpleNamespace(dyno_id="web-1")) == "launched"
-    assert await holder.launch(SimpleNamespace(dyno_id="one-off")) == "launched"
-    assert calls == [("web-1", None), ("one-off", three_fds)]
+    assert (await holder.launch(SimpleNamespace(dyno_id="web-1"))).pid == 1
+    await holder.launch(SimpleNamespace(dyno_id="one-off"))
+    assert calls == [("web-1", None, None), ("one-off", three_fds, None)]
     assert not any(fd_open(fd) for fd in three_fds)  # the holder has its own copies
+    master = registry.put_tty("tty-off", 30, 100)
+    launched = await holder.launch(SimpleNamespace(dyno_id="tty-off"))
+    assert calls[-1] == ("tty-off", None, (30, 100))
+    assert launched.tty_master is None  # the runtime never sees it ...
+    assert master.result() == masters[0]  # ... the session does
+    os.close(masters[0])
+    # A session that has gone: the master is closed, not leaked.
+    gone = registry.put_tty("tty-gone", 30, 100)
+    gone.cancel()
+    await holder.launch(SimpleNamespace(dyno_id="tty-gone"))
+    assert not fd_open(masters[1])
     assert await holder.ping() == "pong"
 
 

@@ -50,7 +50,7 @@ async def held(client: HolderClient, dyno_id: str) -> dict[str, object]:
 
 async def test_ping_reports_protocol_and_backend(client: HolderClient) -> None:
     info = await client.ping()
-    assert info["version"] == PROTOCOL_VERSION == 2
+    assert info["version"] == PROTOCOL_VERSION == 3
     assert info["backend"] == "plain"
     assert info["pid"] != os.getpid()
 
