@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from agent import __version__, logsetup
@@ -82,6 +83,8 @@ def up(args: argparse.Namespace) -> int:
         env = pf.load_env_file(env_path, required=args.env_file is not None)
         base = config_mod.load(args.config) if args.config is not None else None
         config, defaults = standalone.standalone_config(app, base)
+        # The app directory is the slug of every dyno of `up`.
+        config = replace(config, slug_roots=(*config.effective_slug_roots, directory))
         items = pf.parse_formation_items([args.formation]) if args.formation else []
         formation = standalone.initial_formation(procfile, items, config.sizes)
     except pf.AppDirError as exc:

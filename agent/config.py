@@ -22,6 +22,12 @@ DEFAULT_CONFIG_PATH = Path("/etc/dynoagent/agent.toml")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Where dynoagents keep state and sockets whatever this one's config says (another agent with
+# the defaults, standalone agents, the host-wide uid registry, every dyno's netns, the
+# config): no slug may reach them, and dynos on the host stack do not see them.
+HOST_WIDE_PATHS = (Path("/var/lib/dynoagent"), Path("/run/dynoagent"),
+                   Path("/run/dynoagent-uids"), Path("/run/dynoagent-up"), Path("/run/netns"),
+                   Path("/etc/dynoagent"))
 # Heroku's cool-offs after the immediate first restart: 20, 40, 60, 180, 320 minutes.
 HEROKU_RESTART_SCHEDULE_S: tuple[float, ...] = (1200.0, 2400.0, 3600.0, 10800.0, 19200.0)
 
@@ -48,12 +54,24 @@ class Config:
     log_level: str = "info"
     # How often memory is sampled (R14/R15) and runtime-metrics lines are logged.
     sample_interval_s: float = 20.0
+    # How long a freed dyno uid stays out of use (it also waits until no process or key of
+    # it remains); uids are unique across every agent on the host.
+    uid_quarantine_s: float = 600.0
     # The default size table with the config's [sizes.NAME] tables applied.
     sizes: Mapping[str, Size] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    # Directories a release's slug.path may lie under (agent/slugroots.py); None: the
+    # default, <state_dir>/slugs.
+    slug_roots: tuple[Path, ...] | None = None
 
     @property
     def socket_path(self) -> Path:
         return self.socket if self.socket is not None else self.run_dir / "dynoagent.sock"
+
+    @property
+    def effective_slug_roots(self) -> tuple[Path, ...]:
+        if self.slug_roots is not None:
+            return self.slug_roots
+        return (self.state_dir / "slugs",)
 
     # Keys that SIGHUP may change on a running agent; the rest need a restart.
     RELOADABLE = frozenset({"log_level", "restart_schedule_s", "boot_timeout_s",
@@ -85,6 +103,10 @@ def _seconds(key: str, value: Any, allow_zero: bool = False) -> float:
         raise ConfigError(key, f"must be a {'non-negative' if allow_zero else 'positive'} "
                                f"number of seconds, got {value!r}")
     return number
+
+
+def _quarantine(key: str, value: Any) -> float:
+    return _seconds(key, value, allow_zero=True)
 
 
 def _schedule(key: str, value: Any) -> tuple[float, ...]:
@@ -136,6 +158,12 @@ def _socket(key: str, value: Any) -> Path:
     return path
 
 
+def _path_list(key: str, value: Any) -> tuple[Path, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be a list of absolute paths, got {value!r}")
+    return tuple(_path(f"{key}[{i}]", item) for i, item in enumerate(value))
+
+
 def _log_level(key: str, value: Any) -> str:
     _require(key, value, str, "a string")
     if value.lower() not in LOG_LEVELS:
@@ -161,7 +189,9 @@ _PARSERS: dict[str, Any] = {
     "cycle_after_s": _seconds,
     "log_level": _log_level,
     "sample_interval_s": _seconds,
+    "uid_quarantine_s": _quarantine,
     "sizes": _sizes,
+    "slug_roots": _path_list,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)}
 

@@ -36,13 +36,14 @@ from agent.coordinator import CoordinatorLink, Requests, dyno_metrics, hello_pay
 from agent.errors import ConfigError, Conflict, NotReady
 from agent.events import EventBus, EventFollower
 from agent.holder import ConnectionLost, HolderClient, HolderError
-from agent.launcher import UidAllocator
+from agent.launcher import UidAllocationError, UidAllocator
 from agent.logs import LogHub
 from agent.peercred import group_id, peer_credentials
 from agent.reconcile import DesiredStore, Engine, SupervisorFleet
 from agent.records import RecordStore
 from agent.runtime import HostRuntime
 from agent.slug import SlugStore
+from agent.slugroots import SlugRoots
 from agent.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -75,6 +76,25 @@ def instance_names(config: Config) -> tuple[str, str]:
         return "dy", "dynoagent"
     digest = hashlib.sha256(config.cgroup_root.encode()).hexdigest()
     return f"d{digest[:2]}", f"dynoagent_{digest[:8]}"
+
+
+def hidden_paths(config: Config, config_path: Path | None) -> tuple[str, ...]:
+    """What a dyno on the host stack (the host's own root, read-only) must not see: this
+    agent's state, run dir, sockets, config and coordinator secrets, and whatever any agent on
+    the host keeps in the default places (config.HOST_WIDE_PATHS), such as /run/netns.
+
+    Symlinks are resolved here, on the host, so the mask covers the directory itself; a path
+    inside another hidden one is left out (the outer mask already hides it, and the inner
+    path no longer exists under it).
+    """
+    candidates = [config.state_dir, config.run_dir, config.socket_path,
+                  attach_path(config.socket_path), *config_mod.HOST_WIDE_PATHS]
+    candidates += [path for path in (config_path, config.coordinator_token_file,
+                                     config.coordinator_client_key_file,
+                                     config.coordinator_client_cert_file) if path is not None]
+    resolved = sorted({os.path.realpath(path) for path in candidates})
+    return tuple(path for path in resolved
+                 if not any(path.startswith(other.rstrip("/") + "/") for other in resolved))
 
 
 def _read_or_create_agent_id(state_dir: Path) -> str:
@@ -128,6 +148,9 @@ class Daemon:
         self.holder_listeners: list[Callable[[object], None]] = []
         # Set by standalone mode (`dynoagent up`): the formation that `dynoctl scale` changes.
         self.formation: FormationController | None = None
+        # Log that the `host` stack is for development only (standalone mode prints its own
+        # line on the terminal instead).
+        self.warn_host_stack = True
 
     # -- what the operator API reads -------------------------------------------------------
     @property
@@ -374,15 +397,28 @@ class Daemon:
     async def _supervisor(self) -> AsyncIterator[None]:
         assert self.tree is not None and self.network is not None and self.holder is not None
         config = self.config
+        try:
+            uids = UidAllocator(str(config.state_dir), quarantine_s=config.uid_quarantine_s)
+        except UidAllocationError as exc:
+            raise StartupError(f"uids: {exc}") from None
         slugs = SlugStore(config.state_dir / "slugs")
         runtime = AttachingRuntime(
             stdio=self.stdio, tree=self.tree, network=self.network,
-            uids=UidAllocator(str(config.state_dir / "uids")), slugs=slugs,
+            uids=uids, slugs=slugs,
             holder=self.holder, state_dir=config.state_dir, run_dir=config.run_dir,
-            hide_paths=tuple(str(p) for p in {config.state_dir, config.run_dir}))
-        supervisor = Supervisor(config, runtime, RecordStore(config.state_dir), self.hub,
+            hide_paths=hidden_paths(config, self.config_path),
+            slug_roots=SlugRoots.from_config(config))
+        records = RecordStore(config.state_dir)
+        try:
+            # Before any dyno is restored: a restored dyno launches with its record's uid.
+            await asyncio.to_thread(runtime.keep_uids, records)
+        except UidAllocationError as exc:
+            await slugs.aclose()
+            raise StartupError(f"uids: {exc}") from None
+        supervisor = Supervisor(config, runtime, records, self.hub,
                                 self.bus, release=self._release,
                                 sample_interval_s=config.sample_interval_s)
+        supervisor.warn_host_stack = self.warn_host_stack
         held = await self.holder.list_processes()
         self.supervisor = supervisor
         restored = supervisor.restore(held)
@@ -546,6 +582,10 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._install_signal_handlers(loop)
+        if self.warn_host_stack:
+            log.warning("the host stack (the default when a spec names no release.stack) shows "
+                        "dynos the host's own world-readable files: for development only; "
+                        "give production dynos a named stack")
         async with contextlib.AsyncExitStack() as stack:
             for step in self.steps():
                 notify.status(f"starting: {step.name}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import errors
-from agent.spec import DynoSpec, SpecError, parse_spec
+from agent.spec import DynoSpec, SpecError
 from agent.states import DynoState
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,9 @@ class SupervisorFleet:
         self.supervisor = supervisor
 
     def parse(self, body: Any) -> DynoSpec:
-        return parse_spec(body, self.supervisor.config.sizes)
+        # The supervisor's own parse: slug roots are checked before a desired set is kept.
+        spec: DynoSpec = self.supervisor.parse(body)
+        return spec
 
     def observe(self) -> dict[str, Observed]:
         # One-off dynos (`dynoctl run`, `run.N`) are not the desired set's to remove: they

@@ -17,8 +17,8 @@ import re
 import shlex
 import shutil
 import signal
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,9 +26,13 @@ import cgroups
 import netns
 from agent.holder import HolderClient, HolderError, HolderTimeout
 from agent.launcher import LauncherError, LaunchRequest, UidAllocator
-from agent.records import Placement
+from agent.launcher.seccomp import process_mode as seccomp_process_mode
+from agent.launcher.uids import forget_legacy_table
+from agent.records import Placement, RecordStore
+from agent.sizes import Size
 from agent.slug import SlugError, SlugStore
-from agent.spec import HOST_STACK, DynoSpec
+from agent.slugroots import SlugPathRefused, SlugRoots
+from agent.spec import HOST_STACK, DynoSpec, SlugSource
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,10 @@ class Launch:
     timings_ms: Mapping[str, float]
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class Runtime(Protocol):
     async def place(self, spec: DynoSpec) -> Placement: ...
 
@@ -68,11 +76,32 @@ class Runtime(Protocol):
 
     def stats(self, placement: Placement) -> cgroups.Stats | None: ...
 
+    def watch_oom_kills(self, placement: Placement,
+                        on_kill: Callable[[int], None]) -> Closable | None: ...
+
     async def accepting(self, ip: str, port: int) -> bool: ...
 
     async def unplace(self, placement: Placement) -> None: ...
 
     def pid_alive(self, pid: int, start_time: int) -> bool: ...
+
+    def seccomp_mode(self, pid: int, start_time: int) -> int | None: ...
+
+
+def dyno_limits(size: Size, mode: cgroups.Mode) -> cgroups.Limits:
+    """The cgroup limits of a dyno of `size`. The kill point is the hard limit (memory.max,
+    memory.limit_in_bytes): there the kernel OOM-kills, and that is R15.
+
+    The quota is written only on hybrid, as the v1 soft limit (reclaimed first under host
+    pressure; it never slows the dyno). On v2 its counterpart, memory.high, throttles every
+    allocation above it, and with no swap to reclaim into, a dyno past its quota is held
+    there (2 s per allocation once some 10 % over) and never reaches the kill point: no R15,
+    a dyno that crawls. R14 is the agent's, from its samples, in both modes.
+    """
+    return cgroups.Limits(
+        memory_high_bytes=size.memory_quota_bytes if mode is cgroups.Mode.HYBRID else None,
+        memory_max_bytes=size.kill_at_bytes, swap_allowed=False,
+        cpu_weight=size.cpu_weight, cpu_max_cpus=size.cpu_max_cpus, pids_max=size.pids_max)
 
 
 def cgroup_rel(spec_app: str, dyno_id: str) -> str:
@@ -100,8 +129,9 @@ class HostRuntime:
 
     def __init__(self, *, tree: cgroups.Tree, network: netns.HostNetwork, uids: UidAllocator,
                  slugs: SlugStore, holder: HolderClient, state_dir: Path, run_dir: Path,
-                 hide_paths: tuple[str, ...]) -> None:
+                 hide_paths: tuple[str, ...], slug_roots: SlugRoots) -> None:
         self.tree = tree
+        self.slug_roots = slug_roots
         self.network = network
         self.uids = uids
         self.slugs = slugs
@@ -116,13 +146,8 @@ class HostRuntime:
     def group(self, placement: Placement) -> cgroups.Group:
         return self.tree.group(placement.cgroup)
 
-    @staticmethod
-    def limits(spec: DynoSpec) -> cgroups.Limits:
-        size = spec.size
-        return cgroups.Limits(memory_high_bytes=size.memory_quota_bytes,
-                              memory_max_bytes=size.kill_at_bytes, swap_allowed=False,
-                              cpu_weight=size.cpu_weight, cpu_max_cpus=size.cpu_max_cpus,
-                              pids_max=size.pids_max)
+    def limits(self, spec: DynoSpec) -> cgroups.Limits:
+        return dyno_limits(spec.size, self.tree.layout.mode)
 
     def _stack_dir(self, spec: DynoSpec) -> str:
         stack = spec.release.stack
@@ -134,11 +159,23 @@ class HostRuntime:
                                 f"({path} is missing)")
         return str(path)
 
+    def _slug_source(self, spec: DynoSpec) -> SlugSource:
+        """The release's slug, a local path checked again and resolved: the edge checked it
+        when the spec arrived, but a record may predate the roots, and a symlink on the way
+        may have changed since. The resolved path is what gets mounted."""
+        source = spec.release.slug
+        if source.path is None:
+            return source
+        try:
+            return SlugSource(path=self.slug_roots.resolve(source.path))
+        except SlugPathRefused as exc:
+            raise DynoStartError(f"Error: slug refused: {exc}") from None
+
     async def place(self, spec: DynoSpec) -> Placement:
         """Create everything the dyno needs before its process; undo it all on failure."""
         async with contextlib.AsyncExitStack() as undo:
             try:
-                slug_dir = await self.slugs.resolve(spec.release.slug)
+                slug_dir = await self.slugs.resolve(self._slug_source(spec))
             except SlugError as exc:
                 raise DynoStartError(str(exc)) from None
             self._stack_dir(spec)
@@ -176,6 +213,9 @@ class HostRuntime:
 
     async def launch(self, spec: DynoSpec, placement: Placement,
                      env: Mapping[str, str]) -> Launch:
+        # A placement outlives restarts (of the dyno and of the agent): a record made before
+        # the slug roots, or before they changed, must not launch its slug again.
+        self._slug_source(spec)
         group = self.group(placement)
         request = LaunchRequest(
             dyno_id=spec.id, hostname=spec.id[:63], argv=(SHELL, "-c", shell_command(spec.command)),
@@ -183,6 +223,7 @@ class HostRuntime:
             stack_dir=self._stack_dir(spec), slug_dir=placement.slug_dir,
             dyno_dir=placement.dyno_dir,
             writable_limit_bytes=spec.size.memory_quota_bytes,
+            nofile_limit=spec.size.nofile,
             cgroup_procs=group.procs_paths(), netns_path=placement.netns_path,
             private_ip=placement.ip,
             hide_paths=self.hide_paths, reaper=REAPER)
@@ -267,6 +308,25 @@ class HostRuntime:
         except cgroups.CgroupError:
             return None
 
+    def watch_oom_kills(self, placement: Placement,
+                        on_kill: Callable[[int], None]) -> Closable | None:
+        """Call `on_kill(count)` on the loop whenever the kernel OOM-kills a process of the
+        dyno (count: the cgroup's oom_kill counter), until closed. v2: inotify on
+        memory.events; hybrid: an eventfd on the v1 memory.oom_control. None (logged) when
+        the group cannot be watched: the exit path still reads the counter."""
+
+        def on_event(event: cgroups.GroupEvent) -> None:
+            if event.kind is cgroups.EventKind.OOM_KILL:
+                on_kill(event.count)
+
+        watch = self.group(placement).watch(on_event=on_event)
+        try:
+            watch.start()
+        except cgroups.CgroupError as exc:
+            log.error("cannot watch cgroup %s for OOM kills: %s", placement.cgroup, exc)
+            return None
+        return watch
+
     async def accepting(self, ip: str, port: int) -> bool:
         try:
             async with asyncio.timeout(BOOT_PROBE_TIMEOUT_S):
@@ -289,6 +349,30 @@ class HostRuntime:
 
     def pid_alive(self, pid: int, start_time: int) -> bool:
         return process_start_time(pid) == start_time
+
+    def seccomp_mode(self, pid: int, start_time: int) -> int | None:
+        """The process's `Seccomp:` mode (2: filtered), None once it is gone."""
+        mode = seccomp_process_mode(pid)
+        # Read first, then check identity: a pid reused in between is caught.
+        return mode if self.pid_alive(pid, start_time) else None
+
+    def keep_uids(self, records: RecordStore) -> None:
+        """At start, before any dyno is restored: the host-wide uid registry gets back the
+        uids the records name (after a reboot it is empty) and frees this agent's others. A
+        dyno whose uid another agent's dyno holds (both were placed before the registry
+        existed) gets a fresh one in its record; a process it still runs keeps the old uid
+        until its next start."""
+        forget_legacy_table(str(self.state_dir))
+        placed = {r.id: r for r in records.load_all() if r.placement is not None}
+        moved = self.uids.reconcile({dyno_id: r.placement.uid for dyno_id, r in placed.items()
+                                     if r.placement is not None})
+        for dyno_id, uid in moved.items():
+            record = placed[dyno_id]
+            assert record.placement is not None
+            log.warning("dyno %s: uid %d is another dyno's; it gets uid %d from its next start",
+                        dyno_id, record.placement.uid, uid)
+            record.placement = replace(record.placement, uid=uid, gid=uid)
+            records.save(record)
 
 
 def _is_pid_namespace_init(pid: int) -> bool:

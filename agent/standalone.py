@@ -303,6 +303,7 @@ class StandaloneDaemon(Daemon):
 
     def __init__(self, config: Config, options: UpOptions) -> None:
         super().__init__(config, None)
+        self.warn_host_stack = False  # the banner says it, once, on the terminal
         self.options = options
         self.printer = LogPrinter(options.out, options.colour)
         self.exit_code: int | None = None
@@ -368,6 +369,7 @@ class StandaloneDaemon(Daemon):
         socket_note = "" if self.config.socket_path == DEFAULT_SOCKET else (
             f" (export DYNOAGENT_SOCKET={self.config.socket_path})")
         say(f"operator socket {self.config.socket_path}{socket_note}")
+        say("stack host: dynos see this machine's own files (for development only)")
         if "web" in controller.formation:
             say(f"web dynos on http://{host}:{port}")
         say("Ctrl-C stops everything")

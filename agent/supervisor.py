@@ -21,7 +21,8 @@ from agent.logs import LogHub, LogLine, l10_buffer_overflow
 from agent.policy import CYCLE_JITTER_S, RestartPolicy
 from agent.records import Record, RecordStore
 from agent.runtime import Runtime
-from agent.spec import DynoSpec, SpecError, parse_spec
+from agent.slugroots import SlugPathRefused, SlugRoots
+from agent.spec import HOST_STACK, DynoSpec, SpecError, parse_spec
 from agent.states import DynoState, Reason, StateChange
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class Supervisor:
         self.sample_interval_s = sample_interval_s
         self.state_listeners: list[Callable[[StateChange], None]] = []
         self._release = release
+        # Log once per app that runs on the `host` stack that it is for development only
+        # (standalone mode says so on the terminal instead).
+        self.warn_host_stack = True
+        self._host_stack_apps: set[str] = set()
         # Records whose spec no longer validates: left alone, and their kernel objects are
         # spared by the sweep (an agent restart never kills a dyno).
         self.unparsed: list[Record] = []
@@ -197,6 +202,11 @@ class Supervisor:
                 log.error("record %s has an invalid spec (%s); leaving it alone", record.id, exc)
                 self.unparsed.append(record)
                 continue
+            problem = self.slug_problem(spec)
+            if problem is not None:
+                # Adopted all the same (a restarted agent never kills a dyno), but the start
+                # refuses to launch it again: slug_roots changed, or the record predates them.
+                log.warning("dyno %s: %s; it will not be launched again", record.id, problem)
             dyno = self._make(spec, record)
             adopt = record.pid is not None
             self._match_process(dyno, by_key)
@@ -246,6 +256,12 @@ class Supervisor:
             self._match_process(dyno, by_key)
 
     def _make(self, spec: DynoSpec, record: Record) -> Dyno:
+        if (spec.release.stack == HOST_STACK and self.warn_host_stack
+                and spec.app not in self._host_stack_apps):
+            self._host_stack_apps.add(spec.app)
+            log.warning("app %s runs on the host stack: its dynos see the host's own "
+                        "world-readable files (development only; use a named stack)", spec.app,
+                        extra={"APP": spec.app})
         return Dyno(spec, record, self.runtime, self, self.timing, self.start_slots)
 
     async def detach_all(self) -> None:
@@ -300,6 +316,8 @@ class Supervisor:
             "cgroup": placement.cgroup if placement else None,
             "netns": placement.netns_path if placement else None,
             "uid": placement.uid if placement else None,
+            # 2 (a seccomp filter) for a dyno's PID 1 as launched; null when not running.
+            "seccomp": self._seccomp_mode(dyno),
             "limits": {"memory_quota_bytes": size.memory_quota_bytes,
                        "memory_kill_bytes": size.kill_at_bytes, "pids_max": size.pids_max,
                        "cpu_weight": size.cpu_weight, "cpu_max_cpus": size.cpu_max_cpus},
@@ -317,13 +335,40 @@ class Supervisor:
         })
         return status
 
+    def _seccomp_mode(self, dyno: Dyno) -> int | None:
+        pid, start_time = dyno.record.pid, dyno.record.start_time
+        if pid is None or start_time is None:
+            return None
+        return self.runtime.seccomp_mode(pid, start_time)
+
+    def parse(self, body: Any) -> DynoSpec:
+        """A spec for a new dyno, validated at the edge (operator API, coordinator RPC, the
+        local controller): DESIGN §5, and a local slug path against the slug roots. Raises
+        SpecError and changes nothing."""
+        spec = parse_spec(body, self.config.sizes)
+        problem = self.slug_problem(spec)
+        if problem is not None:
+            raise SpecError("release.slug.path", problem, spec.release.slug.path)
+        return spec
+
+    def slug_problem(self, spec: DynoSpec) -> str | None:
+        """Why the spec's local slug path may not be used, or None (a url, or allowed)."""
+        path = spec.release.slug.path
+        if path is None:
+            return None
+        try:
+            SlugRoots.from_config(self.config).resolve(path)
+        except SlugPathRefused as exc:
+            return str(exc)
+        return None
+
     async def create_dyno(self, body: Any) -> dict[str, Any]:
         if not self.accepting:
             raise errors.NotReady("the agent is shutting down")
         if self.draining:
             raise errors.Draining("the agent is draining and starts no new dynos")
         try:
-            spec = parse_spec(body, self.config.sizes)
+            spec = self.parse(body)
         except SpecError as exc:
             raise errors.InvalidSpec(str(exc), exc.field) from None
         existing = self.dynos.get(spec.id)

@@ -1,10 +1,11 @@
 """Dyno isolation: launch a request into fresh namespaces, an ephemeral overlay filesystem and
 an unprivileged user under a reaping PID 1; enter running dynos; allocate per-dyno uids."""
 
-from agent.launcher.enter import enter
+from agent.launcher.enter import enter, enter_pty
 from agent.launcher.errors import LauncherError, LaunchError, RequestError, UidAllocationError
 from agent.launcher.launch import launch
 from agent.launcher.request import LaunchRequest, LaunchResult
+from agent.launcher.terminal import PtyRequest
 from agent.launcher.uids import UidAllocator
 
 __all__ = [
@@ -12,9 +13,11 @@ __all__ = [
     "LaunchRequest",
     "LaunchResult",
     "LauncherError",
+    "PtyRequest",
     "RequestError",
     "UidAllocationError",
     "UidAllocator",
     "enter",
+    "enter_pty",
     "launch",
 ]

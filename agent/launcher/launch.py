@@ -8,10 +8,10 @@ import socket
 import time
 from typing import NoReturn
 
-from agent.launcher import etc, idmap, privileges, process, rootfs
+from agent.launcher import etc, idmap, privileges, process, rootfs, seccomp, terminal
 from agent.launcher import report as rep
 from agent.launcher import syscalls as sc
-from agent.launcher.errors import LaunchError
+from agent.launcher.errors import LaunchError, SeccompError
 from agent.launcher.request import LaunchRequest, LaunchResult
 
 PHASES = ("prepare", "fork", "cgroup", "namespaces", "netns", "mounts", "user")
@@ -21,19 +21,25 @@ _last_cap: int | None = None
 
 
 def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
-           timeout_s: float = 10.0) -> LaunchResult:
+           timeout_s: float = 10.0, pty: terminal.PtyRequest | None = None) -> LaunchResult:
     """Start `req.reaper -- *req.argv` isolated; return once it has exec'd.
 
-    stdio fds stay owned by the caller (they are duplicated into the child). The reaper is
+    stdio fds stay owned by the caller (they are duplicated into the child). With `pty`, the
+    dyno's PID 1 gets a new pty of the dyno's own devpts as controlling terminal and stdio
+    instead (the stdio fds are ignored) and the result carries its master. The reaper is
     opened on the host and exec'd by fd, so a stack need not contain it (use a static build
     for stacks without the host's libc). Raises LaunchError(phase, errno, message).
     """
     global _last_cap
     start_ns = time.monotonic_ns()
     req.validate()
+    if pty is not None:
+        pty.validate()
     if _last_cap is None:
         _last_cap = sc.last_capability()
     last_cap = _last_cap
+    if req.seccomp:
+        _build_seccomp_filter()
     etc_files = None
     if req.own_etc:
         # The dyno id as an alias: the hostname is at most 63 characters, an id 64.
@@ -47,14 +53,25 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
     argv = [req.reaper, "--", *req.argv]
     env = dict(req.env)
     fds: list[int] = []
+    channel: tuple[int, int] | None = None
     try:
+        if pty is not None:
+            channel = terminal.channel()
+            fds.extend(channel)
         reaper_fd = _open(req.reaper, os.O_PATH, "exec", fds)
         netns_fd = None if req.netns_path is None else _open(req.netns_path, os.O_RDONLY,
                                                              "netns", fds)
         userns_fd = None
         if req.idmap_slug:
+            # The slug directory's owner becomes the dyno user, nobody else: a slug path that
+            # shows a root-owned host tree must not make root's files the dyno's.
             try:
-                userns_fd = idmap.userns_mapping_root_to(req.uid, req.gid)
+                owner = os.stat(req.slug_dir)
+            except OSError as e:
+                raise LaunchError("prepare", e.errno or 0, f"slug: {e.strerror}",
+                                  req.slug_dir) from e
+            try:
+                userns_fd = idmap.userns_mapping(owner.st_uid, owner.st_gid, req.uid, req.gid)
             except OSError as e:
                 raise LaunchError("prepare", e.errno or 0,
                                   f"user namespace for the idmapped slug: {e.strerror}") from e
@@ -62,17 +79,29 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
 
         def child(write_fd: int) -> NoReturn:
             _child(req, plan, argv, env, reaper_fd, netns_fd, userns_fd, last_cap,
-                   (stdin_fd, stdout_fd, stderr_fd), write_fd)
+                   (stdin_fd, stdout_fd, stderr_fd), write_fd,
+                   None if pty is None or channel is None else (pty, channel[1]))
 
         prepared_ns = time.monotonic_ns()
         pid, report = process.fork_into(lambda: sc.unshare(sc.CLONE_NEWPID), child, timeout_s)
         report.marks["prepare"] = prepared_ns
+        master = None if channel is None else _pty_master(pid, channel[0])
     finally:
         for fd in fds:
             os.close(fd)
         idmap.reap_helpers()
     timings = rep.durations_ms(start_ns, report.marks, report.eof_ns, PHASES)
-    return LaunchResult(pid=pid, start_time=read_start_time(pid), timings_ms=timings)
+    return LaunchResult(pid=pid, start_time=read_start_time(pid), timings_ms=timings,
+                        pty_master=master)
+
+
+def _pty_master(pid: int, channel_fd: int) -> int:
+    """The master the child sent before it exec'd; without it the launch failed."""
+    try:
+        return terminal.receive_master(channel_fd)
+    except LaunchError:
+        process.kill_and_reap(pid)
+        raise
 
 
 def _open(path: str, flags: int, phase: str, fds: list[int]) -> int:
@@ -86,7 +115,8 @@ def _open(path: str, flags: int, phase: str, fds: list[int]) -> int:
 
 def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict[str, str],
            reaper_fd: int, netns_fd: int | None, userns_fd: int | None, last_cap: int,
-           stdio: tuple[int, int, int], write_fd: int) -> NoReturn:
+           stdio: tuple[int, int, int], write_fd: int,
+           pty: tuple[terminal.PtyRequest, int] | None) -> NoReturn:
     # We are PID 1 of a fresh pid namespace. Nothing of the app may run before the cgroup
     # join, so that every byte and fork the app ever makes is accounted to the dyno.
     marks: dict[str, int] = {"fork": process.mark()}
@@ -111,12 +141,23 @@ def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict
         rootfs.apply(plan, userns_fd)
         marks["mounts"] = process.mark()
         phase = "user"
+        if pty is not None:
+            # After pivot_root: /dev/pts is the dyno's own devpts instance.
+            phase = "tty"
+            peer = terminal.open_in_child(pty[0], req.uid, req.gid, pty[1])
+            stdio = (peer, peer, peer)
+            phase = "user"
         privileges.install_stdio(*stdio)
         privileges.reset_signals()
         privileges.reset_process_attributes()
         privileges.set_rlimits(req.nofile_limit)
         privileges.drop_to(req.uid, req.gid, last_cap)
         os.chdir("/app")
+        if req.seccomp:
+            # Last, right before exec: no_new_privs is set (drop_to), and nothing of ours
+            # after this needs more than write, execveat and exit.
+            phase = "seccomp"
+            seccomp.install(seccomp.dyno_filter())
         marks["user"] = process.mark()
         os.write(write_fd, rep.encode_marks(marks))
         phase = "exec"
@@ -126,6 +167,14 @@ def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict
             raise OSError(e.errno, e.strerror, req.reaper) from e
     except BaseException as e:
         process.fail(write_fd, phase, e)
+
+
+def _build_seccomp_filter() -> None:
+    """Compile the filter in the caller, once for all launches: the child only installs it."""
+    try:
+        seccomp.dyno_filter()
+    except SeccompError as e:
+        raise LaunchError("seccomp", 0, str(e)) from e
 
 
 def _join_cgroup(path: str) -> None:

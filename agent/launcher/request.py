@@ -39,8 +39,8 @@ class LaunchRequest:
     netns_path: str | None
     hide_paths: tuple[str, ...] = ()
     reaper: str = "/usr/bin/tini"
-    # Show the slug's root-owned files as owned by the dyno user (idmapped mount, Linux 5.19+
-    # and a slug filesystem that supports idmapping: ext4, xfs, btrfs, tmpfs 6.3+).
+    # Show the files of the slug directory's owner as owned by the dyno user (idmapped mount,
+    # Linux 5.19+ and a slug filesystem that supports idmapping: ext4, xfs, btrfs, tmpfs 6.3+).
     idmap_slug: bool = True
     # The dyno's address on its space's bridge, for its own /etc/hosts; None: taken from env's
     # DYNOAGENT_PRIVATE_IP when that is an address, else the hostname maps to 127.0.1.1.
@@ -49,6 +49,9 @@ class LaunchRequest:
     own_etc: bool = True
     # RLIMIT_NOFILE (soft = hard) of the app, Heroku's figure; RLIMIT_CORE is always 0.
     nofile_limit: int = DEFAULT_NOFILE
+    # The dyno seccomp filter (agent.launcher.seccomp) on the app and all it starts. Always on
+    # in production; off only for the benchmark's with/without comparison and its tests.
+    seccomp: bool = True
 
     def validate(self) -> None:
         """Refuse what the child could only fail on later, with a clearer message now."""
@@ -85,6 +88,9 @@ class LaunchRequest:
         if not MIN_NOFILE <= self.nofile_limit <= MAX_NOFILE:
             raise RequestError("nofile_limit", self.nofile_limit,
                                f"must be within {MIN_NOFILE}..{MAX_NOFILE}")
+        # A security switch: only a real bool turns it off (0 or "" from JSON must not).
+        if not isinstance(self.seccomp, bool):
+            raise RequestError("seccomp", self.seccomp, "must be true or false")
 
     def effective_private_ip(self) -> str | None:
         """`private_ip`, else a valid DYNOAGENT_PRIVATE_IP from env (what the daemon sets)."""
@@ -107,3 +113,5 @@ class LaunchResult:
     pid: int
     start_time: int
     timings_ms: Mapping[str, float]
+    # The master of the pty launched with a PtyRequest (owned by the caller), else None.
+    pty_master: int | None = None

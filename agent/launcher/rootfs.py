@@ -81,7 +81,8 @@ class ReadOnly:
 
 @dataclass(frozen=True)
 class IdmappedBind:
-    """Read-only bind of `source` on `target` where files owned by root appear as uid/gid."""
+    """Read-only bind of `source` on `target` where the files of `source`'s owner appear as
+    uid/gid (the owner is read when the user namespace is made, see launch.py)."""
 
     source: str
     target: str
@@ -171,8 +172,8 @@ def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_
 
     One tmpfs of `writable_limit_bytes` over `dyno_dir` (in the dyno's own mount namespace)
     holds everything writable: the /app upper layer, /tmp and /dev/shm, so the limit covers
-    their sum and it all vanishes with the namespace. With `idmap_slug` the slug's
-    root-owned files appear owned by the dyno user (an idmapped lower layer), so the app can
+    their sum and it all vanishes with the namespace. With `idmap_slug` the files of the
+    slug directory's owner appear owned by the dyno user (an idmapped lower layer), so the app can
     modify them; the changes are copied up into its private upper layer. `etc_files`
     (name -> content) are written to the scratch tmpfs and bound read-only over the stack's
     /etc/<name>, so each dyno has its own hosts, hostname and resolv.conf.
@@ -243,7 +244,7 @@ class RootfsError(OSError):
 
 
 def apply(ops: Iterable[Op], userns_fd: int | None = None) -> None:
-    """Perform `ops`; `userns_fd` (see idmap.userns_mapping_root_to) serves IdmappedBind."""
+    """Perform `ops`; `userns_fd` (see idmap.userns_mapping) serves IdmappedBind."""
     for op in ops:
         try:
             _apply_one(op, userns_fd)

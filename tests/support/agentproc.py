@@ -97,8 +97,11 @@ class AgentProcess:
     """One daemon: its directories live under a short temp dir (socket paths must stay short)."""
 
     def __init__(self, extra: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None, netns: str | None = None) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="dt", dir="/tmp"))
+                 env: Mapping[str, str] | None = None, netns: str | None = None,
+                 parent_dir: str = "/tmp") -> None:
+        # `parent_dir`: where the agent's directories go; a dyno's /tmp is its own, so a test
+        # that a dyno cannot reach the agent's files puts them elsewhere.
+        self.base = Path(tempfile.mkdtemp(prefix="dt", dir=parent_dir))
         self.name = unique("dt")
         self.socket = self.base / "run" / "dynoagent.sock"
         self.settings: dict[str, Any] = {
@@ -106,6 +109,8 @@ class AgentProcess:
             "run_dir": str(self.base / "run"),
             "cgroup_root": f"dynoagent-{self.name}",
             "log_level": "debug",
+            # Tests make their slugs with tempfile, under /tmp (and the agent's base dir).
+            "slug_roots": ["/tmp", str(self.base)],
             **(extra or {}),
         }
         self.config_path = self.base / "agent.toml"

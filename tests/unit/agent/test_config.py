@@ -38,6 +38,12 @@ def test_every_key_is_accepted() -> None:
     assert c.sizes["standard-2x"].memory_quota_bytes == 2**30
 
 
+def test_uid_quarantine_defaults_to_ten_minutes_and_may_be_zero() -> None:
+    assert config.Config().uid_quarantine_s == 600.0
+    assert config.from_mapping({"uid_quarantine_s": 0}).uid_quarantine_s == 0.0
+    assert config.from_mapping({"uid_quarantine_s": 30}).uid_quarantine_s == 30.0
+
+
 def test_restart_schedule_none_means_no_cool_off() -> None:
     assert config.from_mapping({"restart_schedule_s": "none"}).restart_schedule_s == ()
 
@@ -63,6 +69,9 @@ def test_restart_schedule_none_means_no_cool_off() -> None:
     ({"stop_timeout_s": True}, "stop_timeout_s"),
     ({"cycle_after_s": float("inf")}, "cycle_after_s"),
     ({"log_level": "loud"}, "log_level"),
+    ({"uid_quarantine_s": -1}, "uid_quarantine_s"),
+    ({"uid_quarantine_s": "10m"}, "uid_quarantine_s"),
+    ({"uid_quarantine_s": float("nan")}, "uid_quarantine_s"),
     ({"sizes": {"x": 3}}, "sizes.x"),
     ({"sizes": []}, "sizes"),
     ({"sizes": {"eco": {"memory_mb": -5}}}, "sizes.eco.memory_mb"),

@@ -48,6 +48,8 @@ def test_a_sane_request_validates() -> None:
     ({"private_ip": "web-1"}, "private_ip"),
     ({"nofile_limit": 10}, "nofile_limit"),
     ({"nofile_limit": (1 << 20) + 1}, "nofile_limit"),
+    ({"seccomp": 0}, "seccomp"),
+    ({"seccomp": "false"}, "seccomp"),
 ])
 def test_bad_fields_are_named(override: dict[str, Any], field: str) -> None:
     with pytest.raises(RequestError) as info:
@@ -59,6 +61,7 @@ def test_bad_fields_are_named(override: dict[str, Any], field: str) -> None:
 def test_defaults_keep_old_callers_working() -> None:
     req = _req()
     assert (req.private_ip, req.own_etc, req.nofile_limit) == (None, True, 10000)
+    assert req.seccomp is True
 
 
 def test_private_ip_falls_back_to_a_valid_address_in_env() -> None:
