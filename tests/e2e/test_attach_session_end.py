@@ -14,14 +14,8 @@ import pytest
 from tests.e2e.test_standalone import Up, running_up
 from tests.support.agentproc import BIN
 from tests.support.names import unique
-from tests.support.testhost import TestHost, new_test_host
+from tests.support.testhost import TestHost
 from tests.support.wait import wait_for
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[TestHost]:
-    with new_test_host("dt") as test_host:
-        yield test_host
 
 
 @pytest.fixture(scope="module")

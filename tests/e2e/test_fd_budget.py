@@ -21,13 +21,11 @@ import pytest
 from tests.e2e.test_supervision import (
     agent_in_host,
     app_texts,
-    delete_app,
     make_slug,
     spec,
     wait_state,
 )
 from tests.support.agentproc import AgentProcess
-from tests.support.names import unique
 from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
 
@@ -83,9 +81,7 @@ time.sleep(1000)
 
 @pytest.fixture(scope="module")
 def slug() -> Iterator[Path]:
-    path = make_slug()
-    (path / "fdhog.py").write_text(FDHOG_PY)
-    (path / "fdhog.py").chmod(0o644)
+    path = make_slug({"fdhog.py": FDHOG_PY})
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -95,15 +91,6 @@ def agent(slug: Path) -> Iterator[AgentProcess]:
     with new_test_host() as host, agent_in_host(
             host, slug_roots=[str(slug)], sizes={"fdtest": FDTEST}) as running:
         yield running
-
-
-@pytest.fixture
-def app(agent: AgentProcess) -> Iterator[str]:
-    name = unique("t", 8)
-    try:
-        yield name
-    finally:
-        delete_app(agent, name)
 
 
 def dyno_pids(agent: AgentProcess, app: str, dyno_id: str) -> list[int]:

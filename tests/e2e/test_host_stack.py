@@ -10,14 +10,13 @@ import contextlib
 import os
 import secrets
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_supervision import (
-    FAST_CONFIG,
+    agent_in_host,
     app_texts,
     delete_app,
     make_slug,
@@ -32,28 +31,20 @@ from tests.support.wait import wait_for
 HOST_STACK_WARNING = "the host stack (the default when a spec names no release.stack)"
 
 
+def _state_dir_through_a_symlink(agent: AgentProcess) -> None:
+    (agent.base / "state").mkdir(mode=0o755)
+    (agent.base / "state-link").symlink_to(agent.base / "state")
+    agent.settings["state_dir"] = str(agent.base / "state-link")
+    write_config(agent.config_path, agent.settings)
+
+
 @pytest.fixture(scope="module")
 def agent() -> Iterator[AgentProcess]:
-    with new_test_host("dt") as host:
-        # Outside /tmp (every dyno has a /tmp of its own, which would hide the agent's files
-        # whatever the agent did), and the state dir named through a symlink.
-        running = AgentProcess(extra={**FAST_CONFIG}, netns=host.name, parent_dir="/var/tmp")
-        (running.base / "state").mkdir(mode=0o755)
-        (running.base / "state-link").symlink_to(running.base / "state")
-        running.settings["state_dir"] = str(running.base / "state-link")
-        write_config(running.config_path, running.settings)
-        try:
-            running.start()
-            yield running
-        except BaseException:
-            print(running.log()[-20000:], file=sys.stderr)
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                for status in running.api("GET", "/v1/dynos", timeout_s=10):
-                    with contextlib.suppress(Exception):
-                        running.api("DELETE", f"/v1/dynos/{status['id']}", timeout_s=30)
-            running.cleanup()
+    # Outside /tmp (every dyno has a /tmp of its own, which would hide the agent's files
+    # whatever the agent did), and the state dir named through a symlink.
+    with new_test_host("dt") as host, agent_in_host(
+            host, parent_dir="/var/tmp", prepare=_state_dir_through_a_symlink) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ in test_uid_registry.py, the operator's fds in test_attach_relay.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import secrets
 import shutil
 import socket
@@ -20,18 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_supervision import (
-    FAST_CONFIG,
-    app_texts,
-    delete_app,
-    make_slug,
-    spec,
-    wait_state,
-)
+from tests.e2e.test_supervision import agent_in_host, make_slug, one_off_result, spec, wait_state
 from tests.support.agentproc import AgentProcess
-from tests.support.names import unique
-from tests.support.testhost import TestHost, new_test_host
-from tests.support.wait import wait_for
+from tests.support.testhost import TestHost
 
 # Each attack prints one JSON object on a line starting with "RESULT " and nothing after it.
 PROCESSES_PY = """\
@@ -129,51 +118,19 @@ print("RESULT " + json.dumps({"found": found, "reachable": reachable, "opened": 
 
 
 @pytest.fixture(scope="module")
-def host() -> Iterator[TestHost]:
-    with new_test_host("dt") as test_host:
-        yield test_host
-
-
-@pytest.fixture(scope="module")
 def slug() -> Iterator[Path]:
-    path = make_slug()
-    for name, text in (("processes.py", PROCESSES_PY), ("connect.py", CONNECT_PY),
-                       ("secrets.py", SECRETS_PY)):
-        (path / name).write_text(text)
-        (path / name).chmod(0o644)
+    path = make_slug({"processes.py": PROCESSES_PY, "connect.py": CONNECT_PY,
+                      "secrets.py": SECRETS_PY})
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def agent(host: TestHost, slug: Path) -> Iterator[AgentProcess]:
+def agent(host: TestHost) -> Iterator[AgentProcess]:
     # Outside /tmp: every dyno has a /tmp of its own, which would hide the agent's files from
     # it whatever the agent did.
-    running = AgentProcess(extra={**FAST_CONFIG},
-                           netns=host.name, parent_dir="/var/tmp")
-    try:
-        running.start()
+    with agent_in_host(host, parent_dir="/var/tmp") as running:
         yield running
-    except BaseException:
-        print(running.log()[-20000:], file=sys.stderr)
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            for status in running.api("GET", "/v1/dynos", timeout_s=10):
-                with contextlib.suppress(Exception):
-                    running.api("DELETE", f"/v1/dynos/{status['id']}", timeout_s=30)
-        running.cleanup()
-
-
-@pytest.fixture
-def apps(agent: AgentProcess) -> Iterator[tuple[str, str]]:
-    """Two fresh apps (so two spaces): the attacker and its victim."""
-    names = (unique("ta", 8), unique("tv", 8))
-    try:
-        yield names
-    finally:
-        for name in names:
-            delete_app(agent, name)
 
 
 def start_victim(agent: AgentProcess, app: str, slug: Path,
@@ -184,32 +141,13 @@ def start_victim(agent: AgentProcess, app: str, slug: Path,
     return wait_state(agent, created["id"], "up", 30)
 
 
-def attack(agent: AgentProcess, app: str, slug: Path, script: str,
-           env: dict[str, str]) -> dict[str, Any]:
-    """Run `script` from the slug in a one-off dyno of `app`; its RESULT object."""
-    name = f"run.{secrets.randbelow(9000) + 1000}"
-    created = agent.api("POST", "/v1/dynos",
-                        spec(app, name, f"python3 -u {script}", slug, env=env), expect=201)
-
-    def result() -> dict[str, Any]:
-        for text in app_texts(agent, app, name):
-            if text.startswith("RESULT "):
-                parsed: dict[str, Any] = json.loads(text[len("RESULT "):])
-                return parsed
-        return {}
-    try:
-        return wait_for(result, 60, interval_s=0.1, what=f"the result of {script}")
-    finally:
-        wait_state(agent, created["id"], "complete", 30)
-        agent.api("DELETE", f"/v1/dynos/{created['id']}", expect=204)
-
-
 def test_a_dyno_sees_and_signals_only_its_own_processes(
         agent: AgentProcess, apps: tuple[str, str], slug: Path) -> None:
     attacker, victim_app = apps
     victim = start_victim(agent, victim_app, slug)
     host_pids = [str(victim["pid"])]
-    found = attack(agent, attacker, slug, "processes.py", {"OTHER_PIDS": " ".join(host_pids)})
+    found = one_off_result(agent, attacker, slug, "processes.py",
+                           {"OTHER_PIDS": " ".join(host_pids)})
     commands = list(found["seen"].values())
     assert not any("server.py" in command for command in commands), commands
     assert len(commands) <= 3, f"only tini, the shell and the attack itself: {commands}"
@@ -224,9 +162,9 @@ def test_another_space_is_unreachable_while_the_same_space_is(
     attacker, victim_app = apps
     victim = start_victim(agent, victim_app, slug)
     target = f"{victim['ip']}:5000"
-    neighbour = attack(agent, victim_app, slug, "connect.py", {"TARGETS": target})
+    neighbour = one_off_result(agent, victim_app, slug, "connect.py", {"TARGETS": target})
     assert neighbour == {target: "connected"}, "a dyno of the same space must reach it"
-    stranger = attack(agent, attacker, slug, "connect.py", {"TARGETS": target})
+    stranger = one_off_result(agent, attacker, slug, "connect.py", {"TARGETS": target})
     assert stranger[target] != "connected", stranger
 
 
@@ -248,8 +186,8 @@ def test_the_hosts_own_services_are_unreachable(
                           stderr=subprocess.DEVNULL)
     try:
         assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
-        found = attack(agent, attacker, slug, "connect.py",
-                       {"TARGETS": f"127.0.0.1:{port}", "GATEWAY_PORT": str(port)})
+        found = one_off_result(agent, attacker, slug, "connect.py",
+                               {"TARGETS": f"127.0.0.1:{port}", "GATEWAY_PORT": str(port)})
         gateway = next(target for target in found if not target.startswith("127."))
         # The listener is there on the dyno's gateway address, for the host itself.
         reached = host.run(sys.executable, "-c",
@@ -277,7 +215,7 @@ def test_neither_the_agents_state_nor_another_dynos_config_vars_nor_the_socket_a
         path.chmod(0o755)
     sockets = [str(agent.socket), str(agent.socket.with_name("dynoagent.attach.sock")),
                f"{run_dir}/holder.sock"]
-    found = attack(agent, attacker, slug, "secrets.py", {
+    found = one_off_result(agent, attacker, slug, "secrets.py", {
         "NEEDLE": secret[::-1], "SEARCH": f"{state_dir} {run_dir} {agent.base} /run /var/lib",
         "FILES": record, "SOCKETS": " ".join(sockets)})
     assert found["found"] == [], f"the victim's secret was read from {found['found']}"

@@ -20,7 +20,6 @@ from tests.e2e.test_supervision import (
     LineCollector,
     agent_in_host,
     app_texts,
-    delete_app,
     dyno,
     event_of,
     log_lines,
@@ -28,7 +27,6 @@ from tests.e2e.test_supervision import (
     spec,
 )
 from tests.support.agentproc import AgentProcess
-from tests.support.names import unique
 from tests.support.testhost import new_test_host
 
 # PID 1's child (the shell exec's python, the reaper's child) stays small and waits; its own
@@ -46,9 +44,7 @@ time.sleep(1000)
 
 @pytest.fixture(scope="module")
 def slug() -> Iterator[Path]:
-    path = make_slug()
-    (path / "parent.py").write_text(PARENT_PY)
-    (path / "parent.py").chmod(0o644)
+    path = make_slug({"parent.py": PARENT_PY})
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -57,15 +53,6 @@ def slug() -> Iterator[Path]:
 def agent(slug: Path) -> Iterator[AgentProcess]:
     with new_test_host() as host, agent_in_host(host, slug_roots=[str(slug)]) as running:
         yield running
-
-
-@pytest.fixture
-def app(agent: AgentProcess) -> Iterator[str]:
-    name = unique("t", 8)
-    try:
-        yield name
-    finally:
-        delete_app(agent, name)
 
 
 def test_child_past_the_kill_point_ends_the_whole_dyno_with_r15_then_137(

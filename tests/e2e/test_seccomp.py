@@ -13,20 +13,17 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.e2e.test_supervision import (
     agent_in_host,
-    app_texts,
-    delete_app,
     make_slug,
+    one_off_result,
     spec,
     wait_state,
 )
 from tests.support.agentproc import AgentProcess
-from tests.support.names import unique
 from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
 
@@ -77,10 +74,7 @@ EPERM = 1
 
 @pytest.fixture(scope="module")
 def slug() -> Iterator[Path]:
-    path = make_slug()
-    for name, text in (("store.py", STORE_PY), ("read.py", READ_PY)):
-        (path / name).write_text(text)
-        (path / name).chmod(0o644)
+    path = make_slug({"store.py": STORE_PY, "read.py": READ_PY})
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -89,36 +83,6 @@ def slug() -> Iterator[Path]:
 def agent() -> Iterator[AgentProcess]:
     with new_test_host() as host, agent_in_host(host) as running:
         yield running
-
-
-@pytest.fixture
-def apps(agent: AgentProcess) -> Iterator[tuple[str, str]]:
-    names = (unique("ta", 8), unique("tb", 8))
-    try:
-        yield names
-    finally:
-        for name in names:
-            delete_app(agent, name)
-
-
-def one_off(agent: AgentProcess, app: str, slug: Path, script: str,
-            env: dict[str, str]) -> dict[str, Any]:
-    """Run `script` in a one-off dyno of `app` until it completes; its RESULT object."""
-    name = f"run.{secrets.randbelow(9000) + 1000}"
-    created = agent.api("POST", "/v1/dynos",
-                        spec(app, name, f"python3 -u {script}", slug, env=env), expect=201)
-
-    def result() -> dict[str, Any]:
-        for text in app_texts(agent, app, name):
-            if text.startswith("RESULT "):
-                parsed: dict[str, Any] = json.loads(text[len("RESULT "):])
-                return parsed
-        return {}
-    try:
-        return wait_for(result, 60, interval_s=0.1, what=f"the result of {script}")
-    finally:
-        wait_state(agent, created["id"], "complete", 30)
-        agent.api("DELETE", f"/v1/dynos/{created['id']}", expect=204)
 
 
 def key_users() -> dict[int, str]:
@@ -171,12 +135,12 @@ def test_a_key_stored_by_one_app_never_reaches_another(agent: AgentProcess, slug
                                                         apps: tuple[str, str]) -> None:
     alpha, beta = apps
     secret = f"s3cr3t-{secrets.token_hex(8)}"
-    stored = one_off(agent, alpha, slug, "store.py", {"SECRET": secret})
+    stored = one_off_result(agent, alpha, slug, "store.py", {"SECRET": secret})
     try:
         # The write is refused: nothing of the secret enters the kernel's keyrings.
         assert (stored["add_key"], stored["keyctl"]) == (EPERM, EPERM), stored
         assert stored["uid"] not in key_users(), "the dyno's uid owns keys on the host"
-        found = one_off(agent, beta, slug, "read.py", {})
+        found = one_off_result(agent, beta, slug, "read.py", {})
         assert found["uid"] != 0
         assert (found["search"], found["request_key"]) == (EPERM, EPERM), found
         assert found["value"] is None

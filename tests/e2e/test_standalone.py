@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.agentproc import BIN, write_config
 from tests.support.names import unique
-from tests.support.testhost import TestHost, ip, new_test_host
+from tests.support.testhost import TestHost, ip
 from tests.support.wait import wait_for
 
 HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello"
@@ -128,12 +128,6 @@ def leftovers(up: Up) -> dict[str, list[str]]:
             holders.append(text)
     return {"cgroups": cgroups, "namespaces": namespaces, "links": links, "mounts": mounts,
             "nft tables": [t for t in tables if t.strip()], "holders": holders}
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[TestHost]:
-    with new_test_host("dt") as test_host:
-        yield test_host
 
 
 @pytest.fixture(scope="module")

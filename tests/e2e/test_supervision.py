@@ -10,13 +10,14 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,13 @@ class LineCollector:
         self.stream.close()
 
 
-def make_slug() -> Path:
+def make_slug(files: Mapping[str, str] | None = None) -> Path:
+    """A slug directory with server.py and `files` (name -> text), readable by any dyno."""
     slug = Path(tempfile.mkdtemp(prefix="dtslug", dir="/tmp"))
     slug.chmod(0o755)
-    (slug / "server.py").write_text(SERVER_PY)
-    (slug / "server.py").chmod(0o644)
+    for name, text in {"server.py": SERVER_PY, **(files or {})}.items():
+        (slug / name).write_text(text)
+        (slug / name).chmod(0o644)
     return slug
 
 
@@ -178,9 +181,15 @@ def delete_app(agent: AgentProcess, app: str) -> None:
 
 
 @contextlib.contextmanager
-def agent_in_host(host: TestHost, **extra: Any) -> Iterator[AgentProcess]:
-    agent = AgentProcess(extra={**FAST_CONFIG, **extra}, netns=host.name)
+def agent_in_host(host: TestHost, *, parent_dir: str = "/tmp",
+                  prepare: Callable[[AgentProcess], None] | None = None,
+                  **extra: Any) -> Iterator[AgentProcess]:
+    """An agent on FAST_CONFIG + `extra` in `host`; `prepare` may change it before it starts.
+    Every dyno it has is deleted and everything it left is removed on the way out."""
+    agent = AgentProcess(extra={**FAST_CONFIG, **extra}, netns=host.name, parent_dir=parent_dir)
     try:
+        if prepare is not None:
+            prepare(agent)
         agent.start()
         yield agent
     except BaseException:
@@ -207,15 +216,6 @@ def agent() -> Iterator[AgentProcess]:
         yield running
 
 
-@pytest.fixture
-def app(agent: AgentProcess) -> Iterator[str]:
-    """A fresh app (and so a fresh space) per test; its dynos are deleted even on failure."""
-    name = unique("t", 8)
-    try:
-        yield name
-    finally:
-        delete_app(agent, name)
-
 
 @pytest.fixture
 def events(agent: AgentProcess, app: str) -> Iterator[LineCollector]:
@@ -224,6 +224,28 @@ def events(agent: AgentProcess, app: str) -> Iterator[LineCollector]:
         yield collector
     finally:
         collector.close()
+
+
+def one_off_result(agent: AgentProcess, app: str, slug: Path, script: str,
+                   env: Mapping[str, str]) -> dict[str, Any]:
+    """Run `script` of the slug in a one-off dyno of `app` (deleted once complete) and return
+    the JSON object it printed on a line starting with "RESULT "."""
+    name = f"run.{secrets.randbelow(9000) + 1000}"
+    created = agent.api("POST", "/v1/dynos",
+                        spec(app, name, f"python3 -u {script}", slug, env=dict(env)),
+                        expect=201)
+
+    def result() -> dict[str, Any]:
+        for text in app_texts(agent, app, name):
+            if text.startswith("RESULT "):
+                parsed: dict[str, Any] = json.loads(text[len("RESULT "):])
+                return parsed
+        return {}
+    try:
+        return wait_for(result, 60, interval_s=0.1, what=f"the result of {script}")
+    finally:
+        wait_state(agent, created["id"], "complete", 30)
+        agent.api("DELETE", f"/v1/dynos/{created['id']}", expect=204)
 
 
 def event_of(collector: LineCollector, dyno_id: str, state: str) -> dict[str, Any]:
