@@ -277,6 +277,31 @@ class Group:
         await self.remove_async(max(0.0, deadline - time.monotonic()))
         return final
 
+    def destroy_blocking(self, timeout_s: float = 10.0) -> Stats | None:
+        """destroy() for a thread (blocks; never call it on a loop): kill what is left, poll
+        until the group is empty, read the final stats, remove it. Removing groups by the
+        thousand (a mass delete) costs the kernel milliseconds each, which a loop cannot
+        spare."""
+        deadline = time.monotonic() + timeout_s
+        pause = _RETRY_FIRST_S
+        try:
+            if not self.exists():
+                return None
+            if self.populated():
+                self.kill(max(0.1, deadline - time.monotonic()))
+                while self.populated():
+                    if time.monotonic() >= deadline:
+                        raise Timeout(f"not empty within {timeout_s}s",
+                                      path=str(self._unified.fs.path(self.rel)),
+                                      file="cgroup.events")
+                    time.sleep(pause)
+                    pause = min(pause * 2, _RETRY_MAX_S)
+            final = self.stats()
+        except NotFound:
+            return None
+        self.remove(max(0.0, deadline - time.monotonic()))
+        return final
+
     # -- notifications ------------------------------------------------------------------------
 
     def watch(self, on_event: Callable[[GroupEvent], None] | None = None) -> GroupWatch:

@@ -1,20 +1,24 @@
 """Async notifications for one group on an asyncio loop: became empty, OOM, OOM kill, high.
 
-inotify on cgroup.events and (v2) memory.events; on hybrid an eventfd registered on the v1
-memory.oom_control through cgroup.event_control. No polling except the short v1 follow-up below.
+inotify on cgroup.events and (v2) memory.events, through one inotify instance per loop shared by
+every watch; on hybrid an eventfd registered on the v1 memory.oom_control through
+cgroup.event_control. No polling except the short v1 follow-up below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import enum
 import errno
 import os
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from cgroups.group import Group
 
 _IN_MODIFY = 0x00000002
+_IN_IGNORED = 0x00008000  # the watch is gone (its file was removed, or inotify_rm_watch)
 _EVENT_HEADER = struct.Struct("iIII")
 # v1 raises the OOM eventfd *before* the OOM killer picks a victim (mem_cgroup_oom notifies,
 # then calls out_of_memory), so the oom_kill counter is re-read for a short while after it.
@@ -58,6 +63,26 @@ class GroupEvent:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+_CLOSER: concurrent.futures.ThreadPoolExecutor | None = None
+_CLOSER_LOCK = threading.Lock()
+
+
+def _closer() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread that closes the fds of finished watches, in order."""
+    global _CLOSER
+    with _CLOSER_LOCK:
+        if _CLOSER is None:
+            _CLOSER = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="cgroup-watch-close")
+        return _CLOSER
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _inotify_init() -> int:
     fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
@@ -72,6 +97,79 @@ def _inotify_watch(fd: int, path: str) -> int:
         err = ctypes.get_errno()
         raise from_os_error(OSError(err, os.strerror(err)), "inotify_add_watch", path=path)
     return wd
+
+
+class _Inotify:
+    """The one inotify instance of an event loop, shared by every GroupWatch on it.
+
+    fs.inotify.max_user_instances (128 by default) counts instances per user across the whole
+    host, and every agent runs as root: an instance per watched group would stop a host at
+    about a hundred dynos. Watches are cheap (max_user_watches is in the hundreds of
+    thousands), adding and removing one costs about a microsecond, and closing an instance
+    with watches waits for an SRCU grace period that a shared instance pays once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.fd = _inotify_init()
+        # inotify gives a file watched twice in one instance the same descriptor: each wd
+        # keeps every watch that asked for it, and is removed with the last of them.
+        self._watches: dict[int, list[GroupWatch]] = {}
+        loop.add_reader(self.fd, self._on_readable)
+        weakref.finalize(loop, _close_all, [self.fd])
+
+    def add(self, path: str, watch: GroupWatch) -> int:
+        wd = _inotify_watch(self.fd, path)
+        self._watches.setdefault(wd, []).append(watch)
+        return wd
+
+    def remove(self, wd: int, watch: GroupWatch) -> None:
+        watches = self._watches.get(wd)
+        if watches is None or watch not in watches:
+            return
+        watches.remove(watch)
+        if not watches:
+            del self._watches[wd]
+            # EINVAL when the kernel already dropped it (the group was removed): nothing to do.
+            _libc.inotify_rm_watch(self.fd, wd)
+
+    def _on_readable(self) -> None:
+        woken: dict[int, GroupWatch] = {}
+        gone: set[int] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            offset = 0
+            while offset + _EVENT_HEADER.size <= len(data):
+                wd, mask, _cookie, name_len = _EVENT_HEADER.unpack_from(data, offset)
+                offset += _EVENT_HEADER.size + name_len
+                for watch in self._watches.get(wd, ()):
+                    woken[id(watch)] = watch
+                if mask & _IN_IGNORED:
+                    gone.add(wd)
+        for wd in gone:
+            # The kernel dropped the watch, and may hand its number out again.
+            self._watches.pop(wd, None)
+        # Which file or why does not matter: _refresh re-reads everything and sees a removal
+        # as NotFound (a watch may close itself, and others, while being refreshed).
+        for watch in woken.values():
+            watch._refresh()
+
+
+_INOTIFY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inotify] = \
+    weakref.WeakKeyDictionary()
+
+
+def _inotify_of(loop: asyncio.AbstractEventLoop) -> _Inotify:
+    instance = _INOTIFY.get(loop)
+    if instance is None:
+        instance = _INOTIFY[loop] = _Inotify(loop)
+    return instance
 
 
 class GroupWatch:
@@ -90,7 +188,8 @@ class GroupWatch:
         self._queue: collections.deque[GroupEvent] = collections.deque(maxlen=max_queued)
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inotify_fd = -1
+        self._inotify: _Inotify | None = None
+        self._wds: list[int] = []
         self._eventfd = -1
         self._follow_up: asyncio.TimerHandle | None = None
         self._closed = False
@@ -112,14 +211,14 @@ class GroupWatch:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         try:
-            self._inotify_fd = _inotify_init()
+            self._inotify = _inotify_of(self._loop)
             unified = self.group.layout.unified.fs
-            _inotify_watch(self._inotify_fd, str(unified.path(self.group.rel, "cgroup.events")))
+            files = ["cgroup.events"]
             if self.group.layout.mode is Mode.V2 and unified.exists(self.group.rel,
                                                                       "memory.events"):
-                _inotify_watch(self._inotify_fd,
-                               str(unified.path(self.group.rel, "memory.events")))
-            self._loop.add_reader(self._inotify_fd, self._on_inotify)
+                files.append("memory.events")
+            for name in files:
+                self._wds.append(self._inotify.add(str(unified.path(self.group.rel, name)), self))
             if self.group.layout.mode is Mode.HYBRID:
                 self._start_v1_oom()
             # Baseline after the watches are in place: a change in between is then seen
@@ -152,12 +251,17 @@ class GroupWatch:
         self._closed = True
         if self._follow_up is not None:
             self._follow_up.cancel()
-        for fd in (self._inotify_fd, self._eventfd):
-            if fd >= 0:
-                if self._loop is not None:
-                    self._loop.remove_reader(fd)
-                os.close(fd)
-        self._inotify_fd = self._eventfd = -1
+        if self._inotify is not None:
+            for wd in self._wds:
+                self._inotify.remove(wd, self)
+            self._wds = []
+        if self._eventfd >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(self._eventfd)
+            # An eventfd registered on memory.oom_control is released by the kernel's cgroup
+            # event work: kept off the loop, where a mass delete closes thousands of them.
+            _closer().submit(_close_all, [self._eventfd])
+            self._eventfd = -1
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -189,24 +293,6 @@ class GroupWatch:
                 return event
 
     # -- kernel callbacks ---------------------------------------------------------------------
-
-    def _on_inotify(self) -> None:
-        while True:
-            try:
-                data = os.read(self._inotify_fd, 4096)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
-            offset = 0
-            while offset + _EVENT_HEADER.size <= len(data):
-                # Which file or why (IN_IGNORED when the group went) does not matter:
-                # _refresh re-reads everything and sees a removal as NotFound.
-                name_len = _EVENT_HEADER.unpack_from(data, offset)[3]
-                offset += _EVENT_HEADER.size + name_len
-        self._refresh()
 
     def _on_eventfd(self) -> None:
         with contextlib.suppress(BlockingIOError):

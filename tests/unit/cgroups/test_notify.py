@@ -3,12 +3,14 @@ OOM eventfd (hybrid), with counters compared against the values at start."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 
 import pytest
 
+from cgroups import notify
 from cgroups.errors import CgroupError, Timeout
 from cgroups.group import Group
 from cgroups.limits import Limits
@@ -82,6 +84,7 @@ async def test_removed_group_ends_the_watch(host: FakeHost) -> None:
 async def test_watch_of_missing_group_fails_and_leaks_nothing(host: FakeHost) -> None:
     tree = Tree(host.layout())
     tree.ensure()
+    notify._inotify_of(asyncio.get_running_loop())  # the loop's one instance is no leak
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(CgroupError):
         async with tree.group("nope.scope").watch():
@@ -96,7 +99,7 @@ async def test_queue_is_bounded_and_keeps_the_newest(v2_host: FakeHost) -> None:
     async with w:
         for n in (1, 2, 3):
             v2_host.set("unified", g.rel, "memory.events", f"high {n}\noom 0\noom_kill 0\n")
-            w._on_inotify()  # deliver now, so each write is one event
+            notify._inotify_of(asyncio.get_running_loop())._on_readable()  # one event per write
         assert [(await w.next(1)).count for _ in range(2)] == [2, 3]
 
 
@@ -145,3 +148,47 @@ async def test_close_is_idempotent(host: FakeHost) -> None:
     w.start()
     w.close()
     w.close()
+
+
+def _inotify_instances() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            continue
+    return count
+
+
+async def test_every_watch_of_a_loop_shares_one_inotify_instance(host: FakeHost) -> None:
+    # fs.inotify.max_user_instances (128) counts instances per user, host-wide: an instance
+    # per watch stopped a host at about a hundred dynos.
+    tree = Tree(host.layout())
+    tree.ensure()
+    groups = [tree.create_group(f"app-a.slice/dyno-{n}.scope", Limits()) for n in range(200)]
+    before = _inotify_instances()
+    watches = [group.watch() for group in groups]
+    for watch in watches:
+        watch.start()
+    try:
+        assert _inotify_instances() - before <= 1
+        host.set("unified", groups[7].rel, "cgroup.events", "populated 1\nfrozen 0\n")
+        event = await watches[7].next(5)
+        assert (event.kind, event.group) == (EventKind.POPULATED, groups[7].rel)
+        assert all(not w._queue for n, w in enumerate(watches) if n != 7)
+    finally:
+        for watch in watches:
+            watch.close()
+
+
+async def test_two_watches_of_one_group_each_hear_it_and_close_apart(host: FakeHost) -> None:
+    g = _group(host)
+    first, second = g.watch(), g.watch()
+    first.start()
+    second.start()
+    try:
+        first.close()  # the same inotify descriptor: the other watch must keep it
+        host.set("unified", g.rel, "cgroup.events", "populated 1\nfrozen 0\n")
+        assert (await second.next(5)).kind is EventKind.POPULATED
+    finally:
+        second.close()
