@@ -13,7 +13,8 @@ VM_APT_PACKAGES := qemu-system-x86 linux-image-amd64
 PYTEST := $(BIN)/pytest
 CHECKED := agent cgroups netns
 
-.PHONY: setup setup-vm run test test-unit test-privileged test-e2e test-vm lint bench clean
+.PHONY: setup setup-vm run test test-unit test-privileged test-e2e test-fuzz test-vm fuzz lint \
+        bench clean
 
 setup: $(STAMPS)/apt $(BIN)/.installed
 
@@ -57,12 +58,23 @@ test-privileged: setup
 test-e2e: setup
 	$(PYTEST) tests/e2e
 
+# Hostile input against the real daemon: a fuzzing coordinator and a fuzzing operator API
+# client, 40 s each (≈ 2 min in all). The seed is printed in the header; FUZZ_SEED=N replays it.
+test-fuzz: setup
+	$(PYTEST) tests/fuzz
+
+# The same fuzzers for longer (FUZZ_BUDGET_S seconds each, 300 by default), with a bigger
+# mass removal (FUZZ_MASS_DYNOS).
+fuzz: setup
+	FUZZ_BUDGET_S=$${FUZZ_BUDGET_S:-300} FUZZ_MASS_DYNOS=$${FUZZ_MASS_DYNOS:-50} $(PYTEST) tests/fuzz
+
 # Two TCG boots of ≈ 20 s each plus the cgroup tests inside the guest.
 test-vm: setup-vm
 	$(PYTEST) tests/vm
 
 test: lint
 	$(PYTEST) tests/unit tests/privileged tests/e2e
+	$(PYTEST) tests/fuzz
 	$(MAKE) --no-print-directory test-vm
 
 # The example app with full isolation, like `heroku local`: http://127.0.0.1:5000, logs on

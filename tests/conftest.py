@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-_TIER_MARKERS = {"privileged": "privileged", "e2e": "e2e", "vm": "vm", "bench": "bench"}
+_TIER_MARKERS = {"privileged": "privileged", "e2e": "e2e", "vm": "vm", "bench": "bench",
+                 "fuzz": "fuzz"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
