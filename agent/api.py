@@ -32,12 +32,13 @@ import json
 import logging
 import os
 import re
-import signal as signal_mod
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final, Protocol, TypeVar, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from agent.decoding import TooDeep, json_loads
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -45,10 +46,12 @@ from agent.errors import (
     Forbidden,
     MethodNotAllowed,
     NotFound,
+    excerpt,
 )
 from agent.events import EventFollower
 from agent.logs import Follower, LogHub, LogLine
 from agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
+from agent.signals import parse_signal
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,10 @@ OPERATIONS_DRAIN_S: Final = 10.0  # how long shutdown waits for lifecycle calls 
 JSON_LINES: Final = "application/x-ndjson; charset=utf-8"
 TEXT_LINES: Final = "text/plain; charset=utf-8"
 PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
-# Dyno ids are [a-z0-9-]{1,64} and names "<type>.<n>" with type [a-z][a-z0-9_]{0,29}.
-_REF = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")
+# Dyno ids are [a-z0-9-]{1,64} (a leading dash included) and names "<type>.<n>" with type
+# [a-z][a-z0-9_]{0,29}.
+_REF = re.compile(r"[a-z0-9-][a-z0-9_.-]{0,99}")
+_ASCII_INT = re.compile(r"[0-9]{1,18}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -115,6 +120,25 @@ class Backend(Protocol):
         ...
 
 
+def _demote_parse_errors(record: logging.LogRecord) -> bool:
+    """aiohttp's parser refuses a request that is not HTTP/1.1 (a header over 8190 bytes, a
+    bad Content-Length) with a 400 before any handler runs, and logs it as an exception with
+    its traceback. That is the client's mistake: a warning with a bounded excerpt, so that a
+    member of the socket's group cannot fill the journal with error-level tracebacks."""
+    failure = record.exc_info[1] if record.exc_info else None
+    if isinstance(failure, HttpProcessingError):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "refused a request that is not HTTP/1.1: %s", (
+            excerpt(f"{failure.code} {failure.message}".strip()),)
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+# The logger given to aiohttp's HTTP layer (the daemon's AppRunner(logger=...)).
+HTTP_LAYER_LOG: Final = logging.getLogger(f"{__name__}.http")
+HTTP_LAYER_LOG.addFilter(_demote_parse_errors)
+
+
 def error_response(error: AgentError) -> web.Response:
     body = {"error": {"code": error.code, "message": error.message}}
     return web.json_response(body, status=int(error.http_status))
@@ -139,9 +163,10 @@ class _Query:
         for key, value in request.query.items():
             if key not in allowed:
                 accepted = ", ".join(sorted(allowed)) or "none"
-                raise BadRequest(f"unknown query parameter {key!r} (accepted: {accepted})")
+                raise BadRequest(f"unknown query parameter {excerpt(key)} (accepted: "
+                                 f"{accepted})")
             if key in self._values:
-                raise BadRequest(f"query parameter {key!r} given more than once")
+                raise BadRequest(f"query parameter {excerpt(key)} given more than once")
             self._values[key] = value
 
     def text(self, key: str) -> str | None:
@@ -153,10 +178,10 @@ class _Query:
         raw = self._values.get(key)
         if raw is None or raw == "":
             return default
-        try:
-            value = int(raw, 10)
-        except ValueError:
-            raise BadRequest(f"{key} must be an integer, got {raw!r}") from None
+        # ASCII digits only: int() also takes Arabic-Indic digits, "+5", " 5" and "1_0".
+        if not _ASCII_INT.fullmatch(raw):
+            raise BadRequest(f"{key} must be an integer, got {excerpt(raw)}")
+        value = int(raw, 10)
         if not low <= value <= high:
             raise BadRequest(f"{key} must be between {low} and {high}, got {value}")
         return value
@@ -167,19 +192,19 @@ class _Query:
             return True
         if raw in _FALSE:
             return False
-        raise BadRequest(f"{key} must be 1 or 0, got {self._values[key]!r}")
+        raise BadRequest(f"{key} must be 1 or 0, got {excerpt(self._values[key])}")
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
         raw = self._values.get(key) or choices[0]
         if raw not in choices:
-            raise BadRequest(f"{key} must be one of {', '.join(choices)}, got {raw!r}")
+            raise BadRequest(f"{key} must be one of {', '.join(choices)}, got {excerpt(raw)}")
         return raw
 
 
 def _ref(request: web.Request) -> str:
     ref = request.match_info["ref"]
     if not _REF.fullmatch(ref):
-        raise BadRequest(f"{ref!r} is neither a dyno id nor a dyno name")
+        raise BadRequest(f"{excerpt(ref)} is neither a dyno id nor a dyno name")
     return ref
 
 
@@ -191,7 +216,9 @@ async def _json_body(request: web.Request) -> Any:
     if not raw.strip():
         raise BadRequest("request body is empty; a JSON object is required")
     try:
-        return json.loads(raw)
+        return json_loads(raw)
+    except TooDeep as exc:
+        raise BadRequest(f"request body is {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
@@ -205,16 +232,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def signal_name(value: Any) -> str:
     """Canonical `SIGxxx` name of a signal given as "TERM", "SIGTERM", "15" or 15."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadRequest(f"signal must be a name or a number, got {value!r}")
-    text = str(value).strip()
-    try:
-        if text.isdigit():
-            return signal_mod.Signals(int(text)).name
-        name = text.upper()
-        return signal_mod.Signals[name if name.startswith("SIG") else "SIG" + name].name
-    except (KeyError, ValueError):
-        raise BadRequest(f"unknown signal {value!r}") from None
+    return parse_signal(value).name
 
 
 # -- owners of what outlives a single await in a handler --------------------------------------
@@ -468,7 +486,7 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
         body = await _json_object(request)
         unknown = sorted(set(body) - {"signal"})
         if unknown:
-            raise BadRequest(f"unknown key {unknown[0]!r} in signal request")
+            raise BadRequest(f"unknown key {excerpt(unknown[0])} in signal request")
         if "signal" not in body:
             raise BadRequest('signal request needs {"signal": NAME or NUMBER}')
         name = signal_name(body["signal"])
@@ -527,7 +545,7 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
         body = await _json_object(request)
         unknown = sorted(set(body) - {"app", "formation"})
         if unknown:
-            raise BadRequest(f"unknown key {unknown[0]!r} in formation request")
+            raise BadRequest(f"unknown key {excerpt(unknown[0])} in formation request")
         app_name = body.get("app")
         if app_name is not None and not isinstance(app_name, str):
             raise BadRequest("app must be a string")

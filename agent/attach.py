@@ -35,6 +35,7 @@ from typing import Any, cast
 import cgroups
 from agent import attachwire as wire
 from agent import errors
+from agent.decoding import json_loads
 from agent.events import EventBus, EventFollower
 from agent.holder import ExitEvent, HolderClient, HolderError
 from agent.peercred import PeerCredError, is_allowed, peer_credentials
@@ -257,7 +258,7 @@ async def _receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[in
         raise
     line, _, rest = data.partition(b"\n")
     try:
-        request = json.loads(line)
+        request = json_loads(line)
     except ValueError as exc:
         _close_all(fds)
         raise errors.BadRequest(f"request is not JSON: {exc}") from None
@@ -418,7 +419,7 @@ class AttachServer:
             elif op == "exec":
                 await self._exec(conn, request, rest)
             else:
-                raise errors.BadRequest(f'op must be "run" or "exec", got {op!r}')
+                raise errors.BadRequest(f'op must be "run" or "exec", got {errors.excerpt(op)}')
         except errors.AgentError as exc:
             await self._send(conn, {"error": {"code": exc.code, "message": exc.message}},
                              framed)
@@ -445,7 +446,8 @@ class AttachServer:
             app = apps[0]
         candidates = [d for d in dynos if d.spec.app == app]
         if not candidates:
-            raise errors.NotFound(f"no dyno of app {app} on this agent to take its release from")
+            raise errors.NotFound(f"no dyno of app {errors.excerpt(app)} on this agent to take its "
+                                  "release from")
         candidates.sort(key=lambda d: (d.spec.is_one_shot, d.spec.name))
         return candidates[0].spec
 

@@ -12,6 +12,8 @@ import json
 import struct
 from typing import Any
 
+from agent.decoding import json_loads
+
 HEADER = struct.Struct(">cI")
 MAX_PAYLOAD = 64 * 1024
 # The attach protocol version a request names in its "v" key.
@@ -73,7 +75,7 @@ def control(message: dict[str, Any]) -> bytes:
 
 def parse_control(payload: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(payload)
+        message = json_loads(payload)
     except ValueError as exc:
         raise FrameError(f"control frame is not JSON: {exc}") from None
     if not isinstance(message, dict):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from agent.decoding import TooDeep, check_depth
+from agent.errors import ConfigError, excerpt
 from agent.sizes import DEFAULT_SIZES, Size, SizeError, apply_overrides
 
 DEFAULT_CONFIG_PATH = Path("/etc/dynoagent/agent.toml")
@@ -82,9 +83,9 @@ class Config:
 def _require(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
     # bool is an int in Python; a TOML `true` is never a valid number here.
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(key, f"must be {what}, got {value!r}")
+        raise ConfigError(key, f"must be {what}, got {excerpt(value)}")
     if not isinstance(value, kind):
-        raise ConfigError(key, f"must be {what}, got {type(value).__name__} {value!r}")
+        raise ConfigError(key, f"must be {what}, got {type(value).__name__} {excerpt(value)}")
 
 
 def _path(key: str, value: Any) -> Path:
@@ -92,7 +93,7 @@ def _path(key: str, value: Any) -> Path:
     if not value:
         raise ConfigError(key, "must not be empty")
     if not os.path.isabs(value):
-        raise ConfigError(key, f"must be an absolute path, got {value!r}")
+        raise ConfigError(key, f"must be an absolute path, got {excerpt(value)}")
     return Path(value)
 
 
@@ -101,7 +102,7 @@ def _seconds(key: str, value: Any, allow_zero: bool = False) -> float:
     number = float(value)
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         raise ConfigError(key, f"must be a {'non-negative' if allow_zero else 'positive'} "
-                               f"number of seconds, got {value!r}")
+                               f"number of seconds, got {excerpt(value)}")
     return number
 
 
@@ -113,14 +114,14 @@ def _schedule(key: str, value: Any) -> tuple[float, ...]:
     if value == "none":
         return ()
     if not isinstance(value, list):
-        raise ConfigError(key, f'must be a list of seconds or "none", got {value!r}')
+        raise ConfigError(key, f'must be a list of seconds or "none", got {excerpt(value)}')
     return tuple(_seconds(f"{key}[{i}]", v, allow_zero=True) for i, v in enumerate(value))
 
 
 def _identifier(key: str, value: Any) -> str:
     _require(key, value, str, "a string")
     if not value or "/" in value or value in (".", "..") or "\0" in value:
-        raise ConfigError(key, f"must be a single path component, got {value!r}")
+        raise ConfigError(key, f"must be a single path component, got {excerpt(value)}")
     return str(value)
 
 
@@ -138,7 +139,7 @@ def _address_pool(key: str, value: Any) -> str:
 def _coordinator_url(key: str, value: Any) -> str:
     _require(key, value, str, "a ws:// or wss:// URL")
     if not value.startswith(("ws://", "wss://")):
-        raise ConfigError(key, f"must start with ws:// or wss://, got {value!r}")
+        raise ConfigError(key, f"must start with ws:// or wss://, got {excerpt(value)}")
     return str(value)
 
 
@@ -160,14 +161,14 @@ def _socket(key: str, value: Any) -> Path:
 
 def _path_list(key: str, value: Any) -> tuple[Path, ...]:
     if not isinstance(value, list):
-        raise ConfigError(key, f"must be a list of absolute paths, got {value!r}")
+        raise ConfigError(key, f"must be a list of absolute paths, got {excerpt(value)}")
     return tuple(_path(f"{key}[{i}]", item) for i, item in enumerate(value))
 
 
 def _log_level(key: str, value: Any) -> str:
     _require(key, value, str, "a string")
     if value.lower() not in LOG_LEVELS:
-        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {excerpt(value)}")
     return str(value.lower())
 
 
@@ -230,7 +231,11 @@ def load(path: Path | None) -> Config:
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {chosen}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        # tomllib recurses into inline arrays and tables: a deep one is a RecursionError.
+        data = check_depth(tomllib.loads(raw.decode("utf-8")))
+    except (TooDeep, RecursionError):
+        raise ConfigError("--config", f"{chosen} is not a usable config: {TooDeep()}") \
+            from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("--config", f"{chosen} is not valid TOML: {exc}") from None
     return from_mapping(data)

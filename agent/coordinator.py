@@ -27,6 +27,8 @@ import aiohttp
 import msgpack
 
 from agent import errors, logs
+from agent.decoding import TooDeep, TooMany, check_depth, msgpack_loads
+from agent.errors import excerpt
 from agent.reconcile import Engine, InvalidDesiredSet
 from agent.states import StateChange
 
@@ -36,10 +38,13 @@ PROTOCOL_VERSION = 1
 SUBPROTOCOL = "dynoagent.v1"
 CONNECT_PATH_HINT = "/v1/agents/connect"
 # A desired set of a few hundred dynos with 32 KiB of config vars each fits; far more
-# would not fit one host. Frames up to twice this are read and refused with an error;
-# aiohttp closes the connection (1009) on anything larger, before it is buffered.
+# would not fit one host. Frames up to twice this (inclusive) are read and refused with an
+# error; aiohttp closes the connection (1009) on anything larger, before it is buffered.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 HARD_FRAME_BYTES = 2 * MAX_FRAME_BYTES
+# aiohttp refuses a message whose size reaches its max_msg_size (>=, not >): one byte more
+# makes HARD_FRAME_BYTES itself the largest message that is read (docs/protocol.md §8).
+WS_MAX_MSG_SIZE = HARD_FRAME_BYTES + 1
 HEARTBEAT_INTERVAL_S = 10.0
 METRICS_INTERVAL_S = 20.0
 BACKOFF_MIN_S = 0.5
@@ -176,18 +181,27 @@ def decode(data: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise FrameError("frame_too_large", f"frame of {len(data)} bytes exceeds the limit of "
                                             f"{max_bytes}", size_bytes=len(data))
     try:
-        # strict_map_key: only string (or binary) keys, so no map can hash an attacker's
-        # nested structure; raw=False: strings must be valid UTF-8.
-        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        message = msgpack_loads(data)
+    except TooMany as exc:
+        # Too many values to build: as for a frame too large, nothing is kept (id nil).
+        raise FrameError("frame_too_large", f"frame {exc}", size_bytes=len(data)) from None
+    except TooDeep as exc:
+        raise FrameError("malformed_frame", str(exc)) from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise FrameError("malformed_frame", f"not one msgpack value: {exc}") from None
+        raise FrameError("malformed_frame",
+                         f"not one msgpack value: {errors.bounded(str(exc))}") from None
     if not isinstance(message, dict):
         raise FrameError("malformed_frame", f"a frame is a map, got {_kind(message)}")
     request_id = _request_id(message.get("id"))
+    try:
+        # Before anything (an error message, a repr, a comparison) walks the frame.
+        check_depth(message)
+    except TooDeep as exc:
+        raise FrameError("malformed_frame", str(exc), request_id) from None
     kind = message.get("t")
     if kind not in FRAME_TYPES:
         raise FrameError("unknown_type", f"t must be one of {', '.join(FRAME_TYPES)}, "
-                                         f"got {kind!r}"[:200], request_id)
+                                         f"got {excerpt(kind)}", request_id)
     if kind == "evt":
         return Event(_method(message, None), _params(message, None))
     if request_id is None:
@@ -232,7 +246,7 @@ def _fields(params: Mapping[str, Any], required: Mapping[str, type | tuple[type,
     for key in params:
         if key not in required and key not in optional:
             known = ", ".join([*required, *optional]) or "none"
-            raise errors.BadRequest(f"p: unknown key {key!r} (known keys: {known})")
+            raise errors.BadRequest(f"p: unknown key {excerpt(key)} (known keys: {known})")
     out: dict[str, Any] = {}
     for key, kind in {**required, **optional}.items():
         if key not in params:
@@ -252,7 +266,7 @@ def _fields(params: Mapping[str, Any], required: Mapping[str, type | tuple[type,
 
 def _dyno_id(value: str) -> str:
     if not DYNO_ID.fullmatch(value):
-        raise errors.BadRequest(f"p.id: must match [a-z0-9-]{{1,64}}, got {value!r}"[:200])
+        raise errors.BadRequest(f"p.id: must match [a-z0-9-]{{1,64}}, got {excerpt(value)}")
     return value
 
 
@@ -358,8 +372,19 @@ class UnknownMethod(errors.BadRequest):
     code = "unknown_method"
 
     def __init__(self, method: str) -> None:
-        super().__init__(f"unknown method {method!r}"[:200])
+        super().__init__(f"unknown method {excerpt(method)}")
         self.method = method
+
+
+# Every code an error response of the agent can carry on this link (docs/protocol.md §7,
+# checked against it by tests/unit/test_readme.py): the frame checks' codes, `busy`, and
+# the codes of the AgentErrors that requests raise (the supervisor's `timeout` included;
+# any other exception is answered `internal`).
+FRAME_ERROR_CODES = ("malformed_frame", "unknown_type", "frame_too_large", "busy")
+REQUEST_ERRORS: tuple[type[errors.AgentError], ...] = (
+    errors.BadRequest, errors.InvalidSpec, errors.NotFound, errors.Conflict, errors.Draining,
+    errors.NotReady, errors.Timeout, UnknownMethod, errors.AgentError)
+ERROR_CODES = (*(cls.code for cls in REQUEST_ERRORS), *FRAME_ERROR_CODES)
 
 
 # -- the link -------------------------------------------------------------------------------------
@@ -569,7 +594,7 @@ class CoordinatorLink:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     ws = await session.ws_connect(
                         self.url, protocols=(SUBPROTOCOL,), headers=headers, ssl=ssl_context,
-                        heartbeat=self.heartbeat_interval_s, max_msg_size=HARD_FRAME_BYTES,
+                        heartbeat=self.heartbeat_interval_s, max_msg_size=WS_MAX_MSG_SIZE,
                         timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
                         autoclose=True, autoping=True)
             except TimeoutError:
@@ -620,7 +645,7 @@ class CoordinatorLink:
             self._attempt = 0
             self.last_error = None
             log.info("connected to coordinator %s", self.url)
-            log.debug("hello acknowledged: %s", ack)
+            log.debug("hello acknowledged: %s", excerpt(ack))
             others = [asyncio.create_task(self._write(), name="coordinator-write"),
                       asyncio.create_task(self._tick(self.heartbeat_interval_s, self._beat),
                                           name="coordinator-heartbeat"),
@@ -658,8 +683,11 @@ class CoordinatorLink:
         finally:
             self._pending.pop(request_id, None)
         if response.error is not None:
-            raise RequestFailed(method, str(response.error.get("code")),
-                                str(response.error.get("message", "")))
+            # The coordinator's words end up in the log and in `last_error`: bounded too.
+            code = str(response.error.get("code"))
+            raise RequestFailed(method, code if len(code) <= 64 and code.isprintable()
+                                else excerpt(code),
+                                errors.bounded(str(response.error.get("message", ""))))
         return response.result
 
     async def _write(self) -> None:
@@ -721,8 +749,8 @@ class CoordinatorLink:
             elif isinstance(frame, Event):
                 # The coordinator defines no events in protocol 1; later ones are ignored.
                 self._once.warn(f"event-{frame.method}"[:80],
-                                "ignoring unknown event %r from the coordinator",
-                                frame.method[:80])
+                                "ignoring unknown event %s from the coordinator",
+                                excerpt(frame.method))
             elif len(handlers) >= MAX_REQUESTS_IN_FLIGHT:
                 await self._reply_error(frame.id, "busy", f"more than "
                                         f"{MAX_REQUESTS_IN_FLIGHT} requests in flight")
@@ -739,15 +767,15 @@ class CoordinatorLink:
         except errors.AgentError as exc:
             if not isinstance(exc, errors.NotFound | errors.Conflict | errors.Draining):
                 self._once.warn(exc.code, "coordinator request %s refused: %s",
-                                request.method[:80], exc.message)
+                                excerpt(request.method), exc.message)
             details = {"field": exc.field} if isinstance(exc, errors.InvalidSpec) else {}
             await self._reply_error(request.id, exc.code, exc.message, **details)
             return
         except Exception as exc:
             # The root of a request task: answer, never let the agent go down with it.
-            log.exception("coordinator request %s failed", request.method[:80])
+            log.exception("coordinator request %s failed", excerpt(request.method))
             await self._reply_error(request.id, errors.AgentError.code,
-                                    f"{type(exc).__name__}: {exc}")
+                                    errors.bounded(f"{type(exc).__name__}: {exc}"))
             return
         with contextlib.suppress(ConnectionError, TimeoutError, aiohttp.ClientError):
             await self._send(Response(request.id, result))

@@ -811,13 +811,10 @@ def cmd_scale(client: Client, args: argparse.Namespace) -> int:
 # -- the command line -------------------------------------------------------------------------
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    # ASCII digits only, as the agent takes them: int() also reads other scripts' digits.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise argparse.ArgumentTypeError(f"not a number of 0 or more: {text!r}")
+    return int(text, 10)
 
 
 def _positive_s(text: str) -> float:

@@ -29,7 +29,7 @@ import cgroups
 import netns
 from agent import __version__, logsetup, notify
 from agent import config as config_mod
-from agent.api import build_app
+from agent.api import HTTP_LAYER_LOG, build_app
 from agent.attach import AttachingRuntime, AttachServer, StdioRegistry, attach_path
 from agent.config import Config
 from agent.coordinator import CoordinatorLink, Requests, dyno_metrics, hello_payload
@@ -38,9 +38,10 @@ from agent.events import EventBus, EventFollower
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocationError, UidAllocator
 from agent.logs import LogHub
+from agent.logtail import SWEEP_INTERVAL_S, TailStore
 from agent.peercred import group_id, peer_credentials
 from agent.reconcile import DesiredStore, Engine, SupervisorFleet
-from agent.records import RecordStore
+from agent.records import RecordStore, RecordWriter
 from agent.runtime import HostRuntime
 from agent.slug import SlugStore
 from agent.slugroots import SlugRoots
@@ -245,6 +246,13 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot create {path}: {exc.strerror}") from None
         self.agent_id = _read_or_create_agent_id(self.config.state_dir)
+        try:
+            # Each app's log tail survives the agent (a SIGKILL included): loaded before any
+            # line is published, so `logs -n` shows what came before.
+            self.hub.keep_on_disk(TailStore(self.config.state_dir / "logs"))
+        except OSError as exc:
+            raise StartupError(f"cannot keep log tails in {self.config.state_dir / 'logs'}: "
+                               f"{exc.strerror}") from None
         yield
 
     @contextlib.asynccontextmanager
@@ -380,13 +388,33 @@ class Daemon:
                 self.holder = await HolderClient.ensure_running(
                     holder.socket_path, str(self.config.state_dir / "holder"))
                 await self.holder.subscribe()
+                # A holder that died took its dynos' exit statuses with it: whatever it no
+                # longer holds is handled as lost with it (restarted at once, no crash).
+                self.supervisor.resync(await self.holder.list_processes())
+                # Only now may dynos launch through the new holder: a launch before the list
+                # above would be a process the resync does not know, and ended as a stray.
                 if isinstance(self.supervisor.runtime, HostRuntime):
                     self.supervisor.runtime.holder = self.holder
-                # A holder that died took its dynos' exit statuses with it: whatever it no
-                # longer holds is handled as exited, so policy restarts it.
-                self.supervisor.resync(await self.holder.list_processes())
+                self.supervisor.holder_gate.back()
             except HolderError as exc:
                 log.error("cannot reach the dyno holder: %s", exc)
+
+    async def _sweep_log_tails(self) -> None:
+        """The log tails of apps gone from this host are kept a while, then removed (see
+        agent.logtail); an app with a dyno here, even an unparsable record, keeps its tail."""
+        while True:
+            supervisor = self.supervisor
+            if supervisor is not None:
+                live = {dyno.spec.app for dyno in supervisor.dynos.values()}
+                live |= {str(record.spec.get("app")) for record in supervisor.unparsed}
+                try:
+                    gone = self.hub.sweep_tails(live, time.time())
+                except OSError as exc:
+                    log.error("cannot sweep the log tails: %s", exc)
+                    gone = []
+                for app in gone:
+                    log.info("removed the log tail of app %s (no dyno here for a while)", app)
+            await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def _release(self, dyno_id: str, pid: int) -> None:
         if self.holder is not None:
@@ -417,13 +445,15 @@ class Daemon:
             raise StartupError(f"uids: {exc}") from None
         supervisor = Supervisor(config, runtime, records, self.hub,
                                 self.bus, release=self._release,
-                                sample_interval_s=config.sample_interval_s)
+                                sample_interval_s=config.sample_interval_s,
+                                record_writer=RecordWriter(records))
         supervisor.warn_host_stack = self.warn_host_stack
         held = await self.holder.list_processes()
         self.supervisor = supervisor
         restored = supervisor.restore(held)
         await self._sweep(restored)
         self._spawn(self._pump_holder_events(), "holder-events")
+        self._spawn(self._sweep_log_tails(), "log-tails")
         try:
             yield
         finally:
@@ -530,7 +560,7 @@ class Daemon:
         sock = self._bind_socket()
         identity = os.stat(self.config.socket_path)
         runner = web.AppRunner(build_app(Operator(self)), handle_signals=False, access_log=None,
-                               shutdown_timeout=2.0)
+                               shutdown_timeout=2.0, logger=HTTP_LAYER_LOG)
         try:
             await runner.setup()
             await web.SockSite(runner, sock).start()

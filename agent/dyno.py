@@ -21,7 +21,7 @@ from agent import logs, metrics, policy
 from agent.logsetup import extra
 from agent.policy import Intent, RestartMode, RestartPolicy
 from agent.records import Placement, Record
-from agent.runtime import DynoStartError, Launch, Runtime
+from agent.runtime import DynoStartError, HolderUnavailable, Launch, Runtime
 from agent.spec import DEFAULT_PORT, DynoSpec, dyno_env
 from agent.states import DynoState, Reason, StateChange, StateMachine
 
@@ -30,6 +30,31 @@ log = logging.getLogger(__name__)
 BOOT_PROBE_INTERVAL_S = 0.05
 EMPTY_AFTER_EXIT_TIMEOUT_S = 5.0
 MAX_RESUME_PAUSE_S = 30.0
+# A dyno whose launch found no holder waits this long for one to be back before it tries
+# again (the holder's return wakes it at once).
+HOLDER_WAIT_S = 5.0
+
+
+class HolderGate:
+    """The holder's comings back. A dyno whose launch found the holder gone waits here for a
+    newer one (generation) instead of launching again at once, which would fail at once: with
+    restarts at once (`restart_schedule_s = "none"`) that loop never awaited, and the daemon
+    never got to reconnect the holder."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._back = asyncio.Event()
+
+    @property
+    def event(self) -> asyncio.Event:
+        """Set when a holder newer than the current generation is back."""
+        return self._back
+
+    def back(self) -> None:
+        """A holder is reachable again (after its loss): wake every dyno waiting for it."""
+        self.generation += 1
+        back, self._back = self._back, asyncio.Event()
+        back.set()
 
 
 class Command(enum.Enum):
@@ -73,12 +98,15 @@ class ExitInfo:
     intent: Intent
     oom_killed: bool
     up_for_s: float | None
+    # False when no process was started (the launch failed): there is no exit to report.
+    launched: bool = True
 
 
 class Dyno:
     def __init__(self, spec: DynoSpec, record: Record, runtime: Runtime, sink: Sink,
                  timing: Timing, start_slots: asyncio.Semaphore,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 holder_gate: HolderGate | None = None) -> None:
         self.spec = spec
         self.record = record
         self.runtime = runtime
@@ -86,6 +114,12 @@ class Dyno:
         self.timing = timing
         self.start_slots = start_slots
         self.rng = rng or random.Random()
+        self.holder_gate = holder_gate or HolderGate()
+        # Set while the dyno waits for a holder newer than this generation, until the
+        # monotonic deadline (then it launches again).
+        self._holder_wait: tuple[int, float] | None = None
+        # Processes the holder took with it (or that no holder can follow any more).
+        self._lost: set[int] = set()
         self.machine = StateMachine(
             spec.id, spec.app, spec.name, at=datetime.fromisoformat(record.since),
             state=DynoState(record.state), reason=Reason(record.reason),
@@ -141,6 +175,12 @@ class Dyno:
     def on_exit(self, pid: int, status: int) -> None:
         self._exits[pid] = status
         self._wakeup.set()
+
+    def on_holder_lost(self, pid: int) -> None:
+        """The process is gone with its holder, or a new holder does not know it (it has been
+        ended): an exit that is the platform's doing, not the app's."""
+        self._lost.add(pid)
+        self.on_exit(pid, policy.EXIT_SIGKILL)
 
     def request(self, command: Command) -> asyncio.Future[None]:
         """Queue a lifecycle command; the future completes once it has been carried out."""
@@ -208,7 +248,21 @@ class Dyno:
             taken = self._take_command()
             if taken is None:
                 timeout = None if next_start is None else max(0.0, next_start - now())
+                if timeout == 0.0 and self._holder_wait is not None:
+                    generation, until = self._holder_wait
+                    if self.holder_gate.generation <= generation and now() < until:
+                        # Its launch found the holder gone: wait for it to be back (or a
+                        # command, or the deadline), never retry hot.
+                        self._wakeup.clear()
+                        await _first_set((self._wakeup, self.holder_gate.event),
+                                         until - now())
+                        continue
+                    self._holder_wait = None
                 if timeout == 0.0:
+                    # Every start gives the loop a turn first: nothing loops without awaiting.
+                    await asyncio.sleep(0)
+                    if self._commands:
+                        continue
                     next_start = await self._finish(await self._start_and_supervise())
                     continue
                 self._wakeup.clear()
@@ -226,7 +280,10 @@ class Dyno:
             if command is Command.STOP:
                 self.record.desired = "stopped"
                 next_start = None
-                if self.state is DynoState.CRASHED:
+                self._holder_wait = None
+                # Crashed in a cool-off, or starting but with no process (waiting for the
+                # holder): down at once.
+                if self.state in (DynoState.CRASHED, DynoState.STARTING):
                     self._transition(DynoState.DOWN, Reason.STOPPED)
                 self.sink.save(self)
             elif command in (Command.START, Command.RESTART):
@@ -253,6 +310,14 @@ class Dyno:
                 env = dyno_env(self.spec, placement.ip, DEFAULT_PORT)
                 self._say(logs.starting_process(self.spec.command))
                 launched: Launch = await self.runtime.launch(self.spec, placement, env)
+        except HolderUnavailable as exc:
+            self._say(exc.line)
+            self._holder_wait = (self.holder_gate.generation, time.monotonic() + HOLDER_WAIT_S)
+            # No process, so no exit status: the last one stays; a one-off that never ran
+            # has failed (1), not succeeded.
+            last = self.record.exit_status
+            return ExitInfo(1 if last is None else last, Intent.HOLDER_LOST, False, None,
+                            launched=False)
         except DynoStartError as exc:
             self._say(exc.line)
             return ExitInfo(1, Intent.NONE, False, None)
@@ -340,6 +405,11 @@ class Dyno:
             if exit_status is None and pid in self._exits:
                 exit_status = self._exits.pop(pid)
                 self.sink.forget_process(self, pid)
+                if pid in self._lost:
+                    self._lost.discard(pid)
+                    # A stop, restart or kill of ours under way keeps its outcome.
+                    if intent is Intent.NONE:
+                        intent = Intent.HOLDER_LOST
             if exit_status is not None:
                 break
             taken = self._take_command()
@@ -431,7 +501,8 @@ class Dyno:
         if not await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S):
             self.runtime.kill(placement)
             await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
-        stats = self.runtime.stats(placement)
+        # Read off the loop: a mass delete reads a thousand cgroups' counters at once.
+        stats = await asyncio.to_thread(self.runtime.stats, placement)
         final_kills = stats.oom_kill_events if stats is not None else None
         if not r15 and (final_kills or 0) > oom_base:
             # PID 1 itself was the victim (or the whole group, on v2) and its exit came in
@@ -503,7 +574,10 @@ class Dyno:
 
     def _after_exit(self, info: ExitInfo) -> float | None:
         """Apply Heroku's exit rules; when to start again (monotonic), or None."""
-        self._say(logs.process_exited(info.status))
+        if info.intent is Intent.HOLDER_LOST and info.launched:
+            self._say(logs.holder_lost())
+        if info.launched:
+            self._say(logs.process_exited(info.status))
         mode = RestartMode(self.spec.restart)
         decision = policy.decide_exit(
             mode=mode, exit_status=info.status, intent=info.intent,
@@ -516,7 +590,8 @@ class Dyno:
         self.sink.save(self)
         if decision.restart_in_s is None or self.record.desired != "running":
             return None
-        self.record.restarts += 1
+        if info.launched:
+            self.record.restarts += 1
         self.record.restart_at = time.time() + decision.restart_in_s
         self.sink.save(self)
         return time.monotonic() + decision.restart_in_s
@@ -550,3 +625,13 @@ class Dyno:
             "command": self.spec.command,
         }
 
+
+async def _first_set(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:
+    """Wait until one of `events` is set, or `timeout_s` has passed."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, timeout_s),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -7,6 +7,56 @@ one place; the codes themselves are listed in the README and never change meanin
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any, Final
+
+# What an error answer or log line may quote of the input it rejects: a 15 MiB value must
+# not come back as a 60 MB answer, nor land in the journal (issue 19).
+EXCERPT_CHARS: Final = 80
+# Every message an interface sends is cut here, whatever built it: the last guard against
+# an f-string that quotes input without excerpt().
+MESSAGE_MAX_CHARS: Final = 1024
+_INT_MAX_BITS: Final = 128  # a 64-bit id or generation is quoted in full
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A bounded, escaped quote of rejected input for error messages and log lines.
+
+    Strings and bytes are repr-escaped (so NULs, newlines and escape sequences cannot forge
+    log lines) and cut to at most `limit` escaped characters, followed by the full length
+    when cut: `'\\x00\\x00…' (15728640 characters)`. Containers are described, never
+    walked (a repr of a deeply nested value recurses without bound); huge integers are
+    described by their size (str() refuses more than 4300 digits).
+    """
+    if isinstance(value, str | bytes | bytearray):
+        data = bytes(value) if isinstance(value, bytearray) else value
+        shown = data[:limit]
+        text = repr(shown)
+        while len(text) > limit + 3 and shown:
+            # Escapes take up to 10 characters each: shorten until the escaped form fits.
+            shown = shown[:len(shown) * 3 // 4]
+            text = repr(shown)
+        if len(shown) == len(data):
+            return text
+        unit = "characters" if isinstance(data, str) else "bytes"
+        return f"{text[:-1]}…{text[-1]} ({len(data)} {unit})"
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > _INT_MAX_BITS:
+            return f"an integer of {value.bit_length()} bits"
+        return repr(value)
+    if isinstance(value, dict):
+        return f"a map of {len(value)} key{'' if len(value) == 1 else 's'}"
+    if isinstance(value, list | tuple):
+        return f"an array of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return f"a value of type {type(value).__name__}"
+
+
+def bounded(message: str, limit: int = MESSAGE_MAX_CHARS) -> str:
+    """`message` cut to `limit` characters (with a note of its full length)."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}… ({len(message)} characters)"
 
 
 class AgentError(Exception):
@@ -16,6 +66,7 @@ class AgentError(Exception):
     http_status = HTTPStatus.INTERNAL_SERVER_ERROR
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 
@@ -34,7 +85,7 @@ class InvalidSpec(BadRequest):
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        self.field = None if field is None else bounded(field, EXCERPT_CHARS * 2)
 
 
 class NotFound(AgentError):
@@ -89,6 +140,7 @@ class ConfigError(Exception):
     """The configuration is unusable; `key` names the offending key."""
 
     def __init__(self, key: str, message: str) -> None:
+        key, message = bounded(key, EXCERPT_CHARS), bounded(message)
         super().__init__(f"config: {key}: {message}")
         self.key = key
 

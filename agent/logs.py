@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from agent.logtail import Origin, TailStore
 
 MAX_LINE_BYTES: Final = 10_000  # Heroku splits longer lines into 10,000-byte chunks
 TAIL_LINES: Final = 1_500  # Heroku's per-app log history
@@ -106,6 +109,12 @@ def cycling() -> str:
 
 def restarting() -> str:
     return "Restarting"
+
+
+def holder_lost() -> str:
+    """The host's process holder died: the platform's failure, not the app's (no crash is
+    counted). Not a Heroku message: Heroku's hosts have no holder to lose."""
+    return "Error: the host's process holder died with the process; restarting it (not a crash)"
 
 
 def l10_buffer_overflow(dropped: int) -> str:
@@ -362,6 +371,11 @@ class LogHub:
         self._buffers: dict[str, LogBuffer] = {}
         self._followers: set[Follower] = set()
         self._seq = itertools.count()
+        # Each app's tail on disk too (set by the daemon; tests and one-shot tools run
+        # without), and per held process the number of the next output line kept there when
+        # the agent started: lines the holder sends a new agent again are published once.
+        self._store: TailStore | None = None
+        self._output_next: dict[tuple[str, int], int] = {}
         self.published = 0
         self.dropped = 0  # lines lost by all followers together
 
@@ -369,18 +383,55 @@ class LogHub:
     def followers(self) -> int:
         return len(self._followers)
 
-    def publish(self, line: LogLine) -> None:
-        """Add a line to its app's tail and offer it to every matching follower."""
+    def keep_on_disk(self, store: TailStore) -> None:
+        """Load the tails `store` kept (from before an agent restart) and keep new lines
+        there too. Call before anything is published."""
+        loaded = store.load()
+        # Each app's lines in the order they were published; apps interleaved by time.
+        entries = heapq.merge(*([(kept.line.at, app, kept) for kept in lines]
+                                for app, lines in loaded.items()), key=lambda entry: entry[0])
+        for _at, app, kept in entries:
+            buffer = self._buffers.get(app)
+            if buffer is None:
+                buffer = self._buffers[app] = LogBuffer(self._tail_lines)
+            buffer.append(kept.line, next(self._seq))
+            if kept.origin is not None:
+                dyno_id, pid, seq = kept.origin
+                key = (dyno_id, pid)
+                self._output_next[key] = max(self._output_next.get(key, 0), seq + 1)
+        self._store = store
+
+    def flush(self) -> None:
+        """Write the lines published so far to disk now (before the holder's ack of them)."""
+        if self._store is not None:
+            self._store.flush()
+
+    def output_seen(self, dyno_id: str, pid: int) -> int:
+        """How far the tail kept from before this agent has the held process's output: the
+        number of its first line not kept (0 when none is)."""
+        return self._output_next.get((dyno_id, pid), 0)
+
+    def forget_output(self, dyno_id: str, pid: int) -> None:
+        """The process is gone and released: its numbering is no longer needed."""
+        self._output_next.pop((dyno_id, pid), None)
+
+    def publish(self, line: LogLine, origin: Origin | None = None) -> None:
+        """Add a line to its app's tail and offer it to every matching follower. `origin`
+        (dyno id, pid, the holder's line number) of an app output line is kept with it on
+        disk, for `output_seen` after an agent restart (the caller skips what it has seen)."""
         # Cheap pre-check: a str of n characters is at most 4n bytes in UTF-8.
         if len(line.text) * 4 > self._max_line_bytes and \
                 len(line.text.encode("utf-8", "surrogateescape")) > self._max_line_bytes:
             for text in split_line(line.text, self._max_line_bytes):
                 self._publish_one(LogLine(line.at, line.source, line.dyno, line.app, text,
-                                          line.dyno_id))
+                                          line.dyno_id), origin)
         else:
-            self._publish_one(line)
+            self._publish_one(line, origin)
 
-    def _publish_one(self, line: LogLine) -> None:
+    def _publish_one(self, line: LogLine, origin: Origin | None = None) -> None:
+        if self._store is not None:
+            # Before any follower or the holder's ack: a line acknowledged is on disk.
+            self._store.append(line, origin)
         buffer = self._buffers.get(line.app)
         if buffer is None:
             buffer = self._buffers[line.app] = LogBuffer(self._tail_lines)
@@ -414,13 +465,27 @@ class LogHub:
         return follower
 
     def forget_app(self, app: str) -> None:
-        """Drop an app's tail (the app is gone from this host)."""
+        """Drop an app's tail (the app is gone from this host), on disk too."""
         self._buffers.pop(app, None)
+        if self._store is not None:
+            self._store.remove(app)
+
+    def sweep_tails(self, live_apps: Iterable[str], now: float) -> list[str]:
+        """Remove the tails of apps with no dyno here that are old or over the cap (see
+        agent.logtail); returns those apps."""
+        if self._store is None:
+            return []
+        gone = self._store.to_remove(set(live_apps), now)
+        for app in gone:
+            self.forget_app(app)
+        return gone
 
     def close(self) -> None:
         """End every follower (agent shutdown)."""
         for follower in list(self._followers):
             follower.close()
+        if self._store is not None:
+            self._store.close()
 
     def _forget(self, follower: Follower) -> None:
         self._followers.discard(follower)

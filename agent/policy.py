@@ -116,6 +116,8 @@ class Intent(StrEnum):
     CYCLE = "cycle"  # daily cycling: like a restart
     BOOT_TIMEOUT = "boot-timeout"  # we killed it after R10
     OOM = "oom"  # we killed it after R15
+    HOLDER_LOST = "holder-lost"  # the holder died: the process went with it (or cannot be
+    # followed any more) or its launch never reached a holder; not the app's doing
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,15 @@ def decide_exit(*, mode: RestartMode, exit_status: int, intent: Intent, oom_kill
                                 crashes_before)
         reason = Reason.RESTART if intent is Intent.RESTART else Reason.CYCLING
         return ExitDecision(None, reason, exit_status, 0.0, 0)
+    if intent is Intent.HOLDER_LOST and not oom_killed:
+        # A platform failure never costs an app a crash, a cool-off or its restart: a
+        # formation dyno starts again at once with its crash count as it was; a one-off
+        # has ended (its caller's session went with the process).
+        if mode is RestartMode.NEVER:
+            return ExitDecision(DynoState.COMPLETE, Reason.HOLDER_LOST, exit_status, None,
+                                crashes_before)
+        return ExitDecision(DynoState.STARTING, Reason.HOLDER_LOST, exit_status, 0.0,
+                            crashes_before)
     if intent is Intent.OOM or oom_killed:
         reason = Reason.OOM
     elif intent is Intent.BOOT_TIMEOUT:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.errors import excerpt
 from agent.spec import APP, ENV_KEY, ONE_SHOT_TYPES, TYPE
 
 # `type: command`; the type is checked against the spec's TYPE afterwards so that the error
@@ -16,6 +17,7 @@ from agent.spec import APP, ENV_KEY, ONE_SHOT_TYPES, TYPE
 _PROCFILE_LINE = re.compile(r"(?P<type>[^:\s]+)\s*:\s*(?P<command>.*)")
 _ENV_LINE = re.compile(r"(?:export\s+)?(?P<key>[^=\s]+)\s*=\s*(?P<value>.*)")
 _FORMATION_ITEM = re.compile(r"(?P<type>[^=\s]+)=(?P<quantity>[^:\s]*)(?::(?P<size>\S+))?")
+_QUANTITY = re.compile(r"[0-9]{1,6}")
 MAX_QUANTITY = 100  # more dynos of one type than a single host should ever be asked for
 RELEASE_TYPE = "release"
 
@@ -169,12 +171,14 @@ def parse_formation_items(items: Iterable[str]) -> list[FormationItem]:
             if not item:
                 continue
             match = _FORMATION_ITEM.fullmatch(item)
-            if match is None or not match["quantity"].isdigit():
-                raise AppDirError(f"{item!r} is not TYPE=QUANTITY[:SIZE] (e.g. web=2 or "
+            # ASCII digits only: isdigit() and int() also take other scripts' digits.
+            if match is None or not _QUANTITY.fullmatch(match["quantity"]):
+                raise AppDirError(f"{excerpt(item)} is not TYPE=QUANTITY[:SIZE] (e.g. web=2 or "
                                   "web=2:standard-2x)", value=item)
             kind, quantity = match["type"], int(match["quantity"])
             if not TYPE.fullmatch(kind):
-                raise AppDirError(f"process type {kind!r} must match {TYPE.pattern}", value=kind)
+                raise AppDirError(f"process type {excerpt(kind)} must match {TYPE.pattern}",
+                                  value=kind)
             if quantity > MAX_QUANTITY:
                 raise AppDirError(f"{kind}={quantity}: at most {MAX_QUANTITY} dynos per type",
                                   value=item)

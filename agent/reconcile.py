@@ -27,6 +27,11 @@ DESIRED_FILE = "desired.json"
 # A desired set is one host's formation; far more would not fit the host anyway, and the
 # bound keeps one message from making the agent plan (and persist) without limit.
 MAX_DESIRED_DYNOS = 10_000
+# Removals asked of the dynos per loop turn (see Engine._execute).
+REMOVE_BATCH = 16
+# Generations are msgpack's signed 64-bit range: a coordinator that sent 2**64 - 1 would
+# otherwise leave no newer generation to send (docs/protocol.md §4 says how to recover).
+MAX_GENERATION = 2**63 - 1
 
 
 class ReconcileError(Exception):
@@ -163,8 +168,9 @@ class DesiredStore:
             generation = data["generation"]
             dynos = data["dynos"]
             if (isinstance(generation, bool) or not isinstance(generation, int)
-                    or not isinstance(dynos, list)):
-                raise ValueError("generation must be an integer and dynos a list")
+                    or not 0 <= generation <= MAX_GENERATION or not isinstance(dynos, list)):
+                raise ValueError(f"generation must be an integer from 0 to {MAX_GENERATION} "
+                                 "and dynos a list")
         except (ValueError, KeyError, TypeError) as exc:
             raise DesiredStateError(self.path, f"unreadable: {exc}") from None
         return generation, [d for d in dynos if isinstance(d, dict)]
@@ -260,8 +266,10 @@ class Engine:
     async def apply(self, generation: int, bodies: Any) -> Report:
         """Converge to `bodies` (the complete desired set) unless `generation` is older than
         the last applied one. The same generation again converges again (idempotent)."""
-        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
-            raise InvalidDesiredSet("generation", "must be a non-negative integer", generation)
+        if (isinstance(generation, bool) or not isinstance(generation, int)
+                or not 0 <= generation <= MAX_GENERATION):
+            raise InvalidDesiredSet("generation", f"must be an integer from 0 to "
+                                                  f"{MAX_GENERATION}", generation)
         desired = self.validate(bodies)
         async with self._lock:
             if self.generation is not None and generation < self.generation:
@@ -314,9 +322,18 @@ class Engine:
 
         fleet = self.fleet
         replaced: list[str] = []
-        await asyncio.gather(
-            *(run(i, "remove", fleet.remove(i), report.removed) for i in steps.remove),
-            *(run(s.id, "replace", fleet.remove(s.id), replaced) for s in steps.replace))
+        removals = [(i, "remove", report.removed) for i in steps.remove]
+        removals += [(s.id, "replace", replaced) for s in steps.replace]
+        tasks = []
+        for n, (dyno_id, action, done) in enumerate(removals):
+            if n and n % REMOVE_BATCH == 0:
+                # Every stop begins at once for the dynos, but the agent's share (signalling
+                # each dyno's processes) is spread over loop turns: a thousand in one turn
+                # would keep the operator API and the coordinator link waiting.
+                await asyncio.sleep(0)
+            tasks.append(asyncio.ensure_future(run(dyno_id, action, fleet.remove(dyno_id),
+                                                   done)))
+        await asyncio.gather(*tasks)
         await asyncio.gather(
             *(run(s.id, "start", fleet.start(s), report.started) for s in steps.start),
             *(run(s.id, "replace", fleet.start(s), report.replaced)

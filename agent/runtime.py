@@ -24,7 +24,8 @@ from typing import Protocol
 
 import cgroups
 import netns
-from agent.holder import HolderClient, HolderError, HolderTimeout
+from agent.holder import ConnectionLost, HolderClient, HolderError, HolderTimeout
+from agent.kernelnames import cgroup_rel, hostname, netns_name
 from agent.launcher import LauncherError, LaunchRequest, UidAllocator
 from agent.launcher.seccomp import process_mode as seccomp_process_mode
 from agent.launcher.uids import forget_legacy_table
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 REAPER = "/usr/bin/tini"
 SHELL = "/bin/sh"
 BOOT_PROBE_TIMEOUT_S = 0.5
+# Threads that free dynos' cgroups, users and runtime dirs: enough to overlap the kernel's
+# waits, few enough that a mass delete does not crowd the loop's thread out of the GIL.
+TEARDOWN_THREADS = 4
 
 
 class DynoStartError(Exception):
@@ -47,6 +51,11 @@ class DynoStartError(Exception):
     def __init__(self, line: str) -> None:
         super().__init__(line)
         self.line = line
+
+
+class HolderUnavailable(DynoStartError):
+    """The launch never reached a holder: it died (or is being replaced). Not the app's doing:
+    the dyno waits for the holder to be back and launches again, with no crash counted."""
 
 
 @dataclass(frozen=True)
@@ -104,14 +113,6 @@ def dyno_limits(size: Size, mode: cgroups.Mode) -> cgroups.Limits:
         cpu_weight=size.cpu_weight, cpu_max_cpus=size.cpu_max_cpus, pids_max=size.pids_max)
 
 
-def cgroup_rel(spec_app: str, dyno_id: str) -> str:
-    return f"app-{spec_app}.slice/dyno-{dyno_id}.scope"
-
-
-def netns_name(dyno_id: str) -> str:
-    return f"dyno-{dyno_id}"
-
-
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat: with the pid, the identity of a process across pid reuse."""
     try:
@@ -142,6 +143,8 @@ class HostRuntime:
         # Namespace deletions under way (30-45 ms in the kernel, off the critical path): a
         # dyno placed again under the same id waits for its old namespace to be gone.
         self._teardowns: dict[str, concurrent.futures.Future[None]] = {}
+        self._teardown_pool = concurrent.futures.ThreadPoolExecutor(
+            TEARDOWN_THREADS, thread_name_prefix="teardown")
 
     def group(self, placement: Placement) -> cgroups.Group:
         return self.tree.group(placement.cgroup)
@@ -172,7 +175,21 @@ class HostRuntime:
             raise DynoStartError(f"Error: slug refused: {exc}") from None
 
     async def place(self, spec: DynoSpec) -> Placement:
-        """Create everything the dyno needs before its process; undo it all on failure."""
+        """Create everything the dyno needs before its process; undo it all on failure.
+
+        Any failure is a DynoStartError: the dyno crashes with the reason in its log and is
+        started again on Heroku's schedule, instead of sitting in `starting` while its
+        supervision retries an error that may never go away (a refused name, say)."""
+        try:
+            return await self._place(spec)
+        except DynoStartError:
+            raise
+        except Exception as exc:
+            log.error("placing dyno %s failed", spec.id, exc_info=exc)
+            raise DynoStartError(f"Error: the dyno could not be placed: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    async def _place(self, spec: DynoSpec) -> Placement:
         async with contextlib.AsyncExitStack() as undo:
             try:
                 slug_dir = await self.slugs.resolve(self._slug_source(spec))
@@ -218,7 +235,8 @@ class HostRuntime:
         self._slug_source(spec)
         group = self.group(placement)
         request = LaunchRequest(
-            dyno_id=spec.id, hostname=spec.id[:63], argv=(SHELL, "-c", shell_command(spec.command)),
+            dyno_id=spec.id, hostname=hostname(spec.id),
+            argv=(SHELL, "-c", shell_command(spec.command)),
             env=tuple(env.items()), uid=placement.uid, gid=placement.gid,
             stack_dir=self._stack_dir(spec), slug_dir=placement.slug_dir,
             dyno_dir=placement.dyno_dir,
@@ -235,6 +253,13 @@ class HostRuntime:
             self.kill(placement)
             raise DynoStartError(f"Error: the dyno's process did not start in time: {exc}") \
                 from None
+        except ConnectionLost as exc:
+            # The holder may have started it before it died: nothing could follow that
+            # process any more, so it must not run beside the next attempt.
+            if self.populated(placement):
+                self.kill(placement)
+            raise HolderUnavailable(f"Error: the host's process holder is gone ({exc}); the "
+                                    "process starts once it is back") from None
         except HolderError as exc:
             raise DynoStartError(f"Error: the dyno's process could not be started: {exc}") from None
         os.close(launched.pidfd)
@@ -289,7 +314,10 @@ class HostRuntime:
 
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool:
         group = self.group(placement)
-        if not group.exists():
+        try:
+            if not group.exists() or not group.populated():
+                return True  # the common case after an exit: no watch to make and close
+        except cgroups.NotFound:
             return True
         try:
             async with group.watch() as watch:
@@ -301,6 +329,12 @@ class HostRuntime:
             return not self.populated(placement)
         except cgroups.NotFound:
             return True
+        except cgroups.CgroupError as exc:
+            # No inotify instance to spare: fs.inotify.max_user_instances (128 by default)
+            # counts per user, and every running dyno's OOM watch holds one. Poll instead
+            # of failing the dyno's supervision (a mass delete would stall on it).
+            log.debug("cannot watch %s (%s); polling until it is empty", placement.cgroup, exc)
+            return await _poll_empty(group, timeout_s)
 
     def stats(self, placement: Placement) -> cgroups.Stats | None:
         try:
@@ -339,13 +373,18 @@ class HostRuntime:
         return True
 
     async def unplace(self, placement: Placement) -> None:
-        """Free what `place` made. The namespace is deleted off the critical path."""
-        group = self.group(placement)
-        if group.exists():
-            await group.destroy(timeout_s=10)
+        """Free what `place` made, off the loop: the cgroup, user and runtime dir on the
+        teardown threads (a few at a time, however many dynos go at once: a mass delete
+        must leave the loop free to answer), the namespace later still, on the network's
+        own teardown thread."""
+        await asyncio.wrap_future(self._teardown_pool.submit(self._unplace_blocking,
+                                                             placement))
         self._destroy_netns_later(placement.space, placement.netns)
-        await asyncio.to_thread(self.uids.release, placement.dyno_dir.rsplit("/", 1)[-1])
-        await asyncio.to_thread(shutil.rmtree, placement.dyno_dir, True)
+
+    def _unplace_blocking(self, placement: Placement) -> None:
+        self.group(placement).destroy_blocking(timeout_s=10)
+        self.uids.release(placement.dyno_dir.rsplit("/", 1)[-1])
+        shutil.rmtree(placement.dyno_dir, True)
 
     def pid_alive(self, pid: int, start_time: int) -> bool:
         return process_start_time(pid) == start_time
@@ -418,6 +457,22 @@ _KEYWORDS = frozenset({"exec", "if", "then", "for", "while", "until", "case", "!
                        "select", "time", "trap", "cd", "export", "set", "unset", "eval",
                        "source", ".", "[", "[[", "{", "}"})
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+async def _poll_empty(group: cgroups.Group, timeout_s: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pause = 0.005
+    while True:
+        try:
+            if not group.populated():
+                return True
+        except cgroups.NotFound:
+            return True
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.1)
 
 
 def _remove_group_quietly(group: cgroups.Group) -> None:

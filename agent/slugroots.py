@@ -13,6 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.config import HOST_WIDE_PATHS, Config
+from agent.errors import excerpt
+
+# How much of a refused path its error quotes: enough to recognise it, escaped.
+PATH_CHARS = 200
 
 
 class SlugPathRefused(ValueError):
@@ -62,11 +66,13 @@ class SlugRoots:
         protected = [(os.path.realpath(where), where, what) for where, what in self.protected]
         for target, where, what in protected:
             if _within(target, real):
-                raise SlugPathRefused(f"{path} would show {what} ({where}) to the dyno")
+                raise SlugPathRefused(f"{_shown(path)} would show {what} ({where}) "
+                                      "to the dyno")
         if not any(_within(real, root) for root in roots):
             listed = ", ".join(self.roots) or "none"
-            resolved = "" if real == path else f" (it resolves to {real})"
-            raise SlugPathRefused(f"{path}{resolved} is not under any of the agent's "
+            resolved = "" if real == path else f" (it resolves to {_shown(real)})"
+            raise SlugPathRefused(f"{_shown(path)}{resolved} is not under any of "
+                                  f"the agent's "
                                   f"slug_roots ({listed})")
         for target, where, what in protected:
             # Inside a protected directory only below a slug root put there on purpose (the
@@ -74,8 +80,13 @@ class SlugRoots:
             if _within(real, target) and not any(
                     _within(real, root) and _within(root, target) and root != target
                     for root in roots):
-                raise SlugPathRefused(f"{path} lies inside {what} ({where})")
+                raise SlugPathRefused(f"{_shown(path)} lies inside {what} ({where})")
         return real
+
+
+def _shown(path: str) -> str:
+    """A path as its error quotes it: as is when short and printable, else escaped and cut."""
+    return path if len(path) <= PATH_CHARS and path.isprintable() else excerpt(path, PATH_CHARS)
 
 
 def _within(path: str, directory: str) -> bool:

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from agent.errors import excerpt
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, Size
 
 ID = re.compile(r"[a-z0-9-]{1,64}")
@@ -27,6 +28,9 @@ STACK = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ENV_MAX_BYTES = 32 * 1024  # Heroku: config vars are at most 32 kB per app in total.
 COMMAND_MAX_BYTES = 64 * 1024
 URL_MAX_CHARS = 4096
+PATH_MAX_BYTES = 4096  # Linux's PATH_MAX: a longer slug path could not be opened anyway
+# An unknown key is named in the error's `field` only when it looks like a key at all.
+_FIELD_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TIMEOUT_MAX_S = 86_400
 DEFAULT_PORT = 5000
 HOST_STACK = "host"
@@ -169,11 +173,12 @@ def _type_name(value: Any) -> str:
 def _reject_unknown(field: str, data: Mapping[Any, Any], known: tuple[str, ...]) -> None:
     for key in data:
         if key not in known:
-            if isinstance(key, str) and key:
+            if isinstance(key, str) and _FIELD_KEY.fullmatch(key):
                 where = f"{field}.{key}" if field else key
             else:
                 where = field or "spec"
-            raise SpecError(where, f"unknown key {key!r}; known keys: {', '.join(known)}", key)
+            raise SpecError(where, f"unknown key {excerpt(key)}; known keys: {', '.join(known)}",
+                            key)
 
 
 def _mapping(field: str, value: Any) -> Mapping[Any, Any]:
@@ -187,7 +192,8 @@ def _text(field: str, value: Any, pattern: re.Pattern[str] | None = None,
     if not isinstance(value, str):
         raise SpecError(field, f"must be a string, got {_type_name(value)}", value)
     if pattern is not None and not pattern.fullmatch(value):
-        raise SpecError(field, f"must match {shape or pattern.pattern}, got {value!r}", value)
+        raise SpecError(field, f"must match {shape or pattern.pattern}, got {excerpt(value)}",
+                        value)
     return value
 
 
@@ -196,7 +202,7 @@ def _int(field: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(field, f"must be an integer, got {_type_name(value)}", value)
     if not low <= value <= high:
-        raise SpecError(field, f"must be between {low} and {high}, got {value}", value)
+        raise SpecError(field, f"must be between {low} and {high}, got {excerpt(value)}", value)
     return value
 
 
@@ -221,8 +227,8 @@ def _env(value: Any) -> Env:
     total = 0
     for key, item in data.items():
         if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
-            raise SpecError(f"env.{key}" if isinstance(key, str) else "env",
-                            f"key {key!r} must match {ENV_KEY.pattern}", key)
+            where = f"env.{key}" if isinstance(key, str) and _FIELD_KEY.fullmatch(key) else "env"
+            raise SpecError(where, f"key {excerpt(key)} must match {ENV_KEY.pattern}", key)
         _no_nul(f"env.{key}", _text(f"env.{key}", item))
         # Encoded size: what execve copies, and how Heroku counts its 32 kB.
         total += len(key) + _utf8_len(f"env.{key}", item)
@@ -237,10 +243,11 @@ def _url(value: Any) -> str:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError as exc:
-        raise SpecError("release.slug.url", f"is not a URL: {exc}", value) from None
+        raise SpecError("release.slug.url", f"is not a URL: {excerpt(str(exc))}",
+                        value) from None
     if parts.scheme not in ("http", "https") or not host:
-        raise SpecError("release.slug.url", f"must be an http:// or https:// URL, got {url!r}",
-                        value)
+        raise SpecError("release.slug.url", f"must be an http:// or https:// URL, got "
+                                            f"{excerpt(url)}", value)
     if len(url) > URL_MAX_CHARS or any(c.isspace() for c in url):
         raise SpecError("release.slug.url", "must be at most 4096 characters with no spaces",
                         value)
@@ -254,7 +261,11 @@ def _slug(value: Any) -> SlugSource:
         path = _no_nul("release.slug.path", _text("release.slug.path", data["path"]))
         # Relative to what? The agent's cwd is not part of any contract.
         if not PurePosixPath(path).is_absolute():
-            raise SpecError("release.slug.path", f"must be an absolute path, got {path!r}", path)
+            raise SpecError("release.slug.path", f"must be an absolute path, got "
+                                                 f"{excerpt(path)}", path)
+        if _utf8_len("release.slug.path", path) > PATH_MAX_BYTES:
+            raise SpecError("release.slug.path", f"must be at most {PATH_MAX_BYTES} bytes",
+                            path)
         return SlugSource(path=path)
     if "url" in data:
         _reject_unknown("release.slug", data, ("url", "sha256"))
@@ -285,7 +296,8 @@ def _size(value: Any, sizes: Mapping[str, Size]) -> Size:
     # Heroku's CLI spells sizes "Standard-2X"; accept that spelling for the same size.
     size = sizes.get(name.lower())
     if size is None:
-        raise SpecError("size", f"unknown size {name!r}; known sizes: {', '.join(sizes)}", value)
+        raise SpecError("size", f"unknown size {excerpt(name)}; known sizes: "
+                                f"{', '.join(sizes)}", value)
     return size
 
 
@@ -316,7 +328,8 @@ def parse_spec(data: Any, sizes: Mapping[str, Size] = DEFAULT_SIZES) -> DynoSpec
     one_shot = name.partition(".")[0] in ONE_SHOT_TYPES
     restart = _text("restart", data.get("restart", "never" if one_shot else "always"))
     if restart not in ("always", "never"):
-        raise SpecError("restart", f'must be "always" or "never", got {restart!r}', restart)
+        raise SpecError("restart", f'must be "always" or "never", got {excerpt(restart)}',
+                        restart)
     boot = (None if data.get("boot_timeout_s") is None
             else _int("boot_timeout_s", data["boot_timeout_s"], 1, TIMEOUT_MAX_S))
     stop = (None if data.get("stop_timeout_s") is None

@@ -84,7 +84,7 @@ def _size(item: FormationItem, sizes: Mapping[str, Size]) -> str:
         return DEFAULT_SIZE
     name = item.size.lower()
     if name not in sizes:
-        raise AppDirError(f"unknown size {item.size!r} for {item.type}; known sizes: "
+        raise AppDirError(f"unknown size {errors.excerpt(item.size)} for {item.type}; known sizes: "
                           f"{', '.join(sizes)}", value=item.size)
     return name
 

@@ -39,6 +39,8 @@ class Reason(StrEnum):
     CYCLING = "cycling"  # daily cycling (24 h + jitter)
     EXITED = "exited"  # a one-off or release dyno's process exited
     AGENT_RESTART = "agent-restart"  # found dead (or re-adopted) after the agent restarted
+    HOLDER_LOST = "holder-lost"  # the host's process holder died with the process: the
+    # platform's failure, restarted at once and never counted as a crash
 
 
 _S = DynoState

@@ -7,20 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal as signal_mod
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from agent import errors, metrics
 from agent.config import Config
-from agent.dyno import Command, Dyno, Timing
+from agent.dyno import Command, Dyno, HolderGate, Timing
 from agent.events import EventBus, EventFollower
 from agent.holder import ExitEvent, HeldProcess, OutputEvent
 from agent.logs import LogHub, LogLine, l10_buffer_overflow
 from agent.policy import CYCLE_JITTER_S, RestartPolicy
-from agent.records import Record, RecordStore
+from agent.records import Record, RecordStore, RecordWriter
 from agent.runtime import Runtime
+from agent.signals import parse_signal
 from agent.slugroots import SlugPathRefused, SlugRoots
 from agent.spec import HOST_STACK, DynoSpec, SpecError, parse_spec
 from agent.states import DynoState, Reason, StateChange
@@ -41,16 +41,22 @@ def _now() -> datetime:
 class Supervisor:
     def __init__(self, config: Config, runtime: Runtime, records: RecordStore, hub: LogHub,
                  bus: EventBus, release: Callable[[str, int], Awaitable[None]] | None = None,
-                 sample_interval_s: float = SAMPLE_INTERVAL_S) -> None:
+                 sample_interval_s: float = SAMPLE_INTERVAL_S,
+                 record_writer: RecordWriter | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.records = records
+        # Where the dynos' changes are saved: by default at once; the daemon's writes on a
+        # thread of its own, off the loop.
+        self.writer = record_writer or RecordWriter(records, background=False)
         self.hub = hub
         self.bus = bus
         self.dynos: dict[str, Dyno] = {}
         self.draining = False
         self.accepting = True
         self.start_slots = asyncio.Semaphore(MAX_CONCURRENT_STARTS)
+        # Dynos whose launch found the holder gone wait here for it to be back.
+        self.holder_gate = HolderGate()
         self.sample_interval_s = sample_interval_s
         self.state_listeners: list[Callable[[StateChange], None]] = []
         self._release = release
@@ -97,23 +103,16 @@ class Supervisor:
     def save(self, dyno: Dyno) -> None:
         if dyno.id not in self.dynos:
             return
-        try:
-            self.records.save(dyno.record)
-        except OSError as exc:
-            # The dyno goes on; the record is written again at its next change.
-            log.error("cannot save the record of %s: %s", dyno.id, exc,
-                      extra={"DYNO_ID": dyno.id})
+        self.writer.save(dyno.record)
 
     def forget(self, dyno: Dyno) -> None:
         if self.dynos.get(dyno.id) is dyno:
             del self.dynos[dyno.id]
-        try:
-            self.records.delete(dyno.id)
-        except OSError as exc:
-            log.error("cannot delete the record of %s: %s", dyno.id, exc)
+        self.writer.delete(dyno.id)
 
     def forget_process(self, dyno: Dyno, pid: int) -> None:
         self._next_seq.pop((dyno.id, pid), None)
+        self.hub.forget_output(dyno.id, pid)
         if self._release is not None:
             self._spawn(self._release(dyno.id, pid), f"release-{dyno.id}")
 
@@ -142,23 +141,30 @@ class Supervisor:
         # Delivery from the holder is at least once: after a re-subscribe it sends again what
         # was not yet acknowledged. Lines are numbered per process; skip those already seen.
         key = (event.dyno_id, event.pid)
-        seen_up_to = self._next_seq.get(key, 0)
+        seen_up_to = self._next_seq.get(key)
+        if seen_up_to is None:
+            # What an earlier agent published already (its tail is kept on disk).
+            seen_up_to = self.hub.output_seen(*key)
         end = event.seq + len(event.lines)
         if end <= seen_up_to and event.lines:
             return
         self._next_seq[key] = max(end, seen_up_to)
-        lines = event.lines[max(0, seen_up_to - event.seq):]
+        first = event.seq + max(0, seen_up_to - event.seq)
+        lines = event.lines[first - event.seq:]
         app, name = dyno.spec.app, dyno.spec.name
         if event.dropped and event.seq >= seen_up_to:
             dyno.output_dropped += event.dropped
             self.hub.publish(LogLine.agent(_now(), app, name, l10_buffer_overflow(event.dropped),
                                            dyno.id))
         last_stamp, at = -1.0, _now()
-        for stamp, data in lines:
+        for number, (stamp, data) in enumerate(lines, first):
             if stamp != last_stamp:  # lines of one pipe read share their time
                 last_stamp, at = stamp, datetime.fromtimestamp(stamp, UTC)
             text = data.decode("utf-8", errors="replace").rstrip("\n")
-            self.hub.publish(LogLine.output(at, app, name, text, dyno.id))
+            self.hub.publish(LogLine.output(at, app, name, text, dyno.id),
+                             origin=(dyno.id, event.pid, number))
+        # On disk before the holder hears that these lines were handled (its ack).
+        self.hub.flush()
 
     # -- start-up: adoption ----------------------------------------------------------------------
     def _release_stray(self, dyno_id: str, pid: int) -> None:
@@ -247,7 +253,8 @@ class Supervisor:
                         record.id)
             if record.placement is not None:
                 self.runtime.kill(record.placement)
-        dyno.on_exit(record.pid, 137)
+        # The holder's death, not the app's: restarted at once, no crash counted.
+        dyno.on_holder_lost(record.pid)
 
     def resync(self, held: Iterable[HeldProcess]) -> None:
         """After reconnecting to the holder (perhaps a new one, the old having died)."""
@@ -262,7 +269,8 @@ class Supervisor:
             log.warning("app %s runs on the host stack: its dynos see the host's own "
                         "world-readable files (development only; use a named stack)", spec.app,
                         extra={"APP": spec.app})
-        return Dyno(spec, record, self.runtime, self, self.timing, self.start_slots)
+        return Dyno(spec, record, self.runtime, self, self.timing, self.start_slots,
+                    holder_gate=self.holder_gate)
 
     async def detach_all(self) -> None:
         """Stop supervising; the dynos themselves keep running (static stability)."""
@@ -271,6 +279,8 @@ class Supervisor:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # Every change is on disk before the agent goes: the next one adopts from it.
+        await asyncio.to_thread(self.writer.close)
 
     async def stop_all(self) -> None:
         """Stop and forget every dyno (standalone mode's Ctrl-C, tests)."""
@@ -483,11 +493,3 @@ def _ordinal(name: str) -> int:
     return 0
 
 
-def parse_signal(value: str) -> signal_mod.Signals:
-    text = str(value).strip().upper()
-    try:
-        if text.isdigit():
-            return signal_mod.Signals(int(text))
-        return signal_mod.Signals[text if text.startswith("SIG") else f"SIG{text}"]
-    except (KeyError, ValueError):
-        raise errors.BadRequest(f"unknown signal {value!r}") from None

@@ -1,12 +1,13 @@
 """The holder's wire protocol: length-prefixed msgpack maps on a Unix socket, fds by SCM_RIGHTS.
 
 Framing. Every frame is a 4-byte big-endian unsigned length N, then N bytes holding one
-msgpack map (bin type for bytes, str for text). Frames longer than the receiver's limit
-close the connection. A frame that carries file descriptors says so in its `nfd` key; the
-sender attaches exactly those fds (SCM_RIGHTS) to the sendmsg call that carries the frame's
-first byte. Because fds travel in order with the bytes, the receiver keeps every fd it gets
-in one FIFO and a decoded frame with `nfd: k` takes the next k fds from it. Fds are received
-with MSG_CMSG_CLOEXEC so they never leak into processes the holder starts.
+msgpack map (bin type for bytes, str for text). Frames longer than the receiver's limit,
+or nested deeper than 32 maps and arrays (agent/decoding.py), close the connection. A frame
+that carries file descriptors says so in its `nfd` key; the sender attaches exactly those
+fds (SCM_RIGHTS) to the sendmsg call that carries the frame's first byte. Because fds
+travel in order with the bytes, the receiver keeps every fd it gets in one FIFO and a
+decoded frame with `nfd: k` takes the next k fds from it. Fds are received with
+MSG_CMSG_CLOEXEC so they never leak into processes the holder starts.
 
 Messages (the `t` key):
     {"t": "req", "id": 7, "m": METHOD, "p": {...}, "nfd": k}     client → holder
@@ -67,6 +68,8 @@ from typing import Any
 
 import msgpack
 
+from agent.decoding import MAX_DEPTH, TooDeep, check_depth
+from agent.errors import excerpt
 from agent.holder.errors import ProtocolError
 
 # 2: output events carry joined blocks of lines instead of one [ts, bytes] per line.
@@ -146,7 +149,8 @@ class FrameDecoder:
             message = decode_body(body)
             nfd = message.get("nfd", 0)
             if not isinstance(nfd, int) or nfd < 0 or nfd > len(self._fds):
-                raise ProtocolError(f"frame announces {nfd!r} fds, {len(self._fds)} received", nfd)
+                raise ProtocolError(f"frame announces {excerpt(nfd)} fds, {len(self._fds)} "
+                                    "received", nfd)
             out.append((message, [self._fds.popleft() for _ in range(nfd)]))
 
     def take_stray_fds(self) -> list[int]:
@@ -162,7 +166,10 @@ class FrameDecoder:
 
 def decode_body(body: bytes) -> Message:
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        # The nesting bound holds before anything walks (or reprs) the message.
+        message = check_depth(msgpack.unpackb(body, raw=False, strict_map_key=True))
+    except (TooDeep, msgpack.StackError):
+        raise ProtocolError(f"frame is {TooDeep()}", MAX_DEPTH) from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"frame is not msgpack: {exc}", body[:32]) from exc
     if not isinstance(message, dict) or not isinstance(message.get("t"), str):

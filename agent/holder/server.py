@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import __version__
+from agent.errors import excerpt
 from agent.holder.backend import Backend, proc_start_time
 from agent.holder.errors import (
     BadRequest,
@@ -372,7 +373,7 @@ class Holder:
         handler = self._methods.get(method)
         try:
             if handler is None:
-                raise BadRequest(f"unknown method {method!r}")
+                raise BadRequest(f"unknown method {excerpt(method)}")
             if not isinstance(params, dict):
                 raise BadRequest("p must be a map")
             if len(fds) > MAX_FDS_PER_FRAME:
@@ -517,7 +518,7 @@ class Holder:
         target = next((h for h in self._running_by_pid.values()
                        if h.dyno_id == dyno_id and h.kind == "launch"), None)
         if target is None:
-            raise NotFound(f"no running dyno {dyno_id!r} to enter")
+            raise NotFound(f"no running dyno {excerpt(dyno_id)} to enter")
         stdio = (fds[0], fds[1], fds[2]) if tty is None else (self._devnull,) * 3
         outcome = self._backend.enter(target.pid, p, *stdio, tty=tty)
         pid = outcome.pid
@@ -553,7 +554,7 @@ class Holder:
         matches = [h for h in self._held.values()
                    if h.dyno_id == dyno_id and (pid is None or h.pid == pid)]
         if not matches:
-            raise NotFound(f"no held process for dyno {dyno_id!r}"
+            raise NotFound(f"no held process for dyno {excerpt(dyno_id)}"
                            + (f" pid {pid}" if pid is not None else ""))
         running = [h.pid for h in matches if h.running]
         if running and pid is not None:
@@ -730,7 +731,8 @@ def _tty_of(value: Any, fds: list[int]) -> tuple[int, int] | None:
     if (not isinstance(value, list | tuple) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFF
                        for v in value)):
-        raise BadRequest(f"tty: [rows, columns] of 0..65535 is required, got {value!r}")
+        raise BadRequest(f"tty: [rows, columns] of 0..65535 is required, got "
+                         f"{excerpt(value)}")
     if fds:
         raise BadRequest("a request with a tty takes no stdio fds")
     return int(value[0]), int(value[1])

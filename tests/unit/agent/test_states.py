@@ -98,7 +98,7 @@ def test_event_object_and_initial_event() -> None:
 
 def test_reason_values_are_the_api_vocabulary() -> None:
     assert {r.value for r in Reason} >= {"crash", "oom", "boot-timeout", "stopped", "cycling",
-                                         "restart", "exited", "agent-restart"}
+                                         "restart", "exited", "agent-restart", "holder-lost"}
 
 
 def test_times_are_normalised_to_utc_and_naive_times_refused() -> None:
