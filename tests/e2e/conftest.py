@@ -3,11 +3,13 @@ define an `agent` fixture."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_supervision import delete_app
+from tests.e2e.test_supervision import delete_app, make_slug
 from tests.support.agentproc import AgentProcess
 from tests.support.names import unique
 from tests.support.testhost import TestHost, new_test_host
@@ -18,6 +20,14 @@ def host() -> Iterator[TestHost]:
     """A test host (network namespace) for the module's agent."""
     with new_test_host("dt") as test_host:
         yield test_host
+
+
+@pytest.fixture(scope="module")
+def slug() -> Iterator[Path]:
+    """A slug with test_supervision's server.py (modules that need more files define their own)."""
+    path = make_slug()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

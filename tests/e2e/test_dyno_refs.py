@@ -4,13 +4,12 @@ never looked at, stopped or deleted)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_supervision import agent_in_host, make_slug, spec
+from tests.e2e.test_supervision import agent_in_host, spec
 from tests.support.agentproc import AgentProcess
 from tests.support.names import unique
 from tests.support.testhost import new_test_host
@@ -20,13 +19,6 @@ from tests.support.testhost import new_test_host
 def agent() -> Iterator[AgentProcess]:
     with new_test_host() as host, agent_in_host(host, log_level="info") as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("dyno_id", ["-", "-x", "--0", "0-", "-" * 64, "0" * 64])

@@ -6,21 +6,16 @@ once."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.test_supervision import (
     TICKER,
     _processes_mentioning,
     agent_in_host,
     dyno,
-    make_slug,
     spec,
     wait_state,
 )
@@ -31,13 +26,6 @@ from tests.support.wait import wait_for
 
 API_ANSWER_S = 1.0
 UP_AGAIN_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class ApiWatch:

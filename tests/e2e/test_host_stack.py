@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tests.e2e.test_supervision import (
     agent_in_host,
     app_texts,
     delete_app,
-    make_slug,
     spec,
     wait_state,
 )
@@ -45,13 +43,6 @@ def agent() -> Iterator[AgentProcess]:
     with new_test_host("dt") as host, agent_in_host(
             host, parent_dir="/var/tmp", prepare=_state_dir_through_a_symlink) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def open_to_everyone(*paths: Path) -> None:

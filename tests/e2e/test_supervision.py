@@ -11,7 +11,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import tempfile
@@ -201,13 +200,6 @@ def agent_in_host(host: TestHost, *, parent_dir: str = "/tmp",
                 with contextlib.suppress(Exception):
                     agent.api("DELETE", f"/v1/dynos/{status['id']}", timeout_s=30)
         agent.cleanup()
-
-
-@pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ kept out of use (in quarantine in the registry, for every agent)."""
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.launcher.uids import REGISTRY_PATH
-from tests.e2e.test_supervision import agent_in_host, app_texts, make_slug, spec, wait_state
+from tests.e2e.test_supervision import agent_in_host, app_texts, spec, wait_state
 from tests.support.agentproc import AgentProcess
 from tests.support.names import unique
 from tests.support.testhost import new_test_host
@@ -21,13 +17,6 @@ from tests.support.wait import wait_for
 
 # Says its uid from inside the dyno, then stays up.
 WHOAMI = "echo uid=$(id -u) gid=$(id -g); exec sleep 1000"
-
-
-@pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def uid_inside(agent: AgentProcess, app: str, name: str) -> tuple[int, int]:
