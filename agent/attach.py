@@ -38,6 +38,7 @@ from agent import errors
 from agent.decoding import json_loads
 from agent.events import EventBus, EventFollower
 from agent.holder import ExitEvent, HolderClient, HolderError
+from agent.launcher.launch import stat_fields
 from agent.peercred import PeerCredError, is_allowed, peer_credentials
 from agent.relay import Pipes, Relay, close_all, pty_ends
 from agent.runtime import HostRuntime, Launch
@@ -280,7 +281,7 @@ def _kill_session(pids: list[int], sid: int) -> None:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-            if int(stat[stat.rindex(b")") + 2:].split()[3]) == sid:
+            if int(stat_fields(stat)[3]) == sid:  # field 6, the session
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except (OSError, ValueError, IndexError):
             continue

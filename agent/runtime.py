@@ -27,6 +27,7 @@ import netns
 from agent.holder import ConnectionLost, HolderClient, HolderError, HolderTimeout
 from agent.kernelnames import cgroup_rel, hostname, netns_name
 from agent.launcher import LauncherError, LaunchRequest, UidAllocator
+from agent.launcher.launch import parse_start_time
 from agent.launcher.seccomp import process_mode as seccomp_process_mode
 from agent.launcher.uids import forget_legacy_table
 from agent.records import Placement, RecordStore
@@ -119,9 +120,7 @@ def process_start_time(pid: int) -> int | None:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rindex(b")") + 2:].split()
-    return int(fields[19])
+    return parse_start_time(raw)
 
 
 class HostRuntime:
@@ -329,12 +328,6 @@ class HostRuntime:
             return not self.populated(placement)
         except cgroups.NotFound:
             return True
-        except cgroups.CgroupError as exc:
-            # No inotify instance to spare: fs.inotify.max_user_instances (128 by default)
-            # counts per user, and every running dyno's OOM watch holds one. Poll instead
-            # of failing the dyno's supervision (a mass delete would stall on it).
-            log.debug("cannot watch %s (%s); polling until it is empty", placement.cgroup, exc)
-            return await _poll_empty(group, timeout_s)
 
     def stats(self, placement: Placement) -> cgroups.Stats | None:
         try:
@@ -457,22 +450,6 @@ _KEYWORDS = frozenset({"exec", "if", "then", "for", "while", "until", "case", "!
                        "select", "time", "trap", "cd", "export", "set", "unset", "eval",
                        "source", ".", "[", "[[", "{", "}"})
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
-
-
-async def _poll_empty(group: cgroups.Group, timeout_s: float) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    pause = 0.005
-    while True:
-        try:
-            if not group.populated():
-                return True
-        except cgroups.NotFound:
-            return True
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            return False
-        await asyncio.sleep(min(pause, remaining))
-        pause = min(pause * 2, 0.1)
 
 
 def _remove_group_quietly(group: cgroups.Group) -> None:

@@ -197,6 +197,11 @@ def read_start_time(pid: int) -> int:
     return parse_start_time(data)
 
 
+def stat_fields(stat: bytes) -> list[bytes]:
+    """/proc/PID/stat's fields from the third (state) on. comm may contain spaces and ')':
+    the fields after the LAST ')' are fixed."""
+    return stat[stat.rindex(b")") + 2:].split()
+
+
 def parse_start_time(stat: bytes) -> int:
-    # comm may contain spaces and ')' — the fields after the LAST ')' are fixed.
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    return int(stat_fields(stat)[19])
