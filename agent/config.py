@@ -60,7 +60,7 @@ class Config:
     uid_quarantine_s: float = 600.0
     # The default size table with the config's [sizes.NAME] tables applied.
     sizes: Mapping[str, Size] = field(default_factory=lambda: dict(DEFAULT_SIZES))
-    # Directories a release's slug.path may lie under (agent/slugroots.py); None: the
+    # Directories a release's slug.path may lie under (agent/slugs/roots.py); None: the
     # default, <state_dir>/slugs.
     slug_roots: tuple[Path, ...] | None = None
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from agent import attachwire as wire
+from agent.api import attachwire as wire
 from tests.e2e.test_standalone import Up, running_up
 from tests.support.agentproc import BIN
 from tests.support.names import unique

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import Config
-from agent.daemon import instance_names
+from agent.daemon.service import instance_names
 from tests.support.agentproc import AgentProcess, ApiError, ApiStream
 from tests.support.names import unique
 from tests.support.testhost import TestHost, new_test_host

@@ -7,8 +7,9 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from agent import coordinator, errors
+from agent import errors
 from agent.config import Config
+from agent.coordinator import link as coordinator
 from agent.errors import ERROR_CODES
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -27,8 +28,12 @@ def test_every_config_key_is_documented() -> None:
 
 PROTOCOL = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
 # The modules behind the coordinator link's answers: the codec and requests, the engine, the
-# supervisor (and the dynos and signal parsing it calls).
-COORDINATOR_SIDE = ("coordinator.py", "reconcile.py", "supervisor.py", "dyno.py", "signals.py")
+# supervisor (and the dynos and signal parsing it calls); every module of agent/coordinator/.
+AGENT_DIR = Path(errors.__file__).parent
+COORDINATOR_SIDE = (*sorted((AGENT_DIR / "coordinator").glob("*.py")),
+                    *(AGENT_DIR / "supervision" / name
+                      for name in ("reconcile.py", "supervisor.py", "dyno.py")),
+                    AGENT_DIR / "signals.py")
 
 
 def _protocol_error_rows() -> list[str]:
@@ -65,10 +70,9 @@ def _raised_codes(source: str) -> set[str]:
 
 
 def test_every_code_the_coordinator_side_can_send_is_documented() -> None:
-    agent_dir = Path(coordinator.__file__).parent
     raised: set[str] = set()
-    for name in COORDINATOR_SIDE:
-        raised |= _raised_codes((agent_dir / name).read_text())
+    for path in COORDINATOR_SIDE:
+        raised |= _raised_codes(path.read_text())
     assert "timeout" in raised and "malformed_frame" in raised  # the scan sees both kinds
     assert raised <= set(coordinator.ERROR_CODES), raised - set(coordinator.ERROR_CODES)
     assert raised <= set(_protocol_error_rows())

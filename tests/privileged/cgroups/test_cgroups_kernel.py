@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtime import dyno_limits
 from agent.sizes import Size
+from agent.supervision.runtime import dyno_limits
 from cgroups import (
     CgroupFS,
     EventKind,

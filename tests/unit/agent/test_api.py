@@ -15,11 +15,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import Backend, build_app, signal_name
+from agent.api.server import Backend, build_app, signal_name
 from agent.errors import AgentError, BadRequest, Conflict, InvalidSpec, NotFound
-from agent.events import EventBus, EventFollower
-from agent.logs import LogHub, LogLine
+from agent.observability.logs import LogHub, LogLine
 from agent.peercred import PeerCred
+from agent.supervision.events import EventBus, EventFollower
 from tests.support.wait import async_wait_for
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
@@ -235,7 +235,7 @@ async def test_create_survives_client_going_away(client: Client, backend: FakeBa
     # The server forgets a connection only when its handler task is over: with create_dyno
     # still held at the gate, that means the disconnect cancelled the handler.
     await async_wait_for(_async(lambda: not server.connections), 5, what="handler cancelled")
-    with caplog.at_level("INFO", logger="agent.api"):
+    with caplog.at_level("INFO", logger="agent.api.server"):
         backend.gate.set()
         await async_wait_for(_async(lambda: "late" in backend.dynos), 5, what="create done")
         await async_wait_for(_async(lambda: "finished after its client went away"
@@ -323,7 +323,7 @@ async def test_backend_bug_is_json_500_and_logged(client: Client, backend: FakeB
     def broken(ref: str, app: str | None = None) -> dict[str, Any]:
         raise KeyError("state")
     monkeypatch.setattr(backend, "get_dyno", broken)
-    with caplog.at_level("ERROR", logger="agent.api"):
+    with caplog.at_level("ERROR", logger="agent.api.server"):
         assert await error_of(await client.get("/v1/dynos/a1"), 500) == "internal"
     assert "GET /v1/dynos/a1 failed" in caplog.text and "KeyError" in caplog.text
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent.api import build_app
+from agent.api.server import build_app
 from agent.errors import ERROR_CODES
 from agent.peercred import PeerCred, is_allowed
 
@@ -97,7 +97,7 @@ async def test_a_peer_that_cannot_be_identified_is_refused(method: str, path: st
 
 
 def test_local_slug_paths_are_for_root_only() -> None:
-    from agent.api import _check_slug_path_allowed
+    from agent.api.server import _check_slug_path_allowed
     from agent.errors import Forbidden
 
     by_path = {"release": {"version": 1, "slug": {"path": "/root/secret"}}}

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import attachwire as wire
+from agent.api import attachwire as wire
 
 REPO = Path(__file__).resolve().parents[3]
 # dynoctl's session on the inherited socket (fd 3), with our stdio as given.
 CLIENT_PY = """\
 import socket, sys
-from agent import ctl
+from agent.cli import dynoctl as ctl
 sock = socket.socket(fileno=3)
 try:
     code = ctl._Session(sock, False, False).run(lambda m: print("started", file=sys.stderr))

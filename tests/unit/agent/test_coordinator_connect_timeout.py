@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import random
 
-from agent.coordinator import CONNECT_TIMEOUT_S, CoordinatorLink
+from agent.coordinator.link import CONNECT_TIMEOUT_S, CoordinatorLink
 
 
 # Before its fix: ws_connect has no handshake timeout (CONNECT_TIMEOUT_S unused): a

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import errors
-from agent.coordinator import (
+from agent.coordinator.link import (
     Event,
     FrameError,
     Request,
@@ -23,8 +23,8 @@ from agent.coordinator import (
     UnknownMethod,
     decode,
 )
-from agent.reconcile import Engine, Observed
 from agent.spec import DynoSpec, SpecError, parse_spec
+from agent.supervision.reconcile import Engine, Observed
 
 
 class FakeSupervisor:
@@ -80,7 +80,7 @@ class FakeSupervisor:
     async def signal_dyno(self, ref: str, signal_name: str,
                           app: str | None = None) -> dict[str, Any]:
         self._get(ref)
-        from agent.supervisor import parse_signal
+        from agent.supervision.supervisor import parse_signal
 
         parse_signal(signal_name)
         self.signals.append((ref, signal_name))

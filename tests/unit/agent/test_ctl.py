@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
-from agent import ctl
-from agent.api import build_app
-from agent.logs import LogLine
+from agent.api.server import build_app
+from agent.cli import dynoctl as ctl
+from agent.observability.logs import LogLine
 from tests.support.wait import wait_for
 from tests.unit.agent.test_api import FakeBackend, make_status, sample_backend
 
@@ -203,8 +203,8 @@ def test_logs_follow_prints_new_lines_until_the_agent_ends_the_stream(
 
 
 def test_logs_follow_ends_on_ctrl_c_and_the_agent_lets_go(served: ServedBackend) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--socket", served.socket_path,
-                             "logs", "-t", "-n", "0"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli.dynoctl", "--socket",
+                             served.socket_path, "logs", "-t", "-n", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[3])
     try:
         wait_for(lambda: served.call(lambda: served.backend.hub.followers) == 1, 20,
@@ -364,7 +364,7 @@ def test_top_json_once(served: ServedBackend, capsys: pytest.CaptureFixture[str]
 
 
 def test_ctl_does_not_import_aiohttp() -> None:
-    probe = "import sys, agent.ctl; print('aiohttp' in sys.modules)"
+    probe = "import sys, agent.cli.dynoctl; print('aiohttp' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[3])
     assert result.stdout.strip() == "False"

@@ -16,10 +16,11 @@ import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent import attachwire, config, errors
-from agent.api import build_app
-from agent.attach import _receive_request
-from agent.coordinator import HARD_FRAME_BYTES, CoordinatorLink, FrameError, decode
+from agent import config, errors
+from agent.api import attachwire
+from agent.api.attach import _receive_request
+from agent.api.server import build_app
+from agent.coordinator.link import HARD_FRAME_BYTES, CoordinatorLink, FrameError, decode
 from agent.decoding import MAX_DEPTH, TooDeep, check_depth, json_loads
 from agent.holder.errors import ProtocolError
 from agent.holder.protocol import FrameDecoder, encode

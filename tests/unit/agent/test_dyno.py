@@ -19,15 +19,15 @@ import pytest
 
 import cgroups
 from agent.config import Config
-from agent.dyno import Command
-from agent.events import EventBus
 from agent.holder import ExitEvent, HeldProcess, OutputEvent
-from agent.logs import LogHub
-from agent.records import Placement, RecordStore
-from agent.runtime import DynoStartError, Launch
+from agent.observability.logs import LogHub
 from agent.sizes import DEFAULT_SIZES, MIB, apply_overrides
 from agent.spec import DynoSpec
-from agent.supervisor import MAX_CONCURRENT_STARTS, Supervisor
+from agent.supervision.dyno import Command
+from agent.supervision.events import EventBus
+from agent.supervision.records import Placement, RecordStore
+from agent.supervision.runtime import DynoStartError, Launch
+from agent.supervision.supervisor import MAX_CONCURRENT_STARTS, Supervisor
 
 COOL_OFF_S = 0.3
 SAMPLE_S = 0.05
@@ -500,7 +500,7 @@ async def test_oom_watch_is_closed_once_the_process_is_gone(h: Harness) -> None:
 
 async def test_cycling_says_cycling_and_restarts(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.supervisor.CYCLE_JITTER_S", 0.0)
+    monkeypatch.setattr("agent.supervision.supervisor.CYCLE_JITTER_S", 0.0)
     h = await _harness(tmp_path, cycle_after_s=0.2)
     try:
         dyno_id = await h.create("worker.1")

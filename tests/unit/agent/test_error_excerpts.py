@@ -16,13 +16,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent import errors
-from agent.api import build_app
+from agent.api.server import build_app
 from agent.config import from_mapping
-from agent.coordinator import CoordinatorLink, Requests
+from agent.coordinator.link import CoordinatorLink, Requests
 from agent.errors import EXCERPT_CHARS, MESSAGE_MAX_CHARS, excerpt
 from agent.peercred import PeerCred
-from agent.reconcile import Engine
 from agent.spec import SpecError, parse_spec
+from agent.supervision.reconcile import Engine
 from tests.support.coordinator import TestCoordinator, pack, unix_listener
 from tests.unit.agent.test_coordinator_requests import FakeSupervisor
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from agent.holder import HeldProcess
-from agent.policy import Intent, RestartMode, RestartPolicy, decide_exit
-from agent.records import Placement
-from agent.runtime import HolderUnavailable, Launch
 from agent.spec import DynoSpec
-from agent.states import DynoState, Reason
+from agent.supervision.policy import Intent, RestartMode, RestartPolicy, decide_exit
+from agent.supervision.records import Placement
+from agent.supervision.runtime import HolderUnavailable, Launch
+from agent.supervision.states import DynoState, Reason
 from tests.unit.agent.test_dyno import FakeRuntime, _harness
 
 A, N = RestartMode.ALWAYS, RestartMode.NEVER

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import HOST_WIDE_PATHS, Config
-from agent.daemon import hidden_paths
+from agent.daemon.service import hidden_paths
 
 
 def test_own_directories_sockets_secrets_and_host_wide_places(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent.holder import HeldProcess, OutputEvent
-from agent.logs import LogHub, LogLine
-from agent.logtail import TailFile, TailStore, tails_to_remove
+from agent.observability.logs import LogHub, LogLine
+from agent.observability.logtail import TailFile, TailStore, tails_to_remove
 from tests.unit.agent.test_dyno import _harness
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)

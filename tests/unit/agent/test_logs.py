@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import logs
-from agent.logs import (
+from agent.observability import logs
+from agent.observability.logs import (
     LineAssembler,
     LogBuffer,
     LogError,

@@ -8,7 +8,7 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import (
+from agent.observability.metrics import (
     DynoMetrics,
     LoadAverage,
     MemorySample,
@@ -22,7 +22,7 @@ from agent.metrics import (
     render,
     render_dynos,
 )
-from agent.states import DynoState
+from agent.supervision.states import DynoState
 
 MIB = 2**20
 

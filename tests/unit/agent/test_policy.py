@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from agent.policy import (
+from agent.supervision.policy import (
     EXIT_SIGKILL,
     EXIT_SIGTERM,
     BootCheck,
@@ -36,7 +36,7 @@ from agent.policy import (
     stop_next,
     stop_plan,
 )
-from agent.states import DynoState, Reason
+from agent.supervision.states import DynoState, Reason
 
 MIN = 60.0
 MIB = 2**20

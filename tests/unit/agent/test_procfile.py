@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.procfile import (
+from agent.standalone.procfile import (
     AppDirError,
     app_name,
     check_types,
@@ -134,7 +134,7 @@ def test_check_types_against_the_procfile() -> None:
 
 def test_a_byte_order_mark_from_a_windows_editor_is_not_part_of_the_first_type(
         tmp_path: Path) -> None:
-    from agent.procfile import load_env_file, load_procfile
+    from agent.standalone.procfile import load_env_file, load_procfile
 
     (tmp_path / "Procfile").write_bytes(b"\xef\xbb\xbfweb: python3 web.py\n")
     (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfGREETING=hi\n")

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from agent import errors
-from agent.reconcile import (
+from agent.spec import DynoSpec, parse_spec
+from agent.supervision.reconcile import (
     DesiredStateError,
     DesiredStore,
     Engine,
@@ -20,7 +21,6 @@ from agent.reconcile import (
     Observed,
     plan,
 )
-from agent.spec import DynoSpec, parse_spec
 
 
 def body(dyno_id: str, name: str = "", command: str = "sleep 100", **extra: Any) -> dict[str, Any]:

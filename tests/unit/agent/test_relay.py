@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from agent import attachwire as wire
-from agent import relay as relay_mod
-from agent.relay import Ends, Pipes, Relay, pty_ends
+from agent.api import attachwire as wire
+from agent.api import relay as relay_mod
+from agent.api.relay import Ends, Pipes, Relay, pty_ends
 from tests.support.wait import async_wait_for
 
 F_GETPIPE_SZ = 1032

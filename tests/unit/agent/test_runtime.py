@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.runtime import dyno_limits, shell_command
 from agent.sizes import DEFAULT_SIZES, MIB
+from agent.supervision.runtime import dyno_limits, shell_command
 from cgroups import Mode, Write, plan_writes
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from agent.launcher import UidAllocator
-from agent.records import Placement, Record, RecordStore
-from agent.runtime import HostRuntime
+from agent.supervision.records import Placement, Record, RecordStore
+from agent.supervision.runtime import HostRuntime
 
 
 def placement(dyno_id: str, uid: int) -> Placement:

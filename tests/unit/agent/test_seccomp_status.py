@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import ctl
+from agent.cli import dynoctl as ctl
 from agent.launcher import seccomp
 from agent.launcher import syscalls as sc
 from tests.unit.agent.test_dyno import Harness, _harness

@@ -22,7 +22,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.slug import (
+from agent.slugs.store import (
     AbsolutePathError,
     BadArchiveError,
     ChecksumError,

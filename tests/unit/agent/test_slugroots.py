@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config
-from agent.slugroots import SlugPathRefused, SlugRoots
+from agent.slugs.roots import SlugPathRefused, SlugRoots
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def _body(dyno_id: str, path: Path) -> dict[str, object]:
 
 async def test_every_edge_refuses_and_changes_nothing(tmp_path: Path) -> None:
     from agent import errors
-    from agent.reconcile import DesiredStore, Engine, InvalidDesiredSet, SupervisorFleet
+    from agent.supervision.reconcile import DesiredStore, Engine, InvalidDesiredSet, SupervisorFleet
     from tests.unit.agent.test_dyno import _harness
 
     h = await _harness(tmp_path, slug_roots=(tmp_path / "slugs",))

@@ -19,18 +19,20 @@ from typing import Any
 
 import pytest
 
-from agent import ctl, errors, standalone
-from agent.attach import StdioRegistry, _ExitWatch, _StdioHolder, attach_path
+from agent import errors
+from agent.api.attach import StdioRegistry, _ExitWatch, _StdioHolder, attach_path
+from agent.cli import dynoctl as ctl
 from agent.config import Config
 from agent.holder import ExitEvent
 from agent.holder.client import Launched
-from agent.logs import LogLine
-from agent.procfile import AppDirError, parse_formation_items, parse_procfile
-from agent.proxy import ProxyError, TcpProxy, bind_listener
-from agent.reconcile import Engine, Observed
+from agent.observability.logs import LogLine
 from agent.sizes import DEFAULT_SIZES
 from agent.spec import DynoSpec, parse_spec
-from agent.states import DynoState
+from agent.standalone import up as standalone
+from agent.standalone.procfile import AppDirError, parse_formation_items, parse_procfile
+from agent.standalone.proxy import ProxyError, TcpProxy, bind_listener
+from agent.supervision.reconcile import Engine, Observed
+from agent.supervision.states import DynoState
 from tests.unit.agent.test_api import FakeBackend, sample_backend
 from tests.unit.agent.test_ctl import ServedBackend, run_ctl, short_dir  # noqa: F401
 

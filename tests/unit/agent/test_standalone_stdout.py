@@ -11,8 +11,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from agent.logs import LogHub, LogLine
-from agent.standalone import LogPrinter
+from agent.observability.logs import LogHub, LogLine
+from agent.standalone.up import LogPrinter
 
 
 def _fill(fd: int) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from agent.states import (
+from agent.supervision.states import (
     TRANSITIONS,
     DynoState,
     InvalidTransition,

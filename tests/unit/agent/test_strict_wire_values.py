@@ -13,10 +13,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent import errors
-from agent.api import build_app, signal_name
+from agent.api.server import build_app, signal_name
 from agent.peercred import PeerCred
-from agent.reconcile import MAX_GENERATION, DesiredStore, Engine
 from agent.signals import parse_signal
+from agent.supervision.reconcile import MAX_GENERATION, DesiredStore, Engine
 from tests.unit.agent.test_coordinator_requests import make, spec
 from tests.unit.agent.test_reconcile import FakeFleet, body
 
@@ -119,7 +119,7 @@ async def test_a_persisted_generation_out_of_range_is_ignored_at_start(tmp_path:
 @pytest.mark.parametrize("item", [f"web={ARABIC_TEN}", f"web={FULLWIDTH_TEN}", "web=+1",
                                   "web=" + "9" * 5000])
 def test_formation_quantities_are_ascii_digits(item: str) -> None:
-    from agent.procfile import AppDirError, parse_formation_items
+    from agent.standalone.procfile import AppDirError, parse_formation_items
 
     with pytest.raises(AppDirError):
         parse_formation_items([item])
@@ -129,7 +129,7 @@ def test_formation_quantities_are_ascii_digits(item: str) -> None:
 def test_dynoctl_numbers_are_ascii_digits() -> None:
     import argparse
 
-    from agent.ctl import _non_negative
+    from agent.cli.dynoctl import _non_negative
 
     for text in (ARABIC_TEN, FULLWIDTH_TEN, "-1", "+1", " 1", "9" * 5000):
         with pytest.raises(argparse.ArgumentTypeError):

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import Daemon
-from agent.reconcile import Engine, SupervisorFleet
-from agent.records import Placement, Record, RecordStore
+from agent.daemon.service import Daemon
+from agent.supervision.reconcile import Engine, SupervisorFleet
+from agent.supervision.records import Placement, Record, RecordStore
 from tests.support.wait import async_wait_for
 from tests.unit.agent.test_dyno import FakeRuntime, Harness, _harness, make_config
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from agent.states import DynoState
+from agent.supervision.states import DynoState
 
 MIB: Final = 2**20
 PAGE_BYTES: Final = 4096

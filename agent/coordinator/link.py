@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import aiohttp
 import msgpack
 
-from agent import errors, logs
+from agent import errors
 from agent.decoding import TooDeep, TooMany, check_depth, msgpack_loads
 from agent.errors import excerpt
-from agent.reconcile import Engine, InvalidDesiredSet
-from agent.states import StateChange
+from agent.observability import logs
+from agent.supervision.reconcile import Engine, InvalidDesiredSet
+from agent.supervision.states import StateChange
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Literal
 
-from agent import logs
-from agent.states import DynoState, Reason
+from agent.observability import logs
+from agent.supervision.states import DynoState, Reason
 
 # Heroku's Common Runtime cool-offs after the immediate first restart: 20, 40, 60, 180 and
 # 320 minutes, the last one repeating forever (reference/heroku.md §1).

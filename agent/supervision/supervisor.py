@@ -11,19 +11,20 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from agent import errors, metrics
+from agent import errors
 from agent.config import Config
-from agent.dyno import Command, Dyno, HolderGate, Timing
-from agent.events import EventBus, EventFollower
 from agent.holder import ExitEvent, HeldProcess, OutputEvent
-from agent.logs import LogHub, LogLine, l10_buffer_overflow
-from agent.policy import CYCLE_JITTER_S, RestartPolicy
-from agent.records import Record, RecordStore, RecordWriter
-from agent.runtime import Runtime
+from agent.observability import metrics
+from agent.observability.logs import LogHub, LogLine, l10_buffer_overflow
 from agent.signals import parse_signal
-from agent.slugroots import SlugPathRefused, SlugRoots
+from agent.slugs.roots import SlugPathRefused, SlugRoots
 from agent.spec import HOST_STACK, DynoSpec, SpecError, parse_spec
-from agent.states import DynoState, Reason, StateChange
+from agent.supervision.dyno import Command, Dyno, HolderGate, Timing
+from agent.supervision.events import EventBus, EventFollower
+from agent.supervision.policy import CYCLE_JITTER_S, RestartPolicy
+from agent.supervision.records import Record, RecordStore, RecordWriter
+from agent.supervision.runtime import Runtime
+from agent.supervision.states import DynoState, Reason, StateChange
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from agent import errors
 from agent.spec import DynoSpec, SpecError
-from agent.states import DynoState
+from agent.supervision.states import DynoState
 
 log = logging.getLogger(__name__)
 

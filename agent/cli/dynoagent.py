@@ -8,9 +8,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from agent import __version__, logsetup
+from agent import __version__
 from agent import config as config_mod
-from agent.daemon import Daemon, StartupError
+from agent.daemon import journal as logsetup
+from agent.daemon.service import Daemon, StartupError
 from agent.errors import ConfigError
 
 DEFAULT_UP_PORT = 5000
@@ -67,10 +68,10 @@ def serve(config_path: Path | None) -> int:
 
 def up(args: argparse.Namespace) -> int:
     # Imported here: `serve` should not pay for the standalone modules.
-    from agent import procfile as pf
-    from agent import standalone
-    from agent.proxy import ProxyError, bind_listener
     from agent.spec import APP
+    from agent.standalone import procfile as pf
+    from agent.standalone import up as standalone
+    from agent.standalone.proxy import ProxyError, bind_listener
 
     directory: Path = args.dir
     try:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from agent.logs import TAIL_LINES, LogLine, LogSource
+from agent.observability.logs import TAIL_LINES, LogLine, LogSource
 from agent.spec import APP
 
 log = logging.getLogger(__name__)

@@ -48,10 +48,10 @@ from agent.errors import (
     NotFound,
     excerpt,
 )
-from agent.events import EventFollower
-from agent.logs import Follower, LogHub, LogLine
+from agent.observability.logs import Follower, LogHub, LogLine
 from agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 from agent.signals import parse_signal
+from agent.supervision.events import EventFollower
 
 log = logging.getLogger(__name__)
 

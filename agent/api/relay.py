@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent import attachwire as wire
+from agent.api import attachwire as wire
 
 log = logging.getLogger(__name__)
 

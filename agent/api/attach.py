@@ -6,7 +6,7 @@ dyno when the caller has a terminal, and the agent relays bytes, window size and
 
 Wire format: the client sends one JSON object ending in "\\n" and no fds: {"v": 2, "op":
 "run"|"exec", ..., "tty": bool, "window": [rows, columns], "detached": bool (run)}. From then
-on both directions carry the frames of `agent.attachwire`: the agent sends control frames
+on both directions carry the frames of `agent.api.attachwire`: the agent sends control frames
 ({"event": "started", ...}, {"event": "exit", "status": N} or {"error": {"code", "message"}}),
 stdout and stderr data and stdin credit; the caller sends stdin within that credit, stdin EOF,
 window sizes and signals. A request without "v": 2, or with fds (an older dynoctl), gets one
@@ -33,18 +33,18 @@ from pathlib import Path
 from typing import Any, cast
 
 import cgroups
-from agent import attachwire as wire
 from agent import errors
+from agent.api import attachwire as wire
+from agent.api.relay import Pipes, Relay, close_all, pty_ends
 from agent.decoding import json_loads
-from agent.events import EventBus, EventFollower
 from agent.holder import ExitEvent, HolderClient, HolderError
 from agent.launcher.launch import stat_fields
 from agent.peercred import PeerCredError, is_allowed, peer_credentials
-from agent.relay import Pipes, Relay, close_all, pty_ends
-from agent.runtime import HostRuntime, Launch
 from agent.sizes import DEFAULT_SIZE
 from agent.spec import DEFAULT_PORT, ENV_KEY, DynoSpec, dyno_env
-from agent.supervisor import Supervisor
+from agent.supervision.events import EventBus, EventFollower
+from agent.supervision.runtime import HostRuntime, Launch
+from agent.supervision.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

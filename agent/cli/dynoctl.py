@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from agent import attachwire as wire
+from agent.api import attachwire as wire
 from agent.sizes import display_name
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"

@@ -30,11 +30,11 @@ from agent.launcher import LauncherError, LaunchRequest, UidAllocator
 from agent.launcher.launch import parse_start_time
 from agent.launcher.seccomp import process_mode as seccomp_process_mode
 from agent.launcher.uids import forget_legacy_table
-from agent.records import Placement, RecordStore
 from agent.sizes import Size
-from agent.slug import SlugError, SlugStore
-from agent.slugroots import SlugPathRefused, SlugRoots
+from agent.slugs.roots import SlugPathRefused, SlugRoots
+from agent.slugs.store import SlugError, SlugStore
 from agent.spec import HOST_STACK, DynoSpec, SlugSource
+from agent.supervision.records import Placement, RecordStore
 
 log = logging.getLogger(__name__)
 

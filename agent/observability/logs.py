@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from agent.logtail import Origin, TailStore
+    from agent.observability.logtail import Origin, TailStore
 
 MAX_LINE_BYTES: Final = 10_000  # Heroku splits longer lines into 10,000-byte chunks
 TAIL_LINES: Final = 1_500  # Heroku's per-app log history
@@ -472,7 +472,7 @@ class LogHub:
 
     def sweep_tails(self, live_apps: Iterable[str], now: float) -> list[str]:
         """Remove the tails of apps with no dyno here that are old or over the cap (see
-        agent.logtail); returns those apps."""
+        agent.observability.logtail); returns those apps."""
         if self._store is None:
             return []
         gone = self._store.to_remove(set(live_apps), now)

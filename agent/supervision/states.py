@@ -12,7 +12,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
-from agent import logs
+from agent.observability import logs
 
 
 class DynoState(StrEnum):

@@ -1,7 +1,7 @@
 """One dyno's supervision: a task that launches its process, watches it (boot, memory,
 cycling, stop requests) and decides what happens when it exits, by Heroku's rules.
 
-All decisions come from `agent.policy`; every state change goes through `_transition()`.
+All decisions come from `agent.supervision.policy`; every state change goes through `_transition()`.
 The kernel is reached only through the `Runtime` protocol.
 """
 
@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from agent import logs, metrics, policy
-from agent.logsetup import extra
-from agent.policy import Intent, RestartMode, RestartPolicy
-from agent.records import Placement, Record
-from agent.runtime import DynoStartError, HolderUnavailable, Launch, Runtime
+from agent.daemon.journal import extra
+from agent.observability import logs, metrics
 from agent.spec import DEFAULT_PORT, DynoSpec, dyno_env
-from agent.states import DynoState, Reason, StateChange, StateMachine
+from agent.supervision import policy
+from agent.supervision.policy import Intent, RestartMode, RestartPolicy
+from agent.supervision.records import Placement, Record
+from agent.supervision.runtime import DynoStartError, HolderUnavailable, Launch, Runtime
+from agent.supervision.states import DynoState, Reason, StateChange, StateMachine
 
 log = logging.getLogger(__name__)
 

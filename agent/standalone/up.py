@@ -21,20 +21,20 @@ from typing import Any, TextIO
 
 from agent import errors
 from agent.config import Config
-from agent.daemon import Daemon, Step
-from agent.logs import Follower, LogLine, LogSource
-from agent.procfile import (
+from agent.daemon.service import Daemon, Step
+from agent.observability.logs import Follower, LogLine, LogSource
+from agent.sizes import DEFAULT_SIZE, Size
+from agent.spec import DEFAULT_PORT, ID, ONE_SHOT_TYPES
+from agent.standalone.procfile import (
     AppDirError,
     FormationItem,
     Procfile,
     check_types,
     parse_formation_items,
 )
-from agent.proxy import Backend, TcpProxy
-from agent.reconcile import Engine, Observed, Report, SupervisorFleet
-from agent.sizes import DEFAULT_SIZE, Size
-from agent.spec import DEFAULT_PORT, ID, ONE_SHOT_TYPES
-from agent.states import DynoState
+from agent.standalone.proxy import Backend, TcpProxy
+from agent.supervision.reconcile import Engine, Observed, Report, SupervisorFleet
+from agent.supervision.states import DynoState
 
 STANDALONE_RUN_BASE = Path("/run/dynoagent-up")
 DEFAULT_SOCKET = Path("/run/dynoagent/dynoagent.sock")

@@ -27,28 +27,30 @@ from aiohttp import web
 
 import cgroups
 import netns
-from agent import __version__, logsetup, notify
+from agent import __version__
 from agent import config as config_mod
-from agent.api import HTTP_LAYER_LOG, build_app
-from agent.attach import AttachingRuntime, AttachServer, StdioRegistry, attach_path
+from agent.api.attach import AttachingRuntime, AttachServer, StdioRegistry, attach_path
+from agent.api.server import HTTP_LAYER_LOG, build_app
 from agent.config import Config
-from agent.coordinator import CoordinatorLink, Requests, dyno_metrics, hello_payload
+from agent.coordinator.link import CoordinatorLink, Requests, dyno_metrics, hello_payload
+from agent.daemon import journal as logsetup
+from agent.daemon import sdnotify as notify
 from agent.errors import ConfigError, Conflict, NotReady
-from agent.events import EventBus, EventFollower
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocationError, UidAllocator
-from agent.logs import LogHub
-from agent.logtail import SWEEP_INTERVAL_S, TailStore
+from agent.observability.logs import LogHub
+from agent.observability.logtail import SWEEP_INTERVAL_S, TailStore
 from agent.peercred import group_id, peer_credentials
-from agent.reconcile import DesiredStore, Engine, SupervisorFleet
-from agent.records import RecordStore, RecordWriter
-from agent.runtime import HostRuntime
-from agent.slug import SlugStore
-from agent.slugroots import SlugRoots
-from agent.supervisor import Supervisor
+from agent.slugs.roots import SlugRoots
+from agent.slugs.store import SlugStore
+from agent.supervision.events import EventBus, EventFollower
+from agent.supervision.reconcile import DesiredStore, Engine, SupervisorFleet
+from agent.supervision.records import RecordStore, RecordWriter
+from agent.supervision.runtime import HostRuntime
+from agent.supervision.supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from agent.standalone import FormationController
+    from agent.standalone.up import FormationController
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +403,8 @@ class Daemon:
 
     async def _sweep_log_tails(self) -> None:
         """The log tails of apps gone from this host are kept a while, then removed (see
-        agent.logtail); an app with a dyno here, even an unparsable record, keeps its tail."""
+        agent.observability.logtail); an app with a dyno here, even an unparsable record, keeps
+        its tail."""
         while True:
             supervisor = self.supervisor
             if supervisor is not None:

@@ -1,0 +1,3 @@
+"""The operator API on the local Unix socket, and `dynoctl run`/`exec` sessions relayed to the
+caller.
+"""

@@ -1,0 +1,1 @@
+"""The two commands: `dynoagent` and `dynoctl`."""

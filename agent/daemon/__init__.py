@@ -1,0 +1,3 @@
+"""The `dynoagent serve` process: ordered start-up and shutdown, systemd notification, the agent's
+own log.
+"""

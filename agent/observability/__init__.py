@@ -1,0 +1,1 @@
+"""What the agent tells about dynos: their log lines and tails, metrics."""
