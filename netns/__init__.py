@@ -12,6 +12,8 @@ namespace (`host_netns`, default: the constructing thread's), so asyncio callers
   leased from `pool` (default 172.20.0.0/14); the full id is in the bridge's ifalias.
 - `attach(space_id, name) -> Attachment` (idempotent), `create_attached` (fast path):
   veth `<prefix>v<hash>` on the bridge, `eth0` inside with an address, default route, lo up.
+  Addresses are reused, so attach and release remove the host's ARP entry for the address
+  and `eth0` announces itself (arp_notify); bridges have a fixed MAC (`bridge_mac`).
 - `detach`, `destroy`, `destroy_later(...) -> concurrent.futures.Future` (teardown off the
   critical path: a veth takes 20-45 ms to unregister; `await asyncio.wrap_future(f)`).
 - `sweep(live_spaces, live_namespaces) -> SweepReport`.

@@ -40,6 +40,23 @@ def bridge_name(prefix: str, space_id: str) -> str:
     return f"{check_prefix(prefix)}b{_digest(space_id)}"
 
 
+def _mac(value: str) -> str:
+    # 0x02 first: locally administered, unicast.
+    raw = hashlib.blake2s(value.encode(), digest_size=5).digest()
+    return ":".join(f"{octet:02x}" for octet in (0x02, *raw))
+
+
+def bridge_mac(prefix: str, space_id: str) -> str:
+    """The fixed MAC of a space's bridge, the same each time the bridge is made, so a
+    re-made bridge does not invalidate its namespaces' ARP caches."""
+    return _mac(f"bridge:{check_prefix(prefix)}:{space_id}")
+
+
+def inner_mac(namespace: str) -> str:
+    """The MAC of a namespace's inner end, the same each time it is wired."""
+    return _mac(f"inner:{namespace}")
+
+
 def veth_name(prefix: str, namespace: str) -> str:
     """Host end of a namespace's veth pair: `<prefix>v<hash>`."""
     return f"{check_prefix(prefix)}v{_digest(namespace)}"

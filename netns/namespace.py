@@ -79,6 +79,25 @@ def netlink_socket_in(path: Path) -> socket.socket:
                              socket.NETLINK_ROUTE)
 
 
+def write_sysctl_in(path: Path, key: str, value: str) -> None:
+    """Write `/proc/sys/<key>` (e.g. `net/ipv4/conf/default/arp_notify`) as the namespace at
+    `path` sees it: a net sysctl file belongs to the namespace of the thread that opens it."""
+    sysctl = Path("/proc/sys") / key
+    with entered(path):
+        try:
+            fd = os.open(sysctl, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NamespaceError("cannot open sysctl", operation="sysctl", path=sysctl,
+                                 errno=exc.errno) from exc
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise NamespaceError("cannot write sysctl", operation="sysctl", path=sysctl,
+                             errno=exc.errno) from exc
+    finally:
+        os.close(fd)
+
+
 def namespace_id(path: Path) -> int:
     """The namespace's inode number: equal ids mean the same namespace."""
     return os.stat(path).st_ino

@@ -114,8 +114,12 @@ class Rtnl:
             raise
         return _to_link(msgs[0])
 
-    def add_bridge(self, name: str) -> int:
-        self._call("add-bridge", name, lambda: self._ipr.link("add", ifname=name, kind="bridge"))
+    def add_bridge(self, name: str, *, address: str) -> int:
+        """A bridge with the MAC `address`. Given at creation, the address stays: otherwise
+        the kernel gives the bridge the lowest MAC of its ports and changes it whenever
+        that port leaves, which makes every namespace's cached gateway entry wrong."""
+        self._call("add-bridge", name, lambda: self._ipr.link(
+            "add", ifname=name, kind="bridge", address=address))
         return self._index(name)
 
     def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int) -> None:
@@ -128,6 +132,9 @@ class Rtnl:
     def set_alias(self, name: str, alias: str) -> None:
         # The kernel ignores IFLA_IFALIAS when it creates a link, so this is a second request.
         self._call("set-alias", name, lambda: self._ipr.link("set", ifname=name, ifalias=alias))
+
+    def set_mac(self, index: int, name: str, address: str) -> None:
+        self._call("set-mac", name, lambda: self._ipr.link("set", index=index, address=address))
 
     def set_up(self, index: int, name: str) -> None:
         self._call("link-up", name, lambda: self._ipr.link("set", index=index, state="up"))
@@ -164,6 +171,19 @@ class Rtnl:
     def add_default_route(self, gateway: IPv4Address, name: str) -> None:
         self._call("add-route", name, lambda: self._ipr.route(
             "add", dst="0.0.0.0/0", gateway=str(gateway)))
+
+    # --- neighbours ----------------------------------------------------------------------
+
+    def delete_neighbour(self, index: int, name: str, address: IPv4Address) -> bool:
+        """Forget the ARP entry for `address` on link `index`; False if there was none."""
+        try:
+            self._call("delete-neighbour", name, lambda: self._ipr.neigh(
+                "del", family=socket.AF_INET, ifindex=index, dst=str(address)))
+        except LinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
 
 
 def _errno_of(exc: BaseException) -> int | None:

@@ -184,7 +184,7 @@ def test_rendered_ruleset_passes_nft_check(host: TestHost) -> None:
 
 
 @pytest.mark.parametrize("step", ["add_veth", "set_alias", "set_up", "add_address",
-                                  "add_default_route"])
+                                  "add_default_route", "set_mac"])
 def test_failed_attach_undoes_every_step(net: HostNetwork, host: TestHost, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch, step: str) -> None:
     net.ensure_space("alpha")
