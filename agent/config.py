@@ -17,6 +17,13 @@ from typing import Any
 
 from agent.decoding import TooDeep, check_depth
 from agent.errors import ConfigError, excerpt
+from agent.heroku import (
+    BOOT_TIMEOUT_S,
+    CYCLE_BASE_S,
+    HEROKU_SCHEDULE_S,
+    SAMPLE_PERIOD_S,
+    STOP_TIMEOUT_S,
+)
 from agent.sizes import DEFAULT_SIZES, Size, SizeError, apply_overrides
 
 DEFAULT_CONFIG_PATH = Path("/etc/dynoagent/agent.toml")
@@ -29,8 +36,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 HOST_WIDE_PATHS = (Path("/var/lib/dynoagent"), Path("/run/dynoagent"),
                    Path("/run/dynoagent-uids"), Path("/run/dynoagent-up"), Path("/run/netns"),
                    Path("/etc/dynoagent"))
-# Heroku's cool-offs after the immediate first restart: 20, 40, 60, 180, 320 minutes.
-HEROKU_RESTART_SCHEDULE_S: tuple[float, ...] = (1200.0, 2400.0, 3600.0, 10800.0, 19200.0)
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,14 @@ class Config:
     coordinator_client_cert_file: Path | None = None
     coordinator_client_key_file: Path | None = None
     # Empty tuple means "none": every restart is immediate (private spaces).
-    restart_schedule_s: tuple[float, ...] = HEROKU_RESTART_SCHEDULE_S
-    boot_timeout_s: float = 60.0
-    stop_timeout_s: float = 30.0
-    cycle_after_s: float = 86400.0
+    # Heroku's timings by default (agent/supervision/policy.py).
+    restart_schedule_s: tuple[float, ...] = HEROKU_SCHEDULE_S
+    boot_timeout_s: float = BOOT_TIMEOUT_S
+    stop_timeout_s: float = STOP_TIMEOUT_S
+    cycle_after_s: float = CYCLE_BASE_S
     log_level: str = "info"
     # How often memory is sampled (R14/R15) and runtime-metrics lines are logged.
-    sample_interval_s: float = 20.0
+    sample_interval_s: float = SAMPLE_PERIOD_S
     # How long a freed dyno uid stays out of use (it also waits until no process or key of
     # it remains); uids are unique across every agent on the host.
     uid_quarantine_s: float = 600.0

@@ -6,8 +6,12 @@ journal fields, on stderr they are appended as key=value pairs.
 
 from __future__ import annotations
 
+import atexit
+import copy
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import time
 from typing import Any
@@ -43,10 +47,36 @@ def under_journald() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM")) and os.path.exists("/run/systemd/journal/socket")
 
 
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands each record to the writer thread: the event loop never waits for a write to
+    stderr or the journal (a mass delete logs hundreds of lines at once, and each write
+    gives the GIL away to the busy threads of the delete). The message is rendered here,
+    while its arguments are as they were; the writer formats the rest."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+
+_writer: logging.handlers.QueueListener | None = None
+
+
+def _stop_writer() -> None:
+    """Write what is queued and end the writer thread (at exit, or before a new one)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
 def configure(level: str) -> None:
+    global _writer
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    _stop_writer()
     handler: logging.Handler
     if under_journald():
         from systemd.journal import JournalHandler
@@ -56,7 +86,11 @@ def configure(level: str) -> None:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(KeyValueFormatter())
         handler = stream
-    root.addHandler(handler)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _writer = logging.handlers.QueueListener(records, handler)
+    _writer.start()
+    atexit.register(_stop_writer)
+    root.addHandler(_Handoff(records))
     set_level(level)
 
 

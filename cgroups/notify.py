@@ -37,6 +37,8 @@ _EVENT_HEADER = struct.Struct("iIII")
 # v1 raises the OOM eventfd *before* the OOM killer picks a victim (mem_cgroup_oom notifies,
 # then calls out_of_memory), so the oom_kill counter is re-read for a short while after it.
 _V1_FOLLOW_UP_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+# How long a watch descriptor nobody listens to any more is kept before inotify_rm_watch.
+_RETIRE_AFTER_S = 5.0
 
 
 class EventKind(enum.Enum):
@@ -111,14 +113,23 @@ class _Inotify:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.fd = _inotify_init()
+        self._loop = loop
         # inotify gives a file watched twice in one instance the same descriptor: each wd
         # keeps every watch that asked for it, and is removed with the last of them.
         self._watches: dict[int, list[GroupWatch]] = {}
+        # Descriptors the last watch has left, removed a while later: a group is mostly
+        # removed right after its last watch closes (a dyno's exit, then its delete), and
+        # the kernel then drops the descriptor by itself (IN_IGNORED). A mass delete would
+        # otherwise make a syscall per group on the loop. Watched again meanwhile (a
+        # restart), the file gets the same descriptor back and it is kept.
+        self._retiring: set[int] = set()
+        self._sweep: asyncio.TimerHandle | None = None
         loop.add_reader(self.fd, self._on_readable)
         weakref.finalize(loop, _close_all, [self.fd])
 
     def add(self, path: str, watch: GroupWatch) -> int:
         wd = _inotify_watch(self.fd, path)
+        self._retiring.discard(wd)
         self._watches.setdefault(wd, []).append(watch)
         return wd
 
@@ -129,8 +140,17 @@ class _Inotify:
         watches.remove(watch)
         if not watches:
             del self._watches[wd]
-            # EINVAL when the kernel already dropped it (the group was removed): nothing to do.
+            self._retiring.add(wd)
+            if self._sweep is None:
+                self._sweep = self._loop.call_later(_RETIRE_AFTER_S, self._remove_retired)
+
+    def _remove_retired(self) -> None:
+        self._sweep = None
+        # inotify numbers descriptors cyclically (idr_alloc_cyclic), so one the kernel has
+        # dropped is not another file's by now; EINVAL for those: nothing to do.
+        for wd in self._retiring:
             _libc.inotify_rm_watch(self.fd, wd)
+        self._retiring.clear()
 
     def _on_readable(self) -> None:
         woken: dict[int, GroupWatch] = {}
@@ -155,6 +175,7 @@ class _Inotify:
         for wd in gone:
             # The kernel dropped the watch, and may hand its number out again.
             self._watches.pop(wd, None)
+            self._retiring.discard(wd)
         # Which file or why does not matter: _refresh re-reads everything and sees a removal
         # as NotFound (a watch may close itself, and others, while being refreshed).
         for watch in woken.values():

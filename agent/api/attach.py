@@ -18,7 +18,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -27,10 +26,10 @@ import signal
 import socket
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol
 
 import cgroups
 from agent import errors
@@ -42,9 +41,10 @@ from agent.launcher.launch import stat_fields
 from agent.peercred import PeerCredError, is_allowed, peer_credentials
 from agent.sizes import DEFAULT_SIZE
 from agent.spec import DEFAULT_PORT, ENV_KEY, DynoSpec, dyno_env
-from agent.supervision.events import EventBus, EventFollower
-from agent.supervision.runtime import HostRuntime, Launch
-from agent.supervision.supervisor import Supervisor
+from agent.supervision.events import EventFollower
+from agent.supervision.records import Placement
+from agent.tasks import OwnedTasks
+from agent.unixsocket import listen
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,61 @@ def _close_all(fds: tuple[int, ...] | list[int]) -> None:
             os.close(fd)
 
 
+class Dynos(Protocol):
+    """What the attach socket needs of the supervisor (agent.supervision.supervisor's
+    `Supervisor` is one)."""
+
+    def specs(self, app: str | None = None) -> list[DynoSpec]: ...
+
+    def running(self, ref: str, app: str | None = None) -> tuple[DynoSpec, Placement]:
+        """The spec and placement of a dyno (id, or name) that has a running process; raises
+        NotFound, or Conflict when there is no process."""
+        ...
+
+    def subscribe_events(self) -> EventFollower: ...
+
+    async def create_dyno(self, body: Any) -> dict[str, Any]: ...
+
+    async def wait_ended(self, dyno_id: str, follower: EventFollower) -> int: ...
+
+    async def delete_dyno(self, ref: str, app: str | None = None) -> None: ...
+
+
+class DynoProcesses(Protocol):
+    """The kernel side of a dyno that attach uses (`HostRuntime` is one)."""
+
+    def group(self, placement: Placement) -> cgroups.Group: ...
+
+    def signal_all(self, placement: Placement, sig: signal.Signals) -> int: ...
+
+
 @dataclass
 class OneOffStdio:
     """What the launch of an attached one-off takes from its session: the dyno's ends of the
-    session's pipes, or the size of a pty to make in the dyno, whose master the launch puts
-    in `master` for the session."""
+    session's pipes, or the size of a pty to make in the dyno, whose master the launch
+    delivers to the session through `master`. A `LaunchStdio` of the runtime."""
 
     pipes: tuple[int, int, int] | None = None
     tty: tuple[int, int] | None = None
     master: asyncio.Future[int] | None = None
 
+    def deliver_pty(self, master: int) -> None:
+        if self.master is not None and not self.master.done():
+            self.master.set_result(master)
+        else:
+            os.close(master)  # the session has gone
+
+    def close(self) -> None:
+        if self.pipes is not None:
+            _close_all(self.pipes)
+            self.pipes = None
+        if self.master is not None:
+            self.master.cancel()  # no-op once delivered
+
 
 class StdioRegistry:
-    """The stdio of one-off dynos waiting for their launch; owns the pipe ends until taken."""
+    """The stdio of one-off dynos waiting for their launch; owns the pipe ends until taken.
+    The runtime's `StdioSource`, given to it at construction."""
 
     def __init__(self) -> None:
         self._entries: dict[str, OneOffStdio] = {}
@@ -105,77 +147,11 @@ class StdioRegistry:
 
     def discard(self, dyno_id: str) -> None:
         entry = self._entries.pop(dyno_id, None)
-        if entry is None:
-            return
-        if entry.pipes is not None:
-            _close_all(entry.pipes)
-        if entry.master is not None:
-            entry.master.cancel()
+        if entry is not None:
+            entry.close()
 
     def __contains__(self, dyno_id: object) -> bool:
         return dyno_id in self._entries
-
-
-class _StdioHolder:
-    """The holder client as HostRuntime sees it: the launch of an attached one-off gets the
-    session's pipes or a pty of its own (whose master goes to the session); the rest is
-    unchanged."""
-
-    def __init__(self, client: HolderClient, registry: StdioRegistry) -> None:
-        self._client = client
-        self._registry = registry
-
-    async def launch(self, request: Any, **kwargs: Any) -> Any:
-        dyno_id = getattr(request, "dyno_id", None)
-        entry = self._registry.take(dyno_id) if isinstance(dyno_id, str) else None
-        if entry is None:
-            return await self._client.launch(request, **kwargs)
-        if entry.tty is not None:
-            launched = await self._client.launch(request, tty=entry.tty, **kwargs)
-            master = launched.tty_master
-            if master is not None:
-                if entry.master is not None and not entry.master.done():
-                    entry.master.set_result(master)
-                else:
-                    os.close(master)  # the session has gone
-            return dataclasses.replace(launched, tty_master=None)
-        try:
-            return await self._client.launch(request, stdio=entry.pipes, **kwargs)
-        finally:
-            if entry.pipes is not None:
-                _close_all(entry.pipes)  # the holder has its own copies now
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
-class AttachingRuntime(HostRuntime):
-    """HostRuntime whose holder passes a one-off's caller fds to its launch. `holder` is a
-    property so that the daemon's reconnect (which assigns a fresh client) keeps the wrapper."""
-
-    def __init__(self, *, stdio: StdioRegistry, **kwargs: Any) -> None:
-        self.stdio = stdio
-        super().__init__(**kwargs)
-
-    @property
-    def holder(self) -> HolderClient:
-        return cast(HolderClient, self._wrapped_holder)
-
-    @holder.setter
-    def holder(self, client: HolderClient) -> None:
-        raw: HolderClient = client._client if isinstance(client, _StdioHolder) else client
-        self._raw_holder = raw
-        self._wrapped_holder = _StdioHolder(raw, self.stdio)
-
-    @property
-    def raw_holder(self) -> HolderClient:
-        return self._raw_holder
-
-    async def launch(self, spec: DynoSpec, placement: Any, env: Mapping[str, str]) -> Launch:
-        try:
-            return await super().launch(spec, placement, env)
-        finally:
-            self.stdio.discard(spec.id)  # a launch that failed before the holder took them
 
 
 class _ExitWatch:
@@ -189,7 +165,7 @@ class _ExitWatch:
         if not isinstance(event, ExitEvent) or event.kind != "enter":
             return
         key = (event.dyno_id, event.pid)
-        status = event.status if event.signal is None else 128 + event.signal
+        status = event.status  # the holder's, already 128 + signal after a signal death
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(status)
@@ -322,66 +298,38 @@ def _terminal_env(value: Any) -> dict[str, str]:
 class AttachServer:
     """Serves the attach socket: one task per connection, owned and cancelled here."""
 
-    def __init__(self, supervisor: Supervisor, holder: Callable[[], HolderClient],
-                 registry: StdioRegistry, bus: EventBus, socket_gid: int | None) -> None:
-        self.supervisor = supervisor
+    def __init__(self, dynos: Dynos, processes: DynoProcesses,
+                 holder: Callable[[], HolderClient], registry: StdioRegistry,
+                 socket_gid: int | None) -> None:
+        self.dynos = dynos
+        self.processes = processes
         self._holder = holder
         self.registry = registry
-        self.bus = bus
         self.socket_gid = socket_gid
         self.exits = _ExitWatch()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
 
     def on_holder_event(self, event: object) -> None:
         self.exits.on_event(event)
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     @contextlib.asynccontextmanager
     async def serving(self, path: Path) -> AsyncIterator[None]:
         # The agent's instance lock is held: a socket already here is a dead agent's.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        try:
-            listener.bind(str(tmp))
-            os.chmod(tmp, 0o660)
-            if self.socket_gid is not None:
-                os.chown(tmp, -1, self.socket_gid)
-            listener.listen(64)
-            os.replace(tmp, path)
-        except OSError:
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        listener.setblocking(False)
-        identity = os.stat(path)
-        self._spawn(self._accept_loop(listener), "attach-accept")
+        listener = listen(path, mode=0o660, gid=self.socket_gid, backlog=64)
+        self._tasks.spawn(self._accept_loop(listener.sock), "attach-accept")
         try:
             yield
         finally:
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                current = os.stat(path)
-                if (current.st_ino, current.st_dev) == (identity.st_ino, identity.st_dev):
-                    os.unlink(path)
+            await self._tasks.cancel_all()
+            listener.sock.close()
+            listener.unlink()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(listener)
             conn.setblocking(False)
-            self._spawn(self._session(conn), f"attach-session-{conn.fileno()}")
+            self._tasks.spawn(self._session(conn), f"attach-session-{conn.fileno()}")
 
     async def _send(self, conn: socket.socket, message: dict[str, Any], framed: bool) -> None:
         """A message before the relay runs: a control frame, or for an older client (which
@@ -438,22 +386,20 @@ class AttachServer:
     # -- run ---------------------------------------------------------------------------------
     def _template(self, app: str | None) -> DynoSpec:
         """A dyno of the app whose release, config vars and space a one-off reuses."""
-        dynos = list(self.supervisor.dynos.values())
         if app is None:
-            apps = sorted({d.spec.app for d in dynos})
+            apps = sorted({spec.app for spec in self.dynos.specs()})
             if len(apps) != 1:
                 raise errors.BadRequest("name the app with -a APP (this agent runs "
                                         + (", ".join(apps) if apps else "no app") + ")")
             app = apps[0]
-        candidates = [d for d in dynos if d.spec.app == app]
+        candidates = self.dynos.specs(app)
         if not candidates:
             raise errors.NotFound(f"no dyno of app {errors.excerpt(app)} on this agent to take its "
                                   "release from")
-        candidates.sort(key=lambda d: (d.spec.is_one_shot, d.spec.name))
-        return candidates[0].spec
+        return min(candidates, key=lambda spec: (spec.is_one_shot, spec.name))
 
     def _one_off_name(self, app: str) -> str:
-        used = {d.spec.name for d in self.supervisor.dynos.values() if d.spec.app == app}
+        used = {spec.name for spec in self.dynos.specs(app)}
         while True:
             name = f"run.{1000 + secrets.randbelow(9000)}"  # Heroku's run.NNNN
             if name not in used:
@@ -485,27 +431,29 @@ class AttachServer:
         elif not detached:
             pipes = Pipes.make()
             self.registry.put_pipes(dyno_id, pipes.dyno)  # the registry owns these now
-        follower = self.bus.subscribe()
+        follower = self.dynos.subscribe_events()
         handed_off = False  # to the task that removes a detached one-off once complete
         relay: Relay | None = None
         master_attached = False
         ended: asyncio.Future[int] | None = None
         try:
-            status = await self.supervisor.create_dyno(body)
+            status = await self.dynos.create_dyno(body)
             started = {"event": "started", "id": dyno_id, "name": name, "app": template.app,
                        "size": status.get("size"),
                        "attached": not detached, "tty": window is not None}
             if detached:
                 await self._send(conn, started, True)
                 # Output goes to the logs; the dyno is removed once it completes.
-                self._spawn(self._reap_later(dyno_id, follower), f"attach-reap-{dyno_id}")
+                self._tasks.spawn(self._reap_later(dyno_id, follower), f"attach-reap-{dyno_id}")
                 handed_off = True
                 return
 
             def forward(sig: signal.Signals) -> None:
-                dyno = self.supervisor.dynos.get(dyno_id)
-                if dyno is not None and dyno.placement is not None:
-                    self.supervisor.runtime.signal_all(dyno.placement, sig)
+                try:
+                    _, placement = self.dynos.running(dyno_id)
+                except errors.AgentError:
+                    return  # not running (yet, or any more): nothing to signal
+                self.processes.signal_all(placement, sig)
 
             relay = Relay(conn, forward, rest)
             relay.send_control(started)
@@ -513,7 +461,7 @@ class AttachServer:
             if pipes is not None:
                 relay.attach(pipes.agent)
                 pipes = None
-            ended = asyncio.ensure_future(self.supervisor.wait_ended(dyno_id, follower))
+            ended = asyncio.ensure_future(self.dynos.wait_ended(dyno_id, follower))
             waits: set[asyncio.Future[Any]] = {ended, relay.left}
             if master is not None:
                 waits.add(master)
@@ -549,16 +497,15 @@ class AttachServer:
     async def _reap_later(self, dyno_id: str, follower: EventFollower) -> None:
         try:
             with follower:
-                await self.supervisor.wait_ended(dyno_id, follower)
+                await self.dynos.wait_ended(dyno_id, follower)
         finally:
             await self._remove(dyno_id)
 
     async def _remove(self, dyno_id: str) -> None:
-        if dyno_id not in self.supervisor.dynos:
-            return
         # Shielded: a session cancelled at shutdown must still not leave a half-deleted dyno.
+        # One already gone (NotFound) is what was wanted.
         with contextlib.suppress(errors.AgentError, asyncio.CancelledError):
-            await asyncio.shield(self.supervisor.delete_dyno(dyno_id))
+            await asyncio.shield(self.dynos.delete_dyno(dyno_id))
 
     # -- exec --------------------------------------------------------------------------------
     async def _exec(self, conn: socket.socket, request: dict[str, Any], rest: bytes) -> None:
@@ -571,27 +518,22 @@ class AttachServer:
         app = request.get("app")
         if not isinstance(ref, str) or (app is not None and not isinstance(app, str)):
             raise errors.BadRequest("dyno (and app, if given) must be strings")
-        dyno = self.supervisor.find(ref, app)
-        placement = dyno.placement
-        runtime = self.supervisor.runtime
-        if placement is None or dyno.record.pid is None:
-            raise errors.Conflict(f"{dyno.spec.name} has no running process to enter")
-        if not isinstance(runtime, HostRuntime):
-            raise errors.AgentError("exec needs the host runtime")
-        env = {**dyno_env(dyno.spec, placement.ip, DEFAULT_PORT),
+        spec, placement = self.dynos.running(ref, app)
+        env = {**dyno_env(spec, placement.ip, DEFAULT_PORT),
                **_terminal_env(request.get("env"))}
+        group = self.processes.group(placement)
         holder = self._holder()
         pipes = None if window is not None else Pipes.make()
         try:
             entered = await holder.enter(
-                dyno.id, argv, tuple(env.items()), placement.uid, placement.gid, "/app",
-                runtime.group(placement).procs_paths(), None if pipes is None else pipes.dyno,
-                tty=window, nofile_limit=dyno.spec.size.nofile)
+                spec.id, argv, tuple(env.items()), placement.uid, placement.gid, "/app",
+                group.procs_paths(), None if pipes is None else pipes.dyno,
+                tty=window, nofile_limit=spec.size.nofile)
         except BaseException as exc:
             if pipes is not None:
                 close_all(pipes.agent.fds)
             if isinstance(exc, HolderError):
-                raise AttachError(f"cannot enter {dyno.spec.name}: {exc}") from None
+                raise AttachError(f"cannot enter {spec.name}: {exc}") from None
             raise
         finally:
             if pipes is not None:
@@ -601,7 +543,7 @@ class AttachServer:
         else:
             assert entered.tty_master is not None
             ends = pty_ends(entered.tty_master)
-        exited = self.exits.wait(dyno.id, entered.pid)
+        exited = self.exits.wait(spec.id, entered.pid)
 
         def forward(sig: signal.Signals) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -614,11 +556,11 @@ class AttachServer:
                 os.killpg(entered.pid, signal.SIGKILL)
             if window is not None:
                 with contextlib.suppress(cgroups.CgroupError):
-                    _kill_session(runtime.group(placement).pids(), entered.pid)
+                    _kill_session(group.pids(), entered.pid)
 
         relay = Relay(conn, forward, rest)
         try:
-            relay.send_control({"event": "started", "id": dyno.id, "name": dyno.spec.name,
+            relay.send_control({"event": "started", "id": spec.id, "name": spec.name,
                                 "pid": entered.pid, "tty": window is not None})
             relay.start()
             relay.attach(ends)
@@ -644,6 +586,6 @@ class AttachServer:
         finally:
             relay.close()
             os.close(entered.pidfd)
-            self.exits.forget(dyno.id, entered.pid)
+            self.exits.forget(spec.id, entered.pid)
             with contextlib.suppress(HolderError):
-                await self._holder().release(dyno.id, entered.pid)
+                await self._holder().release(spec.id, entered.pid)

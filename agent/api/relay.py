@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.api import attachwire as wire
+from agent.signals import parse_signal
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class Relay:
         elif kind == wire.SIGNAL:
             name = payload.decode("ascii", "replace")
             if name in FORWARDED_SIGNALS:
-                self._on_signal(signal.Signals[f"SIG{name}"])
+                self._on_signal(parse_signal(name))
 
     def _gone(self, why: str) -> None:
         if not self.left.done():

@@ -51,7 +51,7 @@ from agent.errors import (
 from agent.observability.logs import Follower, LogHub, LogLine
 from agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 from agent.signals import parse_signal
-from agent.supervision.events import EventFollower
+from agent.supervision.events import EventFollower, WireEvent, concerns, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -577,8 +577,7 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
 
 
 async def _events_of(follower: EventFollower,
-                     app: str | None) -> AsyncGenerator[dict[str, Any], None]:
+                     app: str | None) -> AsyncGenerator[WireEvent, None]:
     async for event in follower:
-        # Drop notices belong to every reader; an event of another app to none.
-        if app is None or "dropped" in event or event.get("app") == app:
-            yield event
+        if concerns(event, app):
+            yield to_wire(event)

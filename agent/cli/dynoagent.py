@@ -8,9 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, journal
 from agent import config as config_mod
-from agent.daemon import journal as logsetup
 from agent.daemon.service import Daemon, StartupError
 from agent.errors import ConfigError
 
@@ -58,7 +57,7 @@ def serve(config_path: Path | None) -> int:
     except ConfigError as exc:
         print(f"dynoagent: {exc}", file=sys.stderr)
         return 2
-    logsetup.configure(config.log_level)
+    journal.configure(config.log_level)
     try:
         return asyncio.run(Daemon(config, config_path).run())
     except StartupError as exc:
@@ -99,7 +98,7 @@ def up(args: argparse.Namespace) -> int:
     except ProxyError as exc:
         print(f"dynoagent up: {exc}", file=sys.stderr)
         return 1
-    logsetup.configure(config.log_level)
+    journal.configure(config.log_level)
     source = standalone.AppSource(directory, app, procfile, env)
     options = standalone.UpOptions(source, formation, listener, out=sys.stdout,
                                    colour=sys.stdout.isatty(), remove_run_dir=defaults)

@@ -1,1 +1,2 @@
-"""The link to the central coordinator (docs/protocol.md)."""
+"""The agent's side of the coordinator protocol (docs/protocol.md): `frames` (envelope, codec,
+error codes), `link` (the connection), `requests` (what it answers), `payloads` (what it says)."""

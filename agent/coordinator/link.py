@@ -1,6 +1,6 @@
-"""The agent's side of the coordinator protocol (docs/protocol.md): the msgpack frame codec,
-the requests a coordinator may send, and the WebSocket link that dials out, says hello,
-reports state changes, heartbeats and metrics, and reconnects with jittered backoff.
+"""The agent's connection to its coordinator (docs/protocol.md §1, §3, §5, §6): dials out over
+WebSocket (TLS, bearer token), says hello, sends buffered `dyno.state` events in order,
+heartbeats and metrics, answers requests, and reconnects with jittered backoff.
 """
 
 from __future__ import annotations
@@ -9,40 +9,42 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import platform
 import random
-import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
-import msgpack
 
 from agent import errors
-from agent.decoding import TooDeep, TooMany, check_depth, msgpack_loads
+from agent.coordinator.frames import (
+    HARD_FRAME_BYTES,
+    MAX_FRAME_BYTES,
+    CoordinatorError,
+    Event,
+    Frame,
+    FrameError,
+    Request,
+    Response,
+    decode,
+    encode,
+    error_body,
+)
 from agent.errors import excerpt
 from agent.observability import logs
-from agent.supervision.reconcile import Engine, InvalidDesiredSet
+from agent.supervision.events import to_wire
 from agent.supervision.states import StateChange
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 SUBPROTOCOL = "dynoagent.v1"
 CONNECT_PATH_HINT = "/v1/agents/connect"
-# A desired set of a few hundred dynos with 32 KiB of config vars each fits; far more
-# would not fit one host. Frames up to twice this (inclusive) are read and refused with an
-# error; aiohttp closes the connection (1009) on anything larger, before it is buffered.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-HARD_FRAME_BYTES = 2 * MAX_FRAME_BYTES
 # aiohttp refuses a message whose size reaches its max_msg_size (>=, not >): one byte more
 # makes HARD_FRAME_BYTES itself the largest message that is read (docs/protocol.md §8).
 WS_MAX_MSG_SIZE = HARD_FRAME_BYTES + 1
@@ -58,28 +60,6 @@ CLOSE_TIMEOUT_S = 2.0
 # Requests are handled concurrently (a sync waits for graceful stops); beyond this many in
 # flight a request is refused with `busy` instead of growing without bound.
 MAX_REQUESTS_IN_FLIGHT = 64
-METHOD_MAX_CHARS = 128
-ID_MAX = 2**63 - 1
-DYNO_ID = re.compile(r"[a-z0-9-]{1,64}")
-
-FRAME_TYPES = ("req", "res", "evt")
-
-
-class CoordinatorError(Exception):
-    """Base of the coordinator link's errors."""
-
-
-class FrameError(CoordinatorError):
-    """A frame that cannot be processed; answered with `code` (and `request_id` when the
-    frame's id could be read) and never allowed further."""
-
-    def __init__(self, code: str, message: str, request_id: int | None = None,
-                 size_bytes: int | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.size_bytes = size_bytes
 
 
 class LinkError(CoordinatorError):
@@ -102,293 +82,6 @@ class RequestFailed(CoordinatorError):
         self.message = message
 
 
-# -- frames -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Request:
-    id: int
-    method: str
-    params: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Response:
-    id: int | None
-    result: Any = None
-    error: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Event:
-    method: str
-    params: dict[str, Any]
-
-
-Frame = Request | Response | Event
-
-
-def encode(frame: Frame) -> bytes:
-    """One frame as the msgpack map of the protocol's envelope."""
-    data: dict[str, Any]
-    if isinstance(frame, Request):
-        data = {"t": "req", "id": frame.id, "m": frame.method, "p": frame.params}
-    elif isinstance(frame, Response):
-        data = {"t": "res", "id": frame.id}
-        if frame.error is not None:
-            data["e"] = frame.error
-        else:
-            data["p"] = frame.result
-    else:
-        data = {"t": "evt", "m": frame.method, "p": frame.params}
-    packed: bytes = msgpack.packb(data, use_bin_type=True)
-    return packed
-
-
-def _request_id(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ID_MAX:
-        return value
-    return None
-
-
-def _method(data: Mapping[str, Any], request_id: int | None) -> str:
-    method = data.get("m")
-    if not isinstance(method, str) or not method or len(method) > METHOD_MAX_CHARS:
-        raise FrameError("malformed_frame", f"m must be a method name of 1 to "
-                                            f"{METHOD_MAX_CHARS} characters", request_id)
-    return method
-
-
-def _params(data: Mapping[str, Any], request_id: int | None) -> dict[str, Any]:
-    params = data.get("p", {})
-    if not isinstance(params, dict):
-        raise FrameError("malformed_frame", f"p must be a map, got {_kind(params)}", request_id)
-    return params
-
-
-_KINDS: dict[type, str] = {dict: "map", list: "array", str: "string", bytes: "binary",
-                           bool: "boolean", int: "integer", float: "float", type(None): "nil"}
-
-
-def _kind(value: Any) -> str:
-    """The msgpack name of a value's type, for error messages."""
-    return _KINDS.get(type(value), type(value).__name__)
-
-
-def decode(data: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
-    """Parse one received frame; raises only FrameError (its `request_id` set when the
-    frame's id could be read, so that the error can answer the request)."""
-    if isinstance(data, str):
-        raise FrameError("malformed_frame", "frames are binary (msgpack); got a text frame")
-    if len(data) > max_bytes:
-        raise FrameError("frame_too_large", f"frame of {len(data)} bytes exceeds the limit of "
-                                            f"{max_bytes}", size_bytes=len(data))
-    try:
-        message = msgpack_loads(data)
-    except TooMany as exc:
-        # Too many values to build: as for a frame too large, nothing is kept (id nil).
-        raise FrameError("frame_too_large", f"frame {exc}", size_bytes=len(data)) from None
-    except TooDeep as exc:
-        raise FrameError("malformed_frame", str(exc)) from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise FrameError("malformed_frame",
-                         f"not one msgpack value: {errors.bounded(str(exc))}") from None
-    if not isinstance(message, dict):
-        raise FrameError("malformed_frame", f"a frame is a map, got {_kind(message)}")
-    request_id = _request_id(message.get("id"))
-    try:
-        # Before anything (an error message, a repr, a comparison) walks the frame.
-        check_depth(message)
-    except TooDeep as exc:
-        raise FrameError("malformed_frame", str(exc), request_id) from None
-    kind = message.get("t")
-    if kind not in FRAME_TYPES:
-        raise FrameError("unknown_type", f"t must be one of {', '.join(FRAME_TYPES)}, "
-                                         f"got {excerpt(kind)}", request_id)
-    if kind == "evt":
-        return Event(_method(message, None), _params(message, None))
-    if request_id is None:
-        raise FrameError("malformed_frame", f"id must be an integer from 0 to {ID_MAX}")
-    if kind == "req":
-        return Request(request_id, _method(message, request_id), _params(message, request_id))
-    if ("p" in message) == ("e" in message):
-        raise FrameError("malformed_frame", "a response has exactly one of p and e", request_id)
-    error = message.get("e")
-    if error is not None and not (isinstance(error, dict)
-                                  and isinstance(error.get("code"), str)
-                                  and isinstance(error.get("message", ""), str)):
-        raise FrameError("malformed_frame", "e must be a map with string code and message",
-                         request_id)
-    return Response(request_id, message.get("p"), error)
-
-
-def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
-    return {"code": code, "message": message, **details}
-
-
-# -- requests from the coordinator ---------------------------------------------------------------
-class DynoHost(Protocol):
-    """What request handlers need of the supervisor."""
-
-    draining: bool
-
-    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]: ...
-
-    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
-
-    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
-
-    async def signal_dyno(self, ref: str, signal: str,
-                          app: str | None = None) -> dict[str, Any]: ...
-
-
-def _fields(params: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]],
-            optional: Mapping[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
-    """Check a request's params: every required key, no unknown key, each of its type."""
-    optional = optional or {}
-    for key in params:
-        if key not in required and key not in optional:
-            known = ", ".join([*required, *optional]) or "none"
-            raise errors.BadRequest(f"p: unknown key {excerpt(key)} (known keys: {known})")
-    out: dict[str, Any] = {}
-    for key, kind in {**required, **optional}.items():
-        if key not in params:
-            if key in required:
-                raise errors.BadRequest(f"p.{key}: is required")
-            continue
-        value = params[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise errors.BadRequest(f"p.{key}: must be {kinds[0].__name__}, got boolean")
-        if not isinstance(value, kinds):
-            raise errors.BadRequest(f"p.{key}: must be {kinds[0].__name__}, "
-                                    f"got {_kind(value)}")
-        out[key] = value
-    return out
-
-
-def _dyno_id(value: str) -> str:
-    if not DYNO_ID.fullmatch(value):
-        raise errors.BadRequest(f"p.id: must match [a-z0-9-]{{1,64}}, got {excerpt(value)}")
-    return value
-
-
-class Requests:
-    """The requests a coordinator may send, each validated and mapped onto the supervisor
-    and the convergence engine. `handle` raises only `errors.AgentError`."""
-
-    def __init__(self, dynos: DynoHost, engine: Engine,
-                 info: Callable[[], dict[str, Any]]) -> None:
-        self.dynos = dynos
-        self.engine = engine
-        self.info = info
-        self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "dynos.sync": self.sync,
-            "dyno.start": self.start,
-            "dyno.stop": self.stop,
-            "dyno.restart": self.restart,
-            "dyno.signal": self.signal,
-            "agent.drain": self.drain,
-            "agent.info": self.agent_info,
-        }
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return tuple(self._methods)
-
-    async def handle(self, method: str, params: dict[str, Any]) -> Any:
-        call = self._methods.get(method)
-        if call is None:
-            raise UnknownMethod(method)
-        return await call(params)
-
-    def _status(self, dyno_id: str) -> dict[str, Any]:
-        for status in self.dynos.list_dynos():
-            if status["id"] == dyno_id:
-                return status
-        raise errors.NotFound(f"no dyno {dyno_id}")
-
-    async def sync(self, params: dict[str, Any]) -> dict[str, Any]:
-        p = _fields(params, {"generation": int, "dynos": list})
-        try:
-            report = await self.engine.apply(p["generation"], p["dynos"])
-        except InvalidDesiredSet as exc:
-            if exc.field in ("generation", "dynos"):
-                raise errors.BadRequest(f"p.{exc}") from None
-            raise errors.InvalidSpec(str(exc), exc.field) from None
-        return report.as_dict()
-
-    async def start(self, params: dict[str, Any]) -> dict[str, Any]:
-        spec = await self.engine.start(params)
-        return self._status(spec.id)
-
-    async def stop(self, params: dict[str, Any]) -> dict[str, Any]:
-        dyno_id = _dyno_id(_fields(params, {"id": str})["id"])
-        self._status(dyno_id)
-        return await self.dynos.stop_dyno(dyno_id)
-
-    async def restart(self, params: dict[str, Any]) -> dict[str, Any]:
-        dyno_id = _dyno_id(_fields(params, {"id": str})["id"])
-        self._status(dyno_id)
-        return await self.dynos.restart_dyno(dyno_id)
-
-    async def signal(self, params: dict[str, Any]) -> dict[str, Any]:
-        p = _fields(params, {"id": str, "signal": (str, int)})
-        dyno_id = _dyno_id(p["id"])
-        self._status(dyno_id)
-        return await self.dynos.signal_dyno(dyno_id, str(p["signal"]))
-
-    async def drain(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Stop accepting starts; with `stop`, also stop every dyno gracefully; with
-        `cancel`, accept starts again."""
-        p = _fields(params, {}, {"stop": bool, "cancel": bool})
-        if p.get("cancel") and p.get("stop"):
-            raise errors.BadRequest("p: stop and cancel exclude each other")
-        self.dynos.draining = not p.get("cancel", False)
-        stopped: list[str] = []
-        failed: list[dict[str, str]] = []
-        if p.get("stop"):
-            running = [s["id"] for s in self.dynos.list_dynos()
-                       if s["state"] in ("starting", "up", "crashed")]
-            outcomes = await asyncio.gather(*(self.dynos.stop_dyno(i) for i in running),
-                                            return_exceptions=True)
-            for dyno_id, outcome in zip(running, outcomes, strict=True):
-                if isinstance(outcome, errors.AgentError):
-                    failed.append({"id": dyno_id, "code": outcome.code,
-                                   "message": outcome.message})
-                elif isinstance(outcome, BaseException):
-                    failed.append({"id": dyno_id, "code": errors.AgentError.code,
-                                   "message": str(outcome)})
-                else:
-                    stopped.append(dyno_id)
-        return {"draining": self.dynos.draining, "stopped": stopped, "failed": failed,
-                "dynos": self.dynos.list_dynos()}
-
-    async def agent_info(self, params: dict[str, Any]) -> dict[str, Any]:
-        _fields(params, {})
-        return self.info()
-
-
-class UnknownMethod(errors.BadRequest):
-    """The method is not part of this protocol version."""
-
-    code = "unknown_method"
-
-    def __init__(self, method: str) -> None:
-        super().__init__(f"unknown method {excerpt(method)}")
-        self.method = method
-
-
-# Every code an error response of the agent can carry on this link (docs/protocol.md §7,
-# checked against it by tests/unit/test_readme.py): the frame checks' codes, `busy`, and
-# the codes of the AgentErrors that requests raise (the supervisor's `timeout` included;
-# any other exception is answered `internal`).
-FRAME_ERROR_CODES = ("malformed_frame", "unknown_type", "frame_too_large", "busy")
-REQUEST_ERRORS: tuple[type[errors.AgentError], ...] = (
-    errors.BadRequest, errors.InvalidSpec, errors.NotFound, errors.Conflict, errors.Draining,
-    errors.NotReady, errors.Timeout, UnknownMethod, errors.AgentError)
-ERROR_CODES = (*(cls.code for cls in REQUEST_ERRORS), *FRAME_ERROR_CODES)
-
-
-# -- the link -------------------------------------------------------------------------------------
 class LinkState(StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"  # hello answered
@@ -505,7 +198,7 @@ class CoordinatorLink:
 
     def publish_state(self, change: StateChange) -> None:
         """The supervisor's state listener; never blocks, never raises."""
-        self._queue(Event("dyno.state", {**change.as_event(), "seq": next(self._seq)}))
+        self._queue(Event("dyno.state", {**to_wire(change), "seq": next(self._seq)}))
 
     def _queue(self, event: Event) -> None:
         if len(self._outbox) == self._outbox.maxlen:
@@ -786,41 +479,3 @@ class CoordinatorLink:
         self.counters.errors_sent += 1
         with contextlib.suppress(ConnectionError, TimeoutError, aiohttp.ClientError):
             await self._send(Response(request_id, error=error_body(code, message, **details)))
-
-
-# -- composition for the daemon -------------------------------------------------------------------
-def hello_payload(info: Mapping[str, Any], dynos: list[dict[str, Any]],
-                  generation: int | None, draining: bool) -> dict[str, Any]:
-    """The `hello` params from the daemon's info (docs/protocol.md, "hello")."""
-    return {
-        "agent_id": info["agent_id"],
-        "host": info["host"],
-        "version": info["version"],
-        "protocol": PROTOCOL_VERSION,
-        "boot_id": info["boot_id"],
-        "started_at": info["started_at"],
-        "capacity": info["capacity"],
-        "labels": {"arch": platform.machine(), "kernel": os.uname().release,
-                   "cgroup_mode": info["cgroup_mode"]},
-        "generation": generation,
-        "draining": draining,
-        "dynos": dynos,
-    }
-
-
-def dyno_metrics(supervisor: Any) -> list[dict[str, Any]]:
-    """Per-dyno figures of the last memory sample (the same as the runtime-metrics lines)."""
-    out = []
-    for dyno in list(supervisor.dynos.values()):
-        stats = dyno.last_stats
-        out.append({
-            "id": dyno.id, "app": dyno.spec.app, "name": dyno.spec.name,
-            "state": str(dyno.state), "restarts": dyno.record.restarts,
-            "memory_quota_bytes": dyno.spec.size.memory_quota_bytes,
-            "memory_rss_bytes": None if stats is None else stats.memory_rss_bytes,
-            "memory_bytes": None if stats is None else stats.memory_current_bytes,
-            "cpu_seconds": None if stats is None or stats.cpu_usage_usec is None
-            else stats.cpu_usage_usec / 1e6,
-            "pids": None if stats is None else stats.pids_current,
-        })
-    return out

@@ -1,3 +1,1 @@
-"""The `dynoagent serve` process: ordered start-up and shutdown, systemd notification, the agent's
-own log.
-"""
+"""The `dynoagent serve` process: ordered start-up and shutdown, systemd notification."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -18,29 +18,31 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 import cgroups
 import netns
-from agent import __version__
+from agent import __version__, journal
 from agent import config as config_mod
-from agent.api.attach import AttachingRuntime, AttachServer, StdioRegistry, attach_path
+from agent.api.attach import AttachServer, StdioRegistry, attach_path
+from agent.api.formation import Formation
 from agent.api.server import HTTP_LAYER_LOG, build_app
 from agent.config import Config
-from agent.coordinator.link import CoordinatorLink, Requests, dyno_metrics, hello_payload
-from agent.daemon import journal as logsetup
+from agent.coordinator.link import CoordinatorLink
+from agent.coordinator.payloads import dyno_metrics, hello_payload
+from agent.coordinator.requests import Requests
 from agent.daemon import sdnotify as notify
 from agent.errors import ConfigError, Conflict, NotReady
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocationError, UidAllocator
 from agent.observability.logs import LogHub
 from agent.observability.logtail import SWEEP_INTERVAL_S, TailStore
-from agent.peercred import group_id, peer_credentials
+from agent.peercred import group_id
 from agent.slugs.roots import SlugRoots
 from agent.slugs.store import SlugStore
 from agent.supervision.events import EventBus, EventFollower
@@ -48,9 +50,8 @@ from agent.supervision.reconcile import DesiredStore, Engine, SupervisorFleet
 from agent.supervision.records import RecordStore, RecordWriter
 from agent.supervision.runtime import HostRuntime
 from agent.supervision.supervisor import Supervisor
-
-if TYPE_CHECKING:
-    from agent.standalone.up import FormationController
+from agent.tasks import OwnedTasks
+from agent.unixsocket import UnixListener, listen, live_peer
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ def _read_or_create_agent_id(state_dir: Path) -> str:
         return agent_id
 
 
+@functools.cache
 def _boot_id() -> str:
+    # Read once: it names the boot, and `info` answers every poll of the operator API.
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -133,13 +136,15 @@ class Daemon:
         self._stop = asyncio.Event()
         self._forced = False
         self._reload_requested = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
         self.hub = LogHub()
         self.bus = EventBus()
         self.tree: cgroups.Tree | None = None
         self.network: netns.HostNetwork | None = None
         self.holder: HolderClient | None = None
         self.supervisor: Supervisor | None = None
+        # The supervisor's runtime, as built here: a reconnect hands it the new holder.
+        self.runtime: HostRuntime | None = None
         self.engine: Engine | None = None
         self.coordinator: CoordinatorLink | None = None
         # Set at shutdown when no dyno is left: then the agent also removes what it shares
@@ -150,7 +155,7 @@ class Daemon:
         self.stdio = StdioRegistry()
         self.holder_listeners: list[Callable[[object], None]] = []
         # Set by standalone mode (`dynoagent up`): the formation that `dynoctl scale` changes.
-        self.formation: FormationController | None = None
+        self.formation: Formation | None = None
         # Log that the `host` stack is for development only (standalone mode prints its own
         # line on the terminal instead).
         self.warn_host_stack = True
@@ -205,17 +210,6 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
-
     async def _reload_loop(self) -> None:
         while True:
             await self._reload_requested.wait()
@@ -230,7 +224,7 @@ class Daemon:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 return
             self.config, ignored = config_mod.reload_changes(self.config, new)
-            logsetup.set_level(self.config.log_level)
+            journal.set_level(self.config.log_level)
             if self.supervisor is not None:
                 self.supervisor.reconfigure(self.config)
             if ignored:
@@ -395,8 +389,8 @@ class Daemon:
                 self.supervisor.resync(await self.holder.list_processes())
                 # Only now may dynos launch through the new holder: a launch before the list
                 # above would be a process the resync does not know, and ended as a stray.
-                if isinstance(self.supervisor.runtime, HostRuntime):
-                    self.supervisor.runtime.holder = self.holder
+                if self.runtime is not None:
+                    self.runtime.holder = self.holder
                 self.supervisor.holder_gate.back()
             except HolderError as exc:
                 log.error("cannot reach the dyno holder: %s", exc)
@@ -409,7 +403,7 @@ class Daemon:
             supervisor = self.supervisor
             if supervisor is not None:
                 live = {dyno.spec.app for dyno in supervisor.dynos.values()}
-                live |= {str(record.spec.get("app")) for record in supervisor.unparsed}
+                live |= {record.app for record in supervisor.unparsed}
                 try:
                     gone = self.hub.sweep_tails(live, time.time())
                 except OSError as exc:
@@ -433,7 +427,7 @@ class Daemon:
         except UidAllocationError as exc:
             raise StartupError(f"uids: {exc}") from None
         slugs = SlugStore(config.state_dir / "slugs")
-        runtime = AttachingRuntime(
+        runtime = HostRuntime(
             stdio=self.stdio, tree=self.tree, network=self.network,
             uids=uids, slugs=slugs,
             holder=self.holder, state_dir=config.state_dir, run_dir=config.run_dir,
@@ -442,7 +436,8 @@ class Daemon:
         records = RecordStore(config.state_dir)
         try:
             # Before any dyno is restored: a restored dyno launches with its record's uid.
-            await asyncio.to_thread(runtime.keep_uids, records)
+            moved_uids = await asyncio.to_thread(
+                lambda: runtime.keep_uids(list(records.load_all())))
         except UidAllocationError as exc:
             await slugs.aclose()
             raise StartupError(f"uids: {exc}") from None
@@ -451,12 +446,15 @@ class Daemon:
                                 sample_interval_s=config.sample_interval_s,
                                 record_writer=RecordWriter(records))
         supervisor.warn_host_stack = self.warn_host_stack
-        held = await self.holder.list_processes()
+        # With the pidfds of the running dynos' PID 1s: the runtime holds them from now on.
+        held = await self.holder.list_processes(pidfds=True)
+        runtime.adopt_processes(held)
         self.supervisor = supervisor
-        restored = supervisor.restore(held)
+        self.runtime = runtime
+        restored = supervisor.restore(held, moved_uids)
         await self._sweep(restored)
-        self._spawn(self._pump_holder_events(), "holder-events")
-        self._spawn(self._sweep_log_tails(), "log-tails")
+        self._tasks.spawn(self._pump_holder_events(), "holder-events")
+        self._tasks.spawn(self._sweep_log_tails(), "log-tails")
         try:
             yield
         finally:
@@ -521,70 +519,45 @@ class Daemon:
             supervisor.state_listeners.remove(link.publish_state)
             await link.close()
 
-    def _bind_socket(self) -> socket.socket:
+    def _bind_socket(self) -> UnixListener:
         path = self.config.socket_path
-        if path.exists() or path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.settimeout(1.0)
-                probe.connect(str(path))
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
-                    raise StartupError(f"cannot probe {path}: {exc.strerror}") from None
-                log.info("removing stale socket %s", path)
-                path.unlink(missing_ok=True)
-            else:
-                cred = peer_credentials(probe)
-                raise StartupError(f"{path} is in use by pid {cred.pid}; refusing to start")
-            finally:
-                probe.close()
-        # Bind under a temporary name and rename into place, so the socket is never
-        # reachable with the wrong mode or group.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(tmp))
-            os.chmod(tmp, 0o660)
-            self._socket_gid = group_id(self.config.socket_group)
-            if self._socket_gid is not None:
-                os.chown(tmp, -1, self._socket_gid)
-            sock.listen(128)
-            os.replace(tmp, path)
+            cred = live_peer(path)
         except OSError as exc:
-            sock.close()
-            tmp.unlink(missing_ok=True)
+            raise StartupError(f"cannot probe {path}: {exc.strerror}") from None
+        if cred is not None:
+            raise StartupError(f"{path} is in use by pid {cred.pid}; refusing to start")
+        if path.exists() or path.is_symlink():
+            log.info("removing stale socket %s", path)
+        self._socket_gid = group_id(self.config.socket_group)
+        try:
+            return listen(path, mode=0o660, gid=self._socket_gid, backlog=128)
+        except OSError as exc:
             raise StartupError(f"cannot bind {path}: {exc.strerror}") from None
-        sock.setblocking(False)
-        return sock
 
     @contextlib.asynccontextmanager
     async def _operator_socket(self) -> AsyncIterator[None]:
-        sock = self._bind_socket()
-        identity = os.stat(self.config.socket_path)
+        listener = self._bind_socket()
         runner = web.AppRunner(build_app(Operator(self)), handle_signals=False, access_log=None,
                                shutdown_timeout=2.0, logger=HTTP_LAYER_LOG)
         try:
             await runner.setup()
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, listener.sock).start()
             yield
         finally:
             await runner.cleanup()
-            with contextlib.suppress(FileNotFoundError):
-                current = os.stat(self.config.socket_path)
-                # Remove only our own socket, never one a successor already bound.
-                if (current.st_ino, current.st_dev) == (identity.st_ino, identity.st_dev):
-                    os.unlink(self.config.socket_path)
+            listener.unlink()
 
     @contextlib.asynccontextmanager
     async def _attach_socket(self) -> AsyncIterator[None]:
-        assert self.supervisor is not None
+        assert self.supervisor is not None and self.runtime is not None
 
         def holder() -> HolderClient:
             assert self.holder is not None
             return self.holder
 
-        server = AttachServer(self.supervisor, holder, self.stdio, self.bus, self._socket_gid)
+        server = AttachServer(self.supervisor, self.runtime, holder, self.stdio,
+                              self._socket_gid)
         self.holder_listeners.append(server.on_holder_event)
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -636,29 +609,24 @@ class Daemon:
                     break
             else:
                 self.state = "ready"
-                self._spawn(self._reload_loop(), "reload")
+                self._tasks.spawn(self._reload_loop(), "reload")
                 interval = notify.watchdog_interval_s()
                 if interval is not None:
-                    self._spawn(notify.watchdog_loop(interval), "watchdog")
+                    self._tasks.spawn(notify.watchdog_loop(interval), "watchdog")
                 notify.ready(f"serving {self.config.socket_path}")
                 log.info("dynoagent %s ready on %s", __version__, self.config.socket_path,
-                         extra=logsetup.extra(cgroup_mode=self.cgroup_mode))
+                         extra=journal.extra(cgroup_mode=self.cgroup_mode))
                 await self._stop.wait()
             self.state = "stopping"
             notify.stopping("shutting down")
             await self.before_shutdown()
-            await self._cancel_tasks()
+            await self._tasks.cancel_all()
         log.info("dynoagent stopped")
         return 0
 
     async def before_shutdown(self) -> None:
         """Runs while everything still works (holder events included), before any step is
         undone: standalone mode stops its dynos here. The daemon itself leaves them running."""
-
-    async def _cancel_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
     def stop_step_timeout_s(self) -> float:
@@ -738,7 +706,7 @@ class Operator:
     def subscribe_events(self) -> EventFollower:
         return self._daemon.bus.subscribe()
 
-    def _formation(self) -> FormationController:
+    def _formation(self) -> Formation:
         if self._daemon.formation is None:
             raise Conflict("this agent runs no formation of its own: scale works in standalone "
                            "mode (dynoagent up); here the coordinator decides the formation")

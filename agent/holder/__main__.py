@@ -13,11 +13,11 @@ import logging
 import os
 import sys
 
-from agent.daemon.journal import KeyValueFormatter
 from agent.holder.backend import Backend, IsolatedBackend, PlainBackend
 from agent.holder.errors import HolderAlreadyRunning
 from agent.holder.output import BufferLimits
 from agent.holder.server import Holder, HolderConfig
+from agent.journal import KeyValueFormatter
 
 EXIT_ALREADY_RUNNING = 3
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.holder.errors import BadRequest, EnterFailed, LaunchFailed, RequestFailed
+from agent.launcher.launch import proc_start_time
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,6 @@ class Backend(Protocol):
 
     def enter(self, target_pid: int, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
               stderr_fd: int, tty: TtySize | None = None) -> EnterOutcome: ...
-
-
-def proc_start_time(pid: int) -> int:
-    """Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return int(fields[19])
 
 
 def _str_seq(params: Mapping[str, Any], key: str, required: bool = True) -> tuple[str, ...]:

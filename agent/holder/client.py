@@ -52,6 +52,8 @@ EVENT_QUEUE_PAUSE = 256
 OUTPUT_QUEUE_PAUSE_BYTES = 4 << 20
 # Handled output is acked at the latest after this many events (or when the queue runs dry).
 ACK_EVERY_EVENTS = 16
+# Frames queued in one turn of the loop leave in one sendmsg, up to this many.
+FRAMES_PER_WRITE = 64
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class HolderClient:
         self._decoder = FrameDecoder(MAX_RESPONSE_BYTES)
         self._outq: deque[tuple[memoryview, list[int]]] = deque()
         self._writing = False
+        self._flush_pending = False
         self._pending: dict[int, tuple[str, asyncio.Future[tuple[Message, list[int]]]]] = {}
         self._next_id = 1
         self._events: deque[object] = deque()
@@ -403,23 +406,45 @@ class HolderClient:
 
     def _send(self, message: Message, fds: list[int]) -> None:
         self._outq.append((memoryview(encode(message)), fds))
+        if not self._writing and not self._flush_pending:
+            # Written at the end of this turn of the loop, with whatever else it queues: a
+            # mass delete releases hundreds of processes at once, and a syscall each would
+            # hold the loop (every one gives the GIL away to the busy threads).
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
         if not self._writing:
             self._on_writable()
 
     def _on_writable(self) -> None:
         while self._outq and not self._closed:
-            data, fds = self._outq[0]
+            # Frames go out together; one that carries fds only at the head of a write (the
+            # kernel attaches them to its first byte).
+            fds = self._outq[0][1]
+            buffers: list[memoryview] = []
+            for data, frame_fds in self._outq:
+                if (buffers and frame_fds) or len(buffers) >= FRAMES_PER_WRITE:
+                    break
+                buffers.append(data)
             try:
-                sent = self._sock.sendmsg([data], rights(fds), socket.MSG_NOSIGNAL)
+                sent = self._sock.sendmsg(buffers, rights(fds), socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 break
             except OSError as exc:
                 self._lost(f"write failed: {exc}")
                 return
-            if sent < len(data):
-                self._outq[0] = (data[sent:], [])
+            partial = sent < sum(len(data) for data in buffers)
+            while sent:
+                data, _frame_fds = self._outq[0]
+                if sent < len(data):
+                    self._outq[0] = (data[sent:], [])  # its fds went with its first byte
+                    break
+                sent -= len(data)
+                self._outq.popleft()
+            if partial:
                 break
-            self._outq.popleft()
         want = bool(self._outq) and not self._closed
         if want and not self._writing:
             self._loop.add_writer(self._sock.fileno(), self._on_writable)

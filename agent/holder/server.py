@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import logging
 import os
 import selectors
 import signal
 import socket
-import stat
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -26,7 +24,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import excerpt
-from agent.holder.backend import Backend, proc_start_time
+from agent.holder.backend import Backend
 from agent.holder.errors import (
     BadRequest,
     Conflict,
@@ -49,7 +47,10 @@ from agent.holder.protocol import (
     fds_from_ancillary,
     rights,
 )
+from agent.launcher.launch import proc_start_time
 from agent.peercred import PeerCredError, peer_credentials
+from agent.signals import exit_status_from_wait
+from agent.unixsocket import UnixListener, listen, live_peer
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,6 @@ class Client:
         self.out_bytes += len(frame)
 
 
-def _status_of(wait_status: int) -> tuple[int, int | None]:
-    """(Heroku-style status, raw signal): exit code, or 128 + signal for a signal death."""
-    if os.WIFSIGNALED(wait_status):
-        signum = os.WTERMSIG(wait_status)
-        return 128 + signum, signum
-    return os.waitstatus_to_exitcode(wait_status), None
-
-
 def _set_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -153,9 +146,9 @@ class Holder:
         self._backend = backend
         self._clock = clock
         self._sel = selectors.DefaultSelector()
+        self._bound: UnixListener | None = None
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
-        self._socket_ino: tuple[int, int] | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._clients: dict[int, Client] = {}
@@ -187,26 +180,21 @@ class Holder:
             os.close(lock_fd)
             raise HolderAlreadyRunning(path) from None
         try:
-            if os.path.exists(path):
-                if _answers(path):
-                    raise HolderAlreadyRunning(path)
-                log.info("removing stale holder socket", extra={"SOCKET": path})
-                os.unlink(path)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            old_umask = os.umask(0o177)
             try:
-                listener.bind(path)
-            finally:
-                os.umask(old_umask)
-            listener.listen(16)
-            listener.setblocking(False)
+                live = live_peer(path)
+            except OSError as exc:
+                raise HolderError(f"cannot probe {path}: {exc}") from exc
+            if live is not None:
+                raise HolderAlreadyRunning(path)
+            if os.path.lexists(path):
+                log.info("removing stale holder socket", extra={"SOCKET": path})
+            bound = listen(path, mode=0o600, backlog=16)
         except BaseException:
             os.close(lock_fd)
             raise
-        st = os.stat(path)
-        self._socket_ino = (st.st_dev, st.st_ino)
         self._lock_fd = lock_fd
-        self._listener = listener
+        self._bound = bound
+        self._listener = bound.sock
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT or `stop()`; held processes keep running after it returns."""
@@ -259,12 +247,9 @@ class Holder:
             self._sel.unregister(self._listener)  # type: ignore[arg-type]
         if self._listener is not None:
             self._listener.close()
-        path = self._config.socket_path
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            # Only our own socket: a successor may already have replaced it.
-            if (st.st_dev, st.st_ino) == self._socket_ino and stat.S_ISSOCK(st.st_mode):
-                os.unlink(path)
+        if self._bound is not None:
+            with contextlib.suppress(OSError):
+                self._bound.unlink()
         for held in list(self._held.values()):
             self._forget(held)
         for sock in (self._wake_r, self._wake_w):
@@ -633,7 +618,8 @@ class Holder:
                 # An orphan re-parented to us (we are a subreaper); reaping it is the point.
                 log.debug("reaped orphan", extra={"PID": pid})
                 continue
-            held.status, held.signal = _status_of(wait_status)
+            held.status = exit_status_from_wait(wait_status)
+            held.signal = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
             held.exited_at = self._clock()
             # Everything the dyno wrote before its PID 1 was reaped is in the pipe now (a pid
             # namespace's init is reapable only after its other processes are gone): read it
@@ -749,21 +735,6 @@ def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def _answers(path: str) -> bool:
-    """True if something accepts connections on the Unix socket at `path`."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
-            return False
-        raise HolderError(f"cannot probe {path}: {exc}") from exc
-    finally:
-        probe.close()
-    return True
 
 
 def _peer_is_root(sock: socket.socket) -> bool:

@@ -186,15 +186,20 @@ def _join_cgroup(path: str) -> None:
         os.close(fd)
 
 
+def proc_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot): pid + this = identity. OSError
+    when the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return parse_start_time(f.read())
+
+
 def read_start_time(pid: int) -> int:
-    """Field 22 of /proc/<pid>/stat (clock ticks since boot): pid + this = identity."""
+    """`proc_start_time` of a dyno just launched: a failure is the launch's."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        return proc_start_time(pid)
     except OSError as e:
         raise LaunchError("exec", e.errno or 0, "cannot read start time", f"/proc/{pid}/stat") \
             from e
-    return parse_start_time(data)
 
 
 def stat_fields(stat: bytes) -> list[bytes]:

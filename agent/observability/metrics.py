@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from agent.supervision.states import DynoState
-
 MIB: Final = 2**20
 PAGE_BYTES: Final = 4096
 
@@ -174,7 +172,7 @@ class DynoMetrics:
     name: str
     type: str
     size: str
-    state: DynoState
+    state: str  # one of the `states` the metrics are rendered with
     state_since_s: float  # unix time of the last state change
     restarts: int
     memory_rss_bytes: int = 0
@@ -191,8 +189,9 @@ class DynoMetrics:
                 "size": self.size}
 
 
-def dyno_families(dynos: Iterable[DynoMetrics]) -> list[MetricFamily]:
-    """The per-dyno metric families (a dyno appears in every family)."""
+def dyno_families(dynos: Iterable[DynoMetrics], states: Sequence[str]) -> list[MetricFamily]:
+    """The per-dyno metric families (a dyno appears in every family); `states` are every
+    state a dyno can be in."""
     memory: list[Sample] = []
     quota: list[Sample] = []
     cpu: list[Sample] = []
@@ -212,9 +211,9 @@ def dyno_families(dynos: Iterable[DynoMetrics]) -> list[MetricFamily]:
         restarts.append(Sample(base, dyno.restarts))
         # One sample per possible state (1 for the current one), so that a query can
         # count dynos by state without knowing them in advance.
-        for candidate in DynoState:
-            state.append(Sample({**base, "state": str(candidate)},
-                                1 if candidate is dyno.state else 0))
+        for candidate in states:
+            state.append(Sample({**base, "state": candidate},
+                                1 if candidate == dyno.state else 0))
         since.append(Sample(base, dyno.state_since_s))
         errors.append(Sample({**base, "code": "R14"}, dyno.r14_total))
         errors.append(Sample({**base, "code": "R15"}, dyno.r15_total))
@@ -238,7 +237,7 @@ def dyno_families(dynos: Iterable[DynoMetrics]) -> list[MetricFamily]:
     ]
 
 
-def render_dynos(dynos: Iterable[DynoMetrics],
+def render_dynos(dynos: Iterable[DynoMetrics], states: Sequence[str],
                  extra: Iterable[MetricFamily] = ()) -> str:
     """The whole `GET /metrics` body: per-dyno families, then agent-wide ones from `extra`."""
-    return render([*dyno_families(dynos), *extra])
+    return render([*dyno_families(dynos, states), *extra])

@@ -11,6 +11,8 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from agent.tasks import OwnedTasks
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
@@ -58,7 +60,7 @@ class TcpProxy:
         self._connect_timeout_s = connect_timeout_s
         self._turn = 0
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = OwnedTasks()
         self.served: Counter[Backend] = Counter()  # connections per backend, for tests/bench
         self.refused = 0  # connections closed because no backend was up
 
@@ -73,9 +75,7 @@ class TcpProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._connections.cancel_all()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 async with asyncio.timeout(2.0):
@@ -94,11 +94,10 @@ class TcpProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections.adopt(task)
         try:
             await self._serve(reader, writer)
         finally:
-            self._connections.discard(task)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import ipaddress
 import os
@@ -35,6 +34,7 @@ from agent.standalone.procfile import (
 from agent.standalone.proxy import Backend, TcpProxy
 from agent.supervision.reconcile import Engine, Observed, Report, SupervisorFleet
 from agent.supervision.states import DynoState
+from agent.unixsocket import live_peer
 
 STANDALONE_RUN_BASE = Path("/run/dynoagent-up")
 DEFAULT_SOCKET = Path("/run/dynoagent/dynoagent.sock")
@@ -118,17 +118,10 @@ def standalone_config(app: str, base: Config | None = None) -> tuple[Config, boo
 
 def socket_free(path: Path) -> bool:
     """Nobody answers on `path` (no file, or a stale socket left by a dead agent)."""
-    if not (path.exists() or path.is_symlink()):
-        return True
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError as exc:
-        return exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
-    finally:
-        probe.close()
-    return False
+        return live_peer(path) is None
+    except OSError:
+        return False
 
 
 class FormationFleet(SupervisorFleet):
@@ -145,7 +138,8 @@ class FormationFleet(SupervisorFleet):
 
 
 class FormationController:
-    """The local source of desired state: the formation of one app, changed by `scale`."""
+    """The local source of desired state: the formation of one app, changed by `scale`.
+    It is the `agent.api.formation.Formation` that standalone mode hands the daemon."""
 
     def __init__(self, source: AppSource, formation: dict[str, FormationEntry], engine: Engine,
                  supervisor: Any, sizes: Mapping[str, Size]) -> None:

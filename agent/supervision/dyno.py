@@ -9,27 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
-import time
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from agent.daemon.journal import extra
-from agent.observability import logs, metrics
+from agent.journal import extra
+from agent.observability import logs
 from agent.spec import DEFAULT_PORT, DynoSpec, dyno_env
-from agent.supervision import policy
+from agent.supervision import policy, watch
+from agent.supervision.clock import Clock, LoopClock
 from agent.supervision.policy import Intent, RestartMode, RestartPolicy
-from agent.supervision.records import Placement, Record
+from agent.supervision.records import Desired, Placement, Record
 from agent.supervision.runtime import DynoStartError, HolderUnavailable, Launch, Runtime
 from agent.supervision.states import DynoState, Reason, StateChange, StateMachine
+from agent.supervision.watch import Command
 
 log = logging.getLogger(__name__)
 
-BOOT_PROBE_INTERVAL_S = 0.05
 EMPTY_AFTER_EXIT_TIMEOUT_S = 5.0
+MAX_CONCURRENT_EXITS = 8
 MAX_RESUME_PAUSE_S = 30.0
 # A dyno whose launch found no holder waits this long for one to be back before it tries
 # again (the holder's return wakes it at once).
@@ -58,13 +57,6 @@ class HolderGate:
         back.set()
 
 
-class Command(enum.Enum):
-    START = "start"
-    STOP = "stop"
-    RESTART = "restart"
-    DELETE = "delete"
-
-
 @dataclass(frozen=True)
 class Timing:
     """Supervision timings from the agent's configuration."""
@@ -86,6 +78,10 @@ class Sink(Protocol):
 
     def save(self, dyno: Dyno) -> None: ...
 
+    async def persisted(self, dyno: Dyno) -> None:
+        """Return once everything saved of the dyno's record is on disk."""
+        ...
+
     def forget_process(self, dyno: Dyno, pid: int) -> None: ...
 
     def forget(self, dyno: Dyno) -> None:
@@ -104,26 +100,32 @@ class ExitInfo:
 
 
 class Dyno:
-    def __init__(self, spec: DynoSpec, record: Record, runtime: Runtime, sink: Sink,
+    def __init__(self, record: Record, runtime: Runtime, sink: Sink,
                  timing: Timing, start_slots: asyncio.Semaphore,
                  rng: random.Random | None = None,
-                 holder_gate: HolderGate | None = None) -> None:
-        self.spec = spec
+                 holder_gate: HolderGate | None = None, clock: Clock | None = None,
+                 exit_slots: asyncio.Semaphore | None = None) -> None:
         self.record = record
+        spec = record.spec
         self.runtime = runtime
         self.sink = sink
         self.timing = timing
         self.start_slots = start_slots
+        # Shared by the host's dynos: what follows an exit (empty cgroup, final counters, the
+        # decision, unplacing) runs for a bounded number of dynos at once, so a mass delete
+        # never fills one turn of the loop with a thousand dynos' work.
+        self.exit_slots = exit_slots or asyncio.Semaphore(MAX_CONCURRENT_EXITS)
         self.rng = rng or random.Random()
         self.holder_gate = holder_gate or HolderGate()
+        self.clock: Clock = clock or LoopClock()
         # Set while the dyno waits for a holder newer than this generation, until the
         # monotonic deadline (then it launches again).
         self._holder_wait: tuple[int, float] | None = None
         # Processes the holder took with it (or that no holder can follow any more).
         self._lost: set[int] = set()
         self.machine = StateMachine(
-            spec.id, spec.app, spec.name, at=datetime.fromisoformat(record.since),
-            state=DynoState(record.state), reason=Reason(record.reason),
+            spec.id, spec.app, spec.name, at=record.since, state=record.state,
+            reason=record.reason,
             exit_status=record.exit_status)
         self.timings_ms: dict[str, float] = {}
         self.last_stats: Any = None
@@ -134,15 +136,21 @@ class Dyno:
         self._commands: list[tuple[Command, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._up_mono: float | None = None
-        self._last_r14: float | None = None
-        # The kernel's OOM-kill count of the dyno's cgroup, as its watch last reported it.
-        self._oom_kills: int | None = None
+        # While a process runs: the futures of commands carried out once it has exited, the
+        # deletes the lifecycle finishes after it, and an OOM kill from before it was watched.
+        self._waiters: list[asyncio.Future[None]] = []
+        self._deferred: list[tuple[Command, asyncio.Future[None]]] = []
+        self._oom_pending = False
         self.deleted = asyncio.Event()
 
     # -- what the owner calls ----------------------------------------------------------------
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def spec(self) -> DynoSpec:
+        return self.record.spec
 
     @property
     def state(self) -> DynoState:
@@ -191,15 +199,20 @@ class Dyno:
         return future
 
     # -- state -------------------------------------------------------------------------------
+    def update(self, **changes: Any) -> Record:
+        """The one way the dyno's record changes: a new record, saved at once (the writer
+        keeps only the newest pending version of each record, so saving every change costs
+        one encoding)."""
+        self.record = replace(self.record, **changes)
+        self.sink.save(self)
+        return self.record
+
     def _transition(self, new: DynoState, reason: Reason, exit_status: int | None = None) -> None:
         change = self.machine.transition(new, reason, exit_status)
-        self.record.state = str(new)
-        self.record.since = change.at.isoformat()
-        self.record.reason = str(reason)
-        self.record.exit_status = self.machine.exit_status
+        self.update(state=new, since=change.at, reason=reason,
+                    exit_status=self.machine.exit_status)
         self.sink.line(self, change.message)
         self.sink.changed(self, change)
-        self.sink.save(self)
         log.info("%s: %s (%s)", self.spec.name, change.message, reason,
                  extra=extra(dyno_id=self.id, app=self.spec.app))
 
@@ -230,13 +243,13 @@ class Dyno:
             adopt = self.record.pid is not None
 
     async def _lifecycle(self, adopt: bool) -> None:
-        now = time.monotonic
+        now = self.clock.monotonic
         next_start: float | None
         if adopt and self.record.pid is not None:
             next_start = await self._finish(await self._supervise(adopted=True))
-        elif self.record.desired == "running" and self.state is not DynoState.COMPLETE:
+        elif self.record.desired is Desired.RUNNING and self.state is not DynoState.COMPLETE:
             # A cool-off survives an agent restart: it is kept in wall-clock time.
-            wait_s = (self.record.restart_at or 0.0) - time.time()
+            wait_s = (self.record.restart_at or 0.0) - self.clock.wall()
             next_start = now() + max(0.0, wait_s)
         else:
             next_start = None
@@ -279,41 +292,48 @@ class Dyno:
                     future.set_result(None)
                 return
             if command is Command.STOP:
-                self.record.desired = "stopped"
+                self.update(desired=Desired.STOPPED)
                 next_start = None
                 self._holder_wait = None
                 # Crashed in a cool-off, or starting but with no process (waiting for the
                 # holder): down at once.
                 if self.state in (DynoState.CRASHED, DynoState.STARTING):
                     self._transition(DynoState.DOWN, Reason.STOPPED)
-                self.sink.save(self)
             elif command in (Command.START, Command.RESTART):
                 if self.state is DynoState.COMPLETE:
                     continue
-                self.record.desired = "running"
+                self.update(desired=Desired.RUNNING)
                 if command is Command.RESTART:
-                    self.record.crashes = 0
+                    self.update(crashes=0)
                     self._say(logs.restarting())
                 next_start = now()
-                self.sink.save(self)
 
     async def _start_and_supervise(self) -> ExitInfo:
-        self.record.restart_at = None
+        self.update(restart_at=None)
         if self.state is not DynoState.STARTING:
             reason = Reason.RESTART if self.state is DynoState.CRASHED else Reason.START
             self._transition(DynoState.STARTING, reason)
         try:
             async with self.start_slots:
-                if self.record.placement is None:
-                    self.record.placement = await self.runtime.place(self.spec)
-                    self.sink.save(self)
                 placement = self.record.placement
+                if placement is None:
+                    placement = await self.runtime.place(self.spec)
+                    self.update(placement=placement)
+                elif not await self.runtime.wait_empty(placement, 0.0):
+                    # Processes no holder follows (launched by one that died before this
+                    # dyno's record had their pid) still run in its cgroup: they go before
+                    # another process is launched beside them.
+                    log.warning("%s: ending processes left in its cgroup before it starts",
+                                self.spec.name, extra=extra(dyno_id=self.id, app=self.spec.app))
+                    self.runtime.kill(placement)
+                    await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
                 env = dyno_env(self.spec, placement.ip, DEFAULT_PORT)
                 self._say(logs.starting_process(self.spec.command))
                 launched: Launch = await self.runtime.launch(self.spec, placement, env)
         except HolderUnavailable as exc:
             self._say(exc.line)
-            self._holder_wait = (self.holder_gate.generation, time.monotonic() + HOLDER_WAIT_S)
+            self._holder_wait = (self.holder_gate.generation,
+                                 self.clock.monotonic() + HOLDER_WAIT_S)
             # No process, so no exit status: the last one stays; a one-off that never ran
             # has failed (1), not succeeded.
             last = self.record.exit_status
@@ -322,255 +342,204 @@ class Dyno:
         except DynoStartError as exc:
             self._say(exc.line)
             return ExitInfo(1, Intent.NONE, False, None)
-        self.record.pid = launched.pid
-        self.record.start_time = launched.start_time
+        self.update(pid=launched.pid, start_time=launched.start_time)
         self.timings_ms = dict(launched.timings_ms)
-        self.sink.save(self)
         return await self._supervise(adopted=False)
 
     async def _supervise(self, adopted: bool) -> ExitInfo:
-        """Watch the running process until it has exited and its cgroup is empty, hearing of
-        the kernel's OOM kills as they happen (an event from the cgroup, not a sample)."""
-        placement = self.record.placement
-        assert placement is not None
-        self._oom_kills = None
-
-        def on_oom_kill(count: int) -> None:
-            self._oom_kills = count
-            self._wakeup.set()
-
-        watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
-        try:
-            return await self._watch_process(adopted)
-        finally:
-            if watch is not None:
-                watch.close()
-
-    async def _watch_process(self, adopted: bool) -> ExitInfo:
+        """Watch the running process until it has exited and its cgroup is empty: a thin
+        shell around `watch.step`, which makes every decision. The shell gathers events (an
+        exit, a command, the kernel's OOM kills as they happen, probe and sample results, time
+        passing), carries out the actions and waits for the next event or deadline."""
         placement = self.record.placement
         pid = self.record.pid
         assert placement is not None and pid is not None
-        clock = time.monotonic
+        oom_heard: list[int] = []
+
+        def on_oom_kill(count: int) -> None:
+            oom_heard.append(count)
+            self._wakeup.set()
+
+        stop_watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
+        try:
+            w = await self._begin_watch(placement, adopted)
+            while True:
+                event = await self._next_event(pid, oom_heard, placement)
+                if event is None:
+                    now = self.clock.monotonic()
+                    if now < w.deadline():
+                        self._wakeup.clear()
+                        if pid in self._exits or self._commands or oom_heard:
+                            continue
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(w.deadline() - now):
+                                await self._wakeup.wait()
+                        continue
+                    event = watch.Tick()
+                await self._act(w, watch.step(w, event, self.clock.monotonic()), placement)
+                if w.exited:
+                    break
+        finally:
+            if stop_watch is not None:
+                stop_watch.close()
+        async with self.exit_slots:
+            return await self._after_process(w, placement)
+
+    async def _begin_watch(self, placement: Placement, adopted: bool) -> watch.Watch:
         record = self.record
-        stats = self.runtime.stats(placement)
+        clock = self.clock
+        stats = await self.runtime.stats_async(placement)
         oom_now = (stats.oom_kill_events or 0) if stats is not None else 0
-        wall = time.time()
+        wall = clock.wall()
         if not adopted or record.launched_at is None:
-            record.launched_at = wall
-            record.cycle_at = wall + self.timing.cycle_after_s + self.rng.uniform(
-                0.0, self.timing.cycle_jitter_s)
-            record.oom_base = oom_now
-            self.sink.save(self)
+            record = self.update(
+                launched_at=wall, oom_base=oom_now,
+                cycle_at=policy.cycle_deadline(wall, self.rng, self.timing.cycle_after_s,
+                                               self.timing.cycle_jitter_s))
         # An adopted process keeps the clocks it started with: its boot deadline, its cycle
         # time and the OOM-kill count from before it ran (an OOM kill while no agent watched
         # is still an OOM kill), and its time up for the crash-count reset.
-        oom_base = record.oom_base if record.oom_base is not None else oom_now
-        if self._oom_kills is None or oom_now > self._oom_kills:
-            self._oom_kills = oom_now
-        # Set once R15 has been said: it is said once, and the exit is then reported as 137.
-        r15 = False
-        started = clock() - max(0.0, wall - record.launched_at)
+        now = clock.monotonic()
         if adopted and self.state is DynoState.UP:
             up_s = 0.0 if record.up_since is None else max(0.0, wall - record.up_since)
-            self._up_mono = clock() - up_s
-        boot_pending = self.state is DynoState.STARTING and self.spec.is_web
-        if self.state is DynoState.STARTING and not self.spec.is_web:
-            self._mark_up()
-        boot_deadline = started + self.boot_timeout_s
-        next_probe = clock()
-        next_sample = clock() + self.timing.sample_interval_s
-        cycle_at = clock() + ((record.cycle_at or wall) - wall)
-        intent = Intent.NONE
-        plan = policy.stop_plan(self.stop_timeout_s)
-        stop_started: float | None = None
-        stop_steps = 0
-        exit_status: int | None = None
-        waiters: list[asyncio.Future[None]] = []
-        # A delete is finished by the lifecycle loop once the process is gone.
-        deferred: list[tuple[Command, asyncio.Future[None]]] = []
+            self._up_mono = now - up_s
+        size = self.spec.size
+        limits = watch.Limits(
+            name=self.spec.name, dyno_id=self.id, process_type=self.spec.type,
+            quota_bytes=size.memory_quota_bytes, kill_at=size.kill_at,
+            boot_timeout_s=self.boot_timeout_s, sample_period_s=self.timing.sample_interval_s,
+            stop_timeout_s=self.stop_timeout_s)
+        w, actions = watch.begin(
+            limits, now=now, started_at=now - max(0.0, wall - (record.launched_at or wall)),
+            cycle_at=now + ((record.cycle_at or wall) - wall),
+            oom_base=record.oom_base if record.oom_base is not None else oom_now,
+            oom_kills=oom_now, state=self.state, intent=record.intent,
+            stop_started=None if record.stop_at is None else now - max(0.0,
+                                                                        wall - record.stop_at))
+        if w.intent is not Intent.NONE:
+            log.info("%s: resuming the %s its last agent began", self.spec.name, w.intent,
+                     extra=extra(dyno_id=self.id, app=self.spec.app))
+        await self._act(w, actions, placement)
+        if w.oom_kills > w.oom_base:
+            # Killed while no agent watched: R15 at the first step.
+            self._oom_pending = True
+        return w
 
-        def begin_stop(why: Intent) -> None:
-            nonlocal intent, stop_started
-            if stop_started is None:
-                intent = why
-                stop_started = clock()
+    async def _next_event(self, pid: int, oom_heard: list[int],
+                    placement: Placement) -> watch.Event | None:
+        """The next thing that happened, most final first: the exit, a command, an OOM
+        kill. None: nothing; time may have passed."""
+        if pid in self._exits:
+            status = self._exits.pop(pid)
+            self.sink.forget_process(self, pid)
+            lost = pid in self._lost
+            self._lost.discard(pid)
+            return watch.Exited(status, lost)
+        taken = self._take_command()
+        if taken is not None:
+            command, future = taken
+            if command is Command.DELETE:
+                # A delete is finished by the lifecycle loop once the process is gone.
+                self._deferred.append(taken)
+            else:
+                self._waiters.append(future)
+            return watch.Asked(command)
+        if oom_heard or self._oom_pending:
+            count = max(oom_heard, default=0)
+            oom_heard.clear()
+            self._oom_pending = False
+            stats = await self.runtime.stats_async(placement)
+            if stats is not None and stats.oom_kill_events is not None:
+                count = max(count, stats.oom_kill_events)
+            return watch.OomKilled(count, stats.memory_peak_bytes if stats else None)
+        return None
 
-        def kill_now(why: Intent) -> None:
-            nonlocal intent, stop_started, stop_steps
-            intent = why
-            stop_started = stop_started or clock()
-            stop_steps = len(plan)
-            self.runtime.kill(placement)
-
-        while True:
-            if exit_status is None and pid in self._exits:
-                exit_status = self._exits.pop(pid)
-                self.sink.forget_process(self, pid)
-                if pid in self._lost:
-                    self._lost.discard(pid)
-                    # A stop, restart or kill of ours under way keeps its outcome.
-                    if intent is Intent.NONE:
-                        intent = Intent.HOLDER_LOST
-            if exit_status is not None:
-                break
-            taken = self._take_command()
-            if taken is not None:
-                command, future = taken
-                if command is Command.DELETE:
-                    deferred.append(taken)
-                else:
-                    waiters.append(future)
-                if command in (Command.STOP, Command.DELETE):
-                    self.record.desired = "stopped"
-                    begin_stop(Intent.STOP)
-                    # A stop asked for during a restart, a cycle or a kill wins: the dyno
-                    # ends down, not started again.
-                    intent = Intent.STOP
-                elif command is Command.RESTART and stop_started is None:
-                    self._say(logs.restarting())
-                    if self.state is DynoState.UP:
-                        self._transition(DynoState.STARTING, Reason.RESTART)
-                    begin_stop(Intent.RESTART)
-                elif command is Command.RESTART and intent is Intent.STOP and not deferred:
-                    # Asked to run again while stopping: finish the stop, then start.
-                    self.record.desired = "running"
-                    intent = Intent.RESTART
-                continue
-            if not r15 and (self._oom_kills or 0) > oom_base:
-                # The kernel OOM-killed a process at the kill point. On v2 memory.oom.group
-                # took the whole dyno already; on a v1 hierarchy only the victim died and the
-                # rest would run on, so the whole dyno is killed here, as Heroku's R15 does.
-                self._say(*self._oom_kill_decision(placement, self._oom_kills, oom_base).lines)
-                r15 = True
-                if stop_started is None:
-                    kill_now(Intent.OOM)
-                else:
-                    # A stop, restart or cycle under way keeps its outcome; only its grace
-                    # period ends.
-                    stop_steps = len(plan)
-                    self.runtime.kill(placement)
-                continue
-            now = clock()
-            if boot_pending and stop_started is None:
-                if await self.runtime.accepting(placement.ip, DEFAULT_PORT):
-                    boot_pending = False
+    async def _act(self, w: watch.Watch, actions: list[watch.Action],
+                   placement: Placement) -> None:
+        """Carry out the actions of a step; the answers of probes and samples are stepped
+        at once (a probe's answer as of when it was asked)."""
+        for action in actions:
+            match action:
+                case watch.Say(lines=lines):
+                    self._say(*lines)
+                case watch.Transition(state=state, reason=reason):
+                    self._transition(state, reason)
+                case watch.MarkUp():
                     self._mark_up()
-                elif now >= boot_deadline:
-                    boot_pending = False
-                    self._say(*policy.boot_timeout_lines(self.boot_timeout_s))
-                    kill_now(Intent.BOOT_TIMEOUT)
-                next_probe = clock() + BOOT_PROBE_INTERVAL_S
-            if now >= next_sample:
-                next_sample = now + self.timing.sample_interval_s
-                if self._sample(placement, now) and stop_started is None and not r15:
-                    r15 = True
-                    kill_now(Intent.OOM)
-                elif not r15 and (self._oom_kills or 0) > oom_base:
-                    continue  # a kill the watch did not report: R15 at the top of the loop
-            if now >= cycle_at and stop_started is None and self.state is DynoState.UP:
-                self._say(logs.cycling())
-                self._transition(DynoState.STARTING, Reason.CYCLING)
-                begin_stop(Intent.CYCLE)
-            if stop_started is not None:
-                step = policy.stop_next(plan, started_at=stop_started, now=now,
-                                        done_steps=stop_steps, cgroup_empty=False)
-                if isinstance(step, policy.StopStep):
-                    self._say(*step.lines)
-                    stop_steps += 1
-                    if step.target is policy.StopTarget.ALL_PROCESSES:
-                        self.runtime.signal_all(placement, step.signal)
-                    else:
-                        self.runtime.kill(placement)
-                    continue
-            deadlines = [next_sample]
-            if boot_pending and stop_started is None:
-                deadlines.append(next_probe)
-            if stop_started is None:
-                deadlines.append(cycle_at)
-            elif stop_steps < len(plan):
-                deadlines.append(stop_started + plan[stop_steps].after_s)
-            self._wakeup.clear()
-            if pid in self._exits or self._commands:
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, min(deadlines) - clock())):
-                    await self._wakeup.wait()
+                case watch.SignalAll(signal=sig):
+                    await self._write_ahead(w)
+                    await self.runtime.signal_all_async(placement, sig)
+                case watch.KillAll():
+                    await self._write_ahead(w)
+                    self.runtime.kill(placement)
+                case watch.Desire(running=running):
+                    # With the intent that goes with it: a stop asked for during a restart
+                    # is a stop, on disk too.
+                    self.update(desired=Desired.RUNNING if running else Desired.STOPPED,
+                                **self._intent_changes(w))
+                case watch.Probe():
+                    asked_at = self.clock.monotonic()
+                    accepting = await self.runtime.accepting(placement.ip, DEFAULT_PORT)
+                    await self._act(w, watch.step(w, watch.Probed(accepting), asked_at),
+                                    placement)
+                case watch.Sample():
+                    stats = await self.runtime.stats_async(placement)
+                    self.last_stats = stats
+                    await self._act(w, watch.step(w, watch.Sampled(stats),
+                                                  self.clock.monotonic()), placement)
 
-        self._commands[:0] = deferred
-        # PID 1 of the dyno's pid namespace is gone, so the kernel kills the rest; wait for
-        # the cgroup to empty (a dyno is `down` only then), SIGKILL stragglers if need be.
+    async def _write_ahead(self, w: watch.Watch) -> None:
+        """A signal whose outcome the record must explain goes only once the record on disk
+        says why (the intent) and what is wanted after it (`desired`)."""
+        changes = self._intent_changes(w)
+        if changes:
+            self.update(**changes)
+        await self.sink.persisted(self)
+
+    def _intent_changes(self, w: watch.Watch) -> dict[str, Any]:
+        """The record's fields that must change for it to say what the watch is doing."""
+        if w.stop_started is None or self.record.intent is w.intent:
+            return {}
+        stop_at = self.clock.wall() - (self.clock.monotonic() - w.stop_started)
+        return {"intent": w.intent, "stop_at": stop_at}
+
+    async def _after_process(self, w: watch.Watch, placement: Placement) -> ExitInfo:
+        """PID 1 of the dyno's pid namespace is gone, so the kernel kills the rest; wait for
+        the cgroup to empty (a dyno is `down` only then), SIGKILL stragglers if need be."""
+        self._commands[:0] = self._deferred
+        self._deferred = []
         if not await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S):
             self.runtime.kill(placement)
             await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
         # Read off the loop: a mass delete reads a thousand cgroups' counters at once.
-        stats = await asyncio.to_thread(self.runtime.stats, placement)
-        final_kills = stats.oom_kill_events if stats is not None else None
-        if not r15 and (final_kills or 0) > oom_base:
-            # PID 1 itself was the victim (or the whole group, on v2) and its exit came in
-            # before the OOM event: the same lines, still before the exit status.
-            self._say(*self._oom_kill_decision(placement, final_kills, oom_base).lines)
-            r15 = True
-        oom_killed = r15
-        exit_status = policy.reported_exit_status(exit_status, r15=r15)
-        up_for = None if self._up_mono is None else clock() - self._up_mono
+        stats = await self.runtime.stats_async(placement)
+        outcome = watch.conclude(w, stats.oom_kill_events if stats is not None else None,
+                                 stats.memory_peak_bytes if stats is not None else None)
+        self._say(*outcome.lines)
+        up_for = None if self._up_mono is None else self.clock.monotonic() - self._up_mono
         self._up_mono = None
-        self.record.pid = None
-        self.record.start_time = None
-        self.record.up_since = self.record.launched_at = self.record.cycle_at = None
-        self.record.oom_base = None
+        self.update(pid=None, start_time=None, up_since=None, launched_at=None, cycle_at=None,
+                    oom_base=None, intent=Intent.NONE, stop_at=None)
+        waiters, self._waiters = self._waiters, []
         for future in waiters:
             if not future.done():
                 future.set_result(None)
-        return ExitInfo(exit_status, intent, oom_killed, up_for)
-
-    def _oom_kill_decision(self, placement: Placement, oom_kills: int | None,
-                           oom_base: int) -> policy.MemoryDecision:
-        stats = self.runtime.stats(placement)
-        return policy.oom_kill_check(
-            oom_kills=oom_kills, oom_base=oom_base,
-            quota_bytes=self.spec.size.memory_quota_bytes, kill_at=self.spec.size.kill_at,
-            peak_bytes=stats.memory_peak_bytes if stats is not None else None)
+        return ExitInfo(outcome.exit_status, outcome.intent, outcome.oom_killed, up_for)
 
     def _mark_up(self) -> None:
-        self._up_mono = time.monotonic()
-        self.record.up_since = time.time()
+        self._up_mono = self.clock.monotonic()
+        self.update(up_since=self.clock.wall())
         self._transition(DynoState.UP, Reason.BOOTED)
-
-    def _sample(self, placement: Placement, now: float) -> bool:
-        """Memory check and runtime-metrics line; True when the dyno must be killed (R15)."""
-        stats = self.runtime.stats(placement)
-        self.last_stats = stats
-        if stats is None:
-            return False
-        # The sample also reads the kernel's OOM-kill count: a safety net should the watch
-        # have missed a kill (or been unavailable).
-        if stats.oom_kill_events is not None and stats.oom_kill_events > (self._oom_kills or 0):
-            self._oom_kills = stats.oom_kill_events
-        rss = stats.memory_rss_bytes if stats.memory_rss_bytes is not None else (
-            stats.memory_current_bytes or 0)
-        swap = stats.memory_swap_bytes or 0
-        quota = self.spec.size.memory_quota_bytes
-        self._say(metrics.memory_metrics_line(self.spec.name, self.id, metrics.MemorySample(
-            rss_bytes=rss, cache_bytes=stats.memory_cache_bytes or 0, swap_bytes=swap,
-            pgpgin_pages=0, pgpgout_pages=0, quota_bytes=quota)))
-        decision = policy.memory_check(quota_bytes=quota, kill_at=self.spec.size.kill_at,
-                                       usage_bytes=policy.memory_usage_bytes(rss, swap),
-                                       last_r14_at=self._last_r14, now=now,
-                                       sample_period_s=self.timing.sample_interval_s)
-        self._say(*decision.lines)
-        if decision.verdict is policy.MemoryVerdict.R14:
-            self._last_r14 = now
-        return decision.verdict is policy.MemoryVerdict.R15
 
     async def _finish(self, info: ExitInfo) -> float | None:
         """Apply the exit; a dyno that has completed frees its cgroup, address and user at
         once (its record stays, for `ps` and its exit status, until it is deleted)."""
-        next_start = self._after_exit(info)
-        placement = self.record.placement
-        if self.state is DynoState.COMPLETE and placement is not None:
-            await self.runtime.unplace(placement)
-            self.record.placement = None
-            self.sink.save(self)
+        async with self.exit_slots:
+            next_start = self._after_exit(info)
+            placement = self.record.placement
+            if self.state is DynoState.COMPLETE and placement is not None:
+                await self.runtime.unplace(placement)
+                self.update(placement=None)
         return next_start
 
     def _after_exit(self, info: ExitInfo) -> float | None:
@@ -584,26 +553,23 @@ class Dyno:
             mode=mode, exit_status=info.status, intent=info.intent,
             oom_killed=info.oom_killed, crashes_since_reset=self.record.crashes,
             up_for_s=info.up_for_s, policy=self.timing.restart)
-        self.record.crashes = decision.crashes
-        self.record.exit_status = decision.exit_status
+        self.update(crashes=decision.crashes, exit_status=decision.exit_status)
         if decision.state is not None and decision.state is not self.state:
             self._transition(decision.state, decision.reason, decision.exit_status)
-        self.sink.save(self)
-        if decision.restart_in_s is None or self.record.desired != "running":
+        if decision.restart_in_s is None or self.record.desired is not Desired.RUNNING:
             return None
-        if info.launched:
-            self.record.restarts += 1
-        self.record.restart_at = time.time() + decision.restart_in_s
-        self.sink.save(self)
-        return time.monotonic() + decision.restart_in_s
+        self.update(restarts=self.record.restarts + (1 if info.launched else 0),
+                    restart_at=self.clock.wall() + decision.restart_in_s)
+        return self.clock.monotonic() + decision.restart_in_s
 
     async def _destroy(self) -> None:
-        if self.state in (DynoState.CRASHED, DynoState.STARTING, DynoState.UP):
-            self._transition(DynoState.DOWN, Reason.STOPPED)
-        placement = self.record.placement
-        if placement is not None:
-            await self.runtime.unplace(placement)
-            self.record.placement = None
+        async with self.exit_slots:
+            if self.state in (DynoState.CRASHED, DynoState.STARTING, DynoState.UP):
+                self._transition(DynoState.DOWN, Reason.STOPPED)
+            placement = self.record.placement
+            if placement is not None:
+                await self.runtime.unplace(placement)
+                self.update(placement=None)
         self.sink.forget(self)
         self.deleted.set()
 

@@ -8,28 +8,23 @@ reads a clock, sleeps, signals or logs, so every rule is tested with a fake cloc
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Literal
 
+from agent.heroku import BOOT_TIMEOUT_S as BOOT_TIMEOUT_S
+from agent.heroku import CYCLE_BASE_S as CYCLE_BASE_S
+from agent.heroku import CYCLE_JITTER_S as CYCLE_JITTER_S
+from agent.heroku import HEROKU_SCHEDULE_S as HEROKU_SCHEDULE_S
+from agent.heroku import RESET_AFTER_UP_S as RESET_AFTER_UP_S
+from agent.heroku import SAMPLE_PERIOD_S as SAMPLE_PERIOD_S
+from agent.heroku import STOP_TIMEOUT_S as STOP_TIMEOUT_S
 from agent.observability import logs
+from agent.signals import EXIT_SIGKILL as EXIT_SIGKILL  # the status after R15
 from agent.supervision.states import DynoState, Reason
-
-# Heroku's Common Runtime cool-offs after the immediate first restart: 20, 40, 60, 180 and
-# 320 minutes, the last one repeating forever (reference/heroku.md §1).
-HEROKU_SCHEDULE_S: Final = (1200.0, 2400.0, 3600.0, 10800.0, 19200.0)
-RESET_AFTER_UP_S: Final = 600.0  # "starts correctly": up for 10 minutes
-BOOT_TIMEOUT_S: Final = 60.0
-STOP_TIMEOUT_S: Final = 30.0
-SAMPLE_PERIOD_S: Final = 20.0
-CYCLE_BASE_S: Final = 86400.0
-CYCLE_JITTER_S: Final = 216 * 60.0
-EXIT_SIGTERM: Final = 128 + signal.SIGTERM  # 143, as Heroku prints it
-EXIT_SIGKILL: Final = 128 + signal.SIGKILL  # 137
 
 
 class PolicyError(ValueError):
@@ -338,18 +333,3 @@ def stop_next(plan: Sequence[StopStep], *, started_at: float, now: float, done_s
     step = plan[done_steps]
     due = started_at + step.after_s
     return step if now >= due else due
-
-
-def exit_status_from_wait(wait_status: int) -> int:
-    """A `waitpid` status as Heroku reports it: the exit code, or 128 + the signal number
-    (143 after SIGTERM, 137 after SIGKILL), like a shell does."""
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    if os.WIFEXITED(wait_status):
-        return os.WEXITSTATUS(wait_status)
-    raise PolicyError("wait_status", wait_status, "neither exited nor killed by a signal")
-
-
-def exit_status_from_returncode(returncode: int) -> int:
-    """A `subprocess`/`asyncio` return code (negative = killed by that signal) as above."""
-    return 128 - returncode if returncode < 0 else returncode

@@ -6,16 +6,25 @@ was placed (cgroup, namespace, address, user), its process identity and its last
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from agent.sizes import Size
+from agent.spec import DynoSpec, parse_spec
+from agent.supervision.policy import Intent
+from agent.supervision.states import DynoState, Reason
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +46,29 @@ class Placement:
     dyno_dir: str
 
 
-@dataclass
+class Desired(StrEnum):
+    """What the dyno should be doing once its current process (if any) is gone."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
 class Record:
-    spec: dict[str, Any]
-    state: str
-    since: str
-    reason: str
+    """Everything persisted about one dyno. Frozen: a change is a new record, made by the one
+    writer (`Dyno.update` for a supervised dyno), which saves it."""
+
+    spec: DynoSpec
+    state: DynoState
+    since: datetime
+    reason: Reason
     exit_status: int | None = None
     placement: Placement | None = None
     pid: int | None = None
     start_time: int | None = None
     restarts: int = 0
     crashes: int = 0
-    desired: str = "running"  # running | stopped
+    desired: Desired = Desired.RUNNING
     up_since: float | None = None  # wall clock, for the 10-minute crash-count reset
     restart_at: float | None = None  # wall clock: a crashed dyno's end of cool-off
     # Of the running process, so that a re-adopting agent keeps its deadlines and baselines
@@ -58,20 +77,67 @@ class Record:
     launched_at: float | None = None
     cycle_at: float | None = None
     oom_base: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # What the agent asked of the running process and since when (wall clock): saved before
+    # its signal goes, so that an agent killed meanwhile is succeeded by one that reads the
+    # exit as the stop, restart or kill it was and finishes it, never as the app's crash.
+    intent: Intent = Intent.NONE
+    stop_at: float | None = None
 
     @property
     def id(self) -> str:
-        return str(self.spec["id"])
+        return self.spec.id
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(spec=self.spec.to_dict(), state=str(self.state), reason=str(self.reason),
+                    since=self.since.isoformat(), desired=str(self.desired),
+                    intent=str(self.intent),
+                    placement=asdict(self.placement) if self.placement else None)
         return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Record:
-        placement = data.get("placement")
-        return cls(**{**data, "placement": Placement(**placement) if placement else None})
+
+@dataclass(frozen=True)
+class Stored:
+    """A record as read from disk, before its spec is parsed (with the agent's sizes, which
+    may have changed since it was written). What adoption needs before that is here."""
+
+    id: str
+    data: dict[str, Any]
+
+    @property
+    def app(self) -> str:
+        return str(self.data.get("spec", {}).get("app", ""))
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("spec", {}).get("name", ""))
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.data.get("pid")
+        return pid if isinstance(pid, int) else None
+
+    @property
+    def state(self) -> str:
+        return str(self.data.get("state", ""))
+
+    @property
+    def placement(self) -> Placement | None:
+        placement = self.data.get("placement")
+        return Placement(**placement) if placement else None
+
+    def parse(self, sizes: Mapping[str, Size]) -> Record:
+        """The typed record; SpecError when its spec no longer validates, ValueError (or
+        TypeError) when the rest is malformed."""
+        data = self.data
+        known = {f.name for f in fields(Record)}
+        values = {key: value for key, value in data.items() if key in known}
+        values.update(spec=parse_spec(data["spec"], sizes), state=DynoState(data["state"]),
+                      reason=Reason(data["reason"]), since=datetime.fromisoformat(data["since"]),
+                      desired=Desired(data.get("desired", Desired.RUNNING)),
+                      intent=Intent(data.get("intent", Intent.NONE)),
+                      placement=self.placement)
+        return Record(**values)
 
 
 class RecordStore:
@@ -104,16 +170,31 @@ class RecordStore:
     def delete(self, dyno_id: str) -> None:
         self._path(dyno_id).unlink(missing_ok=True)
 
-    def load_all(self) -> Iterator[Record]:
+    def load_all(self) -> Iterator[Stored]:
         for path in sorted(self.dir.glob("*.json")):
             try:
-                yield Record.from_json(json.loads(path.read_bytes()))
+                data = json.loads(path.read_bytes())
+                if not isinstance(data, dict) or not isinstance(data.get("spec"), dict):
+                    raise ValueError("not a dyno record")
+                stored = Stored(path.stem, data)
+                stored.placement  # noqa: B018 -- a malformed placement fails here
+                yield stored
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 # Keep the file for a human: renaming it aside makes the problem visible
                 # without letting one bad record stop every other dyno from being adopted.
                 aside = path.with_suffix(".corrupt")
                 log.error("unreadable dyno record %s moved to %s: %s", path, aside, exc)
                 os.replace(path, aside)
+
+
+def _resolve_soon(future: asyncio.Future[None]) -> None:
+    """Complete a future of a loop from another thread (unless that loop is gone)."""
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed
+        future.get_loop().call_soon_threadsafe(resolve)
 
 
 def encode(record: Record) -> bytes:
@@ -128,7 +209,9 @@ class RecordWriter:
     A record is encoded when it is saved (a snapshot), and only the newest pending version
     of each record is written. A crash loses at most the last few milliseconds of changes,
     which adoption already copes with (a record saved before the holder's launch, or a
-    placement not yet recorded, is what an agent killed at that moment leaves too).
+    placement not yet recorded, is what an agent killed at that moment leaves too). What
+    must not be lost is waited for with `persisted`: a stop's intent before its signal goes,
+    a delete before its caller is told.
     """
 
     def __init__(self, store: RecordStore, *, background: bool = True) -> None:
@@ -141,9 +224,19 @@ class RecordWriter:
         self._idle.set()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="records")
         self._closed = False
+        # The record being written by the thread, and who waits for records to be on disk.
+        self._writing: str | None = None
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
 
     def save(self, record: Record) -> None:
         self._put(record.id, encode(record))
+
+    def save_now(self, record: Record) -> None:
+        """The first version of a record, written before this returns (a created dyno is on
+        disk before its creator is told it exists)."""
+        with self._lock:
+            self._pending.pop(record.id, None)
+        self._write(record.id, encode(record))
 
     def delete(self, dyno_id: str) -> None:
         self._put(dyno_id, None)
@@ -160,14 +253,38 @@ class RecordWriter:
         if not queued:
             self._write(dyno_id, data)
 
+    async def persisted(self, dyno_id: str) -> None:
+        """Return once every version of the record saved (or its deletion) so far is on
+        disk, without blocking the loop or a thread."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if not self._unwritten(dyno_id):
+                return
+            self._waiters.append((dyno_id, future))
+        await future
+
+    def _unwritten(self, dyno_id: str) -> bool:
+        return dyno_id in self._pending or self._writing == dyno_id
+
     def _drain(self) -> None:
         while True:
             with self._lock:
+                self._writing = None
+                waiters = self._waiters
+                ready: list[tuple[str, asyncio.Future[None]]] = []
+                self._waiters = []
+                for waiter in waiters:
+                    (self._waiters if self._unwritten(waiter[0]) else ready).append(waiter)
                 if not self._pending:
                     self._idle.set()
-                    return
-                dyno_id = next(iter(self._pending))
-                data = self._pending.pop(dyno_id)
+                dyno_id = next(iter(self._pending), None)
+                if dyno_id is not None:
+                    self._writing = dyno_id
+                    data = self._pending.pop(dyno_id)
+            for _, future in ready:
+                _resolve_soon(future)
+            if dyno_id is None:
+                return
             self._write(dyno_id, data)
 
     def _write(self, dyno_id: str, data: bytes | None) -> None:

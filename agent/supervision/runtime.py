@@ -17,24 +17,25 @@ import re
 import shlex
 import shutil
 import signal
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import cgroups
 import netns
-from agent.holder import ConnectionLost, HolderClient, HolderError, HolderTimeout
+from agent.holder import ConnectionLost, HeldProcess, HolderClient, HolderError, HolderTimeout
 from agent.kernelnames import cgroup_rel, hostname, netns_name
 from agent.launcher import LauncherError, LaunchRequest, UidAllocator
-from agent.launcher.launch import parse_start_time
+from agent.launcher.launch import proc_start_time
 from agent.launcher.seccomp import process_mode as seccomp_process_mode
 from agent.launcher.uids import forget_legacy_table
 from agent.sizes import Size
 from agent.slugs.roots import SlugPathRefused, SlugRoots
 from agent.slugs.store import SlugError, SlugStore
 from agent.spec import HOST_STACK, DynoSpec, SlugSource
-from agent.supervision.records import Placement, RecordStore
+from agent.supervision.pidfds import Pidfds
+from agent.supervision.records import Placement, Stored
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,29 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
+class LaunchStdio(Protocol):
+    """The stdio of an attached one-off's launch (`dynoctl run`, agent.api.attach): pipe
+    ends of its own, or the (rows, columns) of a pty the holder makes in the dyno."""
+
+    @property
+    def pipes(self) -> tuple[int, int, int] | None: ...
+
+    @property
+    def tty(self) -> tuple[int, int] | None: ...
+
+    def deliver_pty(self, master: int) -> None:
+        """The master of the pty made for the launch; owned by this from now on."""
+
+    def close(self) -> None:
+        """The launch is over: close what the holder did not take (it copies the pipes)."""
+
+
+class StdioSource(Protocol):
+    def take(self, dyno_id: str) -> LaunchStdio | None:
+        """The stdio a caller waits to attach to this dyno's launch, or None (the holder
+        keeps the output, as for every other dyno)."""
+
+
 class Runtime(Protocol):
     async def place(self, spec: DynoSpec) -> Placement: ...
 
@@ -78,13 +102,24 @@ class Runtime(Protocol):
 
     def signal_all(self, placement: Placement, sig: signal.Signals) -> int: ...
 
-    def kill(self, placement: Placement) -> None: ...
+    async def signal_all_async(self, placement: Placement, sig: signal.Signals) -> int:
+        """signal_all with the cgroup and /proc reads off the loop."""
+
+    def kill(self, placement: Placement) -> None:
+        """Start killing the dyno (never blocks); wait_empty says when it is done."""
+
+    async def kill_async(self, placement: Placement) -> None:
+        """kill, returning once every process of the dyno has been sent SIGKILL."""
 
     def populated(self, placement: Placement) -> bool: ...
+
+    async def populated_async(self, placement: Placement) -> bool: ...
 
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool: ...
 
     def stats(self, placement: Placement) -> cgroups.Stats | None: ...
+
+    async def stats_async(self, placement: Placement) -> cgroups.Stats | None: ...
 
     def watch_oom_kills(self, placement: Placement,
                         on_kill: Callable[[int], None]) -> Closable | None: ...
@@ -117,10 +152,9 @@ def dyno_limits(size: Size, mode: cgroups.Mode) -> cgroups.Limits:
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat: with the pid, the identity of a process across pid reuse."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        return proc_start_time(pid)
     except OSError:
         return None
-    return parse_start_time(raw)
 
 
 class HostRuntime:
@@ -129,8 +163,10 @@ class HostRuntime:
 
     def __init__(self, *, tree: cgroups.Tree, network: netns.HostNetwork, uids: UidAllocator,
                  slugs: SlugStore, holder: HolderClient, state_dir: Path, run_dir: Path,
-                 hide_paths: tuple[str, ...], slug_roots: SlugRoots) -> None:
+                 hide_paths: tuple[str, ...], slug_roots: SlugRoots,
+                 stdio: StdioSource | None = None) -> None:
         self.tree = tree
+        self.stdio = stdio
         self.slug_roots = slug_roots
         self.network = network
         self.uids = uids
@@ -144,6 +180,16 @@ class HostRuntime:
         self._teardowns: dict[str, concurrent.futures.Future[None]] = {}
         self._teardown_pool = concurrent.futures.ThreadPoolExecutor(
             TEARDOWN_THREADS, thread_name_prefix="teardown")
+        # One read and rewrite of the host's uid registry for all the dynos freed meanwhile,
+        # not one per dyno: a mass delete would spend its threads' time (and the loop's
+        # share of the GIL) re-encoding the registry.
+        self._uid_releases = BatchedCalls(self.uids.release_many if uids is not None
+                                          else _no_uids, self._teardown_pool)
+        # The pidfd of every running dyno's PID 1 (launched, or adopted at start).
+        self.pidfds = Pidfds()
+        # Cgroup kills under way on a thread (the freeze fallback may take seconds): a launch
+        # into the same cgroup waits for them, or a late kill would end the new process.
+        self._kills: dict[str, asyncio.Future[None]] = {}
 
     def group(self, placement: Placement) -> cgroups.Group:
         return self.tree.group(placement.cgroup)
@@ -191,24 +237,25 @@ class HostRuntime:
     async def _place(self, spec: DynoSpec) -> Placement:
         async with contextlib.AsyncExitStack() as undo:
             try:
-                slug_dir = await self.slugs.resolve(self._slug_source(spec))
+                source = await asyncio.to_thread(self._slug_source, spec)
+                slug_dir = await self.slugs.resolve(source)
             except SlugError as exc:
                 raise DynoStartError(str(exc)) from None
-            self._stack_dir(spec)
+            await asyncio.to_thread(self._stack_dir, spec)
             try:
                 uid, gid = await asyncio.to_thread(self.uids.allocate, spec.id)
             except LauncherError as exc:
                 raise DynoStartError(f"Error: no user for the dyno: {exc}") from None
-            undo.callback(self.uids.release, spec.id)
+            undo.push_async_callback(asyncio.to_thread, self.uids.release, spec.id)
             dyno_dir = self.run_dir / "dynos" / spec.id
             try:
-                dyno_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+                await asyncio.to_thread(dyno_dir.mkdir, parents=True, exist_ok=True, mode=0o711)
             except OSError as exc:
                 raise DynoStartError(f"Error: cannot create {dyno_dir}: {exc.strerror}") from None
-            undo.callback(shutil.rmtree, dyno_dir, True)
+            undo.push_async_callback(asyncio.to_thread, shutil.rmtree, dyno_dir, True)
             rel = cgroup_rel(spec.app, spec.id)
             try:
-                group = self.tree.create_group(rel, self.limits(spec))
+                group = await asyncio.to_thread(self.tree.create_group, rel, self.limits(spec))
             except cgroups.CgroupError as exc:
                 raise DynoStartError(f"Error: cannot create the dyno's cgroup: {exc}") from None
             undo.push_async_callback(asyncio.to_thread, _remove_group_quietly, group)
@@ -229,11 +276,51 @@ class HostRuntime:
 
     async def launch(self, spec: DynoSpec, placement: Placement,
                      env: Mapping[str, str]) -> Launch:
+        stdio = self.stdio.take(spec.id) if self.stdio is not None else None
+        try:
+            return await self._launch(spec, placement, env, stdio)
+        finally:
+            if stdio is not None:
+                # Also after a failure: a session must not wait for output on pipe ends
+                # that nothing will ever write to or close.
+                stdio.close()
+
+    async def _launch(self, spec: DynoSpec, placement: Placement, env: Mapping[str, str],
+                      stdio: LaunchStdio | None) -> Launch:
+        request = await asyncio.to_thread(self._launch_request, spec, placement, env)
+        await self._kills_done(placement)
+        try:
+            launched = await self.holder.launch(
+                request, stdio=None if stdio is None else stdio.pipes,
+                tty=None if stdio is None else stdio.tty)
+        except HolderTimeout as exc:
+            # The holder may still start it: empty the cgroup so that no untracked process
+            # runs beside the next attempt.
+            await self.kill_async(placement)
+            raise DynoStartError(f"Error: the dyno's process did not start in time: {exc}") \
+                from None
+        except ConnectionLost as exc:
+            # The holder may have started it before it died: nothing could follow that
+            # process any more, so it must not run beside the next attempt.
+            if await self.populated_async(placement):
+                await self.kill_async(placement)
+            raise HolderUnavailable(f"Error: the host's process holder is gone ({exc}); the "
+                                    "process starts once it is back") from None
+        except HolderError as exc:
+            raise DynoStartError(f"Error: the dyno's process could not be started: {exc}") from None
+        # Held while the process runs: signals to it go by pidfd, never by a reusable pid.
+        self.pidfds.hold(spec.id, launched.pid, launched.start_time, launched.pidfd)
+        if stdio is not None and launched.tty_master is not None:
+            stdio.deliver_pty(launched.tty_master)
+        return Launch(launched.pid, launched.start_time, launched.timings_ms)
+
+    def _launch_request(self, spec: DynoSpec, placement: Placement,
+                        env: Mapping[str, str]) -> LaunchRequest:
+        """The holder's request (blocks: it resolves paths; run it on a thread)."""
         # A placement outlives restarts (of the dyno and of the agent): a record made before
         # the slug roots, or before they changed, must not launch its slug again.
         self._slug_source(spec)
-        group = self.group(placement)
-        request = LaunchRequest(
+        return LaunchRequest(
             dyno_id=spec.id, hostname=hostname(spec.id),
             argv=(SHELL, "-c", shell_command(spec.command)),
             env=tuple(env.items()), uid=placement.uid, gid=placement.gid,
@@ -241,28 +328,22 @@ class HostRuntime:
             dyno_dir=placement.dyno_dir,
             writable_limit_bytes=spec.size.memory_quota_bytes,
             nofile_limit=spec.size.nofile,
-            cgroup_procs=group.procs_paths(), netns_path=placement.netns_path,
+            cgroup_procs=self.group(placement).procs_paths(), netns_path=placement.netns_path,
             private_ip=placement.ip,
             hide_paths=self.hide_paths, reaper=REAPER)
-        try:
-            launched = await self.holder.launch(request)
-        except HolderTimeout as exc:
-            # The holder may still start it: empty the cgroup so that no untracked process
-            # runs beside the next attempt.
-            self.kill(placement)
-            raise DynoStartError(f"Error: the dyno's process did not start in time: {exc}") \
-                from None
-        except ConnectionLost as exc:
-            # The holder may have started it before it died: nothing could follow that
-            # process any more, so it must not run beside the next attempt.
-            if self.populated(placement):
-                self.kill(placement)
-            raise HolderUnavailable(f"Error: the host's process holder is gone ({exc}); the "
-                                    "process starts once it is back") from None
-        except HolderError as exc:
-            raise DynoStartError(f"Error: the dyno's process could not be started: {exc}") from None
-        os.close(launched.pidfd)
-        return Launch(launched.pid, launched.start_time, launched.timings_ms)
+
+    def adopt_processes(self, held: Iterable[HeldProcess]) -> None:
+        """At start: hold the pidfds of the dynos' running PID 1s that the holder listed
+        (`list_processes(pidfds=True)`); close every other pidfd of the list."""
+        for process in held:
+            if process.pidfd is None:
+                continue
+            if process.kind == "launch" and process.running:
+                self.pidfds.hold(process.dyno_id, process.pid, process.start_time,
+                                 process.pidfd)
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(process.pidfd)
 
     def _destroy_netns_later(self, space: str, name: str) -> None:
         future = self.network.destroy_later(space, name)
@@ -276,29 +357,51 @@ class HostRuntime:
                 await asyncio.wrap_future(future)
 
     def signal_all(self, placement: Placement, sig: signal.Signals) -> int:
-        """Signal every process of the dyno; returns how many were signalled.
+        """Signal every process of the dyno; returns how many were signalled. Reads the
+        cgroup (and /proc for processes not launched here): prefer signal_all_async.
 
         The reaper (the dyno's PID 1) is left out: it forwards what it receives to its child,
         which would then get the signal twice (an app whose SIGTERM handler takes a while
         would run it twice over).
         """
-        count = 0
-        try:
-            pids = self.group(placement).pids()
-        except cgroups.CgroupError as exc:
-            log.error("cannot list the processes of %s: %s", placement.cgroup, exc)
-            return 0
-        for pid in pids:
-            if _is_pid_namespace_init(pid):
-                continue
-            try:
-                os.kill(pid, sig)
-                count += 1
-            except ProcessLookupError:
-                pass
-        return count
+        return _signal_members(self.group(placement), sig,
+                               self.pidfds.pids(_dyno_id(placement)))
+
+    async def signal_all_async(self, placement: Placement, sig: signal.Signals) -> int:
+        return await asyncio.to_thread(_signal_members, self.group(placement), sig,
+                                       self.pidfds.pids(_dyno_id(placement)))
 
     def kill(self, placement: Placement) -> None:
+        """SIGKILL the dyno's PID 1 by its pidfd at once (the kernel then kills its whole
+        pid namespace), and every process of its cgroup on a thread: cgroup.kill is one
+        write, but its fallback (no cgroup.kill before 5.14) freezes and polls."""
+        self.pidfds.signal(_dyno_id(placement), signal.SIGKILL)
+        key = placement.cgroup
+        pending = self._kills.get(key)
+        if pending is not None and not pending.done():
+            return  # a kill of the whole cgroup is under way; it catches what is there
+        future = asyncio.ensure_future(asyncio.to_thread(self._kill_group, placement))
+        self._kills[key] = future
+
+        def done(f: asyncio.Future[None]) -> None:
+            if self._kills.get(key) is f:
+                del self._kills[key]
+            if not f.cancelled() and f.exception() is not None:
+                log.error("killing cgroup %s failed", key, exc_info=f.exception())
+
+        future.add_done_callback(done)
+
+    async def kill_async(self, placement: Placement) -> None:
+        self.kill(placement)
+        await self._kills_done(placement)
+
+    async def _kills_done(self, placement: Placement) -> None:
+        pending = self._kills.get(placement.cgroup)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+
+    def _kill_group(self, placement: Placement) -> None:
         group = self.group(placement)
         try:
             if group.exists():
@@ -309,23 +412,26 @@ class HostRuntime:
 
     def populated(self, placement: Placement) -> bool:
         group = self.group(placement)
-        return group.exists() and group.populated()
+        try:
+            return group.exists() and group.populated()
+        except cgroups.NotFound:
+            return False
+
+    async def populated_async(self, placement: Placement) -> bool:
+        return await asyncio.to_thread(self.populated, placement)
 
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool:
+        if not await self.populated_async(placement):
+            return True  # the common case after an exit: no watch to make and close
         group = self.group(placement)
         try:
-            if not group.exists() or not group.populated():
-                return True  # the common case after an exit: no watch to make and close
-        except cgroups.NotFound:
-            return True
-        try:
             async with group.watch() as watch:
-                if not group.populated():
+                if not watch.populated:
                     return True
                 await watch.wait_for(cgroups.EventKind.EMPTY, timeout_s)
                 return True
         except (TimeoutError, cgroups.Timeout):
-            return not self.populated(placement)
+            return not await self.populated_async(placement)
         except cgroups.NotFound:
             return True
 
@@ -334,6 +440,9 @@ class HostRuntime:
             return self.group(placement).stats()
         except cgroups.CgroupError:
             return None
+
+    async def stats_async(self, placement: Placement) -> cgroups.Stats | None:
+        return await asyncio.to_thread(self.stats, placement)
 
     def watch_oom_kills(self, placement: Placement,
                         on_kill: Callable[[int], None]) -> Closable | None:
@@ -370,16 +479,21 @@ class HostRuntime:
         teardown threads (a few at a time, however many dynos go at once: a mass delete
         must leave the loop free to answer), the namespace later still, on the network's
         own teardown thread."""
+        self.pidfds.forget(_dyno_id(placement))
+        await self._kills_done(placement)
         await asyncio.wrap_future(self._teardown_pool.submit(self._unplace_blocking,
                                                              placement))
+        await self._uid_releases.call(_dyno_id(placement))
         self._destroy_netns_later(placement.space, placement.netns)
 
     def _unplace_blocking(self, placement: Placement) -> None:
         self.group(placement).destroy_blocking(timeout_s=10)
-        self.uids.release(placement.dyno_dir.rsplit("/", 1)[-1])
         shutil.rmtree(placement.dyno_dir, True)
 
     def pid_alive(self, pid: int, start_time: int) -> bool:
+        alive = self.pidfds.alive(pid, start_time)
+        if alive is not None:
+            return alive
         return process_start_time(pid) == start_time
 
     def seccomp_mode(self, pid: int, start_time: int) -> int | None:
@@ -388,23 +502,106 @@ class HostRuntime:
         # Read first, then check identity: a pid reused in between is caught.
         return mode if self.pid_alive(pid, start_time) else None
 
-    def keep_uids(self, records: RecordStore) -> None:
+    def keep_uids(self, records: Iterable[Stored]) -> dict[str, int]:
         """At start, before any dyno is restored: the host-wide uid registry gets back the
         uids the records name (after a reboot it is empty) and frees this agent's others. A
         dyno whose uid another agent's dyno holds (both were placed before the registry
-        existed) gets a fresh one in its record; a process it still runs keeps the old uid
-        until its next start."""
+        existed) gets a fresh one, returned here for the supervisor to put in its record; a
+        process it still runs keeps the old uid until its next start."""
         forget_legacy_table(str(self.state_dir))
-        placed = {r.id: r for r in records.load_all() if r.placement is not None}
-        moved = self.uids.reconcile({dyno_id: r.placement.uid for dyno_id, r in placed.items()
-                                     if r.placement is not None})
+        placed = {r.id: r.placement for r in records if r.placement is not None}
+        moved = self.uids.reconcile({dyno_id: placement.uid
+                                     for dyno_id, placement in placed.items()})
         for dyno_id, uid in moved.items():
-            record = placed[dyno_id]
-            assert record.placement is not None
             log.warning("dyno %s: uid %d is another dyno's; it gets uid %d from its next start",
-                        dyno_id, record.placement.uid, uid)
-            record.placement = replace(record.placement, uid=uid, gid=uid)
-            records.save(record)
+                        dyno_id, placed[dyno_id].uid, uid)
+        return moved
+
+
+class BatchedCalls:
+    """Calls of a blocking `fn(items)` on `executor`, one batch at a time: whatever is asked
+    for while a batch runs goes in the next one. `call` returns once its item's batch has."""
+
+    def __init__(self, fn: Callable[[list[str]], None],
+                 executor: concurrent.futures.Executor) -> None:
+        self._fn = fn
+        self._executor = executor
+        self._queued: list[tuple[str, asyncio.Future[None]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def call(self, item: str) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
+        if self._drainer is None:
+            self._drainer = asyncio.ensure_future(self._drain())
+        await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        batch: list[tuple[str, asyncio.Future[None]]] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    await asyncio.wrap_future(self._executor.submit(
+                        self._fn, [item for item, _future in batch]))
+                except Exception as exc:
+                    for _item, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _item, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._drainer = None
+            for _item, future in batch + self._queued:
+                future.cancel()  # a no-op once done; a cancelled drain leaves no one waiting
+            self._queued = []
+
+
+def _no_uids(_dyno_ids: list[str]) -> None:
+    """A runtime made without a uid allocator (tests of other parts) frees no uid."""
+
+
+def _dyno_id(placement: Placement) -> str:
+    return placement.dyno_dir.rsplit("/", 1)[-1]
+
+
+def _signal_members(group: cgroups.Group, sig: signal.Signals, reapers: frozenset[int]) -> int:
+    """Signal every process of `group` but the dyno's reapers (its PID 1s): `reapers`, the
+    pids whose pidfds are held, or, for a process not launched by this agent, whichever is
+    PID 1 of its pid namespace. Each process is pinned by a pidfd and signalled only if it
+    is still listed in the group after that: a pid freed and reused in between is never
+    signalled. Blocks (cgroup and /proc reads): on a thread, or in sync callers only."""
+    try:
+        listed = group.pids()
+    except cgroups.CgroupError as exc:
+        log.error("cannot list the processes of %s: %s", group.rel, exc)
+        return 0
+    pinned: dict[int, int] = {}
+    try:
+        for pid in listed:
+            if pid in reapers or (not reapers and _is_pid_namespace_init(pid)):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                pinned[pid] = os.pidfd_open(pid)
+        if not pinned:
+            return 0
+        try:
+            members = set(group.pids())
+        except cgroups.CgroupError:
+            members = set()
+        count = 0
+        for pid, pidfd in pinned.items():
+            if pid not in members:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+                count += 1
+        return count
+    finally:
+        for pidfd in pinned.values():
+            os.close(pidfd)
 
 
 def _is_pid_namespace_init(pid: int) -> bool:

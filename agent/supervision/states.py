@@ -94,7 +94,8 @@ class NaiveTimestamp(StateError):
 
 @dataclass(frozen=True, slots=True)
 class StateChange:
-    """One transition, as published on `/v1/events`, to the coordinator and as a log line.
+    """One transition, as published on `/v1/events`, to the coordinator and as a log line
+    (its wire form: `agent.supervision.events.to_wire`).
 
     `previous` is None only for the event that announces a newly created dyno.
     """
@@ -112,19 +113,6 @@ class StateChange:
     def message(self) -> str:
         """The Heroku platform line, e.g. `State changed from starting to up`."""
         return logs.state_changed(self.previous or "created", self.state)
-
-    def as_event(self) -> dict[str, str | int | None]:
-        """The JSON event object of DESIGN §7 (`at` in RFC 3339, UTC, microseconds)."""
-        return {
-            "id": self.id,
-            "app": self.app,
-            "name": self.name,
-            "state": str(self.state),
-            "previous": None if self.previous is None else str(self.previous),
-            "reason": str(self.reason),
-            "exit_status": self.exit_status,
-            "at": logs.format_timestamp(self.at),
-        }
 
 
 class StateMachine:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,17 +20,19 @@ from agent.observability.logs import LogHub, LogLine, l10_buffer_overflow
 from agent.signals import parse_signal
 from agent.slugs.roots import SlugPathRefused, SlugRoots
 from agent.spec import HOST_STACK, DynoSpec, SpecError, parse_spec
-from agent.supervision.dyno import Command, Dyno, HolderGate, Timing
-from agent.supervision.events import EventBus, EventFollower
+from agent.supervision.clock import Clock, LoopClock
+from agent.supervision.dyno import MAX_CONCURRENT_EXITS, Dyno, HolderGate, Timing
+from agent.supervision.events import Dropped, EventBus, EventFollower
 from agent.supervision.policy import CYCLE_JITTER_S, RestartPolicy
-from agent.supervision.records import Record, RecordStore, RecordWriter
+from agent.supervision.records import Placement, Record, RecordStore, RecordWriter, Stored
 from agent.supervision.runtime import Runtime
 from agent.supervision.states import DynoState, Reason, StateChange
+from agent.supervision.watch import Command
+from agent.tasks import OwnedTasks
 
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_STARTS = 16
-SAMPLE_INTERVAL_S = 20.0
 COMMAND_GRACE_S = 15.0
 # States in which a one-shot dyno has ended.
 ENDED_STATES = frozenset({str(DynoState.COMPLETE), str(DynoState.DOWN), str(DynoState.CRASHED)})
@@ -42,9 +45,11 @@ def _now() -> datetime:
 class Supervisor:
     def __init__(self, config: Config, runtime: Runtime, records: RecordStore, hub: LogHub,
                  bus: EventBus, release: Callable[[str, int], Awaitable[None]] | None = None,
-                 sample_interval_s: float = SAMPLE_INTERVAL_S,
-                 record_writer: RecordWriter | None = None) -> None:
+                 sample_interval_s: float | None = None,
+                 record_writer: RecordWriter | None = None, clock: Clock | None = None) -> None:
         self.config = config
+        # What its dynos read the time from (tests: a virtual one).
+        self.clock: Clock = clock or LoopClock()
         self.runtime = runtime
         self.records = records
         # Where the dynos' changes are saved: by default at once; the daemon's writes on a
@@ -56,9 +61,11 @@ class Supervisor:
         self.draining = False
         self.accepting = True
         self.start_slots = asyncio.Semaphore(MAX_CONCURRENT_STARTS)
+        self.exit_slots = asyncio.Semaphore(MAX_CONCURRENT_EXITS)
         # Dynos whose launch found the holder gone wait here for it to be back.
         self.holder_gate = HolderGate()
-        self.sample_interval_s = sample_interval_s
+        self.sample_interval_s = (config.sample_interval_s if sample_interval_s is None
+                                  else sample_interval_s)
         self.state_listeners: list[Callable[[StateChange], None]] = []
         self._release = release
         # Log once per app that runs on the `host` stack that it is for development only
@@ -67,10 +74,10 @@ class Supervisor:
         self._host_stack_apps: set[str] = set()
         # Records whose spec no longer validates: left alone, and their kernel objects are
         # spared by the sweep (an agent restart never kills a dyno).
-        self.unparsed: list[Record] = []
+        self.unparsed: list[Stored] = []
         # Per held process: the number of the next output line not yet published.
         self._next_seq: dict[tuple[str, int], int] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
         # Held processes no record owns (an agent killed between the holder's launch and the
         # record's save, or a record deleted meanwhile): released once they have exited, so
         # an idle holder really is empty and can be stopped.
@@ -97,7 +104,7 @@ class Supervisor:
         self.hub.publish(LogLine.agent(_now(), dyno.spec.app, dyno.spec.name, text, dyno.id))
 
     def changed(self, dyno: Dyno, change: StateChange) -> None:
-        self.bus.publish(change.as_event())
+        self.bus.publish(change)
         for listener in self.state_listeners:
             listener(change)
 
@@ -105,6 +112,9 @@ class Supervisor:
         if dyno.id not in self.dynos:
             return
         self.writer.save(dyno.record)
+
+    async def persisted(self, dyno: Dyno) -> None:
+        await self.writer.persisted(dyno.id)
 
     def forget(self, dyno: Dyno) -> None:
         if self.dynos.get(dyno.id) is dyno:
@@ -115,13 +125,7 @@ class Supervisor:
         self._next_seq.pop((dyno.id, pid), None)
         self.hub.forget_output(dyno.id, pid)
         if self._release is not None:
-            self._spawn(self._release(dyno.id, pid), f"release-{dyno.id}")
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            self._tasks.spawn(self._release(dyno.id, pid), f"release-{dyno.id}")
 
     # -- holder events -------------------------------------------------------------------------
     def on_holder_event(self, event: OutputEvent | ExitEvent | object) -> None:
@@ -171,28 +175,41 @@ class Supervisor:
     def _release_stray(self, dyno_id: str, pid: int) -> None:
         self._strays.discard((dyno_id, pid))
         if self._release is not None:
-            self._spawn(self._release(dyno_id, pid), f"release-{dyno_id}")
+            self._tasks.spawn(self._release(dyno_id, pid), f"release-{dyno_id}")
 
-    def restore(self, held: Iterable[HeldProcess]) -> list[str]:
+    def restore(self, held: Iterable[HeldProcess],
+                moved_uids: Mapping[str, int] | None = None) -> list[str]:
         """Rebuild every recorded dyno and resume supervising it. Processes the holder still
-        runs are adopted as they are; exits it saw while we were away are handled by policy."""
+        runs are adopted as they are; exits it saw while we were away are handled by policy.
+        `moved_uids`: dynos whose uid went to another dyno meanwhile get these from their
+        next start (`Runtime.keep_uids`)."""
         by_key = {(p.dyno_id, p.pid): p for p in held if p.kind == "launch"}
         unclaimed = dict(by_key)
         restored = []
-        records = list(self.records.load_all())
-        for record in records:
-            if record.pid is not None:
-                unclaimed.pop((record.id, record.pid), None)
-        for record in list(records):
-            if record.state == str(DynoState.COMPLETE) and record.pid is None and \
-                    str(record.spec.get("name", "")).startswith("run."):
+        stored = list(self.records.load_all())
+        for entry in stored:
+            if entry.pid is not None:
+                unclaimed.pop((entry.id, entry.pid), None)
+        for entry in stored:
+            if entry.state == DynoState.COMPLETE and entry.pid is None and \
+                    entry.name.startswith("run."):
                 # A `dynoctl run` session that ended while no agent was there to remove it.
-                log.info("forgetting completed one-off dyno %s", record.id)
-                if record.placement is not None:
-                    self._spawn(self.runtime.unplace(record.placement), f"unplace-{record.id}")
-                self.records.delete(record.id)
-                records.remove(record)
-        for record in records:
+                log.info("forgetting completed one-off dyno %s", entry.id)
+                if entry.placement is not None:
+                    self._tasks.spawn(self.runtime.unplace(entry.placement), f"unplace-{entry.id}")
+                self.writer.delete(entry.id)
+                continue
+            try:
+                record = entry.parse(self.config.sizes)
+            except (SpecError, ValueError, TypeError, KeyError) as exc:
+                log.error("record %s is unreadable (%s); leaving it alone", entry.id,
+                          errors.excerpt(str(exc)))
+                self.unparsed.append(entry)
+                continue
+            uid = (moved_uids or {}).get(record.id)
+            changed = uid is not None and record.placement is not None
+            if uid is not None and record.placement is not None:
+                record = replace(record, placement=replace(record.placement, uid=uid, gid=uid))
             if record.pid is None:
                 # The agent died after the holder launched the process but before the record
                 # said so: that process is the dyno, adopt it rather than launch a second one.
@@ -201,23 +218,22 @@ class Supervisor:
                 if len(orphans) == 1:
                     log.warning("adopting dyno %s pid %d launched just before the agent "
                                 "stopped", record.id, orphans[0].pid)
-                    record.pid, record.start_time = orphans[0].pid, orphans[0].start_time
-                    unclaimed.pop((record.id, record.pid))
-            try:
-                spec = parse_spec(record.spec, self.config.sizes)
-            except SpecError as exc:
-                log.error("record %s has an invalid spec (%s); leaving it alone", record.id, exc)
-                self.unparsed.append(record)
-                continue
+                    record = replace(record, pid=orphans[0].pid,
+                                     start_time=orphans[0].start_time)
+                    changed = True
+                    unclaimed.pop((record.id, orphans[0].pid))
+            spec = record.spec
             problem = self.slug_problem(spec)
             if problem is not None:
                 # Adopted all the same (a restarted agent never kills a dyno), but the start
                 # refuses to launch it again: slug_roots changed, or the record predates them.
                 log.warning("dyno %s: %s; it will not be launched again", record.id, problem)
-            dyno = self._make(spec, record)
+            dyno = self._make(record)
+            self.dynos[spec.id] = dyno
+            if changed:
+                self.save(dyno)
             adopt = record.pid is not None
             self._match_process(dyno, by_key)
-            self.dynos[spec.id] = dyno
             dyno.start(adopt=adopt)
             restored.append(spec.id)
         for key, process in unclaimed.items():
@@ -263,23 +279,22 @@ class Supervisor:
         for dyno in list(self.dynos.values()):
             self._match_process(dyno, by_key)
 
-    def _make(self, spec: DynoSpec, record: Record) -> Dyno:
+    def _make(self, record: Record) -> Dyno:
+        spec = record.spec
         if (spec.release.stack == HOST_STACK and self.warn_host_stack
                 and spec.app not in self._host_stack_apps):
             self._host_stack_apps.add(spec.app)
             log.warning("app %s runs on the host stack: its dynos see the host's own "
                         "world-readable files (development only; use a named stack)", spec.app,
                         extra={"APP": spec.app})
-        return Dyno(spec, record, self.runtime, self, self.timing, self.start_slots,
-                    holder_gate=self.holder_gate)
+        return Dyno(record, self.runtime, self, self.timing, self.start_slots,
+                    holder_gate=self.holder_gate, exit_slots=self.exit_slots, clock=self.clock)
 
     async def detach_all(self) -> None:
         """Stop supervising; the dynos themselves keep running (static stability)."""
         self.accepting = False
         await asyncio.gather(*(dyno.detach() for dyno in self.dynos.values()))
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._tasks.cancel_all()
         # Every change is on disk before the agent goes: the next one adopts from it.
         await asyncio.to_thread(self.writer.close)
 
@@ -301,6 +316,18 @@ class Supervisor:
             apps = ", ".join(sorted(d.spec.app for d in named))
             raise errors.Conflict(f"{ref} exists in several apps ({apps}); name the app")
         return named[0]
+
+    def specs(self, app: str | None = None) -> list[DynoSpec]:
+        """The specs of every dyno here, or of one app's."""
+        return [d.spec for d in self.dynos.values() if app is None or d.spec.app == app]
+
+    def running(self, ref: str, app: str | None = None) -> tuple[DynoSpec, Placement]:
+        """The spec and placement of a dyno (id, or name) that has a running process, as
+        `dynoctl run` and `exec` need them; NotFound, or Conflict when it has no process."""
+        dyno = self.find(ref, app)
+        if dyno.placement is None or dyno.record.pid is None:
+            raise errors.Conflict(f"{dyno.spec.name} has no running process to enter")
+        return dyno.spec, dyno.placement
 
     def counts(self) -> dict[str, Any]:
         by_state: dict[str, int] = {}
@@ -392,11 +419,11 @@ class Supervisor:
                 raise errors.Conflict(f"{spec.app} already has a dyno named {spec.name} "
                                       f"({other.id})")
         now = _now()
-        record = Record(spec=spec.to_dict(), state=str(DynoState.STARTING),
-                        since=now.isoformat(), reason=str(Reason.START))
-        dyno = self._make(spec, record)
+        dyno = self._make(Record(spec=spec, state=DynoState.STARTING, since=now,
+                                 reason=Reason.START))
         self.dynos[spec.id] = dyno
-        self.records.save(record)
+        # On disk before the caller hears of it: a dyno it was told exists survives a crash.
+        self.writer.save_now(dyno.record)
         self.changed(dyno, dyno.machine.current())
         dyno.start(adopt=False)
         return dyno.status()
@@ -408,6 +435,9 @@ class Supervisor:
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(future)
+                # Answered only once it is on disk: a stopped or deleted dyno an agent
+                # killed right after the answer comes back stopped or gone, not running.
+                await asyncio.shield(self.writer.persisted(dyno.id))
         except TimeoutError:
             raise errors.Timeout(f"{command.value} of {dyno.spec.name} did not finish within "
                                  f"{timeout_s:g}s; it goes on in the background") from None
@@ -430,7 +460,7 @@ class Supervisor:
         sig = parse_signal(signal)
         if dyno.placement is None or dyno.record.pid is None:
             raise errors.Conflict(f"{dyno.spec.name} has no running process")
-        count = self.runtime.signal_all(dyno.placement, sig)
+        count = await self.runtime.signal_all_async(dyno.placement, sig)
         status = dyno.status()
         status["signalled"] = count
         return status
@@ -455,13 +485,12 @@ class Supervisor:
         if dyno_id in self.dynos and self.dynos[dyno_id].state is DynoState.COMPLETE:
             return ended() or 0
         async for event in follower:
-            if "dropped" in event:
+            if isinstance(event, Dropped):
                 status = ended()
                 if status is not None:
                     return status
-            elif event.get("id") == dyno_id and event.get("state") in ENDED_STATES:
-                exit_status = event.get("exit_status")
-                return int(exit_status) if isinstance(exit_status, int) else 1
+            elif event.id == dyno_id and event.state in ENDED_STATES:
+                return event.exit_status if event.exit_status is not None else 1
         raise errors.NotReady("the agent is shutting down")
 
     @property
@@ -485,7 +514,7 @@ class Supervisor:
                 memory_quota_bytes=dyno.spec.size.memory_quota_bytes,
                 cpu_seconds=((stats.cpu_usage_usec or 0) / 1e6) if stats else 0.0,
                 pids=(stats.pids_current or 0) if stats else 0))
-        return metrics.render_dynos(rows, extra)
+        return metrics.render_dynos(rows, [str(state) for state in DynoState], extra)
 
 
 def _ordinal(name: str) -> int:

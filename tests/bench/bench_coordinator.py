@@ -19,7 +19,8 @@ from typing import Any
 
 import aiohttp
 
-from agent.coordinator.link import SUBPROTOCOL, Request, encode
+from agent.coordinator.frames import Request, encode
+from agent.coordinator.link import SUBPROTOCOL
 from tests.support.agentproc import AgentProcess
 from tests.support.coordinator import CoordinatorThread, TestCoordinator, unix_listener
 from tests.support.names import unique

@@ -11,93 +11,24 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import Coordinated
 from tests.support.agentproc import AgentProcess
 from tests.support.coordinator import CoordinatorThread, TestCoordinator, pack
-from tests.support.names import unique
-from tests.support.testhost import TestHost, new_test_host
+from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
-
-
-@dataclass
-class Cluster:
-    host: TestHost
-    coordinator: CoordinatorThread
-    agent: AgentProcess
-    slug: Path
-    prefix: str
-    generation: int = 0
-
-    def spec(self, n: int, command: str = "sleep 1000") -> dict[str, Any]:
-        return {"id": f"{self.prefix}-{n}", "app": "demo", "name": f"worker.{n}",
-                "command": command, "release": {"version": 1, "slug": {"path": str(self.slug)}},
-                "stop_timeout_s": 5}
-
-    def sync(self, generation: int, specs: list[dict[str, Any]]) -> dict[str, Any]:
-        response = self.coordinator.request("dynos.sync",
-                                            {"generation": generation, "dynos": specs})
-        assert "p" in response, response
-        result: dict[str, Any] = response["p"]
-        return result
-
-    def ps(self) -> dict[str, dict[str, Any]]:
-        return {d["id"]: d for d in self.agent.ctl_json("ps")}
-
-    def states(self, dyno_id: str) -> list[tuple[str | None, str]]:
-        return [(s["previous"], s["state"])
-                for s in self.coordinator.snapshot(lambda c: c.states(dyno_id))]
-
-    def wait_up(self, ids: list[str], timeout_s: float = 30) -> dict[str, dict[str, Any]]:
-        def all_up() -> dict[str, dict[str, Any]] | None:
-            ps = self.ps()
-            return ps if all(ps.get(i, {}).get("state") == "up" for i in ids) else None
-        return wait_for(all_up, timeout_s, interval_s=0.1, what=f"{ids} up")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    prefix = unique("dt", 6)
-    with new_test_host() as host:
-        coordinator = CoordinatorThread(host.name).start()
-        token = tmp_path / "token"
-        token.write_text("test-token\n")
-        agent = AgentProcess(netns=host.name, extra={
-            "coordinator_url": coordinator.url, "coordinator_token_file": str(token),
-            "restart_schedule_s": [2.0], "stop_timeout_s": 5})
-        slug = agent.base / "slug"
-        slug.mkdir()
-        (slug / "Procfile").write_text("worker: sleep 1000\n")
-        c = Cluster(host, coordinator, agent, slug, prefix)
-        try:
-            agent.start()
-            yield c
-        finally:
-            try:
-                if agent.proc is not None and agent.proc.poll() is None:
-                    with contextlib.suppress(Exception):
-                        if coordinator.snapshot(lambda co: co.current) is None:
-                            coordinator.come_back()
-                        coordinator.wait(lambda co: co.current, 15, "agent connected")
-                        c.sync(10**12, [])
-                agent.stop()
-            finally:
-                coordinator.close()
-                # cleanup() also ends what a failed test left (holder, cgroups, namespaces).
-                agent.cleanup()
 
 
 def _connections(c: TestCoordinator) -> int:
     return len(c.connections)
 
 
-def test_hello_sync_converges_by_generation(cluster: Cluster) -> None:
-    c = cluster
+def test_hello_sync_converges_by_generation(coordinated: Coordinated) -> None:
+    c = coordinated
     first = c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     assert first.hello is not None
     hello = first.hello
@@ -142,8 +73,8 @@ def test_hello_sync_converges_by_generation(cluster: Cluster) -> None:
 AWAY_S = 30.0
 
 
-def test_events_while_the_coordinator_is_away_arrive_in_order(cluster: Cluster) -> None:
-    c = cluster
+def test_events_while_the_coordinator_is_away_arrive_in_order(coordinated: Coordinated) -> None:
+    c = coordinated
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     specs = [c.spec(1), c.spec(2)]
     c.sync(1, specs)
@@ -191,8 +122,8 @@ def test_events_while_the_coordinator_is_away_arrive_in_order(cluster: Cluster) 
     assert c.states(ids[1]) == [(None, "starting"), ("starting", "up")]
 
 
-def test_agent_sigkilled_while_disconnected_kills_nothing(cluster: Cluster) -> None:
-    c = cluster
+def test_agent_sigkilled_while_disconnected_kills_nothing(coordinated: Coordinated) -> None:
+    c = coordinated
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     specs = [c.spec(n) for n in (1, 2, 3)]
     c.sync(5, specs)
@@ -223,8 +154,8 @@ def test_agent_sigkilled_while_disconnected_kills_nothing(cluster: Cluster) -> N
     assert {i: d["pid"] for i, d in c.ps().items()} == {i: before[i]["pid"] for i in ids}
 
 
-def test_requests_by_id_and_drain(cluster: Cluster) -> None:
-    c = cluster
+def test_requests_by_id_and_drain(coordinated: Coordinated) -> None:
+    c = coordinated
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     spec = c.spec(1)
     started = c.coordinator.request("dyno.start", spec)
@@ -261,7 +192,7 @@ def test_requests_by_id_and_drain(cluster: Cluster) -> None:
 
 
 
-def _replace_once(c: Cluster) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _replace_once(c: Coordinated) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     spec = c.spec(1)
     c.sync(1, [spec])
@@ -272,8 +203,8 @@ def _replace_once(c: Cluster) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     return changed, old, report
 
 
-def test_changed_spec_is_replaced_under_the_same_id(cluster: Cluster) -> None:
-    c = cluster
+def test_changed_spec_is_replaced_under_the_same_id(coordinated: Coordinated) -> None:
+    c = coordinated
     changed, old, _ = _replace_once(c)
     new = c.wait_up([changed["id"]])[changed["id"]]
     assert new["pid"] != old["pid"] and new["command"] == "sleep 2000"
@@ -282,8 +213,8 @@ def test_changed_spec_is_replaced_under_the_same_id(cluster: Cluster) -> None:
     assert report["unchanged"] == [changed["id"]]
 
 
-def test_replacement_starts_cleanly(cluster: Cluster) -> None:
-    c = cluster
+def test_replacement_starts_cleanly(coordinated: Coordinated) -> None:
+    c = coordinated
     changed, _, _ = _replace_once(c)
     c.wait_up([changed["id"]])
     after_down = c.states(changed["id"])
@@ -350,8 +281,8 @@ def test_wss_with_ca_and_client_certificate(tmp_path: Path, pki: Path,
             agent.cleanup()
 
 
-def test_hostile_frames_touch_no_dyno(cluster: Cluster) -> None:
-    c = cluster
+def test_hostile_frames_touch_no_dyno(coordinated: Coordinated) -> None:
+    c = coordinated
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     spec = c.spec(1)
     c.sync(1, [spec])
@@ -411,8 +342,8 @@ def _frame_of(size: int, request_id: int) -> bytes:
 
 
 def test_deep_frames_big_frames_and_huge_values_are_answered_within_bounds(
-        cluster: Cluster) -> None:
-    c = cluster
+        coordinated: Coordinated) -> None:
+    c = coordinated
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     spec = c.spec(1)
     c.sync(1, [spec])

@@ -4,54 +4,29 @@ keeps the operator API answering and reports every removal truthfully."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.e2e.conftest import Coordinated
 from tests.support.agentproc import AgentProcess, UnixHTTPConnection
-from tests.support.coordinator import CoordinatorThread
 from tests.support.names import unique
-from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
 
 MASS_DYNOS = 150
-# Loose enough for a loaded 2-core CI machine; the agent before this fix stalled its loop
-# for seconds (and failed deletes outright once past ~128 dynos: no inotify instances).
-MAX_API_STALL_S = 1.5
-
-
-@pytest.fixture
-def coordinated(tmp_path: Path) -> Iterator[tuple[AgentProcess, CoordinatorThread, Path]]:
-    with new_test_host() as host:
-        coordinator = CoordinatorThread(host.name).start()
-        token = tmp_path / "token"
-        token.write_text("test-token\n")
-        agent = AgentProcess(netns=host.name, extra={
-            "coordinator_url": coordinator.url, "coordinator_token_file": str(token),
-            "stop_timeout_s": 3, "log_level": "info"})
-        slug = agent.base / "slug"
-        slug.mkdir()
-        try:
-            agent.start()
-            coordinator.wait(lambda c: c.current, 15, "agent connected")
-            yield agent, coordinator, slug
-        except BaseException:
-            print(agent.log()[-20000:])
-            raise
-        finally:
-            try:
-                with contextlib.suppress(Exception):
-                    coordinator.request("dynos.sync", {"generation": 2**62, "dynos": []},
-                                        timeout_s=60)
-                agent.stop()
-            finally:
-                coordinator.close()
-                agent.cleanup()
+# The operator API's answers from the sync until nothing of the dynos is left. Issue 19 asks
+# for a p99 of at most 100 ms: with the exit handling bounded to a few dynos at a time
+# (agent.supervision.dyno.MAX_CONCURRENT_EXITS) it measured 76-82 ms over the whole
+# deletion (slowest answer 110-150 ms) on this 2-core machine, 109 ms while other tests
+# loaded it (before: p99 up to 200 ms, slowest 0.6 s). The bound leaves room for a loaded
+# CI machine.
+MAX_API_P99_S = 0.25
+MAX_API_STALL_S = 1.0
+# Pollers of `GET /v1/info` and their pause between requests: enough answers in a deletion of
+# a second or two for a p99 that means something.
+POLLERS = 3
+POLL_PAUSE_S = 0.01
 
 
 def _spec(dyno_id: str, n: int, slug: Path) -> dict[str, object]:
@@ -72,8 +47,8 @@ def _leftovers(agent: AgentProcess, netns_names: list[str], ids: list[str]) -> l
 
 
 def test_a_64_character_id_starts_runs_and_leaves_nothing(
-        coordinated: tuple[AgentProcess, CoordinatorThread, Path]) -> None:
-    agent, coordinator, slug = coordinated
+        coordinated: Coordinated) -> None:
+    agent, coordinator, slug = coordinated.agent, coordinated.coordinator, coordinated.slug
     dyno_id = (unique("l", 8) + "-" + "x" * 64)[:64]
     assert len(dyno_id) == 64
     answer = coordinator.request("dyno.start", _spec(dyno_id, 1, slug))
@@ -106,12 +81,23 @@ def _poll(socket: Path, stop: threading.Event, out: list[tuple[float, float]]) -
         except (OSError, http.client.HTTPException):
             took = float("inf")
         out.append((began, took))
-        stop.wait(0.05)
+        stop.wait(POLL_PAUSE_S)
+
+
+def _distribution(label: str, took: list[float]) -> str:
+    took = sorted(took)
+    if not took:
+        return f"{label}: no polls"
+
+    def at(q: float) -> float:
+        return took[min(len(took) - 1, int(len(took) * q))] * 1e3
+    return (f"{label}: {len(took)} polls, p50 {at(0.5):.1f} ms, p90 {at(0.9):.1f} ms, "
+            f"p99 {at(0.99):.1f} ms, max {took[-1] * 1e3:.1f} ms")
 
 
 def test_a_sync_to_zero_keeps_the_api_answering_and_reports_every_removal(
-        coordinated: tuple[AgentProcess, CoordinatorThread, Path]) -> None:
-    agent, coordinator, slug = coordinated
+        coordinated: Coordinated) -> None:
+    agent, coordinator, slug = coordinated.agent, coordinated.coordinator, coordinated.slug
     prefix = unique("m", 6)
     specs = [_spec(f"{prefix}-{n}", n, slug) for n in range(1, MASS_DYNOS + 1)]
     ids = sorted(str(s["id"]) for s in specs)
@@ -126,27 +112,35 @@ def test_a_sync_to_zero_keeps_the_api_answering_and_reports_every_removal(
 
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
-    poller = threading.Thread(target=_poll, args=(agent.socket, stop, samples))
-    poller.start()
+    pollers = [threading.Thread(target=_poll, args=(agent.socket, stop, samples))
+               for _ in range(POLLERS)]
+    for poller in pollers:
+        poller.start()
     try:
         wait_for(lambda: len(samples) >= 3, 10, what="polls before the sync")
         began = time.monotonic()
         report = coordinator.request("dynos.sync", {"generation": 2, "dynos": []},
                                      timeout_s=120)["p"]
         answered = time.monotonic() - began
+        # The namespaces go after the answer, off the critical path: still a mass delete.
+        wait_for(lambda: not _leftovers(agent, netns_names, ids), 120, interval_s=0.2,
+                 what="nothing left of the removed dynos")
+        cleaned = time.monotonic() - began
         count = len(samples)
-        wait_for(lambda: len(samples) > count, 10, what="a poll after the answer")
+        wait_for(lambda: len(samples) > count, 10, what="a poll after the clean-up")
     finally:
         stop.set()
-        poller.join()
-    during = sorted(took for at, took in samples if began - 0.05 <= at <= began + answered)
-    p99 = during[min(len(during) - 1, int(len(during) * 0.99))] if during else 0.0
-    print(f"sync to 0 of {MASS_DYNOS} dynos answered in {answered:.2f}s; "
-          f"{len(during)} polls meanwhile: p50 {during[len(during) // 2] * 1e3:.1f} ms, "
-          f"p99 {p99 * 1e3:.1f} ms, max {during[-1] * 1e3:.1f} ms")
+        for poller in pollers:
+            poller.join()
+    sync = [took for at, took in samples if began <= at <= began + answered]
+    during = [took for at, took in samples if began <= at <= began + cleaned]
+    print(f"\nsync to 0 of {MASS_DYNOS} dynos answered in {answered:.2f}s, nothing left after "
+          f"{cleaned:.2f}s\n" + _distribution("  until the answer", sync) + "\n"
+          + _distribution("  until nothing left", during))
     assert report["failed"] == [], report["failed"][:3]
     assert sorted(report["removed"]) == ids
     assert agent.api("GET", "/v1/dynos") == []
-    assert during and during[-1] <= MAX_API_STALL_S, during[-5:]
-    wait_for(lambda: not _leftovers(agent, netns_names, ids), 120, interval_s=0.5,
-             what="nothing left of the removed dynos")
+    during.sort()
+    assert len(during) >= 20, len(during)
+    p99 = during[min(len(during) - 1, int(len(during) * 0.99))]
+    assert p99 <= MAX_API_P99_S and during[-1] <= MAX_API_STALL_S, during[-5:]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,11 @@ import pytest
 from tests.e2e.test_supervision import (
     agent_in_host,
     app_texts,
-    make_slug,
     spec,
     wait_state,
 )
 from tests.support.agentproc import AgentProcess
-from tests.support.testhost import new_test_host
+from tests.support.testhost import TestHost
 from tests.support.wait import wait_for
 
 # A small size with a budget of its own, to show the [sizes.NAME] nofile key reaches dynos.
@@ -80,16 +78,13 @@ time.sleep(1000)
 
 
 @pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug({"fdhog.py": FDHOG_PY})
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def slug_files() -> Mapping[str, str]:
+    return {"fdhog.py": FDHOG_PY}
 
 
 @pytest.fixture(scope="module")
-def agent(slug: Path) -> Iterator[AgentProcess]:
-    with new_test_host() as host, agent_in_host(
-            host, slug_roots=[str(slug)], sizes={"fdtest": FDTEST}) as running:
+def agent(host: TestHost, slug: Path) -> Iterator[AgentProcess]:
+    with agent_in_host(host, slug_roots=[str(slug)], sizes={"fdtest": FDTEST}) as running:
         yield running
 
 

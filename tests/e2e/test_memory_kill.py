@@ -9,8 +9,7 @@ Heroku's R15 sequence and the exit is 137, never `Process exited with status 0` 
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,10 @@ from tests.e2e.test_supervision import (
     dyno,
     event_of,
     log_lines,
-    make_slug,
     spec,
 )
 from tests.support.agentproc import AgentProcess
-from tests.support.testhost import new_test_host
+from tests.support.testhost import TestHost
 
 # PID 1's child (the shell exec's python, the reaper's child) stays small and waits; its own
 # child allocates 256 MiB against the "tiny" size's 128 MiB kill point (64 MiB x 2).
@@ -43,15 +41,13 @@ time.sleep(1000)
 
 
 @pytest.fixture(scope="module")
-def slug() -> Iterator[Path]:
-    path = make_slug({"parent.py": PARENT_PY})
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def slug_files() -> Mapping[str, str]:
+    return {"parent.py": PARENT_PY}
 
 
 @pytest.fixture(scope="module")
-def agent(slug: Path) -> Iterator[AgentProcess]:
-    with new_test_host() as host, agent_in_host(host, slug_roots=[str(slug)]) as running:
+def agent(host: TestHost, slug: Path) -> Iterator[AgentProcess]:
+    with agent_in_host(host, slug_roots=[str(slug)]) as running:
         yield running
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent import errors
 from agent.config import Config
-from agent.coordinator import link as coordinator
+from agent.coordinator import frames as coordinator
 from agent.errors import ERROR_CODES
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()

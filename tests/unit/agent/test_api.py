@@ -1,14 +1,13 @@
-"""Operator API routes (DESIGN §7) against a FakeBackend: status codes, the error shape, query
-validation, log and event streaming, metrics. FakeBackend is shared with the dynoctl tests."""
+"""Operator API routes (DESIGN §7) against a FakeBackend (tests/unit/agent/fakes.py): status
+codes, the error shape, query validation, log and event streaming, metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import itertools
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,136 +15,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.api.server import Backend, build_app, signal_name
-from agent.errors import AgentError, BadRequest, Conflict, InvalidSpec, NotFound
-from agent.observability.logs import LogHub, LogLine
-from agent.peercred import PeerCred
-from agent.supervision.events import EventBus, EventFollower
+from agent.errors import AgentError, BadRequest
+from agent.observability.logs import LogLine
+from agent.supervision.states import DynoState, Reason, StateChange
 from tests.support.wait import async_wait_for
+from tests.unit.agent.fakes import T0, FakeBackend, as_root, sample_backend
 
-T0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
 Client = TestClient[Any, Any]
-
-
-def as_root(_request: Any) -> PeerCred:
-    """These tests serve over TCP, where no peer credentials exist: the peer is root."""
-    return PeerCred(pid=1, uid=0, gid=0)
-
-
-def make_status(dyno_id: str, app: str, name: str, *, state: str = "up",
-                command: str = "python3 -m http.server $PORT", size: str = "standard-1x",
-                since: datetime = T0, **extra: Any) -> dict[str, Any]:
-    return {"id": dyno_id, "app": app, "name": name, "type": name.split(".")[0],
-            "state": state, "since": since.isoformat(), "pid": 4242, "ip": "10.0.0.2",
-            "restarts": 0, "size": size, "exit_status": None, "reason": "started",
-            "command": command, **extra}
-
-
-class FakeBackend:
-    """Dynos as plain status dicts, a real LogHub and EventBus; records every lifecycle call."""
-
-    socket_gid: int | None = None
-
-    def __init__(self) -> None:
-        self.dynos: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, ...]] = []
-        self.hub = LogHub()
-        self.bus = EventBus()
-        self.metrics = ('# HELP dyno_memory_bytes Memory in use.\n'
-                        '# TYPE dyno_memory_bytes gauge\n'
-                        'dyno_memory_bytes{app="shop",dyno="web.1"} 1048576\n')
-        self.gate: asyncio.Event | None = None  # when set, create_dyno waits for it
-        self.gated = 0  # create calls that reached the gate
-        self._ids = itertools.count(100)
-
-    def add(self, status: dict[str, Any]) -> dict[str, Any]:
-        self.dynos[status["id"]] = status
-        return status
-
-    # -- Backend --------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        return {"version": "test", "dynos": {"total": len(self.dynos)}}
-
-    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]:
-        return [dict(d) for d in self.dynos.values() if app is None or d["app"] == app]
-
-    def _find(self, ref: str, app: str | None) -> dict[str, Any]:
-        if ref in self.dynos and (app is None or self.dynos[ref]["app"] == app):
-            return self.dynos[ref]
-        named = [d for d in self.dynos.values()
-                 if d["name"] == ref and (app is None or d["app"] == app)]
-        if not named:
-            raise NotFound(f"no dyno {ref}" + (f" in app {app}" if app else ""))
-        if len(named) > 1:
-            raise Conflict(f"{ref} names dynos of several apps; give the app")
-        return named[0]
-
-    def get_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
-        status = self._find(ref, app)
-        return {**status, "spec": {"app": status["app"], "name": status["name"],
-                                   "command": status["command"]},
-                "cgroup": f"/dynoagent/app-{status['app']}.slice/dyno-{status['id']}.scope",
-                "netns": f"/run/netns/dyno-{status['id']}",
-                "limits": {"memory_max_bytes": 512 * 2**20, "pids_max": 256},
-                "stats": status.get("stats", {"memory_bytes": 64 * 2**20,
-                                              "memory_quota_bytes": 512 * 2**20,
-                                              "cpu_seconds": 1.5, "pids": 3}),
-                "timings_ms": {"launch": 5.5}}
-
-    async def create_dyno(self, body: Any) -> dict[str, Any]:
-        if self.gate is not None:
-            self.gated += 1
-            await self.gate.wait()
-        for key in ("app", "name", "command"):
-            if key not in body:
-                raise InvalidSpec(f"{key}: required", field=key)
-        dyno_id = body.get("id") or f"d{next(self._ids)}"
-        if dyno_id in self.dynos:
-            raise Conflict(f"dyno {dyno_id} exists with another spec")
-        self.calls.append(("create", dyno_id))
-        return self.add(make_status(dyno_id, body["app"], body["name"], state="starting",
-                                    command=body["command"]))
-
-    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
-        status = self._find(ref, app)
-        self.calls.append(("restart", status["id"]))
-        status["restarts"] += 1
-        status["state"] = "starting"
-        return dict(status)
-
-    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
-        status = self._find(ref, app)
-        self.calls.append(("stop", status["id"]))
-        status["state"] = "down"
-        return dict(status)
-
-    async def signal_dyno(self, ref: str, signal: str, app: str | None = None) -> dict[str, Any]:
-        status = self._find(ref, app)
-        self.calls.append(("signal", status["id"], signal))
-        return dict(status)
-
-    async def delete_dyno(self, ref: str, app: str | None = None) -> None:
-        status = self._find(ref, app)
-        self.calls.append(("delete", status["id"]))
-        del self.dynos[status["id"]]
-
-    @property
-    def log_hub(self) -> LogHub:
-        return self.hub
-
-    def subscribe_events(self) -> EventFollower:
-        return self.bus.subscribe()
-
-    def metrics_text(self) -> str:
-        return self.metrics
-
-
-def sample_backend() -> FakeBackend:
-    backend = FakeBackend()
-    backend.add(make_status("a1", "shop", "web.1"))
-    backend.add(make_status("a2", "shop", "web.2", state="starting"))
-    backend.add(make_status("a3", "shop", "worker.1", command="python3 worker.py"))
-    backend.add(make_status("b1", "blog", "web.1"))
-    return backend
 
 
 def line(app: str, dyno: str, text: str, seconds: int = 0) -> LogLine:
@@ -461,10 +337,13 @@ async def test_events_follow(client: Client, backend: FakeBackend) -> None:
     resp = await client.get("/v1/events", params={"follow": "1", "app": "shop"})
     assert resp.headers["Content-Type"].startswith("application/x-ndjson")
     await async_wait_for(_async(lambda: len(backend.bus._followers) == 1), 5)
-    backend.bus.publish({"id": "b1", "app": "blog", "state": "down"})
-    backend.bus.publish({"id": "a1", "app": "shop", "state": "crashed", "previous": "up"})
+    backend.bus.publish(StateChange("b1", "blog", "web.1", DynoState.DOWN, DynoState.UP,
+                                    Reason.STOPPED, None, T0))
+    backend.bus.publish(StateChange("a1", "shop", "web.1", DynoState.CRASHED, DynoState.UP,
+                                    Reason.CRASH, 1, T0))
     assert [json.loads(x) for x in await read_lines(resp, 1)] == [
-        {"id": "a1", "app": "shop", "state": "crashed", "previous": "up"}]
+        {"id": "a1", "app": "shop", "name": "web.1", "state": "crashed", "previous": "up",
+         "reason": "crash", "exit_status": 1, "at": T0.isoformat(timespec="microseconds")}]
     resp.close()
     await async_wait_for(_async(lambda: not backend.bus._followers), 5)
 

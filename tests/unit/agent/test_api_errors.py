@@ -11,13 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent.api.server import build_app
 from agent.errors import ERROR_CODES
 from agent.peercred import PeerCred, is_allowed
-
-
-class FakeBackend:
-    socket_gid: int | None = None
-
-    def info(self) -> dict[str, Any]:
-        return {"version": "test"}
+from tests.unit.agent.fakes import FakeBackend, as_root
 
 
 @pytest.fixture
@@ -26,14 +20,10 @@ async def client() -> Any:
         yield c
 
 
-def as_root(_request: Any) -> PeerCred:
-    return PeerCred(pid=1, uid=0, gid=0)
-
-
 async def test_info(client: TestClient[Any, Any]) -> None:
     resp = await client.get("/v1/info")
     assert resp.status == 200
-    assert await resp.json() == {"version": "test"}
+    assert (await resp.json())["version"] == "test"
 
 
 async def test_unknown_route_is_json_404(client: TestClient[Any, Any]) -> None:

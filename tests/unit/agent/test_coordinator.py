@@ -15,13 +15,8 @@ import msgpack
 import pytest
 
 from agent import errors
-from agent.coordinator.link import (
-    CoordinatorLink,
-    LinkState,
-    backoff_delay,
-    decode,
-    encode,
-)
+from agent.coordinator.frames import decode, encode
+from agent.coordinator.link import CoordinatorLink, LinkState, backoff_delay
 from agent.supervision.states import DynoState, Reason, StateChange
 from tests.support.coordinator import TestCoordinator, pack, unix_listener
 from tests.support.wait import async_wait_for
@@ -275,7 +270,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 
 def test_encode_is_one_msgpack_map_per_frame() -> None:
-    from agent.coordinator.link import Event, Request, Response
+    from agent.coordinator.frames import Event, Request, Response
 
     assert msgpack.unpackb(encode(Request(3, "hello", {"a": 1}))) == {
         "t": "req", "id": 3, "m": "hello", "p": {"a": 1}}

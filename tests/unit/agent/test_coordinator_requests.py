@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Mapping
 from typing import Any
 
 import msgpack
@@ -14,77 +13,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import errors
-from agent.coordinator.link import (
+from agent.coordinator.frames import (
     Event,
     FrameError,
     Request,
-    Requests,
     Response,
     UnknownMethod,
     decode,
 )
-from agent.spec import DynoSpec, SpecError, parse_spec
-from agent.supervision.reconcile import Engine, Observed
-
-
-class FakeSupervisor:
-    """DynoHost and Fleet at once: dynos as specs with a state."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.specs: dict[str, DynoSpec] = {}
-        self.state: dict[str, str] = {}
-        self.signals: list[tuple[str, str]] = []
-
-    # Fleet
-    def parse(self, body: Any) -> DynoSpec:
-        return parse_spec(body)
-
-    def observe(self) -> Mapping[str, Observed]:
-        return {i: Observed(s, self.state[i] != "down", False) for i, s in self.specs.items()}
-
-    async def start(self, spec: DynoSpec) -> None:
-        if self.draining:
-            raise errors.Draining("draining")
-        if any((s.app, s.name) == (spec.app, spec.name) for s in self.specs.values()):
-            raise errors.Conflict("name taken")
-        self.specs[spec.id] = spec
-        self.state[spec.id] = "up"
-
-    async def resume(self, dyno_id: str) -> None:
-        self.state[dyno_id] = "up"
-
-    async def remove(self, dyno_id: str) -> None:
-        del self.specs[dyno_id], self.state[dyno_id]
-
-    # DynoHost
-    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]:
-        return [{"id": i, "state": self.state[i], "name": s.name}
-                for i, s in self.specs.items()]
-
-    def _get(self, ref: str) -> dict[str, Any]:
-        if ref not in self.specs:
-            raise errors.NotFound(f"no dyno {ref}")
-        return {"id": ref, "state": self.state[ref]}
-
-    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
-        self._get(ref)
-        self.state[ref] = "down"
-        return self._get(ref)
-
-    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
-        self._get(ref)
-        self.state[ref] = "up"
-        return self._get(ref)
-
-    async def signal_dyno(self, ref: str, signal_name: str,
-                          app: str | None = None) -> dict[str, Any]:
-        self._get(ref)
-        from agent.supervision.supervisor import parse_signal
-
-        parse_signal(signal_name)
-        self.signals.append((ref, signal_name))
-        return {**self._get(ref), "signalled": 1}
+from agent.coordinator.requests import Requests
+from agent.spec import SpecError, parse_spec
+from agent.supervision.reconcile import Engine
+from tests.unit.agent.fakes import FakeSupervisor
 
 
 def make() -> tuple[FakeSupervisor, Requests]:

@@ -25,7 +25,7 @@ from agent.api.server import build_app
 from agent.cli import dynoctl as ctl
 from agent.observability.logs import LogLine
 from tests.support.wait import wait_for
-from tests.unit.agent.test_api import FakeBackend, make_status, sample_backend
+from tests.unit.agent.fakes import FakeBackend, make_status, sample_backend
 
 T = TypeVar("T")
 

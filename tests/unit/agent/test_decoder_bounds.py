@@ -20,12 +20,13 @@ from agent import config, errors
 from agent.api import attachwire
 from agent.api.attach import _receive_request
 from agent.api.server import build_app
-from agent.coordinator.link import HARD_FRAME_BYTES, CoordinatorLink, FrameError, decode
+from agent.coordinator.frames import HARD_FRAME_BYTES, FrameError, decode
+from agent.coordinator.link import CoordinatorLink
 from agent.decoding import MAX_DEPTH, TooDeep, check_depth, json_loads
 from agent.holder.errors import ProtocolError
 from agent.holder.protocol import FrameDecoder, encode
-from agent.peercred import PeerCred
 from tests.support.coordinator import TestCoordinator, pack, unix_listener
+from tests.unit.agent.fakes import FakeBackend, accept_anything, as_root
 
 # The issue's frame: a request whose `t` is an array nested 1,000 deep.
 ISSUE_FRAME = b"\x84\xa2id\x01\xa1m\xaaagent.info\xa1p\x80\xa1t" + b"\x91" * 1000 + b"\xc0"
@@ -115,22 +116,12 @@ def test_a_config_past_the_depth_bound_names_the_problem(tmp_path: Path) -> None
             config.load(path)
 
 
-class _Backend:
-    socket_gid: int | None = None
-
-    async def create_dyno(self, body: Any) -> dict[str, Any]:
-        return {"id": "x"}
-
-
-def _root(_request: Any) -> PeerCred:
-    return PeerCred(pid=1, uid=0, gid=0)
-
-
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 1000, 100_000])
 async def test_api_bodies_past_the_depth_bound_are_a_bad_request(
         depth: int, caplog: pytest.LogCaptureFixture) -> None:
     body = '{"id":' + "[" * depth + "]" * depth + "}"
-    async with TestClient(TestServer(build_app(_Backend(), peer_of=_root))) as client:  # type: ignore[arg-type]
+    async with TestClient(TestServer(build_app(FakeBackend(accept_anything),
+                                                 peer_of=as_root))) as client:
         resp = await client.post("/v1/dynos", data=body)
         answer = await resp.json()
         assert resp.status == 400, answer
@@ -204,12 +195,14 @@ async def test_frames_up_to_32_mib_inclusive_get_frame_too_large_and_beyond_clos
         linked: _Link) -> None:
     await linked.start()
     coordinator = linked.coordinator
+    def answers() -> int:
+        return len([r for r in coordinator.received if r.frame.get("t") == "res"])
+
     for size in (HARD_FRAME_BYTES - 1, HARD_FRAME_BYTES):
-        answered = len([r for r in coordinator.received if r.frame.get("t") == "res"])
+        answered = answers()
         await coordinator.send_raw(_frame_of(size))
-        await coordinator.wait_until(
-            lambda n=answered: len([r for r in coordinator.received
-                                    if r.frame.get("t") == "res"]) > n, 20, f"answer to {size}")
+        await coordinator.wait_until(lambda: answers() > answered,  # noqa: B023 (awaited at once)
+                                     20, f"answer to {size}")
         assert coordinator.received[-1].frame["e"]["code"] == "frame_too_large"
         assert coordinator.received[-1].frame["id"] is None
     assert len(coordinator.connections) == 1 and not coordinator.connections[0].closed

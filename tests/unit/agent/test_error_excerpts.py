@@ -18,13 +18,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent import errors
 from agent.api.server import build_app
 from agent.config import from_mapping
-from agent.coordinator.link import CoordinatorLink, Requests
+from agent.coordinator.link import CoordinatorLink
+from agent.coordinator.requests import Requests
 from agent.errors import EXCERPT_CHARS, MESSAGE_MAX_CHARS, excerpt
-from agent.peercred import PeerCred
 from agent.spec import SpecError, parse_spec
 from agent.supervision.reconcile import Engine
 from tests.support.coordinator import TestCoordinator, pack, unix_listener
-from tests.unit.agent.test_coordinator_requests import FakeSupervisor
+from tests.unit.agent.fakes import FakeBackend, FakeSupervisor, as_root, parse_strictly
 
 HUGE = 15 << 20
 # "A few KiB": what any answer or log line about one rejected value may weigh.
@@ -86,25 +86,11 @@ def test_config_errors_quote_a_bounded_excerpt() -> None:
         assert len(str(caught.value)) < FEW_KIB
 
 
-def _root(_request: Any) -> PeerCred:
-    return PeerCred(pid=1, uid=0, gid=0)
-
-
-class _Backend:
-    socket_gid: int | None = None
-
-    async def create_dyno(self, body: Any) -> dict[str, Any]:
-        try:
-            parse_spec(body)
-        except SpecError as exc:
-            raise errors.InvalidSpec(str(exc), exc.field) from None
-        return {"id": "x"}
-
-
 async def test_api_answers_quote_a_bounded_excerpt() -> None:
     # The API takes bodies up to 1 MiB: the largest app of control characters that fits.
     body = json.dumps(spec(app="\x01" * 150_000))
-    async with TestClient(TestServer(build_app(_Backend(), peer_of=_root))) as client:  # type: ignore[arg-type]
+    async with TestClient(TestServer(build_app(FakeBackend(parse_strictly),
+                                                 peer_of=as_root))) as client:
         for path, data in (("/v1/dynos", body),
                            ("/v1/dynos/web.1/signal", json.dumps({"signal": "\0" * 150_000})),
                            ("/v1/dynos/web.1/signal", json.dumps({"\0" * 150_000: 1}))):

@@ -17,9 +17,11 @@ from agent.supervision.policy import Intent, RestartMode, RestartPolicy, decide_
 from agent.supervision.records import Placement
 from agent.supervision.runtime import HolderUnavailable, Launch
 from agent.supervision.states import DynoState, Reason
-from tests.unit.agent.test_dyno import FakeRuntime, _harness
+from tests.unit.agent.conftest import VIRTUAL_TIME
+from tests.unit.agent.fakes import FakeRuntime, virtual_harness
 
 A, N = RestartMode.ALWAYS, RestartMode.NEVER
+VIRTUAL = pytest.mark.asyncio(loop_factories=[VIRTUAL_TIME])
 HEROKU = RestartPolicy()
 
 
@@ -68,16 +70,18 @@ class GoneHolderRuntime(FakeRuntime):
 
 # A loop that never awaits freezes the event loop: only the timeout's signal ends the test.
 @pytest.mark.timeout(10, method="signal")
+@VIRTUAL
 async def test_a_launch_without_holder_waits_for_it_and_never_loops_hot(tmp_path: Path) -> None:
     runtime = GoneHolderRuntime(holder_gone=True)
-    h = await _harness(tmp_path, runtime, restart_schedule_s=())
+    h = await virtual_harness(tmp_path, runtime, restart_schedule_s=())
     ticks = 0
 
     async def other_task() -> None:  # the daemon's holder reconnect, say
         nonlocal ticks
         while True:
             ticks += 1
-            await asyncio.sleep(0)
+            # A millisecond, not sleep(0): virtual time stands still while work is ready.
+            await asyncio.sleep(0.001)
 
     other = asyncio.create_task(other_task())
     try:
@@ -99,26 +103,28 @@ async def test_a_launch_without_holder_waits_for_it_and_never_loops_hot(tmp_path
         await h.supervisor.detach_all()
 
 
+@VIRTUAL
 async def test_a_stop_while_waiting_for_the_holder_is_carried_out(tmp_path: Path) -> None:
     runtime = GoneHolderRuntime(holder_gone=True)
-    h = await _harness(tmp_path, runtime, restart_schedule_s=())
+    h = await virtual_harness(tmp_path, runtime, restart_schedule_s=())
     try:
         dyno_id = await h.create("worker.1")
         await h.until(lambda: runtime.attempts == 1, 2.0, "the first attempt")
         await asyncio.wait_for(h.supervisor.stop_dyno(dyno_id), 2.0)
         assert h.supervisor.dynos[dyno_id].state is DynoState.DOWN
         h.supervisor.holder_gate.back()
-        await asyncio.sleep(0.05)  # a window in which no launch may happen
+        await asyncio.sleep(60)  # a window in which no launch may happen
         assert runtime.attempts == 1
     finally:
         await h.supervisor.detach_all()
 
 
+@VIRTUAL
 async def test_a_process_the_new_holder_does_not_know_restarts_at_once_uncounted(
         tmp_path: Path) -> None:
     # A cool-off schedule and a crash already counted: were the holder's death counted as a
     # crash, the dyno would sit `crashed` for the cool-off.
-    h = await _harness(tmp_path)
+    h = await virtual_harness(tmp_path)
     try:
         dyno_id = await h.create("worker.1")
         await h.state(dyno_id, "up")

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.holder import HeldProcess, OutputEvent
 from agent.observability.logs import LogHub, LogLine
 from agent.observability.logtail import TailFile, TailStore, tails_to_remove
-from tests.unit.agent.test_dyno import _harness
+from tests.unit.agent.fakes import make_harness
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 
@@ -78,7 +78,7 @@ def test_a_new_hub_knows_how_far_each_process_output_was_kept(tmp_path: Path) ->
 
 async def test_output_the_holder_sends_a_new_agent_again_is_published_once(
         tmp_path: Path) -> None:
-    first = await _harness(tmp_path)
+    first = await make_harness(tmp_path)
     first.hub.keep_on_disk(TailStore(tmp_path / "logs"))
     try:
         dyno_id = await first.create("worker.1")
@@ -91,7 +91,7 @@ async def test_output_the_holder_sends_a_new_agent_again_is_published_once(
     finally:
         await first.supervisor.detach_all()  # as good as a SIGKILL: the process lives on
 
-    second = await _harness(tmp_path)
+    second = await make_harness(tmp_path)
     second.hub.keep_on_disk(TailStore(tmp_path / "logs"))
     second.runtime.procs[dyno_id] = first.runtime.procs[dyno_id]
     try:

@@ -21,19 +21,9 @@ from agent.observability.logs import (
     split_line,
 )
 from tests.support.wait import async_wait_for
+from tests.unit.agent.fakes import FakeClock
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def out(text: str, app: str = "shop", dyno: str = "web.1", i: int = 0) -> LogLine:

@@ -58,6 +58,8 @@ def test_load_average_ewma_on_a_fake_clock() -> None:
     assert load_metrics_line("web.1", "abc", load).startswith(
         "source=web.1 dyno=abc sample#load_avg_1m=4.00 sample#load_avg_5m=")
 
+STATES = [str(state) for state in DynoState]
+
 
 def dyno(**kw: object) -> DynoMetrics:
     base: dict[str, object] = {
@@ -80,8 +82,9 @@ def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 
 
 def test_exposition_parses_and_carries_the_numbers() -> None:
-    text = render_dynos([dyno(), dyno(id="d-2", name="worker.1", type="worker",
-                                      state=DynoState.CRASHED, restarts=0)])
+    dynos = [dyno(), dyno(id="d-2", name="worker.1", type="worker", state=DynoState.CRASHED,
+                          restarts=0)]
+    text = render_dynos(dynos, STATES)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     # prometheus_client names counter families without their _total suffix.
     assert families["dynoagent_dyno_cpu_seconds"].type == "counter"
@@ -121,7 +124,7 @@ def test_label_values_are_escaped() -> None:
 
 def test_empty_and_extra_families() -> None:
     assert render([]) == ""
-    text = render_dynos([], extra=[MetricFamily("dynoagent_log_lines_dropped_total",
+    text = render_dynos([], STATES, extra=[MetricFamily("dynoagent_log_lines_dropped_total",
                                                 "Lines lost by slow followers.",
                                                 MetricType.COUNTER, [Sample({}, 7)])])
     assert parse(text)["dynoagent_log_lines_dropped_total"][()] == 7

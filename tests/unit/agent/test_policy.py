@@ -4,7 +4,6 @@ R10, R14/R15, cycling bounds and the stop sequence."""
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 
@@ -12,7 +11,6 @@ import pytest
 
 from agent.supervision.policy import (
     EXIT_SIGKILL,
-    EXIT_SIGTERM,
     BootCheck,
     Intent,
     MemoryVerdict,
@@ -26,8 +24,6 @@ from agent.supervision.policy import (
     boot_timeout_lines,
     cycle_deadline,
     decide_exit,
-    exit_status_from_returncode,
-    exit_status_from_wait,
     memory_check,
     memory_usage_bytes,
     needs_port_check,
@@ -349,24 +345,3 @@ def test_stop_on_a_fake_clock() -> None:
         == math.inf
     # Processes that leave on SIGTERM: no R12, no SIGKILL.
     assert stop_next(plan, started_at=10.0, now=11.0, done_steps=1, cgroup_empty=True) is None
-
-
-@pytest.mark.parametrize(("status", "expected"), [
-    (0, 0), (1 << 8, 1), (3 << 8, 3), (signal.SIGTERM, EXIT_SIGTERM),
-    (signal.SIGKILL, EXIT_SIGKILL), (signal.SIGKILL | 0x80, 137),  # core-dump bit set
-])
-def test_exit_status_from_wait(status: int, expected: int) -> None:
-    assert exit_status_from_wait(status) == expected
-
-
-def test_exit_status_from_wait_refuses_stopped_status() -> None:
-    stopped = (signal.SIGSTOP << 8) | 0x7F
-    assert os.WIFSTOPPED(stopped)
-    with pytest.raises(PolicyError):
-        exit_status_from_wait(stopped)
-
-
-@pytest.mark.parametrize(("rc", "expected"), [(0, 0), (2, 2), (-15, 143), (-9, 137)])
-def test_exit_status_from_returncode(rc: int, expected: int) -> None:
-    assert exit_status_from_returncode(rc) == expected
-    assert (EXIT_SIGTERM, EXIT_SIGKILL) == (143, 137)

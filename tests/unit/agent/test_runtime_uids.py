@@ -4,11 +4,13 @@ dynos without a placed record are freed, and the per-agent uids.json of old is r
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
 from agent.launcher import UidAllocator
-from agent.supervision.records import Placement, Record, RecordStore
+from agent.supervision.records import Placement, RecordStore
 from agent.supervision.runtime import HostRuntime
 
 
@@ -18,9 +20,10 @@ def placement(dyno_id: str, uid: int) -> Placement:
                      uid=uid, gid=uid, slug_dir="/slug", dyno_dir=f"/run/dynos/{dyno_id}")
 
 
-def record(dyno_id: str, where: Placement | None) -> Record:
-    return Record(spec={"id": dyno_id, "app": "a", "name": "worker.1"}, state="up",
-                  since="2026-01-01T00:00:00+00:00", reason="booted", placement=where)
+def record(dyno_id: str, where: Placement | None) -> bytes:
+    return json.dumps({"spec": {"id": dyno_id, "app": "a", "name": "worker.1"}, "state": "up",
+                       "since": "2026-01-01T00:00:00+00:00", "reason": "booted",
+                       "placement": asdict(where) if where else None}).encode()
 
 
 def test_keep_uids_squares_the_registry_with_the_records(tmp_path: Path) -> None:
@@ -40,20 +43,17 @@ def test_keep_uids_squares_the_registry_with_the_records(tmp_path: Path) -> None
     legacy.mkdir()
     (legacy / "uids.json").write_text('{"kept": 501}')
     records = RecordStore(tmp_path / "agent")
-    for saved in (record("kept", placement("kept", 501)),
-                  record("clash", placement("clash", 500)), record("unplaced", None)):
-        records.save(saved)
+    for dyno_id, where in (("kept", placement("kept", 501)),
+                           ("clash", placement("clash", 500)), ("unplaced", None)):
+        records.write(dyno_id, record(dyno_id, where))
     runtime = HostRuntime(tree=cast(Any, None), network=cast(Any, None), uids=uids,
                           slugs=cast(Any, None), holder=cast(Any, None),
                           state_dir=tmp_path / "agent", run_dir=tmp_path / "run", hide_paths=(),
                           slug_roots=cast(Any, None))
 
-    runtime.keep_uids(records)
-
-    after = {r.id: r.placement.uid if r.placement else None for r in records.load_all()}
-    assert after == {"kept": 501, "clash": 502, "unplaced": None}
+    # The new uid goes back to the caller (the supervisor, the records' one writer, puts it in
+    # the record when it restores the dyno); the runtime itself writes no record.
+    assert runtime.keep_uids(records.load_all()) == {"clash": 502}
     assert uids.allocations() == {"kept": 501, "clash": 502}
     assert other.allocations() == {"theirs": 500}
     assert not legacy.exists()
-    clash = next(r for r in records.load_all() if r.id == "clash")
-    assert clash.placement is not None and clash.placement.gid == 502

@@ -12,12 +12,12 @@ import pytest
 from agent.cli import dynoctl as ctl
 from agent.launcher import seccomp
 from agent.launcher import syscalls as sc
-from tests.unit.agent.test_dyno import Harness, _harness
+from tests.unit.agent.fakes import Harness, make_harness
 
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = await _harness(tmp_path)
+    harness = await make_harness(tmp_path)
     yield harness
     await harness.supervisor.detach_all()
 

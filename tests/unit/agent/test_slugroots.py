@@ -122,9 +122,9 @@ def _body(dyno_id: str, path: Path) -> dict[str, object]:
 async def test_every_edge_refuses_and_changes_nothing(tmp_path: Path) -> None:
     from agent import errors
     from agent.supervision.reconcile import DesiredStore, Engine, InvalidDesiredSet, SupervisorFleet
-    from tests.unit.agent.test_dyno import _harness
+    from tests.unit.agent.fakes import make_harness
 
-    h = await _harness(tmp_path, slug_roots=(tmp_path / "slugs",))
+    h = await make_harness(tmp_path, slug_roots=(tmp_path / "slugs",))
     try:
         (tmp_path / "slugs" / "ok").mkdir(parents=True)
         bad = tmp_path / "state"

@@ -1,6 +1,6 @@
 """Standalone mode without the kernel: formation controller on the real engine with a fake
 fleet, the formation fleet's filter, config defaults, log printer, TCP proxy on loopback,
-the attach socket's fd bookkeeping, and `dynoctl scale`/`run` against a served API."""
+and `dynoctl scale`/`run` against a served API (the attach socket: test_attach.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import contextlib
 import errno
 import io
 import ipaddress
-import os
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,11 +19,8 @@ from typing import Any
 import pytest
 
 from agent import errors
-from agent.api.attach import StdioRegistry, _ExitWatch, _StdioHolder, attach_path
 from agent.cli import dynoctl as ctl
 from agent.config import Config
-from agent.holder import ExitEvent
-from agent.holder.client import Launched
 from agent.observability.logs import LogLine
 from agent.sizes import DEFAULT_SIZES
 from agent.spec import DynoSpec, parse_spec
@@ -33,7 +29,7 @@ from agent.standalone.procfile import AppDirError, parse_formation_items, parse_
 from agent.standalone.proxy import ProxyError, TcpProxy, bind_listener
 from agent.supervision.reconcile import Engine, Observed
 from agent.supervision.states import DynoState
-from tests.unit.agent.test_api import FakeBackend, sample_backend
+from tests.unit.agent.fakes import FakeBackend, sample_backend
 from tests.unit.agent.test_ctl import ServedBackend, run_ctl, short_dir  # noqa: F401
 
 PROCFILE = parse_procfile("web: python3 web.py\nworker: python3 worker.py\nrelease: ./rel\n")
@@ -322,94 +318,6 @@ def test_taken_port_is_one_clear_error() -> None:
                                      "with --port")
     finally:
         taken.close()
-
-
-# -- attach bookkeeping -----------------------------------------------------------------------
-
-def fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture
-def three_fds() -> Iterator[tuple[int, int, int]]:
-    fds = (os.open(os.devnull, os.O_RDONLY), *os.pipe())
-    yield fds[0], fds[1], fds[2]
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def test_attach_path() -> None:
-    assert attach_path(Path("/run/dynoagent/dynoagent.sock")) == Path(
-        "/run/dynoagent/dynoagent.attach.sock")
-
-
-async def test_stdio_registry_owns_pipes_until_taken(three_fds: tuple[int, int, int]) -> None:
-    registry = StdioRegistry()
-    registry.put_pipes("a", three_fds)
-    assert "a" in registry
-    taken = registry.take("a")
-    assert taken is not None and taken.pipes == three_fds and "a" not in registry
-    registry.put_pipes("b", three_fds)
-    registry.discard("b")
-    assert not any(fd_open(fd) for fd in three_fds)
-    master = registry.put_tty("c", 30, 100)
-    registry.discard("c")
-    assert master.cancelled()
-
-
-async def test_stdio_holder_passes_pipes_and_hands_the_pty_master_to_the_session(
-        three_fds: tuple[int, int, int]) -> None:
-    calls: list[tuple[str, Any, Any]] = []
-    masters: list[int] = []
-
-    class Client:
-        async def launch(self, request: Any, **kwargs: Any) -> Any:
-            calls.append((request.dyno_id, kwargs.get("stdio"), kwargs.get("tty")))
-            master = None
-            if kwargs.get("tty"):
-                master = os.open(os.devnull, os.O_RDONLY)
-                masters.append(master)
-            return Launched(1, 2, {}, -1, master)
-
-        async def ping(self) -> str:
-            return "pong"
-
-    registry = StdioRegistry()
-    registry.put_pipes("one-off", three_fds)
-    holder = _StdioHolder(Client(), registry)  # type: ignore[arg-type]
-    assert (await holder.launch(SimpleNamespace(dyno_id="web-1"))).pid == 1
-    await holder.launch(SimpleNamespace(dyno_id="one-off"))
-    assert calls == [("web-1", None, None), ("one-off", three_fds, None)]
-    assert not any(fd_open(fd) for fd in three_fds)  # the holder has its own copies
-    master = registry.put_tty("tty-off", 30, 100)
-    launched = await holder.launch(SimpleNamespace(dyno_id="tty-off"))
-    assert calls[-1] == ("tty-off", None, (30, 100))
-    assert launched.tty_master is None  # the runtime never sees it ...
-    assert master.result() == masters[0]  # ... the session does
-    os.close(masters[0])
-    # A session that has gone: the master is closed, not leaked.
-    gone = registry.put_tty("tty-gone", 30, 100)
-    gone.cancel()
-    await holder.launch(SimpleNamespace(dyno_id="tty-gone"))
-    assert not fd_open(masters[1])
-    assert await holder.ping() == "pong"
-
-
-async def test_exit_watch_keeps_an_exit_that_came_before_the_waiter() -> None:
-    watch = _ExitWatch()
-    watch.on_event(ExitEvent("d1", "enter", 42, 7, None, 0.0))
-    watch.on_event(ExitEvent("d1", "launch", 43, 1, None, 0.0))  # not an entered command
-    assert (await watch.wait("d1", 42)) == 7
-    waiter = watch.wait("d1", 44)
-    assert not waiter.done()
-    watch.on_event(ExitEvent("d1", "enter", 44, 0, 9, 0.0))
-    assert (await waiter) == 137
-    assert not watch.wait("d1", 43).done()
 
 
 # -- dynoctl scale and run against a served API -----------------------------------------------

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from agent.supervision.events import to_wire
 from agent.supervision.states import (
     TRANSITIONS,
     DynoState,
@@ -91,7 +92,7 @@ def test_event_object_and_initial_event() -> None:
     assert first.previous is None
     assert first.message == "State changed from created to starting"
     change = m.transition(S.UP, Reason.BOOTED, at=T0 + timedelta(seconds=2))
-    assert change.as_event() == {
+    assert to_wire(change) == {
         "id": "d-1", "app": "shop", "name": "web.1", "state": "up", "previous": "starting",
         "reason": "booted", "exit_status": None, "at": "2026-11-26T10:00:02.123456+00:00"}
 

@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from agent import errors
 from agent.api.server import build_app, signal_name
-from agent.peercred import PeerCred
 from agent.signals import parse_signal
 from agent.supervision.reconcile import MAX_GENERATION, DesiredStore, Engine
+from tests.unit.agent.fakes import FakeBackend, as_root, make_status
 from tests.unit.agent.test_coordinator_requests import make, spec
 from tests.unit.agent.test_reconcile import FakeFleet, body
 
@@ -52,24 +52,10 @@ async def test_the_coordinator_refuses_non_ascii_digits() -> None:
     assert sup.signals == []
 
 
-class _Backend:
-    socket_gid: int | None = None
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-
-    async def signal_dyno(self, ref: str, name: str, app: str | None = None) -> dict[str, Any]:
-        self.signals.append(name)
-        return {"id": ref}
-
-
-def _root(_request: Any) -> PeerCred:
-    return PeerCred(pid=1, uid=0, gid=0)
-
-
 async def test_the_operator_api_refuses_non_ascii_digits() -> None:
-    backend = _Backend()
-    async with TestClient(TestServer(build_app(backend, peer_of=_root))) as client:  # type: ignore[arg-type]
+    backend = FakeBackend()
+    backend.add(make_status("w1", "demo", "web.1"))
+    async with TestClient(TestServer(build_app(backend, peer_of=as_root))) as client:
         for value in (ARABIC_TEN, FULLWIDTH_TEN, LONG_S_TERM):
             resp = await client.post("/v1/dynos/web.1/signal",
                                      data=json.dumps({"signal": value}))
@@ -80,7 +66,7 @@ async def test_the_operator_api_refuses_non_ascii_digits() -> None:
             assert resp.status == 400, tail
         ok = await client.post("/v1/dynos/web.1/signal", data=json.dumps({"signal": "10"}))
         assert ok.status == 200
-    assert backend.signals == ["SIGUSR1"]
+    assert backend.calls == [("signal", "w1", "SIGUSR1")]
 
 
 @pytest.mark.parametrize("generation", [MAX_GENERATION + 1, 2 ** 64 - 1])

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.daemon.service import Daemon
+from agent.supervision.policy import STOP_TIMEOUT_S
 from agent.supervision.reconcile import Engine, SupervisorFleet
 from agent.supervision.records import Placement, Record, RecordStore
-from tests.support.wait import async_wait_for
-from tests.unit.agent.test_dyno import FakeRuntime, Harness, _harness, make_config
+from tests.support.virtualtime import until
+from tests.unit.agent.conftest import VIRTUAL_TIME
+from tests.unit.agent.fakes import FakeRuntime, Harness, make_config, virtual_harness
+
+# On virtual time, with Heroku's timings (a 30-second stop timeout costs nothing).
+pytestmark = pytest.mark.asyncio(loop_factories=[VIRTUAL_TIME])
 
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = await _harness(tmp_path)
+    harness = await virtual_harness(tmp_path)
     yield harness
     await harness.supervisor.detach_all()
 
@@ -36,10 +42,7 @@ def _body(name: str = "worker.1", dyno_id: str = "w1") -> dict[str, Any]:
 
 
 async def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    async def check() -> bool:
-        return predicate()
-
-    await async_wait_for(check, timeout_s, what=what)
+    await until(predicate, timeout_s, what)
 
 
 # Before its fix: a delete whose caller is cancelled (coordinator link dropped mid-sync,
@@ -47,7 +50,7 @@ async def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.
 # (dyno.py:198 set_result on the cancelled future); Supervisor.delete_dyno never pops the dyno
 # nor deletes its record: a dead entry stays listed, every later command on it hangs
 async def test_cancelled_delete_still_forgets_the_dyno(tmp_path: Path) -> None:
-    h = await _harness(tmp_path, FakeRuntime(ignores_term=True))
+    h = await virtual_harness(tmp_path, FakeRuntime(ignores_term=True))
     try:
         dyno_id = await h.create("worker.1")
         await h.state(dyno_id, "up")
@@ -56,8 +59,8 @@ async def test_cancelled_delete_still_forgets_the_dyno(tmp_path: Path) -> None:
         await _until(lambda: bool(h.runtime.signals), "SIGTERM of the stop")
         deleting.cancel()
         await asyncio.gather(deleting, return_exceptions=True)
-        # The dyno task goes on (stop timeout 1 s, then SIGKILL) and destroys the dyno.
-        await asyncio.wait_for(dyno.deleted.wait(), 5.0)
+        # The dyno task goes on (stop timeout 30 s, then SIGKILL) and destroys the dyno.
+        await asyncio.wait_for(dyno.deleted.wait(), 2 * STOP_TIMEOUT_S)
         await _until(lambda: dyno_id not in h.supervisor.dynos, "dyno forgotten", 2.0)
         assert not (h.records.dir / f"{dyno_id}.json").exists()
     finally:
@@ -89,14 +92,14 @@ async def test_a_failed_record_save_does_not_end_supervision(
 # future resolves when the process exits) but dropped: intent stays STOP, desired 'stopped', the
 # dyno ends down
 async def test_restart_after_stop_is_not_lost(tmp_path: Path) -> None:
-    h = await _harness(tmp_path, FakeRuntime(ignores_term=True))
+    h = await virtual_harness(tmp_path, FakeRuntime(ignores_term=True))
     try:
         dyno_id = await h.create("worker.1")
         await h.state(dyno_id, "up")
         stopping = asyncio.create_task(h.supervisor.stop_dyno(dyno_id))
         await _until(lambda: bool(h.runtime.signals), "SIGTERM of the stop")
         restarting = asyncio.create_task(h.supervisor.restart_dyno(dyno_id))
-        await asyncio.wait_for(asyncio.gather(stopping, restarting), 10.0)
+        await asyncio.wait_for(asyncio.gather(stopping, restarting), 3 * STOP_TIMEOUT_S)
         await _until(lambda: len(h.runtime.launches) == 2, "launch of the restart", 3.0)
         await h.state(dyno_id, "up")
     finally:
@@ -177,8 +180,9 @@ async def test_sweep_spares_a_dyno_whose_record_did_not_parse(h: Harness) -> Non
     placement = Placement(cgroup=rel, netns="dyno-c1", netns_path="/run/netns/dyno-c1",
                           space="demo", ip="10.1.2.9", uid=100001, gid=100001,
                           slug_dir="/slug", dyno_dir="/run/dynos/c1")
-    h.records.save(Record(spec=spec, state="up", since="2026-01-01T00:00:00+00:00",
-                          reason="booted", placement=placement, pid=4242, start_time=7))
+    h.records.write("c1", json.dumps({
+        "spec": spec, "state": "up", "since": "2026-01-01T00:00:00+00:00", "reason": "booted",
+        "placement": asdict(placement), "pid": 4242, "start_time": 7}).encode())
     restored = h.supervisor.restore([])
     assert restored == []  # skipped: "leaving it alone"
     daemon = Daemon(h.supervisor.config, None)
@@ -189,3 +193,20 @@ async def test_sweep_spares_a_dyno_whose_record_did_not_parse(h: Harness) -> Non
     await daemon._sweep(restored)
     assert tree.destroyed == []
     assert "dyno-c1" in network.kept_ns[0]
+
+
+async def test_restore_puts_a_moved_uid_in_the_record_and_saves_it(h: Harness) -> None:
+    """The runtime's uid reconciliation names the new uid; the supervisor, the records' one
+    writer, puts it in the restored dyno's record and on disk."""
+    placement = Placement(cgroup="app-demo.slice/dyno-m1.scope", netns="dyno-m1",
+                          netns_path="/run/netns/dyno-m1", space="demo", ip="10.1.2.8",
+                          uid=100001, gid=100001, slug_dir="/slug", dyno_dir="/run/dynos/m1")
+    h.records.write("m1", json.dumps({
+        "spec": _body("worker.3", "m1"), "state": "down", "since": "2026-01-01T00:00:00+00:00",
+        "reason": "stopped", "placement": asdict(placement), "desired": "stopped"}).encode())
+    assert h.supervisor.restore([], moved_uids={"m1": 100007}) == ["m1"]
+    record = h.supervisor.dynos["m1"].record
+    assert record.placement is not None and record.placement.uid == 100007
+    h.supervisor.writer.flush()
+    (stored,) = h.records.load_all()
+    assert stored.placement is not None and stored.placement.gid == 100007

@@ -192,3 +192,27 @@ async def test_two_watches_of_one_group_each_hear_it_and_close_apart(host: FakeH
         assert (await second.next(5)).kind is EventKind.POPULATED
     finally:
         second.close()
+
+
+async def test_a_descriptor_left_by_its_last_watch_is_removed_later_unless_watched_again(
+        host: FakeHost) -> None:
+    g = _group(host)
+    first = g.watch()
+    first.start()
+    [wd, *_] = first._wds
+    inotify = notify._inotify_of(asyncio.get_running_loop())
+    first.close()
+    # No syscall at the close: a group is mostly removed right after (a mass delete).
+    assert wd in inotify._retiring
+    again = g.watch()
+    again.start()
+    try:
+        assert again._wds[0] == wd and wd not in inotify._retiring  # the same file, kept
+        inotify._remove_retired()
+        host.set("unified", g.rel, "cgroup.events", "populated 1\nfrozen 0\n")
+        assert (await again.next(5)).kind is EventKind.POPULATED
+    finally:
+        again.close()
+    inotify._remove_retired()
+    assert not inotify._retiring
+    assert notify._libc.inotify_rm_watch(inotify.fd, wd) == -1  # removed by the sweep

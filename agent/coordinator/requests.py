@@ -1,0 +1,159 @@
+"""The requests a coordinator may send (docs/protocol.md §4): each one's params checked, then
+mapped onto the supervisor and the convergence engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from agent import errors
+from agent.coordinator.frames import UnknownMethod, msgpack_kind
+from agent.errors import excerpt
+from agent.supervision.reconcile import Engine, InvalidDesiredSet
+
+DYNO_ID = re.compile(r"[a-z0-9-]{1,64}")
+
+
+class DynoHost(Protocol):
+    """What request handlers need of the supervisor."""
+
+    draining: bool
+
+    def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]: ...
+
+    async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
+
+    async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]: ...
+
+    async def signal_dyno(self, ref: str, signal: str,
+                          app: str | None = None) -> dict[str, Any]: ...
+
+
+def _fields(params: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]],
+            optional: Mapping[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
+    """Check a request's params: every required key, no unknown key, each of its type."""
+    optional = optional or {}
+    for key in params:
+        if key not in required and key not in optional:
+            known = ", ".join([*required, *optional]) or "none"
+            raise errors.BadRequest(f"p: unknown key {excerpt(key)} (known keys: {known})")
+    out: dict[str, Any] = {}
+    for key, kind in {**required, **optional}.items():
+        if key not in params:
+            if key in required:
+                raise errors.BadRequest(f"p.{key}: is required")
+            continue
+        value = params[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise errors.BadRequest(f"p.{key}: must be {kinds[0].__name__}, got boolean")
+        if not isinstance(value, kinds):
+            raise errors.BadRequest(f"p.{key}: must be {kinds[0].__name__}, "
+                                    f"got {msgpack_kind(value)}")
+        out[key] = value
+    return out
+
+
+def _dyno_id(value: str) -> str:
+    if not DYNO_ID.fullmatch(value):
+        raise errors.BadRequest(f"p.id: must match [a-z0-9-]{{1,64}}, got {excerpt(value)}")
+    return value
+
+
+class Requests:
+    """The requests a coordinator may send, each validated and mapped onto the supervisor
+    and the convergence engine. `handle` raises only `errors.AgentError`."""
+
+    def __init__(self, dynos: DynoHost, engine: Engine,
+                 info: Callable[[], dict[str, Any]]) -> None:
+        self.dynos = dynos
+        self.engine = engine
+        self.info = info
+        self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "dynos.sync": self.sync,
+            "dyno.start": self.start,
+            "dyno.stop": self.stop,
+            "dyno.restart": self.restart,
+            "dyno.signal": self.signal,
+            "agent.drain": self.drain,
+            "agent.info": self.agent_info,
+        }
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self._methods)
+
+    async def handle(self, method: str, params: dict[str, Any]) -> Any:
+        call = self._methods.get(method)
+        if call is None:
+            raise UnknownMethod(method)
+        return await call(params)
+
+    def _status(self, dyno_id: str) -> dict[str, Any]:
+        for status in self.dynos.list_dynos():
+            if status["id"] == dyno_id:
+                return status
+        raise errors.NotFound(f"no dyno {dyno_id}")
+
+    async def sync(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = _fields(params, {"generation": int, "dynos": list})
+        try:
+            report = await self.engine.apply(p["generation"], p["dynos"])
+        except InvalidDesiredSet as exc:
+            if exc.field in ("generation", "dynos"):
+                raise errors.BadRequest(f"p.{exc}") from None
+            raise errors.InvalidSpec(str(exc), exc.field) from None
+        return report.as_dict()
+
+    async def start(self, params: dict[str, Any]) -> dict[str, Any]:
+        spec = await self.engine.start(params)
+        return self._status(spec.id)
+
+    async def stop(self, params: dict[str, Any]) -> dict[str, Any]:
+        dyno_id = _dyno_id(_fields(params, {"id": str})["id"])
+        self._status(dyno_id)
+        return await self.dynos.stop_dyno(dyno_id)
+
+    async def restart(self, params: dict[str, Any]) -> dict[str, Any]:
+        dyno_id = _dyno_id(_fields(params, {"id": str})["id"])
+        self._status(dyno_id)
+        return await self.dynos.restart_dyno(dyno_id)
+
+    async def signal(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = _fields(params, {"id": str, "signal": (str, int)})
+        dyno_id = _dyno_id(p["id"])
+        self._status(dyno_id)
+        return await self.dynos.signal_dyno(dyno_id, str(p["signal"]))
+
+    async def drain(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Stop accepting starts; with `stop`, also stop every dyno gracefully; with
+        `cancel`, accept starts again."""
+        p = _fields(params, {}, {"stop": bool, "cancel": bool})
+        if p.get("cancel") and p.get("stop"):
+            raise errors.BadRequest("p: stop and cancel exclude each other")
+        self.dynos.draining = not p.get("cancel", False)
+        stopped: list[str] = []
+        failed: list[dict[str, str]] = []
+        if p.get("stop"):
+            running = [s["id"] for s in self.dynos.list_dynos()
+                       if s["state"] in ("starting", "up", "crashed")]
+            outcomes = await asyncio.gather(*(self.dynos.stop_dyno(i) for i in running),
+                                            return_exceptions=True)
+            for dyno_id, outcome in zip(running, outcomes, strict=True):
+                if isinstance(outcome, errors.AgentError):
+                    failed.append({"id": dyno_id, "code": outcome.code,
+                                   "message": outcome.message})
+                elif isinstance(outcome, BaseException):
+                    failed.append({"id": dyno_id, "code": errors.AgentError.code,
+                                   "message": str(outcome)})
+                else:
+                    stopped.append(dyno_id)
+        return {"draining": self.dynos.draining, "stopped": stopped, "failed": failed,
+                "dynos": self.dynos.list_dynos()}
+
+    async def agent_info(self, params: dict[str, Any]) -> dict[str, Any]:
+        _fields(params, {})
+        return self.info()
