@@ -33,8 +33,14 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            # An agent that is down (killed, restarting): the socket would only be closed by
+            # the garbage collector, with a ResourceWarning.
+            sock.close()
+            raise
         self.sock = sock
 
 
