@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 START_STEP_TIMEOUT_S = 30.0
 STOP_STEP_TIMEOUT_S = 60.0
 FORCED_STOP_STEP_TIMEOUT_S = 3.0
+HOLDER_START_TIMEOUT_S = 10.0
 
 
 class StartupError(Exception):
@@ -142,6 +143,9 @@ class Daemon:
         self.tree: cgroups.Tree | None = None
         self.network: netns.HostNetwork | None = None
         self.holder: HolderClient | None = None
+        # A holder being started again after the last one was lost: a shutdown meanwhile
+        # waits for it, so that the holder it started is ended too, not left behind.
+        self._holder_starting: asyncio.Future[HolderClient] | None = None
         self.supervisor: Supervisor | None = None
         # The supervisor's runtime, as built here: a reconnect hands it the new holder.
         self.runtime: HostRuntime | None = None
@@ -330,6 +334,17 @@ class Daemon:
 
     async def _stop_holder(self) -> None:
         """The holder holds no dyno: end it (SIGTERM, by the pid it reports) and wait."""
+        starting = self._holder_starting
+        if starting is not None:
+            try:
+                async with asyncio.timeout(HOLDER_START_TIMEOUT_S):
+                    started = await starting
+            except (HolderError, TimeoutError):
+                pass
+            else:
+                assert self.holder is not None
+                self.holder.close()
+                self.holder = started
         assert self.holder is not None
         try:
             pid = int((await self.holder.ping())["pid"])
@@ -381,8 +396,17 @@ class Daemon:
             backoff_s = min(backoff_s * 2, 5.0)
             try:
                 holder.close()
-                self.holder = await HolderClient.ensure_running(
-                    holder.socket_path, str(self.config.state_dir / "holder"))
+                # Shielded: a shutdown that cancels this task still gets the holder it
+                # started (`_stop_holder`).
+                starting = asyncio.ensure_future(HolderClient.ensure_running(
+                    holder.socket_path, str(self.config.state_dir / "holder"),
+                    timeout_s=HOLDER_START_TIMEOUT_S))
+                self._holder_starting = starting
+                try:
+                    self.holder = await asyncio.shield(starting)
+                finally:
+                    if starting.done():
+                        self._holder_starting = None
                 await self.holder.subscribe()
                 # A holder that died took its dynos' exit statuses with it: whatever it no
                 # longer holds is handled as lost with it (restarted at once, no crash).

@@ -147,3 +147,17 @@ def test_logs_after_an_agent_sigkill_keep_the_lines_from_before_it_once(slug: Pa
         assert seen[0] == 1
         assert len(after) == len(set(after)), "a line shown twice"
 
+
+
+def test_an_agent_stopped_while_it_starts_a_new_holder_ends_that_holder_too() -> None:
+    """An idle agent ends its holder when it stops. A SIGTERM that arrives while the agent is
+    starting a new holder (the last one died) must end that new one as well, not leave it."""
+    with new_test_host() as host, agent_in_host(host) as agent:
+        holders = _holder_pids(agent)
+        assert len(holders) == 1, holders
+        os.kill(holders[0], signal.SIGKILL)
+        # The agent says so just before it runs the new holder: stop it right then.
+        wait_for(lambda: agent.log().count("starting holder") >= 2, 15, interval_s=0.002,
+                 what="a new holder being started")
+        assert agent.stop() == 0
+        wait_for(lambda: not _holder_pids(agent), 10, what="no holder left")
