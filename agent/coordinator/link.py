@@ -194,6 +194,9 @@ class CoordinatorLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            # The session's sockets (a connect cut short by the cancel) close on the loop's
+            # next turn: give it that turn, so none is left to the garbage collector.
+            await asyncio.sleep(0)
         self.state = LinkState.CLOSED
 
     def publish_state(self, change: StateChange) -> None:
