@@ -9,7 +9,6 @@ import asyncio
 import itertools
 import json
 import signal
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -166,7 +165,6 @@ async def test_persisted_returns_once_the_newest_version_is_on_disk(tmp_path: Pa
         assert list(store.load_all()) == []
         # Nothing pending: at once.
         await asyncio.wait_for(writer.persisted("other"), 0.01)
-        assert threading.active_count() >= 1
     finally:
         await asyncio.to_thread(writer.close)
         await h.supervisor.detach_all()
