@@ -319,7 +319,7 @@ class Dyno:
                 if placement is None:
                     placement = await self.runtime.place(self.spec)
                     self.update(placement=placement)
-                elif not await self.runtime.wait_empty(placement, 0.0):
+                elif await self.runtime.populated_async(placement):
                     # Processes no holder follows (launched by one that died before this
                     # dyno's record had their pid) still run in its cgroup: they go before
                     # another process is launched beside them.

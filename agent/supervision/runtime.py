@@ -100,18 +100,11 @@ class Runtime(Protocol):
     async def launch(self, spec: DynoSpec, placement: Placement,
                      env: Mapping[str, str]) -> Launch: ...
 
-    def signal_all(self, placement: Placement, sig: signal.Signals) -> int: ...
-
     async def signal_all_async(self, placement: Placement, sig: signal.Signals) -> int:
-        """signal_all with the cgroup and /proc reads off the loop."""
+        """Signal every process of the dyno, with the cgroup and /proc reads off the loop."""
 
     def kill(self, placement: Placement) -> None:
         """Start killing the dyno (never blocks); wait_empty says when it is done."""
-
-    async def kill_async(self, placement: Placement) -> None:
-        """kill, returning once every process of the dyno has been sent SIGKILL."""
-
-    def populated(self, placement: Placement) -> bool: ...
 
     async def populated_async(self, placement: Placement) -> bool: ...
 

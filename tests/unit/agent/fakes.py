@@ -148,9 +148,6 @@ class FakeRuntime:
         if dyno_id in self.procs:
             self.exit(dyno_id, 137)
 
-    async def kill_async(self, placement: Placement) -> None:
-        self.kill(placement)
-
     def populated(self, placement: Placement) -> bool:
         proc = self.procs.get(self._id_of(placement))
         return proc is not None and not proc.exited

@@ -31,6 +31,14 @@ def _on_disk(h: Harness, dyno_id: str) -> dict[str, object]:
     return data
 
 
+async def _up_under_a_first_agent(tmp_path: Path) -> tuple[Harness, str, int]:
+    """A worker dyno up under an agent that a test then lets die; with its id and pid."""
+    first = await virtual_harness(tmp_path)
+    dyno_id = await first.create("worker.1")
+    await first.state(dyno_id, "up")
+    return first, dyno_id, first.runtime.procs[dyno_id].pid
+
+
 async def _killed_while(h: Harness, dyno_id: str, ask: str) -> None:
     """Ask for a stop or restart of an up dyno whose processes ignore SIGTERM; the agent
     "dies" once the SIGTERM went (its supervision detached, its record as on disk)."""
@@ -60,10 +68,7 @@ async def test_the_intent_is_on_disk_before_the_sigterm(tmp_path: Path, ask: str
 @pytest.mark.asyncio(loop_factories=[VIRTUAL_TIME])
 async def test_a_stop_under_way_when_the_agent_died_is_finished_not_a_crash(
         tmp_path: Path) -> None:
-    first = await virtual_harness(tmp_path)
-    dyno_id = await first.create("worker.1")
-    await first.state(dyno_id, "up")
-    pid = first.runtime.procs[dyno_id].pid
+    first, dyno_id, pid = await _up_under_a_first_agent(tmp_path)
     await _killed_while(first, dyno_id, "stop")
 
     second = await virtual_harness(tmp_path)
@@ -83,10 +88,7 @@ async def test_a_stop_under_way_when_the_agent_died_is_finished_not_a_crash(
 @pytest.mark.asyncio(loop_factories=[VIRTUAL_TIME])
 async def test_a_restart_under_way_when_the_agent_died_starts_again_at_once(
         tmp_path: Path) -> None:
-    first = await virtual_harness(tmp_path)
-    dyno_id = await first.create("worker.1")
-    await first.state(dyno_id, "up")
-    pid = first.runtime.procs[dyno_id].pid
+    first, dyno_id, pid = await _up_under_a_first_agent(tmp_path)
     await _killed_while(first, dyno_id, "restart")
 
     second = await virtual_harness(tmp_path)
@@ -109,10 +111,7 @@ async def test_a_restart_under_way_when_the_agent_died_starts_again_at_once(
 @pytest.mark.asyncio(loop_factories=[VIRTUAL_TIME])
 async def test_processes_no_holder_follows_are_ended_before_a_launch_beside_them(
         tmp_path: Path) -> None:
-    first = await virtual_harness(tmp_path)
-    dyno_id = await first.create("worker.1")
-    await first.state(dyno_id, "up")
-    orphan = first.runtime.procs[dyno_id].pid
+    first, dyno_id, orphan = await _up_under_a_first_agent(tmp_path)
     await first.supervisor.detach_all()
     # The agent died before the record had the pid, and the holder died with it: the new
     # holder knows nothing, but the process still runs in the dyno's cgroup.
