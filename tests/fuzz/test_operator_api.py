@@ -78,6 +78,16 @@ class Answer:
     content_type: str
 
 
+def follows(path: str) -> bool:
+    """Whether the agent streams its answer to `path` until the client goes away: logs or
+    events with a `follow` value it takes as true (api.py's `_Query.flag`)."""
+    route, _, query = path.partition("?")
+    if route not in ("/v1/logs", "/v1/events"):
+        return False
+    values = urllib.parse.parse_qs(query, keep_blank_values=True).get("follow", [])
+    return bool(values) and values[-1].lower() in ("1", "true", "yes", "on")
+
+
 def exchange(path: Path, call: Call) -> Answer:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(call.timeout_s)
@@ -106,10 +116,17 @@ def exchange(path: Path, call: Call) -> Answer:
             response.begin()
         except (http.client.RemoteDisconnected, ConnectionResetError):
             return Answer(None, b"", "")
-        if call.method == "GET" and "follow=1" in call.path and response.status == 200:
+        if call.method == "GET" and follows(call.path) and response.status == 200:
             return Answer(response.status, b"", response.getheader("Content-Type", ""))
-        body = response.read()
-        return Answer(response.status, body, response.getheader("Content-Type", ""))
+        # A body still arriving after the call's time is an answer that never ends (a stream
+        # the agent should not have opened), not one to wait out.
+        deadline = time.monotonic() + call.timeout_s
+        parts = []
+        while part := response.read(65536):
+            parts.append(part)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a body still arriving after {call.timeout_s:g}s")
+        return Answer(response.status, b"".join(parts), response.getheader("Content-Type", ""))
     finally:
         sock.close()
 
