@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -59,6 +60,7 @@ START_STEP_TIMEOUT_S = 30.0
 STOP_STEP_TIMEOUT_S = 60.0
 FORCED_STOP_STEP_TIMEOUT_S = 3.0
 HOLDER_START_TIMEOUT_S = 10.0
+UNPLACE_AT_EXIT_S = 30.0
 
 
 class StartupError(Exception):
@@ -483,6 +485,15 @@ class Daemon:
             yield
         finally:
             await supervisor.detach_all()
+            # Deleted dynos' cgroups and directories still being freed: finished before the
+            # agent goes (the sweep at the next start would, but a host left idle should be
+            # clean now).
+            try:
+                async with asyncio.timeout(UNPLACE_AT_EXIT_S):
+                    await runtime.unplaced()
+            except TimeoutError:
+                log.warning("deleted dynos' cgroups still being freed after %gs; the next "
+                            "start sweeps what is left", UNPLACE_AT_EXIT_S)
             await slugs.aclose()
             self.idle_at_exit = not supervisor.dynos
 
@@ -494,6 +505,9 @@ class Daemon:
         placements = [d.placement for d in dynos.values() if d.placement]
         placements += [r.placement for r in self.supervisor.unparsed if r.placement]
         live_cgroups = {p.cgroup for p in placements}
+        # Listed before the first await: a restored dyno may place itself meanwhile.
+        stale_dirs = _stale_dyno_dirs(self.config.run_dir / "dynos",
+                                      {Path(p.dyno_dir).name for p in placements})
         for rel in self.tree.list_groups(suffix=".scope"):
             if rel not in live_cgroups:
                 log.warning("sweeping cgroup %s: no dyno record owns it", rel)
@@ -501,6 +515,7 @@ class Daemon:
                 with contextlib.suppress(cgroups.CgroupError):
                     await group.destroy(timeout_s=5)
         self.tree.sweep_empty(keep=lambda rel: any(c.startswith(rel) for c in live_cgroups))
+        await asyncio.to_thread(_remove_dirs, stale_dirs)
         live_ns = {p.netns for p in placements}
         live_spaces = {p.space for p in placements}
         report = await asyncio.to_thread(self.network.sweep, live_spaces, live_ns)
@@ -744,3 +759,18 @@ class Operator:
 
     def metrics_text(self) -> str:
         return self._sup.metrics_text()
+
+
+def _stale_dyno_dirs(root: Path, live: set[str]) -> list[Path]:
+    """The runtime directories of dynos no record places (a delete the agent answered,
+    then died before freeing them)."""
+    try:
+        return [entry for entry in root.iterdir() if entry.name not in live]
+    except FileNotFoundError:
+        return []
+
+
+def _remove_dirs(paths: list[Path]) -> None:
+    for path in paths:
+        log.warning("sweeping %s: no dyno record owns it", path)
+        shutil.rmtree(path, ignore_errors=True)

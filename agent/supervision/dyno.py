@@ -142,6 +142,10 @@ class Dyno:
         self._deferred: list[tuple[Command, asyncio.Future[None]]] = []
         self._oom_pending = False
         self.deleted = asyncio.Event()
+        # Clear while a process of the dyno runs and is watched: a stop's deadline is over
+        # once it is set (what follows the exit is the agent's own work).
+        self.process_ended = asyncio.Event()
+        self.process_ended.set()
 
     # -- what the owner calls ----------------------------------------------------------------
     @property
@@ -360,7 +364,12 @@ class Dyno:
             oom_heard.append(count)
             self._wakeup.set()
 
-        stop_watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
+        self.process_ended.clear()
+        try:
+            stop_watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
+        except BaseException:
+            self.process_ended.set()
+            raise
         try:
             w = await self._begin_watch(placement, adopted)
             while True:
@@ -380,6 +389,7 @@ class Dyno:
                 if w.exited:
                     break
         finally:
+            self.process_ended.set()
             if stop_watch is not None:
                 stop_watch.close()
         async with self.exit_slots:
@@ -563,13 +573,15 @@ class Dyno:
         return self.clock.monotonic() + decision.restart_in_s
 
     async def _destroy(self) -> None:
-        async with self.exit_slots:
-            if self.state in (DynoState.CRASHED, DynoState.STARTING, DynoState.UP):
-                self._transition(DynoState.DOWN, Reason.STOPPED)
-            placement = self.record.placement
-            if placement is not None:
-                await self.runtime.unplace(placement)
-                self.update(placement=None)
+        """The dyno is gone once its processes are (they are) and its record is: the delete
+        is answered then, and its kernel objects are freed after, in the background (a mass
+        delete is answered in the time its processes take to exit)."""
+        if self.state in (DynoState.CRASHED, DynoState.STARTING, DynoState.UP):
+            self._transition(DynoState.DOWN, Reason.STOPPED)
+        placement = self.record.placement
+        if placement is not None:
+            self.runtime.unplace_later(placement)
+            self.update(placement=None)
         self.sink.forget(self)
         self.deleted.set()
 

@@ -45,6 +45,10 @@ BOOT_PROBE_TIMEOUT_S = 0.5
 # Threads that free dynos' cgroups, users and runtime dirs: enough to overlap the kernel's
 # waits, few enough that a mass delete does not crowd the loop's thread out of the GIL.
 TEARDOWN_THREADS = 4
+# A pass over the host's uid registry reads and rewrites all of it (some 15 ms at 3,000 entries,
+# the GIL held throughout; freed uids stay in it for their quarantine): a mass delete frees
+# its uids in two passes a second, not one per dyno.
+UID_RELEASE_INTERVAL_S = 0.5
 
 
 class DynoStartError(Exception):
@@ -121,6 +125,11 @@ class Runtime(Protocol):
 
     async def unplace(self, placement: Placement) -> None: ...
 
+    def unplace_later(self, placement: Placement) -> None:
+        """unplace() in the background: a deleted dyno is gone once its processes are and
+        its record is; its kernel objects follow (a place of the same id waits for them,
+        and the sweep at start removes what an agent killed meanwhile left)."""
+
     def pid_alive(self, pid: int, start_time: int) -> bool: ...
 
     def seccomp_mode(self, pid: int, start_time: int) -> int | None: ...
@@ -171,13 +180,16 @@ class HostRuntime:
         # Namespace deletions under way (30-45 ms in the kernel, off the critical path): a
         # dyno placed again under the same id waits for its old namespace to be gone.
         self._teardowns: dict[str, concurrent.futures.Future[None]] = {}
+        # Dynos being unplaced in the background (unplace_later), by id.
+        self._unplacing: dict[str, asyncio.Future[None]] = {}
         self._teardown_pool = concurrent.futures.ThreadPoolExecutor(
             TEARDOWN_THREADS, thread_name_prefix="teardown")
         # One read and rewrite of the host's uid registry for all the dynos freed meanwhile,
         # not one per dyno: a mass delete would spend its threads' time (and the loop's
         # share of the GIL) re-encoding the registry.
         self._uid_releases = BatchedCalls(self.uids.release_many if uids is not None
-                                          else _no_uids, self._teardown_pool)
+                                          else _no_uids, self._teardown_pool,
+                                          UID_RELEASE_INTERVAL_S)
         # The pidfd of every running dyno's PID 1 (launched, or adopted at start).
         self.pidfds = Pidfds()
         # Cgroup kills under way on a thread (the freeze fallback may take seconds): a launch
@@ -228,6 +240,8 @@ class HostRuntime:
                                  f"{type(exc).__name__}: {exc}") from None
 
     async def _place(self, spec: DynoSpec) -> Placement:
+        # The same id deleted a moment ago: its uid, cgroup and directory go first.
+        await self.unplaced(spec.id)
         async with contextlib.AsyncExitStack() as undo:
             try:
                 source = await asyncio.to_thread(self._slug_source, spec)
@@ -479,6 +493,34 @@ class HostRuntime:
         await self._uid_releases.call(_dyno_id(placement))
         self._destroy_netns_later(placement.space, placement.netns)
 
+    def unplace_later(self, placement: Placement) -> None:
+        dyno_id = _dyno_id(placement)
+        previous = self._unplacing.get(dyno_id)
+
+        async def run() -> None:
+            if previous is not None:
+                await _quietly(previous)
+            try:
+                await self.unplace(placement)
+            except Exception as exc:
+                # Left to the sweep at the next start (no record owns them any more).
+                log.error("freeing what dyno %s used failed: %s", dyno_id, exc)
+
+        task = asyncio.ensure_future(run())
+        self._unplacing[dyno_id] = task
+
+        def done(_task: asyncio.Future[None]) -> None:
+            if self._unplacing.get(dyno_id) is task:
+                del self._unplacing[dyno_id]
+        task.add_done_callback(done)
+
+    async def unplaced(self, dyno_id: str | None = None) -> None:
+        """Once the background unplacing of `dyno_id` (of every dyno: None) is over."""
+        pending = list(self._unplacing.values()) if dyno_id is None else \
+            [f for f in (self._unplacing.get(dyno_id),) if f is not None]
+        for future in pending:
+            await _quietly(future)
+
     def _unplace_blocking(self, placement: Placement) -> None:
         self.group(placement).destroy_blocking(timeout_s=10)
         shutil.rmtree(placement.dyno_dir, True)
@@ -516,9 +558,12 @@ class BatchedCalls:
     for while a batch runs goes in the next one. `call` returns once its item's batch has."""
 
     def __init__(self, fn: Callable[[list[str]], None],
-                 executor: concurrent.futures.Executor) -> None:
+                 executor: concurrent.futures.Executor, min_interval_s: float = 0.0) -> None:
         self._fn = fn
         self._executor = executor
+        # Between the starts of two batches: items asked for meanwhile wait and go together.
+        self._min_interval_s = min_interval_s
+        self._last_start: float | None = None
         self._queued: list[tuple[str, asyncio.Future[None]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -531,8 +576,12 @@ class BatchedCalls:
 
     async def _drain(self) -> None:
         batch: list[tuple[str, asyncio.Future[None]]] = []
+        loop = asyncio.get_running_loop()
         try:
             while self._queued:
+                if self._last_start is not None:
+                    await asyncio.sleep(self._last_start + self._min_interval_s - loop.time())
+                self._last_start = loop.time()
                 batch, self._queued = self._queued, []
                 try:
                     await asyncio.wrap_future(self._executor.submit(
@@ -650,3 +699,9 @@ def _remove_group_quietly(group: cgroups.Group) -> None:
     except cgroups.CgroupError as exc:
         if exc.errno != errno.ENOENT:
             log.warning("could not remove half-made cgroup %s: %s", group.name, exc)
+
+
+async def _quietly(future: asyncio.Future[None]) -> None:
+    """Wait for `future` without taking its outcome, nor cancelling it when cancelled."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(future)

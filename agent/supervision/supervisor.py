@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -330,10 +331,10 @@ class Supervisor:
         return dyno.spec, dyno.placement
 
     def counts(self) -> dict[str, Any]:
-        by_state: dict[str, int] = {}
-        for dyno in self.dynos.values():
-            by_state[str(dyno.state)] = by_state.get(str(dyno.state), 0) + 1
-        return {"total": len(self.dynos), "by_state": by_state}
+        # Asked for by every `GET /v1/info`: one pass, in C, over a thousand dynos.
+        by_state = Counter(dyno.machine.state for dyno in self.dynos.values())
+        return {"total": len(self.dynos),
+                "by_state": {str(state): n for state, n in by_state.items()}}
 
     # -- the Backend of the operator API ---------------------------------------------------------
     def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]:
@@ -429,18 +430,27 @@ class Supervisor:
         return dyno.status()
 
     async def _command(self, dyno: Dyno, command: Command, timeout_s: float) -> None:
-        # Shielded: a caller that gives up (timeout, disconnect) does not cancel the command;
-        # the dyno carries it out all the same.
+        # The deadline is the stop's: the dyno's process must have ended within it. What
+        # follows the exit (the cgroup emptied, the final counters, the record) is the
+        # agent's own work, bounded step by step; in a mass delete it waits its turn behind
+        # other dynos' (MAX_CONCURRENT_EXITS), which is no failure of this dyno's stop.
+        # Never cancelled: a caller that gives up (timeout, disconnect) does not cancel the
+        # command; the dyno carries it out all the same.
         future = dyno.request(command)
+        ended = asyncio.ensure_future(dyno.process_ended.wait())
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.shield(future)
-                # Answered only once it is on disk: a stopped or deleted dyno an agent
-                # killed right after the answer comes back stopped or gone, not running.
-                await asyncio.shield(self.writer.persisted(dyno.id))
+                await asyncio.wait((future, ended), return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
-            raise errors.Timeout(f"{command.value} of {dyno.spec.name} did not finish within "
-                                 f"{timeout_s:g}s; it goes on in the background") from None
+            raise errors.Timeout(f"{command.value} of {dyno.spec.name}: its process had not "
+                                 f"ended within {timeout_s:g}s; the stop goes on in the "
+                                 f"background") from None
+        finally:
+            ended.cancel()
+        await asyncio.shield(future)
+        # Answered only once it is on disk: a stopped or deleted dyno an agent killed right
+        # after the answer comes back stopped or gone, not running.
+        await asyncio.shield(self.writer.persisted(dyno.id))
 
     async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
         dyno = self.find(ref, app)

@@ -5,6 +5,7 @@ keeps the operator API answering and reports every removal truthfully."""
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,12 @@ from tests.support.agentproc import AgentProcess, UnixHTTPConnection
 from tests.support.names import unique
 from tests.support.wait import wait_for
 
-MASS_DYNOS = 150
+# 150 in `make test`; MASS_DYNOS=1000 for the issue's full scale (give pytest `-o timeout=1200`).
+MASS_DYNOS = int(os.environ.get("MASS_DYNOS", "150"))
+# A space is a /24: a few hundred dynos each, so a thousand need several.
+DYNOS_PER_SPACE = 200
+# Waits that grow with the count: starting a thousand dynos takes minutes on this machine.
+SCALE_WAIT_S = max(120.0, MASS_DYNOS * 0.6)
 # The operator API's answers from the sync until nothing of the dynos is left. Issue 19 asks
 # for a p99 of at most 100 ms: with the exit handling bounded to a few dynos at a time
 # (agent.supervision.dyno.MAX_CONCURRENT_EXITS) it measured 76-82 ms over the whole
@@ -30,7 +36,8 @@ POLL_PAUSE_S = 0.01
 
 
 def _spec(dyno_id: str, n: int, slug: Path) -> dict[str, object]:
-    return {"id": dyno_id, "app": "names", "name": f"worker.{n}", "command": "sleep 1000",
+    return {"id": dyno_id, "app": "names", "space": f"names-{n // DYNOS_PER_SPACE}",
+            "name": f"worker.{n}", "command": "sleep 1000",
             "size": "eco", "release": {"version": 1, "slug": {"path": str(slug)}}}
 
 
@@ -102,12 +109,12 @@ def test_a_sync_to_zero_keeps_the_api_answering_and_reports_every_removal(
     specs = [_spec(f"{prefix}-{n}", n, slug) for n in range(1, MASS_DYNOS + 1)]
     ids = sorted(str(s["id"]) for s in specs)
     started = coordinator.request("dynos.sync", {"generation": 1, "dynos": specs},
-                                  timeout_s=120)["p"]
+                                  timeout_s=SCALE_WAIT_S)["p"]
     assert started["failed"] == [] and sorted(started["started"]) == ids
 
     def all_up() -> bool:
         return sum(d["state"] == "up" for d in agent.api("GET", "/v1/dynos")) == MASS_DYNOS
-    wait_for(all_up, 120, interval_s=0.5, what=f"{MASS_DYNOS} dynos up")
+    wait_for(all_up, SCALE_WAIT_S, interval_s=0.5, what=f"{MASS_DYNOS} dynos up")
     netns_names = [Path(str(agent.api("GET", f"/v1/dynos/{i}")["netns"])).name for i in ids]
 
     samples: list[tuple[float, float]] = []
@@ -120,10 +127,10 @@ def test_a_sync_to_zero_keeps_the_api_answering_and_reports_every_removal(
         wait_for(lambda: len(samples) >= 3, 10, what="polls before the sync")
         began = time.monotonic()
         report = coordinator.request("dynos.sync", {"generation": 2, "dynos": []},
-                                     timeout_s=120)["p"]
+                                     timeout_s=SCALE_WAIT_S)["p"]
         answered = time.monotonic() - began
         # The namespaces go after the answer, off the critical path: still a mass delete.
-        wait_for(lambda: not _leftovers(agent, netns_names, ids), 120, interval_s=0.2,
+        wait_for(lambda: not _leftovers(agent, netns_names, ids), SCALE_WAIT_S, interval_s=0.2,
                  what="nothing left of the removed dynos")
         cleaned = time.monotonic() - began
         count = len(samples)

@@ -171,6 +171,9 @@ class FakeRuntime:
     async def unplace(self, placement: Placement) -> None:
         self.unplaced.append(self._id_of(placement))
 
+    def unplace_later(self, placement: Placement) -> None:
+        self.unplaced.append(self._id_of(placement))
+
     def pid_alive(self, pid: int, start_time: int) -> bool:
         return (pid, start_time) in self.alive
 

@@ -210,3 +210,75 @@ async def test_restore_puts_a_moved_uid_in_the_record_and_saves_it(h: Harness) -
     h.supervisor.writer.flush()
     (stored,) = h.records.load_all()
     assert stored.placement is not None and stored.placement.gid == 100007
+
+
+class _SlowTeardownRuntime(FakeRuntime):
+    """Freeing a dyno's cgroup, directory, uid and namespace never ends (a mass delete's
+    teardown queued behind a thousand others)."""
+
+    async def unplace(self, placement: Placement) -> None:
+        await asyncio.Event().wait()
+
+
+# Before its fix: a delete was answered only once the dyno's kernel objects were freed, so a
+# mass delete answered each dyno as late as the teardown queue made it (a sync from 1,000 to 0
+# reported most removals as `timeout`, though every dyno was gone): a deleted dyno is gone
+# once its processes and record are, and its kernel objects follow in the background
+async def test_a_delete_is_answered_without_waiting_for_the_teardown(tmp_path: Path) -> None:
+    h = await virtual_harness(tmp_path, _SlowTeardownRuntime())
+    try:
+        dyno_id = await h.create("worker.1")
+        await h.state(dyno_id, "up")
+        await asyncio.wait_for(h.supervisor.delete_dyno(dyno_id), STOP_TIMEOUT_S)
+        assert dyno_id not in h.supervisor.dynos
+        assert not (h.records.dir / f"{dyno_id}.json").exists()
+        assert h.runtime.unplaced == [dyno_id]
+    finally:
+        await h.supervisor.detach_all()
+
+
+# Before its fix: a stop's deadline (stop_timeout_s + 15 s) covered the agent's work after
+# the exit too, which in a mass delete waits behind other dynos' (MAX_CONCURRENT_EXITS): a
+# thousand-dyno sync reported most removals `timeout` though every process had ended on time
+async def test_a_stop_whose_process_ended_in_time_is_no_timeout_however_late_its_turn(
+        h: Harness) -> None:
+    from agent.supervision.dyno import MAX_CONCURRENT_EXITS
+    from agent.supervision.supervisor import COMMAND_GRACE_S
+    dyno_id = await h.create("worker.1")
+    await h.state(dyno_id, "up")
+    dyno = h.supervisor.dynos[dyno_id]
+    for _ in range(MAX_CONCURRENT_EXITS):  # every exit-handling turn taken by other dynos
+        await h.supervisor.exit_slots.acquire()
+    deleting = asyncio.ensure_future(h.supervisor.delete_dyno(dyno_id))
+    await _until(lambda: dyno.process_ended.is_set(), "the process ended")
+    await asyncio.sleep(dyno.stop_timeout_s + COMMAND_GRACE_S + 60)
+    assert not deleting.done()  # still waiting its turn, not failed
+    for _ in range(MAX_CONCURRENT_EXITS):
+        h.supervisor.exit_slots.release()
+    await asyncio.wait_for(deleting, 5)
+    assert dyno_id not in h.supervisor.dynos
+
+
+@dataclass
+class _UnkillableRuntime(FakeRuntime):
+    """A process that ignores SIGTERM and that SIGKILL does not end (a kernel that cannot
+    kill it: stuck in an uninterruptible sleep)."""
+
+    ignores_term: bool = True
+
+    def kill(self, placement: Placement) -> None:
+        self.kills += 1
+
+
+# The deadline still holds for a process that does not end: SIGKILL is not enough when the
+# agent cannot kill (here the runtime's kill does nothing), and the caller hears `timeout`
+async def test_a_stop_whose_process_never_ends_times_out(tmp_path: Path) -> None:
+    from agent import errors
+    h = await virtual_harness(tmp_path, _UnkillableRuntime())
+    try:
+        dyno_id = await h.create("worker.1")
+        await h.state(dyno_id, "up")
+        with pytest.raises(errors.Timeout, match="had not ended within"):
+            await h.supervisor.stop_dyno(dyno_id)
+    finally:
+        await h.supervisor.detach_all()
