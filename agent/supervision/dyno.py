@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from agent import errors
 from agent.journal import extra
 from agent.observability import logs
 from agent.spec import DEFAULT_PORT, DynoSpec, dyno_env
@@ -196,11 +197,27 @@ class Dyno:
         self.on_exit(pid, policy.EXIT_SIGKILL)
 
     def request(self, command: Command) -> asyncio.Future[None]:
-        """Queue a lifecycle command; the future completes once it has been carried out."""
+        """Queue a lifecycle command; the future completes once it has been carried out (a
+        delete of a dyno deleted meanwhile is done; any other command fails NotFound)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._commands.append((command, future))
+        if self.deleted.is_set():
+            self._settle_commands()
         self._wakeup.set()
         return future
+
+    def _settle_commands(self) -> None:
+        """Answer the commands a deleted dyno will never take (asked for while it was being
+        deleted: a second delete, a stop racing the delete)."""
+        pending, self._commands = self._commands + self._deferred, []
+        self._deferred = []
+        for command, future in pending:
+            if future.done():
+                continue
+            if command is Command.DELETE:
+                future.set_result(None)
+            else:
+                future.set_exception(errors.NotFound(f"dyno {self.id} was deleted"))
 
     # -- state -------------------------------------------------------------------------------
     def update(self, **changes: Any) -> Record:
@@ -584,6 +601,7 @@ class Dyno:
             self.update(placement=None)
         self.sink.forget(self)
         self.deleted.set()
+        self._settle_commands()
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

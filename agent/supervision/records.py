@@ -206,8 +206,9 @@ class RecordWriter:
     never waits for the disk: a rename over an existing file can take milliseconds on ext4
     (it starts the new file's writeback), and a mass delete saves thousands of records.
 
-    A record is encoded when it is saved (a snapshot), and only the newest pending version
-    of each record is written. A crash loses at most the last few milliseconds of changes,
+    A Record is immutable, so the thread encodes it (a dyno's several changes in one step
+    cost one encoding, off the loop), and only the newest pending version of each record is
+    written. A crash loses at most the last few milliseconds of changes,
     which adoption already copes with (a record saved before the holder's launch, or a
     placement not yet recorded, is what an agent killed at that moment leaves too). What
     must not be lost is waited for with `persisted`: a stop's intent before its signal goes,
@@ -218,7 +219,7 @@ class RecordWriter:
         self.store = store
         # False: every save is written at once, on the caller's thread (unit tests).
         self.background = background
-        self._pending: dict[str, bytes | None] = {}
+        self._pending: dict[str, Record | None] = {}
         self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
@@ -229,19 +230,19 @@ class RecordWriter:
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
 
     def save(self, record: Record) -> None:
-        self._put(record.id, encode(record))
+        self._put(record.id, record)
 
     def save_now(self, record: Record) -> None:
         """The first version of a record, written before this returns (a created dyno is on
         disk before its creator is told it exists)."""
         with self._lock:
             self._pending.pop(record.id, None)
-        self._write(record.id, encode(record))
+        self._write(record.id, record)
 
     def delete(self, dyno_id: str) -> None:
         self._put(dyno_id, None)
 
-    def _put(self, dyno_id: str, data: bytes | None) -> None:
+    def _put(self, dyno_id: str, data: Record | None) -> None:
         self.store._path(dyno_id)  # a bad id fails here, in the caller
         with self._lock:
             queued = self.background and not self._closed
@@ -287,12 +288,12 @@ class RecordWriter:
                 return
             self._write(dyno_id, data)
 
-    def _write(self, dyno_id: str, data: bytes | None) -> None:
+    def _write(self, dyno_id: str, data: Record | None) -> None:
         try:
             if data is None:
                 self.store.delete(dyno_id)
             else:
-                self.store.write(dyno_id, data)
+                self.store.write(dyno_id, encode(data))
         except OSError as exc:
             # The dyno goes on; its record is written again at its next change.
             log.error("cannot %s the record of %s: %s",

@@ -282,3 +282,21 @@ async def test_a_stop_whose_process_never_ends_times_out(tmp_path: Path) -> None
             await h.supervisor.stop_dyno(dyno_id)
     finally:
         await h.supervisor.detach_all()
+
+
+# Before its fix: a command asked for while its dyno was being deleted (a second delete, a
+# stop racing the delete: the fuzzing client's parallel sequences) stayed queued in a dyno
+# whose task had ended, and its caller waited forever (with a deadline: `timeout`)
+async def test_commands_racing_a_delete_are_answered(h: Harness) -> None:
+    from agent import errors
+    dyno_id = await h.create("worker.1")
+    await h.state(dyno_id, "up")
+    first = asyncio.ensure_future(h.supervisor.delete_dyno(dyno_id))
+    second = asyncio.ensure_future(h.supervisor.delete_dyno(dyno_id))
+    stop = asyncio.ensure_future(h.supervisor.stop_dyno(dyno_id))
+    await asyncio.sleep(0)
+    done, pending = await asyncio.wait((first, second, stop), timeout=5)
+    assert not pending
+    assert first.result() is None and second.result() is None
+    assert stop.exception() is None or isinstance(stop.exception(), errors.NotFound)
+    assert dyno_id not in h.supervisor.dynos
