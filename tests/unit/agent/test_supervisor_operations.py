@@ -295,7 +295,7 @@ async def test_commands_racing_a_delete_are_answered(h: Harness) -> None:
     second = asyncio.ensure_future(h.supervisor.delete_dyno(dyno_id))
     stop = asyncio.ensure_future(h.supervisor.stop_dyno(dyno_id))
     await asyncio.sleep(0)
-    done, pending = await asyncio.wait((first, second, stop), timeout=5)
+    _done, pending = await asyncio.wait((first, second, stop), timeout=5)
     assert not pending
     assert first.result() is None and second.result() is None
     assert stop.exception() is None or isinstance(stop.exception(), errors.NotFound)
