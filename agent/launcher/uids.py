@@ -403,7 +403,10 @@ class UidAllocator:
         return table
 
     def _store(self, table: Table) -> None:
-        tmp = f"{self.path}.tmp.{os.getpid()}"
+        # One name for every writer: only the holder of the registry's lock writes it, and an
+        # agent killed mid-write leaves a file the next writer truncates, not one per pid
+        # piling up in /run.
+        tmp = f"{self.path}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:

@@ -184,6 +184,17 @@ def test_writes_leave_no_temp_files_and_keep_the_registry_private(host: Host) ->
     assert host.registry.parent.stat().st_mode & 0o777 == 0o700
 
 
+def test_a_writer_killed_mid_write_leaves_nothing_behind_the_next_write(host: Host) -> None:
+    # Before its fix: each writer used a temp file named by its pid, and an agent SIGKILLed
+    # between writing it and the rename left one more file in /run for good.
+    alloc = host.agent("a")
+    alloc.allocate("d0")
+    (host.registry.parent / "registry.json.tmp").write_bytes(b'{"version": 1, "boot')
+    alloc.allocate("d1")
+    assert sorted(os.listdir(host.registry.parent)) == ["registry.json", "registry.lock"]
+    assert alloc.allocations().keys() == {"d0", "d1"}
+
+
 def test_a_registry_directory_others_may_write_is_refused(host: Host) -> None:
     host.registry.parent.mkdir(mode=0o700)
     host.registry.parent.chmod(0o777)
