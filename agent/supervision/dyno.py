@@ -385,12 +385,8 @@ class Dyno:
             oom_heard.append(count)
             self._wakeup.set()
 
+        stop_watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
         self.process_ended.clear()
-        try:
-            stop_watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
-        except BaseException:
-            self.process_ended.set()
-            raise
         try:
             w = await self._begin_watch(placement, adopted)
             while True:

@@ -208,9 +208,9 @@ class RecordWriter:
 
     A Record is immutable, so the thread encodes it (a dyno's several changes in one step
     cost one encoding, off the loop), and only the newest pending version of each record is
-    written. A crash loses at most the last few milliseconds of changes,
-    which adoption already copes with (a record saved before the holder's launch, or a
-    placement not yet recorded, is what an agent killed at that moment leaves too). What
+    written. A crash loses at most the last few milliseconds of changes, which adoption
+    already copes with (a record saved before the holder's launch, or a placement not yet
+    recorded, is what an agent killed at that moment leaves too). What
     must not be lost is waited for with `persisted`: a stop's intent before its signal goes,
     a delete before its caller is told.
     """

@@ -360,8 +360,7 @@ class HostRuntime:
     async def _teardown_done(self, name: str) -> None:
         future = self._teardowns.get(name)
         if future is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(future)
+            await _quietly(asyncio.wrap_future(future))
 
     def signal_all(self, placement: Placement, sig: signal.Signals) -> int:
         """Signal every process of the dyno; returns how many were signalled. Reads the
@@ -405,8 +404,7 @@ class HostRuntime:
     async def _kills_done(self, placement: Placement) -> None:
         pending = self._kills.get(placement.cgroup)
         if pending is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
+            await _quietly(pending)
 
     def _kill_group(self, placement: Placement) -> None:
         group = self.group(placement)
@@ -516,9 +514,12 @@ class HostRuntime:
 
     async def unplaced(self, dyno_id: str | None = None) -> None:
         """Once the background unplacing of `dyno_id` (of every dyno: None) is over."""
-        pending = list(self._unplacing.values()) if dyno_id is None else \
-            [f for f in (self._unplacing.get(dyno_id),) if f is not None]
-        for future in pending:
+        if dyno_id is not None:
+            pending = self._unplacing.get(dyno_id)
+            if pending is not None:
+                await _quietly(pending)
+            return
+        for future in list(self._unplacing.values()):
             await _quietly(future)
 
     def _unplace_blocking(self, placement: Placement) -> None:

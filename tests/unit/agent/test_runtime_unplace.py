@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 
+from agent.daemon.service import _remove_dirs, _stale_dyno_dirs
 from agent.spec import parse_spec
 from agent.supervision.records import Placement
 from agent.supervision.runtime import BatchedCalls, HostRuntime
@@ -123,7 +124,6 @@ async def test_uid_releases_asked_for_within_the_interval_go_in_one_pass() -> No
 def test_the_start_sweeps_runtime_dirs_no_record_places(tmp_path: Path) -> None:
     # A delete is answered before its runtime dir goes: an agent killed in between leaves
     # it, and the next start removes it (the cgroup and namespace sweeps do the same).
-    from agent.daemon.service import _remove_dirs, _stale_dyno_dirs
     root = tmp_path / "dynos"
     for name in ("kept", "deleted"):
         (root / name / "tmp").mkdir(parents=True)
