@@ -15,7 +15,7 @@ from tests.support.agentproc import AgentProcess, UnixHTTPConnection
 from tests.support.names import unique
 from tests.support.wait import wait_for
 
-# 150 in `make test`; MASS_DYNOS=1000 for the full scale (give pytest `-o timeout=1200`).
+# 150 in `make test`; MASS_DYNOS=1000 for the full scale (give pytest `-o timeout=1500`).
 MASS_DYNOS = int(os.environ.get("MASS_DYNOS", "150"))
 # A space is a /24: a few hundred dynos each, so a thousand need several.
 DYNOS_PER_SPACE = 200

@@ -300,8 +300,11 @@ class ApiFuzzer:
         if roll == 3:
             ref, allowed = self.ref()
             query, refused = self.query(("app",))
-            return Call("get", (refused or allowed) - {"timeout"}, "GET",
-                        f"/v1/dynos/{ref}{query}")
+            # aiohttp's `{ref}` matches no segment with a brace in it: that request has no
+            # route (not_found) before its query is read.
+            routes = not any(c in urllib.parse.unquote(ref) for c in "{}")
+            return Call("get", ((refused or allowed) if routes else allowed) - {"timeout"},
+                        "GET", f"/v1/dynos/{ref}{query}")
         if roll == 4:
             ref, allowed = self.ref()
             action = self.rng.choice(("stop", "restart"))
