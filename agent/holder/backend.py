@@ -142,6 +142,8 @@ class IsolatedBackend:
         for key, value in params.items():
             if key == "env":
                 kwargs[key] = _env(params)
+            elif key == "binds" and isinstance(value, list):
+                kwargs[key] = tuple(tuple(b) if isinstance(b, list) else b for b in value)
             elif isinstance(value, list):
                 kwargs[key] = tuple(value)
             else:

@@ -572,9 +572,18 @@ def _output_of(p: dict[str, Any]) -> ReceivedOutput:
     return ReceivedOutput(dyno_id, pid, seq, dropped, tuple(blocks), size)
 
 
+_BUILD_ONLY_FIELDS = ("app_dir", "binds")
+
+
 def _fields(request: Mapping[str, Any] | Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(request) and not isinstance(request, type):
-        return dataclasses.asdict(request)
+        fields = dataclasses.asdict(request)
+        # Fields only build dynos use go only when set: a holder started by an older agent
+        # then still takes every other launch.
+        for key in _BUILD_ONLY_FIELDS:
+            if fields.get(key) in (None, ()):
+                fields.pop(key, None)
+        return fields
     if isinstance(request, Mapping):
         return dict(request)
     raise TypeError(f"launch takes a LaunchRequest or a mapping, not {type(request).__name__}")

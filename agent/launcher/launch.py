@@ -48,7 +48,8 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
     plan = rootfs.plan_rootfs(
         stack_dir=req.stack_dir, slug_dir=req.slug_dir, dyno_dir=req.dyno_dir,
         writable_limit_bytes=req.writable_limit_bytes, uid=req.uid, gid=req.gid,
-        hide_paths=req.hide_paths, idmap_slug=req.idmap_slug,
+        hide_paths=req.hide_paths, idmap_slug=req.idmap_slug and req.app_dir is None,
+        app_dir=req.app_dir, binds=req.binds,
         stack_complete=rootfs.stack_has_mount_points(req.stack_dir), etc_files=etc_files)
     argv = [req.reaper, "--", *req.argv]
     env = dict(req.env)
@@ -62,7 +63,7 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
         netns_fd = None if req.netns_path is None else _open(req.netns_path, os.O_RDONLY,
                                                              "netns", fds)
         userns_fd = None
-        if req.idmap_slug:
+        if req.idmap_slug and req.app_dir is None:
             # The slug directory's owner becomes the dyno user, nobody else: a slug path that
             # shows a root-owned host tree must not make root's files the dyno's.
             try:

@@ -12,6 +12,7 @@ from agent.launcher.errors import RequestError
 
 # The kernel limits a hostname to 64 bytes; keep to the alphabet dyno ids are made of.
 _HOSTNAME = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
+_BIND_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _DYNO_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 # Overlay options are a comma-separated string and lowerdir a colon-separated list; the
 # kernel's escaping rules differ between versions, so such paths are refused outright.
@@ -52,6 +53,11 @@ class LaunchRequest:
     # The dyno seccomp filter (agent.launcher.seccomp) on the app and all it starts. Always on
     # in production; off only for the benchmark's with/without comparison and its tests.
     seccomp: bool = True
+    # A build dyno: this host directory is bound read-write at /app instead of the slug's
+    # overlay (the build's output stays on the host), and `binds` add host directories under
+    # /tmp, each (source, name, writable): /tmp/<name>. Both only ever come from the agent.
+    app_dir: str | None = None
+    binds: tuple[tuple[str, str, bool], ...] = ()
 
     def validate(self) -> None:
         """Refuse what the child could only fail on later, with a clearer message now."""
@@ -88,6 +94,13 @@ class LaunchRequest:
         if not MIN_NOFILE <= self.nofile_limit <= MAX_NOFILE:
             raise RequestError("nofile_limit", self.nofile_limit,
                                f"must be within {MIN_NOFILE}..{MAX_NOFILE}")
+        if self.app_dir is not None and not os.path.isabs(self.app_dir):
+            raise RequestError("app_dir", self.app_dir, "must be absolute")
+        for bind in self.binds:
+            if (len(bind) != 3 or not os.path.isabs(bind[0]) or not _BIND_NAME.match(bind[1])
+                    or not isinstance(bind[2], bool)):
+                raise RequestError("binds", bind, "each is (absolute source, name under /tmp "
+                                   "matching [a-z][a-z0-9-]*, writable as a bool)")
         # A security switch: only a real bool turns it off (0 or "" from JSON must not).
         if not isinstance(self.seccomp, bool):
             raise RequestError("seccomp", self.seccomp, "must be true or false")

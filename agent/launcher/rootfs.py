@@ -167,7 +167,8 @@ def stack_has_mount_points(stack_dir: str) -> bool:
 def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_bytes: int,
                 uid: int, gid: int, hide_paths: Sequence[str] = (),
                 stack_complete: bool = True, idmap_slug: bool = True,
-                etc_files: Mapping[str, str] | None = None) -> list[Op]:
+                etc_files: Mapping[str, str] | None = None, app_dir: str | None = None,
+                binds: Sequence[tuple[str, str, bool]] = ()) -> list[Op]:
     """Every operation that builds a dyno's filesystem, in order.
 
     One tmpfs of `writable_limit_bytes` over `dyno_dir` (in the dyno's own mount namespace)
@@ -177,6 +178,10 @@ def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_
     modify them; the changes are copied up into its private upper layer. `etc_files`
     (name -> content) are written to the scratch tmpfs and bound read-only over the stack's
     /etc/<name>, so each dyno has its own hosts, hostname and resolv.conf.
+
+    A build dyno has `app_dir` instead of a slug: that host directory is /app, read-write, so
+    what the build writes stays on the host; each of `binds` (source, name, writable) shows a
+    host directory at /tmp/<name>. Both are nosuid and nodev.
     """
     lay = Layout(dyno_dir.rstrip("/") or "/")
     root = lay.root
@@ -198,14 +203,19 @@ def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_
         # No upperdir: overlayfs mounts the merged layers read-only.
         ops.append(Mount("overlay", root, "overlay", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
                          f"lowerdir={lay.skel}:{stack_dir}"))
-    lower = slug_dir
-    if idmap_slug:
-        lower = lay.slug
-        ops += [Mkdir(lay.slug), IdmappedBind(slug_dir, lay.slug, uid, gid)]
+    if app_dir is not None:
+        ops += _bind(app_dir, f"{root}/app", writable=True)
+    else:
+        lower = slug_dir
+        if idmap_slug:
+            lower = lay.slug
+            ops += [Mkdir(lay.slug), IdmappedBind(slug_dir, lay.slug, uid, gid)]
+        ops.append(Mount("overlay", f"{root}/app", "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                         f"lowerdir={lower},upperdir={lay.upper},workdir={lay.work}"))
+    for source, name, writable in binds:
+        ops += [Mkdir(f"{lay.tmp}/{name}"), *_bind(source, f"{lay.tmp}/{name}", writable)]
     ops += [
-        Mount("overlay", f"{root}/app", "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-              f"lowerdir={lower},upperdir={lay.upper},workdir={lay.work}"),
-        Mount(lay.tmp, f"{root}/tmp", None, sc.MS_BIND),
+        Mount(lay.tmp, f"{root}/tmp", None, sc.MS_BIND | sc.MS_REC),
         Mount("tmpfs", f"{root}/dev", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC,
               "size=64k,nr_inodes=64,mode=0755"),
         *(Mknod(f"{root}/dev/{name}", major, minor) for name, major, minor in DEVICES),
@@ -237,6 +247,12 @@ def plan_rootfs(*, stack_dir: str, slug_dir: str, dyno_dir: str, writable_limit_
         *(Mask(path) for path in hide_paths),
     ]
     return ops
+
+
+def _bind(source: str, target: str, writable: bool) -> list[Op]:
+    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV
+    return [Mount(source, target, None, sc.MS_BIND),
+            Mount(None, target, None, flags if writable else flags | sc.MS_RDONLY)]
 
 
 class RootfsError(OSError):

@@ -50,6 +50,11 @@ def test_a_sane_request_validates() -> None:
     ({"nofile_limit": (1 << 20) + 1}, "nofile_limit"),
     ({"seccomp": 0}, "seccomp"),
     ({"seccomp": "false"}, "seccomp"),
+    ({"app_dir": "builds/app"}, "app_dir"),
+    ({"binds": (("relative", "cache", True),)}, "binds"),
+    ({"binds": (("/abs", "../etc", True),)}, "binds"),
+    ({"binds": (("/abs", "cache", 1),)}, "binds"),
+    ({"binds": (("/abs", "cache"),)}, "binds"),
 ])
 def test_bad_fields_are_named(override: dict[str, Any], field: str) -> None:
     with pytest.raises(RequestError) as info:

@@ -174,3 +174,24 @@ def test_an_idmapped_bind_without_a_user_namespace_is_refused(tmp_path: Path) ->
     with pytest.raises(rootfs.RootfsError) as info:
         rootfs.apply([rootfs.IdmappedBind(str(tmp_path), str(tmp_path), 400001, 400001)])
     assert "user namespace" in str(info.value)
+
+
+def test_a_build_dyno_gets_its_host_dir_read_write_at_app_and_binds_under_tmp() -> None:
+    d1 = "/run/dynoagent/dynos/d1"
+    plan = _plan(app_dir="/run/dynoagent/builds/b1/app",
+                 binds=(("/run/dynoagent/builds/b1/build", "build", False),
+                        ("/var/lib/dynoagent/build-cache/a", "cache", True)))
+    assert not any(isinstance(op, rootfs.IdmappedBind) for op in plan)
+    app = [op for op in plan if isinstance(op, Mount) and op.target == f"{d1}/root/app"]
+    assert app[0] == Mount("/run/dynoagent/builds/b1/app", f"{d1}/root/app", None, sc.MS_BIND)
+    assert app[1].flags & (sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV) == (
+        sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV)
+    assert not app[1].flags & sc.MS_RDONLY and len(app) == 2  # no overlay over it
+    build = [op for op in plan if isinstance(op, Mount) and op.target == f"{d1}/tmp/build"]
+    cache = [op for op in plan if isinstance(op, Mount) and op.target == f"{d1}/tmp/cache"]
+    assert build[0].source == "/run/dynoagent/builds/b1/build" and build[1].flags & sc.MS_RDONLY
+    assert cache[0].source == "/var/lib/dynoagent/build-cache/a"
+    assert not cache[1].flags & sc.MS_RDONLY and cache[1].flags & sc.MS_NOSUID
+    # /tmp carries the binds along into the new root.
+    tmp = next(op for op in plan if isinstance(op, Mount) and op.target == f"{d1}/root/tmp")
+    assert tmp.flags & sc.MS_REC and plan.index(cache[1]) < plan.index(tmp)
