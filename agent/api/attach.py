@@ -5,8 +5,9 @@ and keep the operator's terminal): the command gets its own pipes, or its own pt
 dyno when the caller has a terminal, and the agent relays bytes, window size and signals.
 
 Wire format: the client sends one JSON object ending in "\\n" and no fds: {"v": 2, "op":
-"run"|"exec", ..., "tty": bool, "window": [rows, columns], "detached": bool (run)}. From then
-on both directions carry the frames of `agent.api.attachwire`: the agent sends control frames
+"run"|"exec", ..., "tty": bool, "window": [rows, columns], "detached": bool (run),
+"config_vars": {KEY: value} (run: they override the app's for the one-off)}. From then on both
+directions carry the frames of `agent.api.attachwire`: the agent sends control frames
 ({"event": "started", ...}, {"event": "exit", "status": N} or {"error": {"code", "message"}}),
 stdout and stderr data and stdin credit; the caller sends stdin within that credit, stdin EOF,
 window sizes and signals. A request without "v": 2, or with fds (an older dynoctl), gets one
@@ -41,6 +42,7 @@ from agent.launcher.launch import stat_fields
 from agent.peercred import PeerCredError, is_allowed, peer_credentials
 from agent.sizes import DEFAULT_SIZE
 from agent.spec import DEFAULT_PORT, ENV_KEY, DynoSpec, dyno_env
+from agent.startup import entered_argv
 from agent.supervision.events import EventFollower
 from agent.supervision.records import Placement
 from agent.tasks import OwnedTasks
@@ -295,6 +297,24 @@ def _terminal_env(value: Any) -> dict[str, str]:
     return env
 
 
+def one_off_env(template: DynoSpec, request: dict[str, Any]) -> dict[str, str]:
+    """A one-off's config vars: its app's, the caller's terminal variables, and then the
+    request's `config_vars` (`dynoctl run -e KEY=VALUE`), which override both for this dyno
+    only. The spec's own checks (total size) follow when the dyno is created."""
+    given = request.get("config_vars")
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise errors.BadRequest("config_vars must be an object of KEY: value strings")
+    for key, value in given.items():
+        if not ENV_KEY.fullmatch(key):
+            raise errors.BadRequest(f"config_vars: key {errors.excerpt(key)} must match "
+                                    f"{ENV_KEY.pattern}")
+        if not isinstance(value, str) or "\x00" in value:
+            raise errors.BadRequest(f"config_vars.{key} must be a string without NUL")
+    return {**template.env, **_terminal_env(request.get("env")), **given}
+
+
 class AttachServer:
     """Serves the attach socket: one task per connection, owned and cancelled here."""
 
@@ -421,7 +441,7 @@ class AttachServer:
         dyno_id = str(uuid.uuid4())
         name = self._one_off_name(template.app)
         body = {"id": dyno_id, "app": template.app, "name": name, "command": command,
-                "env": {**template.env, **_terminal_env(request.get("env"))},
+                "env": one_off_env(template, request),
                 "release": template.release.to_dict(), "size": size,
                 "space": template.space, "restart": "never"}
         pipes: Pipes | None = None
@@ -526,7 +546,8 @@ class AttachServer:
         pipes = None if window is not None else Pipes.make()
         try:
             entered = await holder.enter(
-                spec.id, argv, tuple(env.items()), placement.uid, placement.gid, "/app",
+                spec.id, entered_argv(argv), tuple(env.items()), placement.uid, placement.gid,
+                "/app",
                 group.procs_paths(), None if pipes is None else pipes.dyno,
                 tty=window, nofile_limit=spec.size.nofile)
         except BaseException as exc:

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlencode
 
 from agent.api import attachwire as wire
 from agent.sizes import display_name
+from agent.spec import ENV_KEY
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
 TOP_INTERVAL_S = 2.0
@@ -750,6 +751,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     command = _command_text(args.command)
     request: dict[str, Any] = {"op": "run", "command": command, "app": args.app,
                                "size": args.size}
+    if args.env:
+        request["config_vars"] = dict(args.env)
 
     def started(message: dict[str, Any]) -> None:
         size = display_name(str(message.get("size") or "standard-1x"))
@@ -817,6 +820,17 @@ def _non_negative(text: str) -> int:
     return int(text, 10)
 
 
+def _config_var(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if not ENV_KEY.fullmatch(key):
+        raise argparse.ArgumentTypeError(f"config var name {key!r} must match {ENV_KEY.pattern}")
+    if "\x00" in value:
+        raise argparse.ArgumentTypeError(f"the value of {key} contains a NUL character")
+    return key, value
+
+
 def _positive_s(text: str) -> float:
     try:
         value = float(text)
@@ -869,6 +883,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--detached", "-d", action="store_true",
                      help="output to the logs instead of this terminal")
     run.add_argument("-s", "--size", default=None, help="dyno size (default standard-1x)")
+    run.add_argument("-e", "--env", type=_config_var, action="append", default=[],
+                     metavar="KEY=VALUE", help="a config var for this one-off only, over the "
+                     "app's (repeatable)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     exec_ = command("exec", cmd_exec, "run a command inside a running dyno (like heroku "
                     "ps:exec); exits with its status", json_flag=False)

@@ -15,7 +15,14 @@ from typing import Any, cast
 import pytest
 
 from agent import errors
-from agent.api.attach import AttachServer, Dynos, StdioRegistry, _ExitWatch, attach_path
+from agent.api.attach import (
+    AttachServer,
+    Dynos,
+    StdioRegistry,
+    _ExitWatch,
+    attach_path,
+    one_off_env,
+)
 from agent.holder import ExitEvent, Launched, LaunchFailed
 from agent.spec import DynoSpec, parse_spec
 from agent.supervision.events import EventBus, EventFollower
@@ -229,3 +236,18 @@ async def test_removing_a_one_off_that_is_gone_is_quiet() -> None:
 
     server = AttachServer(Gone(), cast(Any, None), cast(Any, None), StdioRegistry(), None)
     await asyncio.wait_for(server._remove("d1"), 5)
+
+
+def test_a_one_offs_config_vars_override_the_apps_and_the_terminals() -> None:
+    template = parse_spec({"id": "shop-web-1", "app": "shop", "name": "web.1", "command": "x",
+                           "env": {"GREETING": "hi", "KEEP": "k"},
+                           "release": {"version": 1, "slug": {"path": "/slug"}}})
+    request = {"env": {"TERM": "xterm", "NOT_TERMINAL": "dropped"},
+               "config_vars": {"GREETING": "over", "TERM": "dumb", "NEW": ""}}
+    assert one_off_env(template, request) == {"GREETING": "over", "KEEP": "k", "TERM": "dumb",
+                                              "NEW": ""}
+    assert one_off_env(template, {}) == {"GREETING": "hi", "KEEP": "k"}
+    for bad, words in [([["A", "1"]], "must be an object"), ({"1A": "x"}, "must match"),
+                       ({"A": 1}, "must be a string"), ({"A": "a\x00"}, "without NUL")]:
+        with pytest.raises(errors.BadRequest, match=words):
+            one_off_env(template, {"config_vars": bad})

@@ -372,3 +372,28 @@ def test_ctl_does_not_import_aiohttp() -> None:
 
 def test_fake_backend_is_shared() -> None:
     assert isinstance(sample_backend(), FakeBackend)
+
+
+def test_run_e_sends_config_vars_and_refuses_malformed_ones(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def attach(client: Any, request: dict[str, Any], started: Any, *,
+               detached: bool = False) -> int:
+        sent.append(request)
+        return 0
+
+    monkeypatch.setattr(ctl, "attach", attach)
+    assert ctl.main(["--socket", "/nowhere", "run", "-e", "A=1", "--env", "B=x=y", "-e", "A=",
+                     "--", "true"]) == 0
+    assert sent[0]["config_vars"] == {"A": "", "B": "x=y"}  # the last of a key wins
+    assert ctl.main(["--socket", "/nowhere", "run", "--", "-e", "X=1"]) == 0
+    assert "config_vars" not in sent[1] and sent[1]["command"] == "-e X=1"
+    for bad, words in [("1A=x", "config var name '1A' must match"),
+                       ("A-B=1", "config var name 'A-B' must match"),
+                       ("=x", "config var name '' must match"),
+                       ("NOVALUE", "expected KEY=VALUE, got 'NOVALUE'")]:
+        capsys.readouterr()
+        assert ctl.main(["--socket", "/nowhere", "run", "-e", bad, "--", "true"]) == 2
+        assert words in capsys.readouterr().err
+    assert len(sent) == 2
