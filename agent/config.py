@@ -35,7 +35,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # config): no slug may reach them, and dynos on the host stack do not see them.
 HOST_WIDE_PATHS = (Path("/var/lib/dynoagent"), Path("/run/dynoagent"),
                    Path("/run/dynoagent-uids"), Path("/run/dynoagent-up"), Path("/run/netns"),
-                   Path("/etc/dynoagent"))
+                   Path("/etc/dynoagent"), Path("/var/cache/dynoagent"))
 
 
 @dataclass(frozen=True)

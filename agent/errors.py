@@ -136,6 +136,13 @@ class Forbidden(AgentError):
     http_status = HTTPStatus.FORBIDDEN
 
 
+class BuildFailed(AgentError):
+    """A build did not produce a slug; the message says why (the build's output has more)."""
+
+    code = "build_failed"
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
 class ConfigError(Exception):
     """The configuration is unusable; `key` names the offending key."""
 
@@ -149,5 +156,5 @@ class ConfigError(Exception):
 ERROR_CODES: dict[str, tuple[int, str]] = {
     cls.code: (int(cls.http_status), (cls.__doc__ or "").strip())
     for cls in (BadRequest, InvalidSpec, NotFound, MethodNotAllowed, Conflict, Timeout, NotReady,
-                Draining, Forbidden, AgentError)
+                Draining, Forbidden, BuildFailed, AgentError)
 }

@@ -35,7 +35,9 @@ TIMEOUT_MAX_S = 86_400
 DEFAULT_PORT = 5000
 HOST_STACK = "host"
 # Types whose dynos run once: Heroku never restarts one-off (`run`) or release dynos.
-ONE_SHOT_TYPES = frozenset({"run", "release"})
+# Build dynos (`build.<n>`) are one-shot too; only the agent's builder starts them.
+BUILD_TYPE = "build"
+ONE_SHOT_TYPES = frozenset({"run", "release", BUILD_TYPE})
 WEB_TYPE = "web"
 DEFAULT_PATH = "/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -222,59 +224,59 @@ def _utf8_len(field: str, value: str) -> int:
         raise SpecError(field, "must be valid Unicode (no lone surrogates)", value) from None
 
 
-def _env(value: Any) -> Env:
-    data = _mapping("env", value)
+def parse_env(value: Any, field: str = "env") -> Env:
+    """Config vars (names like ENV_KEY, at most ENV_MAX_BYTES in all) found at `field`."""
+    data = _mapping(field, value)
     total = 0
     for key, item in data.items():
         if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
-            where = f"env.{key}" if isinstance(key, str) and _FIELD_KEY.fullmatch(key) else "env"
+            where = (f"{field}.{key}" if isinstance(key, str) and _FIELD_KEY.fullmatch(key)
+                     else field)
             raise SpecError(where, f"key {excerpt(key)} must match {ENV_KEY.pattern}", key)
-        _no_nul(f"env.{key}", _text(f"env.{key}", item))
+        _no_nul(f"{field}.{key}", _text(f"{field}.{key}", item))
         # Encoded size: what execve copies, and how Heroku counts its 32 kB.
-        total += len(key) + _utf8_len(f"env.{key}", item)
+        total += len(key) + _utf8_len(f"{field}.{key}", item)
     if total > ENV_MAX_BYTES:
-        raise SpecError("env", f"config vars total {total} bytes; the limit is {ENV_MAX_BYTES}")
+        raise SpecError(field, f"config vars total {total} bytes; the limit is {ENV_MAX_BYTES}")
     return Env(data)
 
 
-def _url(value: Any) -> str:
-    url = _no_nul("release.slug.url", _text("release.slug.url", value))
+def _url(value: Any, field: str) -> str:
+    url = _no_nul(field, _text(field, value))
     try:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError as exc:
-        raise SpecError("release.slug.url", f"is not a URL: {excerpt(str(exc))}",
-                        value) from None
+        raise SpecError(field, f"is not a URL: {excerpt(str(exc))}", value) from None
     if parts.scheme not in ("http", "https") or not host:
-        raise SpecError("release.slug.url", f"must be an http:// or https:// URL, got "
-                                            f"{excerpt(url)}", value)
+        raise SpecError(field, f"must be an http:// or https:// URL, got {excerpt(url)}", value)
     if len(url) > URL_MAX_CHARS or any(c.isspace() for c in url):
-        raise SpecError("release.slug.url", "must be at most 4096 characters with no spaces",
-                        value)
+        raise SpecError(field, "must be at most 4096 characters with no spaces", value)
     return url
 
 
-def _slug(value: Any) -> SlugSource:
-    data = _mapping("release.slug", value)
+def parse_slug_source(value: Any, field: str = "release.slug") -> SlugSource:
+    """A slug source found at `field`: {"path": ABSOLUTE} or {"url": HTTP(S), "sha256": HEX}
+    (the path is checked against the slug roots elsewhere)."""
+    data = _mapping(field, value)
     if "path" in data:
-        _reject_unknown("release.slug", data, ("path",))
-        path = _no_nul("release.slug.path", _text("release.slug.path", data["path"]))
+        _reject_unknown(field, data, ("path",))
+        path = _no_nul(f"{field}.path", _text(f"{field}.path", data["path"]))
         # Relative to what? The agent's cwd is not part of any contract.
         if not PurePosixPath(path).is_absolute():
-            raise SpecError("release.slug.path", f"must be an absolute path, got "
-                                                 f"{excerpt(path)}", path)
-        if _utf8_len("release.slug.path", path) > PATH_MAX_BYTES:
-            raise SpecError("release.slug.path", f"must be at most {PATH_MAX_BYTES} bytes",
+            raise SpecError(f"{field}.path", f"must be an absolute path, got {excerpt(path)}",
                             path)
+        if _utf8_len(f"{field}.path", path) > PATH_MAX_BYTES:
+            raise SpecError(f"{field}.path", f"must be at most {PATH_MAX_BYTES} bytes", path)
         return SlugSource(path=path)
     if "url" in data:
-        _reject_unknown("release.slug", data, ("url", "sha256"))
-        url = _url(data["url"])
+        _reject_unknown(field, data, ("url", "sha256"))
+        url = _url(data["url"], f"{field}.url")
         if "sha256" not in data:
-            raise SpecError("release.slug.sha256", "is required with a slug url")
-        digest = _text("release.slug.sha256", data["sha256"], SHA256, "64 hex digits")
+            raise SpecError(f"{field}.sha256", "is required with a slug url")
+        digest = _text(f"{field}.sha256", data["sha256"], SHA256, "64 hex digits")
         return SlugSource(url=url, sha256=digest.lower())
-    raise SpecError("release.slug", "must have either path, or url and sha256")
+    raise SpecError(field, "must have either path, or url and sha256")
 
 
 def _release(value: Any) -> Release:
@@ -285,7 +287,7 @@ def _release(value: Any) -> Release:
     version = _int("release.version", data["version"], 0, 2**63 - 1)
     if "slug" not in data:
         raise SpecError("release.slug", "is required")
-    slug = _slug(data["slug"])
+    slug = parse_slug_source(data["slug"])
     stack = _text("release.stack", data.get("stack", HOST_STACK), STACK,
                   '"host" or a stack name matching ' + STACK.pattern)
     return Release(version, slug, stack)
@@ -321,7 +323,7 @@ def parse_spec(data: Any, sizes: Mapping[str, Size] = DEFAULT_SIZES) -> DynoSpec
         raise SpecError("command", "must not be empty", command)
     if _utf8_len("command", command) > COMMAND_MAX_BYTES:
         raise SpecError("command", f"must be at most {COMMAND_MAX_BYTES} bytes")
-    env = _env(data.get("env", {}))
+    env = parse_env(data.get("env", {}))
     release = _release(data["release"])
     size = _size(data.get("size", DEFAULT_SIZE), sizes)
     space = _text("space", data.get("space", app), APP, APP.pattern)

@@ -19,6 +19,10 @@ Routes (all bodies JSON unless said otherwise):
   (`previous` null, `at` = when it entered that state). With `follow=1`: the state changes
   from now on, streamed, and `{"dropped": N}` when this reader fell behind by N events.
 - `GET /metrics`: Prometheus text exposition, `text/plain; version=0.0.4`.
+- `POST /v1/builds` with a build request (`{"app", "source": {"path"} | {"url", "sha256"},
+  "buildpacks"?, "env"?, "stack"?, "timeout_s"?, "use_cache"?}`): 202 + the build, `pending`;
+  `GET /v1/builds?app=` (the builds kept, oldest first); `GET /v1/builds/{id}`: the build,
+  `succeeded` with its `result` (slug path and sha256) or `failed` with its `error`.
 - `GET /v1/formation?app=`; `POST /v1/formation` with `{"app": A?, "formation": ["web=3",
   "worker=1:standard-2x"]}`: the formation of standalone mode (409 `conflict` from an agent
   whose formation comes from a coordinator).
@@ -38,6 +42,7 @@ from typing import Any, Final, Protocol, TypeVar, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from agent.builds.buildpacks import ALIASES, BUILTINS
 from agent.decoding import TooDeep, json_loads
 from agent.errors import (
     AgentError,
@@ -68,6 +73,8 @@ PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Dyno ids are [a-z0-9-]{1,64} (a leading dash included) and names "<type>.<n>" with type
 # [a-z][a-z0-9_]{0,29}.
 _REF = re.compile(r"[a-z0-9-][a-z0-9_.-]{0,99}")
+# Build ids are UUIDs.
+_BUILD_ID = re.compile(r"[0-9a-f-]{1,64}")
 _ASCII_INT = re.compile(r"[0-9]{1,18}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -118,6 +125,14 @@ class Backend(Protocol):
     def metrics_text(self) -> str:
         """Prometheus text exposition of every dyno and the agent."""
         ...
+
+    async def start_build(self, body: Any) -> dict[str, Any]:
+        """Check a build request and start the build; returns it (`pending`) at once."""
+        ...
+
+    def get_build(self, build_id: str) -> dict[str, Any]: ...
+
+    def list_builds(self, app: str | None = None) -> list[dict[str, Any]]: ...
 
 
 def _demote_parse_errors(record: logging.LogRecord) -> bool:
@@ -430,6 +445,23 @@ def _check_slug_path_allowed(body: dict[str, Any], peer_uid: int) -> None:
                         "give release.slug.url and sha256")
 
 
+def _check_build_paths_allowed(body: dict[str, Any], peer_uid: int) -> None:
+    """As for a slug path: a build's source path and buildpack directories are read by the
+    agent, as root, and given to the build; a peer that is not root names URLs (with their
+    sha256) and built-in buildpacks only."""
+    if peer_uid in (0, os.geteuid()):
+        return
+    source = body.get("source")
+    if isinstance(source, dict) and "path" in source:
+        raise Forbidden(f"uid {peer_uid} may not build from a local source path; give "
+                        "source.url and sha256")
+    packs = body.get("buildpacks")
+    for ref in packs if isinstance(packs, list) else ():
+        if isinstance(ref, str) and "://" not in ref and ref not in (*BUILTINS, *ALIASES):
+            raise Forbidden(f"uid {peer_uid} may not build with a buildpack directory "
+                            f"({excerpt(ref)}); give a built-in name or a tarball URL")
+
+
 def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.Application:
     """The operator API over `backend`. `peer_of` identifies a request's peer (the seam for
     tests served over TCP); it raises PeerCredError when it cannot, and the request is
@@ -552,6 +584,24 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
         call = formation_backend("scale")(app_name, body.get("formation"))
         return json_response(await operations.run(call, "api-scale"))
 
+    async def start_build(request: web.Request) -> web.Response:
+        _Query(request, frozenset())
+        body = await _json_object(request)
+        _check_build_paths_allowed(body, request[_PEER_UID])
+        build = await operations.run(backend.start_build(body), "api-build")
+        return json_response(build, status=202)
+
+    async def list_builds(request: web.Request) -> web.Response:
+        query = _Query(request, frozenset({"app"}))
+        return json_response(backend.list_builds(query.text("app")))
+
+    async def get_build(request: web.Request) -> web.Response:
+        _Query(request, frozenset())
+        build_id = request.match_info["id"]
+        if not _BUILD_ID.fullmatch(build_id):
+            raise BadRequest(f"{excerpt(build_id)} is not a build id")
+        return json_response(backend.get_build(build_id))
+
     async def metrics(request: web.Request) -> web.Response:
         _Query(request, frozenset())
         return web.Response(body=backend.metrics_text().encode(),
@@ -571,6 +621,9 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
     router.add_get("/v1/logs", logs, allow_head=False)
     router.add_get("/v1/events", events, allow_head=False)
     router.add_get("/metrics", metrics)
+    router.add_post("/v1/builds", start_build)
+    router.add_get("/v1/builds", list_builds)
+    router.add_get("/v1/builds/{id}", get_build)
     router.add_get("/v1/formation", get_formation)
     router.add_post("/v1/formation", scale)
     return app

@@ -180,9 +180,10 @@ class UnknownMethod(errors.BadRequest):
 # Every code an error response of the agent can carry on this link (docs/protocol.md §7,
 # checked against it by tests/unit/test_readme.py): the frame checks' codes, `busy`, and
 # the codes of the AgentErrors that requests raise (the supervisor's `timeout` included;
-# any other exception is answered `internal`).
+# any other exception is answered `internal`), and `build_failed`, which a failed build's
+# `error` carries (`build.get`, `build.finished`).
 FRAME_ERROR_CODES = ("malformed_frame", "unknown_type", "frame_too_large", "busy")
 REQUEST_ERRORS: tuple[type[errors.AgentError], ...] = (
     errors.BadRequest, errors.InvalidSpec, errors.NotFound, errors.Conflict, errors.Draining,
-    errors.NotReady, errors.Timeout, UnknownMethod, errors.AgentError)
+    errors.NotReady, errors.Timeout, UnknownMethod, errors.BuildFailed, errors.AgentError)
 ERROR_CODES = (*(cls.code for cls in REQUEST_ERRORS), *FRAME_ERROR_CODES)

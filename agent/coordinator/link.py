@@ -132,7 +132,8 @@ class CoordinatorLink:
     """One agent's connection to its coordinator, kept up for the agent's whole life.
 
     `publish_state` is the supervisor's state listener: every transition is queued in a
-    bounded buffer (newest kept, losses counted) and sent in order once connected.
+    bounded buffer (newest kept, losses counted) and sent in order once connected; so is
+    every finished build (`publish_build`).
     """
 
     def __init__(self, url: str, handler: Callable[[str, dict[str, Any]], Awaitable[Any]],
@@ -202,6 +203,11 @@ class CoordinatorLink:
     def publish_state(self, change: StateChange) -> None:
         """The supervisor's state listener; never blocks, never raises."""
         self._queue(Event("dyno.state", {**to_wire(change), "seq": next(self._seq)}))
+
+    def publish_build(self, build: dict[str, Any]) -> None:
+        """The build registry's listener: a finished build, buffered and sent in order with
+        the state changes (one `seq` for both); never blocks, never raises."""
+        self._queue(Event("build.finished", {**build, "seq": next(self._seq)}))
 
     def _queue(self, event: Event) -> None:
         if len(self._outbox) == self._outbox.maxlen:

@@ -32,6 +32,16 @@ class DynoHost(Protocol):
                           app: str | None = None) -> dict[str, Any]: ...
 
 
+class BuildHost(Protocol):
+    """What request handlers need of the build registry (agent/builds/service.py)."""
+
+    async def start(self, body: Any) -> dict[str, Any]: ...
+
+    def get(self, build_id: str) -> dict[str, Any]: ...
+
+    def list(self, app: str | None = None) -> list[dict[str, Any]]: ...
+
+
 def _fields(params: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]],
             optional: Mapping[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
     """Check a request's params: every required key, no unknown key, each of its type."""
@@ -65,13 +75,16 @@ def _dyno_id(value: str) -> str:
 
 class Requests:
     """The requests a coordinator may send, each validated and mapped onto the supervisor
-    and the convergence engine. `handle` raises only `errors.AgentError`."""
+    and the convergence engine (and, given `builds`, onto the build registry). `handle`
+    raises only `errors.AgentError`."""
 
     def __init__(self, dynos: DynoHost, engine: Engine,
-                 info: Callable[[], dict[str, Any]]) -> None:
+                 info: Callable[[], dict[str, Any]], *,
+                 builds: BuildHost | None = None) -> None:
         self.dynos = dynos
         self.engine = engine
         self.info = info
+        self.builds = builds
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "dynos.sync": self.sync,
             "dyno.start": self.start,
@@ -81,6 +94,9 @@ class Requests:
             "agent.drain": self.drain,
             "agent.info": self.agent_info,
         }
+        if builds is not None:
+            self._methods.update({"build.start": self.build_start, "build.get": self.build_get,
+                                  "build.list": self.build_list})
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -157,3 +173,17 @@ class Requests:
     async def agent_info(self, params: dict[str, Any]) -> dict[str, Any]:
         _fields(params, {})
         return self.info()
+
+    async def build_start(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Start a build (`p` is the build request itself); answered with the pending build,
+        its outcome arrives as a `build.finished` event."""
+        assert self.builds is not None
+        return await self.builds.start(params)
+
+    async def build_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.builds is not None
+        return self.builds.get(_fields(params, {"id": str})["id"])
+
+    async def build_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self.builds is not None
+        return self.builds.list(_fields(params, {}, {"app": str}).get("app"))

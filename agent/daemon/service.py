@@ -33,6 +33,8 @@ from agent import config as config_mod
 from agent.api.attach import AttachServer, StdioRegistry, attach_path
 from agent.api.formation import Formation
 from agent.api.server import HTTP_LAYER_LOG, build_app
+from agent.builds import Builder
+from agent.builds.service import Builds
 from agent.config import Config
 from agent.coordinator.link import CoordinatorLink
 from agent.coordinator.payloads import dyno_metrics, hello_payload
@@ -151,6 +153,10 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         # The supervisor's runtime, as built here: a reconnect hands it the new holder.
         self.runtime: HostRuntime | None = None
+        # Builds of slugs in build dynos (`POST /v1/builds`, `build.start`, `dynoagent build`).
+        self.builder: Builder | None = None
+        # The builds others asked for (operator API, coordinator), run through `builder`.
+        self.builds: Builds | None = None
         self.engine: Engine | None = None
         self.coordinator: CoordinatorLink | None = None
         # Set at shutdown when no dyno is left: then the agent also removes what it shares
@@ -477,6 +483,11 @@ class Daemon:
         runtime.adopt_processes(held)
         self.supervisor = supervisor
         self.runtime = runtime
+        self.builder = self.make_builder(supervisor, runtime)
+        swept = await asyncio.to_thread(self.builder.sweep)
+        if swept:
+            log.warning("removed %d build workspaces left by an agent that stopped mid-build",
+                        len(swept))
         restored = supervisor.restore(held, moved_uids)
         await self._sweep(restored)
         self._tasks.spawn(self._pump_holder_events(), "holder-events")
@@ -496,6 +507,28 @@ class Daemon:
                             "start sweeps what is left", UNPLACE_AT_EXIT_S)
             await slugs.aclose()
             self.idle_at_exit = not supervisor.dynos
+
+    @contextlib.asynccontextmanager
+    async def _builds(self) -> AsyncIterator[None]:
+        """The registry of requested builds. The agent cancels its running builds as it
+        begins to stop (`_cancel_builds`); closing it here again covers a start-up that
+        failed after this step."""
+        assert self.builder is not None and self.runtime is not None
+        builds = Builds(self.builder, self.runtime.slug_roots, self.runtime.slugs)
+        self.builds = builds
+        try:
+            yield
+        finally:
+            await builds.close()
+
+    def make_builder(self, supervisor: Supervisor, runtime: HostRuntime) -> Builder:
+        """Slugs built here go under the first slug root (`<state_dir>/slugs` by default),
+        so a release can name them; build caches and fetched buildpacks under state_dir."""
+        state = self.config.state_dir
+        return Builder(supervisor, runtime,
+                       store=self.config.effective_slug_roots[0] / "builds",
+                       caches=state / "build-cache", work=self.config.run_dir / "builds",
+                       buildpack_cache=state / "buildpacks")
 
     async def _sweep(self, live_ids: list[str]) -> None:
         """Remove kernel objects of dynos that no record owns (killed mid-creation, say)."""
@@ -543,19 +576,23 @@ class Daemon:
                     "draining": supervisor.draining}
 
         link = CoordinatorLink(
-            url, Requests(supervisor, engine, self.info).handle, hello,
+            url, Requests(supervisor, engine, self.info, builds=self.builds).handle, hello,
             lambda: dyno_metrics(supervisor), heartbeat=heartbeat,
             token_file=self.config.coordinator_token_file,
             ca_file=self.config.coordinator_ca_file,
             client_cert_file=self.config.coordinator_client_cert_file,
             client_key_file=self.config.coordinator_client_key_file)
         supervisor.state_listeners.append(link.publish_state)
+        if self.builds is not None:
+            self.builds.listeners.append(link.publish_build)
         self.coordinator = link
         link.start()
         try:
             yield
         finally:
             supervisor.state_listeners.remove(link.publish_state)
+            if self.builds is not None:
+                self.builds.listeners.remove(link.publish_build)
             await link.close()
 
     def _bind_socket(self) -> UnixListener:
@@ -618,6 +655,7 @@ class Daemon:
             Step("network", self._network),
             Step("dyno holder", self._holder),
             Step("supervisor", self._supervisor),
+            Step("builds", self._builds),
             Step("coordinator", self._coordinator),
             Step("operator socket", self._operator_socket),
             Step("attach socket", self._attach_socket),
@@ -658,10 +696,24 @@ class Daemon:
                 await self._stop.wait()
             self.state = "stopping"
             notify.stopping("shutting down")
+            await self._cancel_builds()
             await self.before_shutdown()
             await self._tasks.cancel_all()
         log.info("dynoagent stopped")
         return 0
+
+    async def _cancel_builds(self) -> None:
+        """Builds still running are cancelled while everything still works (the holder's
+        events tell the supervisor that a build dyno has ended), so each build dyno is
+        deleted and its workspace removed: a build does not outlive the agent."""
+        if self.builds is None:
+            return
+        try:
+            async with asyncio.timeout(self.stop_step_timeout_s):
+                await self.builds.close()
+        except TimeoutError:
+            log.error("builds still running after %gs; the next start sweeps their "
+                      "workspaces", self.stop_step_timeout_s)
 
     async def before_shutdown(self) -> None:
         """Runs while everything still works (holder events included), before any step is
@@ -731,6 +783,9 @@ class Operator:
         return self._sup.find(spec.id).status()
 
     async def restart_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        if self._daemon.formation is not None:
+            # Standalone mode: a restart picks up what was changed in the app's .env.
+            return await self._daemon.formation.restart(ref, app)
         return await self._sup.restart_dyno(ref, app)
 
     async def stop_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
@@ -759,6 +814,21 @@ class Operator:
 
     def metrics_text(self) -> str:
         return self._sup.metrics_text()
+
+    @property
+    def _builds(self) -> Builds:
+        if self._daemon.builds is None:
+            raise NotReady("the agent is still starting")
+        return self._daemon.builds
+
+    async def start_build(self, body: Any) -> dict[str, Any]:
+        return await self._builds.start(body)
+
+    def get_build(self, build_id: str) -> dict[str, Any]:
+        return self._builds.get(build_id)
+
+    def list_builds(self, app: str | None = None) -> list[dict[str, Any]]:
+        return self._builds.list(app)
 
 
 def _stale_dyno_dirs(root: Path, live: set[str]) -> list[Path]:

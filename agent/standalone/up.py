@@ -1,6 +1,6 @@
 """Standalone mode (`dynoagent up DIR`): the embedded local controller that feeds a Procfile's
 formation through the convergence engine, runs the release first, publishes web dynos through
-the TCP proxy, prints logs like `heroku local`, and stops everything on Ctrl-C."""
+the router, prints logs like `heroku local`, and stops everything on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,24 +14,29 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from agent import errors
+from agent.builds import Builder, BuildRequest, NothingDetected
 from agent.config import Config
 from agent.daemon.service import Daemon, Step
 from agent.observability.logs import Follower, LogLine, LogSource
 from agent.sizes import DEFAULT_SIZE, Size
-from agent.spec import DEFAULT_PORT, ID, ONE_SHOT_TYPES
+from agent.spec import DEFAULT_PORT, HOST_STACK, ID, ONE_SHOT_TYPES
+from agent.standalone.build import local_builder
 from agent.standalone.procfile import (
     AppDirError,
     FormationItem,
+    ProcessType,
     Procfile,
     check_types,
+    load_env_file,
+    load_procfile,
     parse_formation_items,
 )
-from agent.standalone.proxy import Backend, TcpProxy
+from agent.standalone.proxy import Backend, Router
 from agent.supervision.reconcile import Engine, Observed, Report, SupervisorFleet
 from agent.supervision.states import DynoState
 from agent.unixsocket import live_peer
@@ -48,16 +53,28 @@ RELEASE_VERSION = 1
 # heroku local's palette, in the order it hands colours out.
 COLOURS = (36, 33, 32, 35, 31, 34, 96, 93, 92, 95, 91, 94)
 SYSTEM = "system"
+ROUTER = "router"  # the dyno name of router lines, like Heroku's `heroku[router]`
 
 
 @dataclass(frozen=True)
 class AppSource:
-    """An app directory as `up` reads it; `directory` is absolute (it is the slug)."""
+    """An app directory as `up` reads it; `directory` is absolute (it is the slug). `env`
+    is the config vars as first read from `env_path` (None: from nowhere, as in tests)."""
 
     directory: Path
     app: str
     procfile: Procfile
     env: Mapping[str, str]
+    env_path: Path | None = None
+    env_required: bool = False
+    # Config vars the build's buildpacks gave (bin/release): under the app's own.
+    release_env: Mapping[str, str] = field(default_factory=dict)
+
+    def read_env(self) -> Mapping[str, str]:
+        """The config vars as the file has them now (blocks: run it on a thread)."""
+        if self.env_path is None:
+            return {**self.release_env, **self.env}
+        return {**self.release_env, **load_env_file(self.env_path, self.env_required)}
 
 
 @dataclass
@@ -87,6 +104,15 @@ def _size(item: FormationItem, sizes: Mapping[str, Size]) -> str:
         raise AppDirError(f"unknown size {errors.excerpt(item.size)} for {item.type}; known sizes: "
                           f"{', '.join(sizes)}", value=item.size)
     return name
+
+
+def built_procfile(slug_dir: Path, process_types: Mapping[str, str]) -> Procfile:
+    """The built app's Procfile, with the types only the buildpacks named (bin/release's
+    default_process_types) added: the app's own Procfile wins, as on Heroku."""
+    own = load_procfile(slug_dir) if (slug_dir / "Procfile").is_file() else Procfile(())
+    extra = tuple(ProcessType(name, command, 0) for name, command in process_types.items()
+                  if own.command(name) is None)
+    return Procfile(own.types + extra)
 
 
 def formation_dyno_id(app: str, kind: str, number: int) -> str:
@@ -142,12 +168,15 @@ class FormationController:
     It is the `agent.api.formation.Formation` that standalone mode hands the daemon."""
 
     def __init__(self, source: AppSource, formation: dict[str, FormationEntry], engine: Engine,
-                 supervisor: Any, sizes: Mapping[str, Size]) -> None:
+                 supervisor: Any, sizes: Mapping[str, Size], stack: str = HOST_STACK) -> None:
         self.source = source
+        self.stack = stack
         self.formation = formation
         self.engine = engine
         self.supervisor = supervisor
         self.sizes = sizes
+        # The config vars dynos (re)start with: .env is read again on every restart and scale.
+        self.env: dict[str, str] = dict(source.env)
         self.generation = 0
         self._lock = asyncio.Lock()
 
@@ -157,11 +186,11 @@ class FormationController:
 
     def release(self) -> dict[str, Any]:
         return {"version": RELEASE_VERSION, "slug": {"path": str(self.source.directory)},
-                "stack": "host"}
+                "stack": self.stack}
 
     def body(self, kind: str, number: int, command: str, size: str) -> dict[str, Any]:
         return {"id": formation_dyno_id(self.app, kind, number), "app": self.app,
-                "name": f"{kind}.{number}", "command": command, "env": dict(self.source.env),
+                "name": f"{kind}.{number}", "command": command, "env": dict(self.env),
                 "release": self.release(), "size": size}
 
     def desired(self) -> list[dict[str, Any]]:
@@ -179,12 +208,12 @@ class FormationController:
             return await self.engine.apply(self.generation, self.desired())
 
     def web_backends(self) -> list[Backend]:
-        """Web dynos that are `up`, in name order (the proxy rotates over them)."""
+        """Web dynos that are `up`, in name order (the router rotates over them)."""
         dynos = [d for d in self.supervisor.dynos.values()
                  if d.spec.app == self.app and d.spec.is_web and d.state is DynoState.UP
                  and d.placement is not None]
         dynos.sort(key=lambda d: int(d.spec.name.rpartition(".")[2]))
-        return [(d.placement.ip, DEFAULT_PORT) for d in dynos]
+        return [Backend(d.spec.name, d.placement.ip, DEFAULT_PORT) for d in dynos]
 
     def _check_app(self, app: str | None) -> None:
         if app is not None and app != self.app:
@@ -211,6 +240,7 @@ class FormationController:
         except AppDirError as exc:
             raise errors.BadRequest(exc.message) from None
         async with self._lock:
+            await self._read_env()
             self.formation.update(changes)
             self.generation += 1
             report = await self.engine.apply(self.generation, self.desired())
@@ -221,6 +251,29 @@ class FormationController:
             raise errors.AgentError(f"scaling left {len(report.failed)} dyno(s) unchanged; "
                                     f"{first.id}: {first.message}")
         return result
+
+    async def restart(self, ref: str, app: str | None = None) -> dict[str, Any]:
+        """`dynoctl restart`: .env is read again first, and a formation dyno whose config vars
+        it changed starts with the new ones (replaced: stopped, then created anew under its
+        id); any other dyno restarts as it is."""
+        spec = self.supervisor.find(ref, app).spec
+        if spec.app != self.app or spec.is_one_shot:
+            return dict(await self.supervisor.restart_dyno(ref, app))
+        async with self._lock:
+            await self._read_env()
+            if dict(spec.env) == self.env:
+                return dict(await self.supervisor.restart_dyno(ref, app))
+            number = int(spec.name.rpartition(".")[2])
+            body = self.body(spec.type, number, spec.command, spec.size.name)
+            await self.supervisor.delete_dyno(spec.id)
+            await self.engine.start(body)
+        return dict(self.supervisor.find(spec.id).status())
+
+    async def _read_env(self) -> None:
+        try:
+            self.env = dict(await asyncio.to_thread(self.source.read_env))
+        except AppDirError as exc:
+            raise errors.BadRequest(f"{exc} (nothing was changed)") from None
 
 
 PRINT_BATCH_LINES = 1000
@@ -289,6 +342,18 @@ class UpOptions:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     colour: bool = False
     remove_run_dir: bool = False
+    stack: str = HOST_STACK  # `--stack NAME`: installed in the agent's <state_dir>/stacks
+    # Build the directory first (None: --no-build, run it as is).
+    build: UpBuild | None = None
+    # --formation as given: applied again to the Procfile the build leaves.
+    items: list[FormationItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UpBuild:
+    buildpacks: tuple[str, ...] = ()
+    # Where slugs and build caches outlive the run (None: the agent's own state dir).
+    cache_base: Path | None = None
 
 
 class StandaloneDaemon(Daemon):
@@ -301,7 +366,7 @@ class StandaloneDaemon(Daemon):
         self.options = options
         self.printer = LogPrinter(options.out, options.colour)
         self.exit_code: int | None = None
-        self.proxy: TcpProxy | None = None
+        self.proxy: Router | None = None
         self._main: asyncio.Task[None] | None = None
         self._forced_event = asyncio.Event()
 
@@ -335,14 +400,15 @@ class StandaloneDaemon(Daemon):
         follower = self.hub.subscribe(self.app)
         printer_task = asyncio.create_task(self.printer.follow(follower), name="up-printer")
         controller = FormationController(self.options.source, self.options.formation,
-                                         self.engine, supervisor, self.config.sizes)
-        proxy = TcpProxy(self.options.listener, controller.web_backends)
+                                         self.engine, supervisor, self.config.sizes,
+                                         self.options.stack)
+        proxy = Router(self.options.listener, controller.web_backends, self._router_line)
         try:
             await proxy.start()
             self.proxy = proxy
             self.formation = controller
             self._banner(controller, proxy)
-            self._main = asyncio.create_task(self._release_then_formation(controller),
+            self._main = asyncio.create_task(self._build_release_formation(controller),
                                              name="up-main")
             yield
         finally:
@@ -354,7 +420,12 @@ class StandaloneDaemon(Daemon):
             follower.close()
             await asyncio.gather(printer_task, return_exceptions=True)
 
-    def _banner(self, controller: FormationController, proxy: TcpProxy) -> None:
+    def _router_line(self, text: str) -> None:
+        """Router lines join the app's log like platform messages: on the terminal as
+        `router | at=info …`, and in `dynoctl logs` as `agent[router]: at=info …`."""
+        self.hub.publish(LogLine.agent(datetime.now(UTC), self.app, ROUTER, text))
+
+    def _banner(self, controller: FormationController, proxy: Router) -> None:
         source = self.options.source
         counts = ", ".join(f"{k}={e.quantity}" for k, e in controller.formation.items())
         host, port = proxy.address
@@ -363,13 +434,73 @@ class StandaloneDaemon(Daemon):
         socket_note = "" if self.config.socket_path == DEFAULT_SOCKET else (
             f" (export DYNOAGENT_SOCKET={self.config.socket_path})")
         say(f"operator socket {self.config.socket_path}{socket_note}")
-        say("stack host: dynos see this machine's own files (for development only)")
+        if self.options.stack == HOST_STACK:
+            say("stack host: dynos see this machine's own files (for development only)")
+        else:
+            say(f"stack {self.options.stack}")
         if "web" in controller.formation:
             say(f"web dynos on http://{host}:{port}")
         say("Ctrl-C stops everything")
 
+    def make_builder(self, supervisor: Any, runtime: Any) -> Builder:
+        build = self.options.build
+        if build is None or build.cache_base is None:
+            return super().make_builder(supervisor, runtime)
+        return local_builder(supervisor, runtime, self.config, self.app, build.cache_base)
+
+    async def _build_release_formation(self, controller: FormationController) -> None:
+        if self.options.build is not None and not await self._build(controller,
+                                                                    self.options.build):
+            return
+        if not controller.source.procfile.types:
+            self.printer.system(f"{controller.source.directory} has no Procfile and no "
+                                "buildpack named process types: nothing to run")
+            self.exit_code = 1
+            self.request_stop("nothing to run")
+            return
+        await self._release_then_formation(controller)
+
+    async def _build(self, controller: FormationController, build: UpBuild) -> bool:
+        """Build the app directory (or find it built) and make the slug the app's source;
+        False when the build failed (then `up` stops)."""
+        assert self.builder is not None
+        source = controller.source
+        try:
+            env = await asyncio.to_thread(source.read_env)
+            result = await self.builder.build(BuildRequest(
+                app=self.app, source=source.directory, buildpacks=build.buildpacks,
+                env=env, stack=self.options.stack))
+        except NothingDetected as exc:
+            if build.buildpacks:
+                return self._build_failed(exc.message)
+            self.printer.system("no buildpack detected this app: running the directory as it "
+                                "is (--no-build skips the detection)")
+            return True
+        except (errors.AgentError, OSError) as exc:
+            return self._build_failed(getattr(exc, "message", str(exc)))
+        try:
+            procfile = await asyncio.to_thread(built_procfile, result.slug_dir,
+                                               result.process_types)
+            formation = initial_formation(procfile, self.options.items, self.config.sizes)
+        except AppDirError as exc:
+            return self._build_failed(str(exc))
+        controller.source = replace(source, directory=result.slug_dir, procfile=procfile,
+                                    release_env=dict(result.config_vars))
+        controller.env = dict(await asyncio.to_thread(controller.source.read_env))
+        if procfile != source.procfile:
+            controller.formation = formation
+        counts = ", ".join(f"{k}={e.quantity}" for k, e in controller.formation.items())
+        self.printer.system(f"running slug {result.sha256[:12]} (formation {counts or 'empty'})")
+        return True
+
+    def _build_failed(self, message: str) -> bool:
+        self.printer.system(f"build failed: {message}")
+        self.exit_code = 1
+        self.request_stop("build failed")
+        return False
+
     async def _release_then_formation(self, controller: FormationController) -> None:
-        release = self.options.source.procfile.release
+        release = controller.source.procfile.release
         if release is not None:
             status = await self._run_release(controller, release)
             if status != 0:

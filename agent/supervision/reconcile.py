@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import errors
-from agent.spec import DynoSpec, SpecError
+from agent.spec import BUILD_TYPE, DynoSpec, SpecError
 from agent.supervision.states import DynoState
 
 log = logging.getLogger(__name__)
@@ -355,12 +355,12 @@ class SupervisorFleet:
         return spec
 
     def observe(self) -> dict[str, Observed]:
-        # One-off dynos (`dynoctl run`, `run.N`) are not the desired set's to remove: they
-        # end by themselves, and a sync must not cut an operator's session.
+        # One-off dynos (`dynoctl run`, `run.N`) and builds are not the desired set's to
+        # remove: they end by themselves, and a sync must not cut a session or a build.
         return {dyno_id: Observed(dyno.spec, dyno.record.desired == "running",
                                   dyno.state is DynoState.COMPLETE)
                 for dyno_id, dyno in self.supervisor.dynos.items()
-                if dyno.spec.type != "run"}
+                if dyno.spec.type not in ("run", BUILD_TYPE)}
 
     async def start(self, spec: DynoSpec) -> None:
         await self.supervisor.create_dyno(spec.to_dict())

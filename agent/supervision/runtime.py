@@ -13,8 +13,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
-import shlex
 import shutil
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -33,14 +31,14 @@ from agent.launcher.uids import forget_legacy_table
 from agent.sizes import Size
 from agent.slugs.roots import SlugPathRefused, SlugRoots
 from agent.slugs.store import SlugError, SlugStore
-from agent.spec import HOST_STACK, DynoSpec, SlugSource
+from agent.spec import BUILD_TYPE, HOST_STACK, DynoSpec, SlugSource
+from agent.startup import command_argv
 from agent.supervision.pidfds import Pidfds
 from agent.supervision.records import Placement, Stored
 
 log = logging.getLogger(__name__)
 
 REAPER = "/usr/bin/tini"
-SHELL = "/bin/sh"
 BOOT_PROBE_TIMEOUT_S = 0.5
 # Threads that free dynos' cgroups, users and runtime dirs: enough to overlap the kernel's
 # waits, few enough that a mass delete does not crowd the loop's thread out of the GIL.
@@ -49,6 +47,17 @@ TEARDOWN_THREADS = 4
 # the GIL held throughout; freed uids stay in it for their quarantine): a mass delete frees
 # its uids in two passes a second, not one per dyno.
 UID_RELEASE_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class BuildMounts:
+    """What a build dyno sees besides its stack: `app_dir` (a host directory) read-write at
+    /app, and `binds` (source, name, writable) at /tmp/<name>. The trees in `owned` become
+    the dyno user's just before its process starts (its uid is known only once placed)."""
+
+    app_dir: str
+    binds: tuple[tuple[str, str, bool], ...] = ()
+    owned: tuple[str, ...] = ()
 
 
 class DynoStartError(Exception):
@@ -195,6 +204,8 @@ class HostRuntime:
         # Cgroup kills under way on a thread (the freeze fallback may take seconds): a launch
         # into the same cgroup waits for them, or a late kill would end the new process.
         self._kills: dict[str, asyncio.Future[None]] = {}
+        # Build dynos' mounts, by dyno id, registered by the builder before it creates one.
+        self.builds: dict[str, BuildMounts] = {}
 
     def group(self, placement: Placement) -> cgroups.Group:
         return self.tree.group(placement.cgroup)
@@ -327,9 +338,19 @@ class HostRuntime:
         # A placement outlives restarts (of the dyno and of the agent): a record made before
         # the slug roots, or before they changed, must not launch its slug again.
         self._slug_source(spec)
+        build = self.builds.get(spec.id)
+        if spec.type == BUILD_TYPE:
+            if build is None:
+                raise DynoStartError("Error: the build of this dyno is gone (the agent that ran "
+                                     "it restarted); start the build again")
+            for tree in build.owned:
+                _chown_tree(tree, placement.uid, placement.gid)
+        else:
+            build = None
         return LaunchRequest(
             dyno_id=spec.id, hostname=hostname(spec.id),
-            argv=(SHELL, "-c", shell_command(spec.command)),
+            # A build compiles /app: the start-up is the built app's, not the build's.
+            argv=command_argv(spec.command, profile=build is None),
             env=tuple(env.items()), uid=placement.uid, gid=placement.gid,
             stack_dir=self._stack_dir(spec), slug_dir=placement.slug_dir,
             dyno_dir=placement.dyno_dir,
@@ -337,7 +358,9 @@ class HostRuntime:
             nofile_limit=spec.size.nofile,
             cgroup_procs=self.group(placement).procs_paths(), netns_path=placement.netns_path,
             private_ip=placement.ip,
-            hide_paths=self.hide_paths, reaper=REAPER)
+            hide_paths=self.hide_paths, reaper=REAPER,
+            app_dir=None if build is None else build.app_dir,
+            binds=() if build is None else build.binds)
 
     def adopt_processes(self, held: Iterable[HeldProcess]) -> None:
         """At start: hold the pidfds of the dynos' running PID 1s that the holder listed
@@ -659,37 +682,12 @@ def _is_pid_namespace_init(pid: int) -> bool:
     return False
 
 
-def shell_command(command: str) -> str:
-    """The script given to `/bin/sh -c`: a simple command is exec'd so that the app itself,
-    not a shell around it, is the reaper's child.
-
-    bash does this on its own (as on Heroku); dash does not, and a waiting dash dies on the
-    SIGTERM of a stop (or the SIGINT of a Ctrl-C) at once, its reaper with it, and the kernel
-    then SIGKILLs the app in the middle of its graceful shutdown. Lists, pipelines,
-    subshells, leading assignments and shell keywords (unquoted) keep the plain form.
-    """
-    text = command.strip()
-    if not text or "\n" in text:
-        return command
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    try:
-        tokens = list(lexer)
-    except ValueError:  # unbalanced quotes: let the shell report it
-        return command
-    if not tokens or any(token in _CONTROL for token in tokens):
-        return command
-    first = tokens[0]
-    if first in _KEYWORDS or _ASSIGNMENT.match(first):
-        return command
-    return f"exec {text}"
-
-
-_CONTROL = frozenset({";", "&", "&&", "||", "|", "|&", "(", ")", ";;", "{", "}", "$("})
-_KEYWORDS = frozenset({"exec", "if", "then", "for", "while", "until", "case", "!", "function",
-                       "select", "time", "trap", "cd", "export", "set", "unset", "eval",
-                       "source", ".", "[", "[[", "{", "}"})
-_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+def _chown_tree(top: str, uid: int, gid: int) -> None:
+    """Give a build's directory tree to its dyno user; symlinks themselves, never followed."""
+    os.lchown(top, uid, gid)
+    for parent, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(parent, name), uid, gid)
 
 
 def _remove_group_quietly(group: cgroups.Group) -> None:

@@ -25,7 +25,7 @@ PAGE = """<!doctype html>
 <p class="dyno">served by <b id="dyno">{dyno}</b></p>
 <p>request <b id="count">{count}</b> to this dyno &middot; host {host} &middot;
 private IP {ip} &middot; pid {pid}</p>
-<p>Reload to see the proxy take turns between web dynos; try <code>dynoctl scale web=3</code>.</p>
+<p>Reload to see the router take turns between web dynos; try <code>dynoctl scale web=3</code>.</p>
 </body></html>
 """
 

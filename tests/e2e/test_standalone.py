@@ -163,6 +163,15 @@ def test_page_and_ps(up: Up) -> None:
     assert page["status"] == 200 and page["dyno"] == "web.1"
     assert "Hello from dynoagent" in page["body"]  # GREETING from examples/hello/.env
     assert 'served by <b id="dyno">web.1</b>' in page["body"]
+    # The router's line for it, on the terminal and in `dynoctl logs` (Heroku's heroku[router]).
+    line = (r'at=info method=GET path="/" host=127\.0\.0\.1:5000 request_id=[0-9a-f-]{36} '
+            r'fwd="127\.0\.0\.1" dyno=web\.1 connect=\d+ms service=\d+ms status=200 '
+            r"bytes=\d+ protocol=http")
+    wait_for(lambda: re.search(rf"^\d\d:\d\d:\d\d router +\| {line}$", up.output(), re.M), 10,
+             what="router line printed")
+    logs = up.ctl("logs", "-d", "router")
+    assert logs.returncode == 0 and re.search(rf" agent\[router\]: {line}$", logs.stdout,
+                                               re.M), logs
     output = up.output()
     # The release ran first and completed; the banner named the socket; lines are formatted.
     assert "release.1 | release phase of release.1: nothing to migrate" in output

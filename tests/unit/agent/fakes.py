@@ -17,6 +17,7 @@ from typing import Any
 
 import cgroups
 from agent import errors
+from agent.builds.service import parse_build
 from agent.config import Config
 from agent.errors import Conflict, InvalidSpec, NotFound
 from agent.holder import ExitEvent
@@ -342,6 +343,7 @@ class FakeBackend:
         self.gate: asyncio.Event | None = None  # when set, create_dyno waits for it
         self.gated = 0  # create calls that reached the gate
         self._ids = itertools.count(100)
+        self.builds: dict[str, dict[str, Any]] = {}
 
     def add(self, status: dict[str, Any]) -> dict[str, Any]:
         self.dynos[status["id"]] = status
@@ -423,6 +425,23 @@ class FakeBackend:
 
     def metrics_text(self) -> str:
         return self.metrics
+
+    async def start_build(self, body: Any) -> dict[str, Any]:
+        request = parse_build(body)
+        build_id = f"00000000-0000-4000-8000-{next(self._ids):012d}"
+        self.calls.append(("build", build_id))
+        self.builds[build_id] = {"id": build_id, "app": request.app, "status": "pending",
+                                 "dyno": None, "source": request.source.to_dict(),
+                                 "result": None, "error": None}
+        return dict(self.builds[build_id])
+
+    def get_build(self, build_id: str) -> dict[str, Any]:
+        if build_id not in self.builds:
+            raise NotFound(f"no build {build_id}")
+        return dict(self.builds[build_id])
+
+    def list_builds(self, app: str | None = None) -> list[dict[str, Any]]:
+        return [dict(b) for b in self.builds.values() if app is None or b["app"] == app]
 
 
 def sample_backend() -> FakeBackend:

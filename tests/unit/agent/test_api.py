@@ -354,3 +354,55 @@ async def test_metrics(client: Client) -> None:
     assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     families = list(text_string_to_metric_families(await resp.text()))
     assert [(f.name, f.samples[0].value) for f in families] == [("dyno_memory_bytes", 1048576)]
+
+
+# -- builds -----------------------------------------------------------------------------------
+
+BUILD = {"app": "shop", "source": {"url": "https://slugs.example/app.tgz", "sha256": "ab" * 32},
+         "buildpacks": ["python"]}
+
+
+async def test_start_build_is_202_with_the_pending_build(client: Client,
+                                                         backend: FakeBackend) -> None:
+    resp = await client.post("/v1/builds", json=BUILD)
+    assert resp.status == 202, await resp.text()
+    build = await resp.json()
+    assert (build["app"], build["status"], build["dyno"]) == ("shop", "pending", None)
+    assert ("build", build["id"]) in backend.calls
+    resp = await client.get(f"/v1/builds/{build['id']}")
+    assert resp.status == 200 and (await resp.json())["id"] == build["id"]
+    assert [b["id"] for b in await (await client.get("/v1/builds")).json()] == [build["id"]]
+    assert await (await client.get("/v1/builds", params={"app": "blog"})).json() == []
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({**BUILD, "size": "performance-l"}, "invalid_spec"),
+    ({"app": "shop"}, "invalid_spec"),
+    ([BUILD], "bad_request"),
+])
+async def test_a_bad_build_request_is_refused(client: Client, body: Any, code: str) -> None:
+    assert await error_of(await client.post("/v1/builds", json=body), 400) == code
+
+
+async def test_unknown_or_malformed_build_ids(client: Client) -> None:
+    missing = "00000000-0000-4000-8000-000000000000"
+    assert await error_of(await client.get(f"/v1/builds/{missing}"), 404) == "not_found"
+    assert await error_of(await client.get("/v1/builds/NOT_AN_ID"), 400) == "bad_request"
+    assert await error_of(await client.get("/v1/builds?apps=shop"), 400) == "bad_request"
+
+
+def test_local_build_sources_and_buildpack_directories_are_for_root_only() -> None:
+    from agent.api.server import _check_build_paths_allowed
+    from agent.errors import Forbidden
+
+    by_path = {"app": "shop", "source": {"path": "/root/secret"}}
+    with_dir = {**BUILD, "buildpacks": ["python", "/root/bp"]}
+    for body in (by_path, with_dir):
+        _check_build_paths_allowed(body, 0)
+    _check_build_paths_allowed({**BUILD, "buildpacks": ["heroku/python",
+                                                        "https://b/bp.tgz#sha256=" + "0" * 64]},
+                               54321)
+    with pytest.raises(Forbidden, match="local source path"):
+        _check_build_paths_allowed(by_path, 54321)
+    with pytest.raises(Forbidden, match="buildpack directory"):
+        _check_build_paths_allowed(with_dir, 54321)

@@ -148,6 +148,24 @@ async def test_live_events_keep_per_dyno_order(h: Harness) -> None:
                           "exit_status", "at", "seq"}
 
 
+async def test_a_finished_build_is_an_event_in_order_with_the_state_changes(
+        h: Harness) -> None:
+    link = h.link()
+    link.start()
+    link.publish_state(change("d1", DynoState.STARTING, None))
+    build = {"id": "b-1", "app": "demo", "status": "succeeded", "dyno": "build.1",
+             "result": {"slug": {"path": "/s/slug.tgz", "sha256": "ab" * 32}}, "error": None}
+    link.publish_build(build)
+    link.publish_state(change("d1", DynoState.UP, DynoState.STARTING))
+    await h.serve()  # buffered while away, like dyno.state
+    await h.coordinator.wait_until(lambda: len(h.coordinator.states()) == 2, 10, "flush")
+    kinds = [(r.method, r.params["seq"]) for r in h.coordinator.events()
+             if r.method in ("dyno.state", "build.finished")]
+    assert kinds == [("dyno.state", 1), ("build.finished", 2), ("dyno.state", 3)]
+    [finished] = h.coordinator.events("build.finished")
+    assert finished.params == {**build, "seq": 2}
+
+
 async def test_heartbeats_and_metrics_are_periodic(h: Harness) -> None:
     await h.serve()
     link = h.link()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from agent.sizes import DEFAULT_SIZES, MIB
-from agent.supervision.runtime import dyno_limits, shell_command
+from agent.startup import shell_command
+from agent.supervision.runtime import dyno_limits
 from cgroups import Mode, Write, plan_writes
 
 

@@ -1,16 +1,15 @@
 """Standalone mode without the kernel: formation controller on the real engine with a fake
-fleet, the formation fleet's filter, config defaults, log printer, TCP proxy on loopback,
-and `dynoctl scale`/`run` against a served API (the attach socket: test_attach.py)."""
+fleet, the formation fleet's filter, config defaults, log printer, the router's listener (the
+router: test_router.py), and `dynoctl scale`/`run` against a served API (the attach socket:
+test_attach.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
 import io
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +25,7 @@ from agent.sizes import DEFAULT_SIZES
 from agent.spec import DynoSpec, parse_spec
 from agent.standalone import up as standalone
 from agent.standalone.procfile import AppDirError, parse_formation_items, parse_procfile
-from agent.standalone.proxy import ProxyError, TcpProxy, bind_listener
+from agent.standalone.proxy import Backend, ProxyError, bind_listener
 from agent.supervision.reconcile import Engine, Observed
 from agent.supervision.states import DynoState
 from tests.unit.agent.fakes import FakeBackend, sample_backend
@@ -150,7 +149,8 @@ def test_web_backends_are_up_web_dynos_in_order() -> None:
              fake_dyno("other", "web.1", ip="10.0.0.5")]
     supervisor = SimpleNamespace(dynos={d.spec.id: d for d in dynos})
     ctrl = controller(FakeFleet(), supervisor)
-    assert ctrl.web_backends() == [("10.0.0.2", 5000), ("10.0.0.10", 5000)]
+    assert ctrl.web_backends() == [Backend("web.2", "10.0.0.2", 5000),
+                                   Backend("web.10", "10.0.0.10", 5000)]
 
 
 def test_initial_formation() -> None:
@@ -227,85 +227,7 @@ def test_log_printer_plain_and_coloured() -> None:
     assert coloured.format(at, "web.1", "c").startswith("\x1b[36m")  # a dyno keeps its colour
 
 
-# -- the TCP proxy ----------------------------------------------------------------------------
-
-@contextlib.asynccontextmanager
-async def echo_backends(count: int) -> AsyncIterator[list[tuple[str, int]]]:
-    """`count` servers on 127.0.0.1 that answer every connection with their own index."""
-    servers = []
-
-    def handler(index: int) -> Any:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            data = await reader.read(100)
-            writer.write(f"{index}:".encode() + data)
-            await writer.drain()
-            writer.close()
-        return handle
-
-    try:
-        for index in range(count):
-            servers.append(await asyncio.start_server(handler(index), "127.0.0.1", 0))
-        yield [("127.0.0.1", s.sockets[0].getsockname()[1]) for s in servers]
-    finally:
-        for server in servers:
-            server.close()
-            await server.wait_closed()
-
-
-async def fetch(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
-    reader, writer = await asyncio.open_connection(*address)
-    writer.write(payload)
-    writer.write_eof()
-    data = await reader.read()
-    writer.close()
-    return data
-
-
-@contextlib.asynccontextmanager
-async def running_proxy(backends: Any) -> AsyncIterator[TcpProxy]:
-    proxy = TcpProxy(bind_listener("127.0.0.1", 0), backends)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-async def test_proxy_round_robin_over_backends() -> None:
-    async with echo_backends(3) as backends, running_proxy(lambda: backends) as proxy:
-        answers = [await fetch(proxy.address) for _ in range(9)]
-    assert sorted(answers) == sorted([b"0:ping", b"1:ping", b"2:ping"] * 3)
-    assert answers[:3] == [b"0:ping", b"1:ping", b"2:ping"]
-    assert set(proxy.served.values()) == {3}
-
-
-async def test_proxy_fails_over_and_refuses_without_backends() -> None:
-    dead = bind_listener("127.0.0.1", 0)
-    dead_address = dead.getsockname()
-    dead.close()  # nothing listens here any more
-    current: list[tuple[str, int]] = []
-    async with echo_backends(1) as backends, running_proxy(lambda: current) as proxy:
-        # No backend: the connection is closed (reset, as the request was never read).
-        try:
-            answer = await fetch(proxy.address)
-        except ConnectionResetError:
-            answer = b""
-        assert answer == b""
-        assert proxy.refused == 1
-        current[:] = [dead_address, backends[0]]
-        assert [await fetch(proxy.address) for _ in range(2)] == [b"0:ping", b"0:ping"]
-
-
-async def test_proxy_close_ends_open_connections() -> None:
-    async with echo_backends(1) as backends:
-        proxy = TcpProxy(bind_listener("127.0.0.1", 0), lambda: backends)
-        await proxy.start()
-        reader, writer = await asyncio.open_connection(*proxy.address)
-        async with asyncio.timeout(5):
-            await proxy.close()
-            assert await reader.read() == b""
-        writer.close()
-
+# -- the router's listener ------------------------------------------------------------------
 
 def test_taken_port_is_one_clear_error() -> None:
     taken = bind_listener("127.0.0.1", 0)
