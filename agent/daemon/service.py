@@ -40,7 +40,7 @@ from agent.coordinator.link import CoordinatorLink
 from agent.coordinator.payloads import dyno_metrics, hello_payload
 from agent.coordinator.requests import Requests
 from agent.daemon import sdnotify as notify
-from agent.errors import ConfigError, Conflict, NotReady
+from agent.errors import AgentError, ConfigError, Conflict, NotReady
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocationError, UidAllocator
 from agent.observability.logs import LogHub
@@ -48,6 +48,7 @@ from agent.observability.logtail import SWEEP_INTERVAL_S, TailStore
 from agent.peercred import group_id
 from agent.slugs.roots import SlugRoots
 from agent.slugs.store import SlugStore
+from agent.spec import BUILD_TYPE
 from agent.supervision.events import EventBus, EventFollower
 from agent.supervision.reconcile import DesiredStore, Engine, SupervisorFleet
 from agent.supervision.records import RecordStore, RecordWriter
@@ -491,6 +492,12 @@ class Daemon:
         restored = supervisor.restore(held, moved_uids)
         await self._sweep(restored)
         self._tasks.spawn(self._pump_holder_events(), "holder-events")
+        # Build dynos of an agent that died mid-build: nobody waits for their slug any more.
+        orphans = [d.id for d in supervisor.dynos.values() if d.spec.type == BUILD_TYPE]
+        if orphans:
+            log.warning("removing %d build dynos of builds that ended with the last agent",
+                        len(orphans))
+            self._tasks.spawn(self._remove_dynos(orphans), "orphan-builds")
         self._tasks.spawn(self._sweep_log_tails(), "log-tails")
         try:
             yield
@@ -507,6 +514,12 @@ class Daemon:
                             "start sweeps what is left", UNPLACE_AT_EXIT_S)
             await slugs.aclose()
             self.idle_at_exit = not supervisor.dynos
+
+    async def _remove_dynos(self, ids: list[str]) -> None:
+        assert self.supervisor is not None
+        for dyno_id in ids:
+            with contextlib.suppress(AgentError):
+                await self.supervisor.delete_dyno(dyno_id)
 
     @contextlib.asynccontextmanager
     async def _builds(self) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import signal
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -276,6 +277,40 @@ def test_a_build_running_when_the_agent_stops_is_cancelled_and_leaves_nothing() 
             assert not (agent.base / "slugs" / "builds").exists() or not any(
                 (agent.base / "slugs" / "builds").iterdir())
             assert "build " + build["id"] + " of " + build["app"] + " failed" in agent.log()
+        except BaseException:
+            print(agent.log()[-20000:])
+            raise
+        finally:
+            agent.cleanup()
+
+
+def test_a_build_of_an_agent_killed_mid_build_is_removed_by_the_next_agent() -> None:
+    """SIGKILL while a build hangs: the build dyno outlives the agent (dynos do), but nobody
+    will read its slug; the next agent removes it, its workspace and its cgroup."""
+    with new_test_host() as host:
+        agent = AgentProcess(netns=host.name, extra=FAST_CONFIG)
+        try:
+            buildpack = _prepare(agent)
+            agent.start()
+            source = make_source(agent, "kill")
+            app = unique("tk", 6)
+            agent.api("POST", "/v1/builds", {
+                "app": app, "source": {"path": str(source)},
+                "buildpacks": [str(buildpack)], "env": {"HANG": "1"}, "stack": "host"},
+                expect=202)
+            wait_for(lambda: "hanging as asked" in (agent.api(
+                "GET", f"/v1/logs?app={app}&tail=1000") or ""), 60, what="the build hangs")
+            agent.signal(signal.SIGKILL)
+            agent.wait(10)
+            assert str(agent.base / "run" / "builds") in Path("/proc/self/mounts").read_text()
+            agent.start()
+            wait_for(lambda: agent.api("GET", "/v1/dynos") == [], 60,
+                     what="the orphan build dyno removed")
+            assert "removing 1 build dynos of builds that ended" in agent.log()
+            assert not any((agent.base / "run" / "builds").iterdir())
+            assert str(agent.base) not in Path("/proc/self/mounts").read_text()
+            assert agent.stop() == 0
+            assert agent.force_leftovers_away() == []
         except BaseException:
             print(agent.log()[-20000:])
             raise
