@@ -10,19 +10,16 @@ import errno
 import functools
 import ipaddress
 import logging
+import random
 import re
 import socket
 import time
-import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from types import SimpleNamespace
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
-import aiohttp
-from aiohttp import WSMsgType, hdrs, web
-from multidict import CIMultiDict, MultiMapping, istr
-from yarl import URL
+import httptools
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +31,43 @@ IDLE_TIMEOUT_S = 55.0  # Heroku's rolling window: a response body silent this lo
 CLIENT_KEEPALIVE_S = 90.0  # an idle client connection is closed after this
 BACKEND_KEEPALIVE_S = 30.0  # an idle pooled connection to a dyno is closed after this
 CLOSE_GRACE_S = 2.0  # requests in flight at close() get this long before they are cancelled
+# llhttp bounds nothing itself: a request or response head larger than this is refused.
+MAX_HEAD_BYTES = 64 * 1024
+# What the router holds of a client's bytes that no dyno takes yet (a body while the dyno's
+# connection opens, requests pipelined behind the current one) before it stops reading it.
+BUFFER_HIGH_BYTES = 256 * 1024
+MAX_PIPELINED = 16
+READ_BUFFER_BYTES = 256 * 1024  # as much as asyncio reads at once with a plain Protocol
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard Proxy-Connection; any field
-# named in Connection is hop-by-hop too. Expect is answered by the router itself.
-HOP_BY_HOP = frozenset(istr(name) for name in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-    "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade"))
-X_REQUEST_ID = istr("X-Request-Id")
-X_FORWARDED_FOR = istr("X-Forwarded-For")
-X_FORWARDED_PORT = istr("X-Forwarded-Port")
-X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
+# named in Connection is hop-by-hop too. Lower case: header names are compared lowered.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+# Request fields the router sets itself (reading the client's first), or answers (Expect).
+_REPLACED = frozenset({b"x-request-id", b"x-forwarded-for", b"x-forwarded-port",
+                       b"x-forwarded-proto", b"expect"})
+_REQUEST_DROP = HOP_BY_HOP | _REPLACED
 # Heroku keeps a client's X-Request-Id of 20-200 characters of this alphabet.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9+=/-]{20,200}")
-# The client's own headers that aiohttp's client would otherwise add defaults for.
-_NO_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9+=/-]{20,200}")
 _ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Application Error</title></head><body>"
                b"<h1>Application error</h1><p>An error occurred in the application and your "
                b"page could not be served. The router's log line says why.</p></body></html>\n")
+_ERROR_HEAD = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\n"
+               b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n" % len(_ERROR_PAGE))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _plain_response(status: bytes, text: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, len(text), text))
+
+
+_BAD_REQUEST = _plain_response(b"400 Bad Request", b"Bad Request")
+_HEAD_TOO_LARGE = _plain_response(b"431 Request Header Fields Too Large",
+                                  b"Request Header Fields Too Large")
 
 
 class Backend(NamedTuple):
@@ -90,7 +107,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-@functools.lru_cache(maxsize=1024)  # asked once per request, of a handful of addresses
+@functools.lru_cache(maxsize=1024)  # asked once per connection, of a handful of addresses
 def is_loopback(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_loopback
@@ -147,68 +164,874 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _hop_by_hop(headers: MultiMapping[str]) -> frozenset[str]:
-    named = {istr(token.strip()) for value in headers.getall(hdrs.CONNECTION, ())
-             for token in value.split(",") if token.strip()}
-    return HOP_BY_HOP.union(named)
-
-
-def forwarded_headers(headers: MultiMapping[str], client_ip: str, port: int,
-                      trusted: bool) -> CIMultiDict[str]:
-    """The request headers a dyno gets: the client's end-to-end ones, X-Request-Id kept when
-    valid, and X-Forwarded-* as Heroku sets them. A trusted (loopback) client, such as a
-    TLS-terminating balancer in front, keeps its X-Forwarded-For chain and -Proto."""
-    drop = _hop_by_hop(headers) | {hdrs.EXPECT}
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in headers.items() if name not in drop)
-    request_id = headers.get(X_REQUEST_ID, "")
-    out[X_REQUEST_ID] = request_id if _REQUEST_ID.fullmatch(request_id) else str(uuid.uuid4())
-    chain = ", ".join(headers.getall(X_FORWARDED_FOR, ()))
-    out[X_FORWARDED_FOR] = f"{chain}, {client_ip}" if trusted and chain else client_ip
-    out[X_FORWARDED_PORT] = str(port)
-    proto = headers.get(X_FORWARDED_PROTO, "")
-    out[X_FORWARDED_PROTO] = proto if trusted and proto else "http"
-    return out
-
-
-def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    """The dyno's response headers without its hop-by-hop ones (Content-Length stays: the
-    client gets the body as the dyno framed it, or chunked when the dyno gave no length)."""
-    drop = _hop_by_hop(headers)
-    return CIMultiDict((name, value) for name, value in headers.items() if name not in drop)
-
-
-@dataclass(slots=True)
-class _Exchange:
-    """One request on its way through: its router line so far and its clock. It is also the
-    client's per-request trace context, which adds the time spent opening connections."""
-
-    line: RouterLine
-    started: float
-    connect_s: float = 0.0
-    create_started: float = 0.0
-    logged: bool = False
-
-    def elapsed(self, **changes: Any) -> RouterLine:
-        """The line with connect and service times now, and `changes`."""
-        service_s = time.perf_counter() - self.started - self.connect_s
-        return replace(self.line, connect_ms=_ms(self.connect_s), service_ms=_ms(service_s),
-                       **changes)
-
-
-# ws_connect takes no trace context: a WebSocket's line has its connect time in service.
-async def _create_start(_session: Any, ctx: SimpleNamespace, _params: Any) -> None:
-    if isinstance(exchange := ctx.trace_request_ctx, _Exchange):
-        exchange.create_started = time.perf_counter()
-
-
-async def _create_end(_session: Any, ctx: SimpleNamespace, _params: Any) -> None:
-    if isinstance(exchange := ctx.trace_request_ctx, _Exchange):
-        exchange.connect_s += time.perf_counter() - exchange.create_started
-
-
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
+
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+def _named_in_connection(values: Sequence[bytes]) -> frozenset[bytes]:
+    """The fields named in Connection header `values` that are not hop-by-hop already."""
+    return frozenset(token.strip().lower() for value in values
+                     for token in value.split(b",") if token.strip()) - HOP_BY_HOP
+
+
+def _origin_form(target: bytes) -> bytes:
+    """The request target a dyno gets: a proxy-style absolute URL loses scheme and host."""
+    if target.startswith(b"/") or b"://" not in target:
+        return target
+    _, _, rest = target.partition(b"://")
+    slash = rest.find(b"/")
+    return rest[slash:] if slash >= 0 else b"/"
+
+
+class RequestHead(NamedTuple):
+    """The head a dyno gets for a request (without Host when the client sent none, and
+    without the blank line), and what the router line and the relay need from it."""
+
+    head: bytes
+    request_id: str
+    fwd: str
+    host: str | None
+    chunked: bool
+    expect_continue: bool
+    websocket: bool
+
+
+def request_head(method: bytes, target: bytes, headers: Headers, client_ip: str, port: int,
+                 trusted: bool, upgrade: bool,
+                 drop: frozenset[bytes] = _REQUEST_DROP) -> RequestHead:
+    """The client's end-to-end headers, X-Request-Id kept when valid, and X-Forwarded-* as
+    Heroku sets them. A trusted (loopback) client, such as a TLS-terminating balancer in
+    front, keeps its X-Forwarded-For chain and -Proto. A WebSocket upgrade (`upgrade`: the
+    parser saw Connection: upgrade) keeps its Upgrade; other upgrades are dropped."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (method, _origin_form(target))]
+    request_id: bytes | None = None
+    proto: bytes | None = None
+    host: bytes | None = None
+    chain: list[bytes] = []
+    connection: list[bytes] = []
+    coding = expect = upgrade_to = b""
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"connection":
+                connection.append(value)
+            elif lower == b"x-request-id":
+                request_id = value if request_id is None else request_id
+            elif lower == b"x-forwarded-for":
+                chain.append(value)
+            elif lower == b"x-forwarded-proto":
+                proto = value if proto is None else proto
+            elif lower == b"transfer-encoding":
+                coding = value
+            elif lower == b"expect":
+                expect = value
+            elif lower == b"upgrade":
+                upgrade_to = value
+            continue
+        if lower == b"host" and host is None:
+            host = value
+        lines += (name, b": ", value, b"\r\n")
+    if connection and drop is _REQUEST_DROP and (named := _named_in_connection(connection)):
+        # Rare: Connection names fields of its own. Once more, dropping those too.
+        return request_head(method, target, headers, client_ip, port, trusted, upgrade,
+                            drop | named)
+    request_id = request_id if request_id is not None and _REQUEST_ID.fullmatch(request_id) \
+        else _uuid4().encode()
+    fwd = b", ".join((*chain, client_ip.encode())) if trusted and chain else client_ip.encode()
+    proto = proto if trusted and proto else b"http"
+    lines += (b"X-Request-Id: ", request_id, b"\r\nX-Forwarded-For: ", fwd,
+              b"\r\nX-Forwarded-Port: %d\r\nX-Forwarded-Proto: " % port, proto, b"\r\n")
+    chunked = b"chunked" in coding.lower()
+    if chunked:  # the body is sent on as it comes, chunked again
+        lines += (b"Transfer-Encoding: ", coding, b"\r\n")
+    websocket = upgrade and upgrade_to.lower() == b"websocket"
+    if websocket:
+        lines += (b"Connection: Upgrade\r\nUpgrade: ", upgrade_to, b"\r\n")
+    return RequestHead(b"".join(lines), request_id.decode("latin-1"), fwd.decode("latin-1"),
+                       None if host is None else host.decode("latin-1"), chunked,
+                       expect.lower() == b"100-continue", websocket)
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID, as uuid.uuid4() makes, from the `random` module: a request
+    id is no secret, and this is a tenth of the cost of os.urandom and uuid.UUID."""
+    value = random.getrandbits(128) & ~(0xF000 << 64 | 0xC000 << 48) | 0x4000 << 64 | 0x8000 << 48
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+class ResponseHead(NamedTuple):
+    """A dyno's response head as the client gets it (without framing fields and the blank
+    line), and how the dyno framed the body."""
+
+    lines: list[bytes]
+    chunked: bool
+    length: bool
+    upgrade: bytes
+    close: bool
+
+
+def response_head(status: int, reason: bytes, headers: Headers,
+                  drop: frozenset[bytes] = HOP_BY_HOP) -> ResponseHead:
+    """The dyno's status line and headers without its hop-by-hop ones (Content-Length stays
+    unless the body is chunked: the client gets the body as the dyno framed it)."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    connection: list[bytes] = []
+    chunked = length = False
+    upgrade = b""
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif lower == b"connection":
+                connection.append(value)
+            elif lower == b"upgrade":
+                upgrade = value
+            continue
+        if lower == b"content-length":
+            length = True
+        lines += (name, b": ", value, b"\r\n")
+    if connection and drop is HOP_BY_HOP and (named := _named_in_connection(connection)):
+        return response_head(status, reason, headers, drop | named)
+    if chunked and length:  # Transfer-Encoding overrides Content-Length (RFC 9112 §6.3)
+        return response_head(status, reason, [(n, v) for n, v in headers
+                                              if n.lower() != b"content-length"], drop)
+    close = any(token.strip().lower() == b"close" for value in connection
+                for token in value.split(b","))
+    return ResponseHead(lines, chunked, length, upgrade, close)
+
+
+class _Exchange:
+    """One request on its way through: the head the dyno gets, the body it has not got yet,
+    the connection to the dyno once there is one, and the router line so far."""
+
+    __slots__ = ("backends", "chunked", "client", "complete", "connect_s", "connecting",
+                 "dispatched", "done", "dyno", "expect_continue", "failure", "fresh", "fwd",
+                 "had_body", "head", "host", "http10", "keep_alive", "logged", "method", "path",
+                 "pending", "pending_bytes", "request_id", "started", "upstream")
+
+    def __init__(self, client: _Client, method: bytes, target: bytes, headers: Headers,
+                 keep_alive: bool, http10: bool, upgrade: bool) -> None:
+        self.started = time.perf_counter()
+        self.client = client
+        self.method = method
+        self.path = _origin_form(target).decode("latin-1")
+        head = request_head(method, target, headers, client.ip, client.router.address[1],
+                            client.trusted, upgrade)
+        self.head = head.head
+        self.request_id = head.request_id
+        self.fwd = head.fwd
+        self.host = head.host
+        self.chunked = head.chunked
+        self.expect_continue = head.expect_continue and not http10
+        # After an upgrade request the connection is no longer the client's to reuse.
+        self.keep_alive = keep_alive and not upgrade
+        self.http10 = http10
+        self.pending: list[bytes] = []  # body bytes, framed, that no dyno has yet
+        self.pending_bytes = 0
+        self.had_body = False
+        self.complete = False  # the whole request has been read from the client
+        self.done = False  # answered, failed or abandoned: the rest of its body is dropped
+        self.logged = False
+        self.upstream: _Upstream | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.dispatched = False
+        self.backends: list[Backend] = []
+        self.fresh = False  # the next attempt opens a new connection (a pooled one was stale)
+        self.failure = H10
+        self.dyno = ""
+        self.connect_s = 0.0
+
+    def head_for(self, backend: Backend) -> bytes:
+        if self.host is None:  # HTTP/1.0 without Host: HTTP/1.1 requires one
+            return self.head + b"Host: %s:%d\r\n\r\n" % (backend.host.encode(), backend.port)
+        return self.head + b"\r\n"
+
+    def add_body(self, piece: bytes) -> None:
+        if self.done:
+            return
+        self.had_body = True
+        if self.chunked:
+            self.pending += (b"%x\r\n" % len(piece), piece, b"\r\n")
+        else:
+            self.pending.append(piece)
+        self.pending_bytes += len(piece)
+        self.client.buffered += len(piece)
+
+    def end_body(self) -> None:
+        self.complete = True
+        if self.chunked and not self.done:
+            self.pending.append(_LAST_CHUNK)
+
+    def take_pending(self) -> bytes:
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.client.buffered -= self.pending_bytes
+        self.pending_bytes = 0
+        return data
+
+    def flush(self) -> None:
+        """Send the dyno the body that came since the last flush, in one write."""
+        if self.pending and self.upstream is not None:
+            self.upstream.transport.write(self.take_pending())
+
+    def report(self, status: int, sent: int | None, error: RouterError | None = None, *,
+               timed: bool = True) -> None:
+        self.logged = True
+        connect_ms = service_ms = None
+        if timed:
+            connect_ms = _ms(self.connect_s)
+            service_ms = _ms(time.perf_counter() - self.started - self.connect_s)
+        line = RouterLine(self.method.decode("latin-1"), self.path, self.host or "",
+                          self.request_id, self.fwd, self.dyno, connect_ms, service_ms,
+                          status, sent, error)
+        self.client.router._on_line(line.format())
+
+    def fail(self, error: RouterError, *, timed: bool = True) -> None:
+        """Answer the client 503 with the error page, and log `error`."""
+        self.done = True
+        self.report(error.status, 0 if timed else None, error, timed=timed)
+        client = self.client
+        keep = self.keep_alive and not client.closing
+        client.transport.write(_ERROR_HEAD + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
+                               + _ERROR_PAGE)
+        client.finished(self, keep)
+
+    def abandon(self) -> None:
+        """The client went away (or the router is closing): end the dyno's side too."""
+        if self.done:
+            return
+        self.done = True
+        if self.dispatched and not self.logged:  # one queued behind it was never begun
+            self.report(H27.status, None, H27)
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if (upstream := self.upstream) is not None:
+            self.upstream = None
+            upstream.drop()
+
+
+class _Client(asyncio.BufferedProtocol):
+    """A client's connection: requests parsed as they come (pipelined ones queue behind the
+    current one), answered in order; after a WebSocket upgrade, a raw pipe to the dyno."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[_Exchange] = deque()  # queue[0] is being answered
+        self.parsing: _Exchange | None = None  # the one whose body the parser is reading
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = -1  # -1 outside a request head
+        self.head_began = False  # in the bytes being parsed
+        self.message_ended = False  # in the bytes being parsed
+        self.raw: list[bytes] | None = None  # after an upgrade request, until the dyno answers
+        self.tunnel: _Upstream | None = None
+        self.buffered = 0
+        self.upstream_full = False
+        self.reading_paused = False
+        self.write_paused = False
+        self.closing = False  # close once the queue is answered
+        self.bad: bytes | None = None  # the answer to an unparsable request, after the queue
+        self.advancing = False
+        self.gone = False
+        self.eof = False
+        self.ip = ""
+        self.trusted = False
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio sets TCP_NODELAY on every TCP transport (3.6+): no Nagle stall here, nor
+        # towards the dynos.
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else ""
+        self.trusted = self.router._trusted(self.ip)
+        self.router._clients.add(self)
+        self._idle()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.router._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.router._read_view[:nbytes]  # valid until the next read: copied or parsed
+        if self.tunnel is not None:
+            self.tunnel.transport.write(bytes(data))
+            return
+        if self.raw is not None:
+            self._hold(bytes(data))
+            return
+        self.head_began = self.message_ended = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data, int(exc.args[0]))
+        except httptools.HttpParserError as exc:
+            self._unparsable(exc)
+            return
+        if self.head_bytes >= 0:  # inside a head (httptools holds a field being read)
+            if not self.head_began:
+                self.head_bytes += len(data)
+            elif not self.message_ended:  # nothing before it in `data`: all of it is head
+                self.head_bytes = len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._unparsable(None)
+                return
+        self.advance()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if (tunnel := self.tunnel) is not None:
+            if tunnel.eof or not tunnel.transport.can_write_eof():
+                return False
+            tunnel.transport.write_eof()
+            return True
+        # A client that shuts its side has gone, as aiohttp's server (and Heroku's router)
+        # take it: what it asked for is abandoned, H27.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.router._client_gone(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.tunnel is not None:
+            self.tunnel.transport.close()
+        queue, self.queue = self.queue, deque()
+        for exchange in queue:
+            exchange.abandon()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if (upstream := self._source()) is not None:
+            upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if (upstream := self._source()) is not None:
+            upstream.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        self.head_began = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head, these are a chunked body's trailer fields: dropped, like aiohttp.
+        if self.head_bytes >= 0:
+            self.headers.append((name, value))
+            self.head_bytes += len(name) + len(value)
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes = -1
+        parser = self.parser
+        exchange = _Exchange(self, parser.get_method(), self.url, self.headers,
+                             parser.should_keep_alive(), parser.get_http_version() == "1.0",
+                             parser.should_upgrade())
+        self.parsing = exchange
+        self.queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.add_body(body)
+
+    def on_message_complete(self) -> None:
+        self.message_ended = True
+        if self.parsing is not None:
+            self.parsing.end_body()
+            self.parsing = None
+
+    # -- the queue -------------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Start the request at the head of the queue, or send its dyno the body that came;
+        close when nothing is left to answer and the connection is closing."""
+        if self.advancing or self.gone:
+            return
+        self.advancing = True
+        try:
+            while self.queue:
+                exchange = self.queue[0]
+                if exchange.dispatched:
+                    exchange.flush()
+                    break
+                self.router._dispatch(exchange)
+                if self.queue and self.queue[0] is exchange:
+                    break
+            if not self.queue and self.raw is None and self.tunnel is None:
+                if self.bad is not None:
+                    self.transport.write(self.bad)
+                    self.transport.close()
+                elif self.closing:
+                    self.transport.close()
+                else:
+                    self._idle()
+            self._update_reading()
+        finally:
+            self.advancing = False
+
+    def finished(self, exchange: _Exchange, keep_alive: bool) -> None:
+        """`exchange` is answered (or failed): on to the next one, or close."""
+        exchange.done = True
+        if self.queue and self.queue[0] is exchange:
+            self.queue.popleft()
+        if exchange.pending_bytes:
+            exchange.take_pending()  # a body the dyno did not wait for
+        self.upstream_full = False
+        if not keep_alive:
+            self.closing = True
+            self.queue.clear()
+            self.transport.close()
+            return
+        self.advance()
+
+    def shutdown(self) -> None:
+        """The router is closing: close now when idle, else after the current answer."""
+        self.closing = True
+        if not self.queue and self.tunnel is None and self.raw is None:
+            self.transport.close()
+
+    def _source(self) -> _Upstream | None:
+        if self.tunnel is not None:
+            return self.tunnel
+        return self.queue[0].upstream if self.queue else None
+
+    def _update_reading(self) -> None:
+        pause = self.upstream_full or self.buffered > BUFFER_HIGH_BYTES \
+            or len(self.queue) > MAX_PIPELINED
+        if pause != self.reading_paused and not self.gone:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _hold(self, data: bytes) -> None:
+        assert self.raw is not None
+        self.raw.append(data)
+        self.buffered += len(data)
+        self._update_reading()
+
+    def _upgraded(self, data: memoryview, offset: int) -> None:
+        """The parser stopped after an upgrade request: what follows is not HTTP (unless the
+        dyno declines, and then the connection closes after its answer)."""
+        self.raw = []
+        if offset < len(data):
+            self._hold(bytes(data[offset:]))
+
+    def _unparsable(self, exc: Exception | None) -> None:
+        log.debug("unparsable request from %s: %r", self.ip, exc)
+        self.bad = _BAD_REQUEST if exc is not None else _HEAD_TOO_LARGE
+        self.closing = True
+        if not self.gone:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        if self.parsing is not None and not self.parsing.complete:
+            self.transport.abort()  # a body cut off mid-way: no answer can be trusted
+            return
+        self.advance()
+
+    def _idle(self) -> None:
+        self.idle_since = self.router._loop.time()
+        if self.timer is None:
+            self.timer = self.router._loop.call_at(self.idle_since + CLIENT_KEEPALIVE_S,
+                                                   self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.timer = None
+        if self.queue or self.tunnel is not None or self.raw is not None:
+            return  # busy: the timer starts again when it is idle
+        deadline = self.idle_since + CLIENT_KEEPALIVE_S
+        if self.router._loop.time() >= deadline:
+            self.transport.close()
+        else:
+            self.timer = self.router._loop.call_at(deadline, self._idle_check)
+
+
+class _Upstream(asyncio.BufferedProtocol):
+    """A connection to a dyno: one request at a time, its response parsed only to find where
+    it ends, its bytes written on to the client as they come; kept in the router's pool
+    between requests. After a 101 answer, a raw pipe to the client."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, router: Router, backend: Backend) -> None:
+        self.router = router
+        self.backend = backend
+        self.exchange: _Exchange | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.tunnel: _Client | None = None
+        self.used = 0  # requests sent: a reused connection can be one the dyno just closed
+        self.closed = False
+        self.eof = False
+        self.read_paused = False
+        self.in_pool = False
+        self.idle_since = 0.0
+        self.pool_timer: asyncio.TimerHandle | None = None
+        self.service_timer: asyncio.TimerHandle | None = None
+        self.service_deadline = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.out: list[bytes] = []  # for the client, written once per read
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.status = 0
+        self.interim = False  # a 1xx response (other than 101): not passed on
+        self.head_bytes = 0
+        self.head_sent = False
+        self.complete = False
+        self.until_close = False  # no length, not chunked: the body ends when the dyno closes
+        self.chunk_out = False  # the client gets the body chunked again
+        self.client_keep = False
+        self.reusable = False
+        self.junk = False
+        self.received = 0
+        self.sent = 0
+        self.last_data = 0.0
+        self.fresh_parser = False
+
+    def start(self, exchange: _Exchange) -> None:
+        """Send `exchange`'s request head and the body so far, in one write."""
+        if self.used:
+            if self.fresh_parser:  # llhttp itself goes on to the next response
+                self.parser = httptools.HttpResponseParser(self)
+            self._reset()
+        self.used += 1
+        self.exchange = exchange
+        exchange.upstream = self
+        if exchange.client.write_paused:
+            self.pause_reading()
+        self.transport.write(exchange.head_for(self.backend) + exchange.take_pending())
+        # One timer per connection, moved on lazily: most responses begin within
+        # milliseconds, and arming and cancelling a timer for each costs more than the check.
+        loop = self.router._loop
+        self.service_deadline = loop.time() + self.router._service_timeout_s
+        if self.service_timer is None:
+            self.service_timer = loop.call_at(self.service_deadline, self._service_timeout)
+
+    def drop(self) -> None:
+        """The exchange was given up: this connection is in an unknown state."""
+        self.exchange = None
+        self._stop_timers()
+        self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.router._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.router._read_view[:nbytes]  # valid until the next read: copied or parsed
+        if self.tunnel is not None:
+            self.tunnel.transport.write(bytes(data))
+            return
+        exchange = self.exchange
+        if exchange is None:  # bytes nobody asked for: the connection cannot be reused
+            self.transport.close()
+            return
+        self.received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self.status == 101:
+                self._switch(bytes(data[int(exc.args[0]):]))
+                return
+            self._broken(exchange, "an upgrade it was not asked for")
+            return
+        except httptools.HttpParserError as exc:
+            self._broken(exchange, repr(exc))
+            return
+        if self.out:
+            exchange.client.transport.write(b"".join(self.out))
+            self.out.clear()
+        if self.complete:
+            self._done(exchange)
+        elif self.head_sent:
+            self.last_data = self.router._loop.time()
+            if self.idle_timer is None:
+                self.idle_timer = self.router._loop.call_at(
+                    self.last_data + self.router._idle_timeout_s, self._idle_check)
+        elif self.received > MAX_HEAD_BYTES:
+            self._broken(exchange, "a response head too large")
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if (client := self.tunnel) is not None:
+            if client.eof or not client.transport.can_write_eof():
+                return False
+            client.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._stop_timers()
+        if self.in_pool:
+            self.router._unpool(self)
+        if self.tunnel is not None:
+            self.tunnel.transport.close()
+            return
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        exchange.upstream = None
+        client = exchange.client
+        if not self.head_sent:
+            if self.used > 1 and self.received == 0 and exchange.method in _IDEMPOTENT \
+                    and not exchange.had_body and exchange.complete and not exchange.fresh:
+                # A pooled connection the dyno closed as it was reused (its keep-alive ran
+                # out as ours did not): nothing came back, and a request that may be sent
+                # twice (RFC 9110 §9.2.2) goes again on a new connection.
+                log.debug("dyno %s closed a kept-alive connection; reconnecting",
+                          self.backend.name)
+                exchange.fresh = True
+                self.router._retry(exchange, self.backend)
+                return
+            log.info("dyno %s gave no response: %r", self.backend.name, exc)
+            exchange.fail(H13)
+        elif self.until_close and not self.junk:
+            if self.chunk_out:
+                self.out.append(_LAST_CHUNK)
+            if self.out:
+                client.transport.write(b"".join(self.out))
+            exchange.report(self.status, self.sent)
+            client.finished(exchange, self.client_keep)
+        else:
+            # The head is out: the only way left to tell the client is to cut its
+            # connection (a last empty chunk would make a cut body look whole).
+            log.info("dyno %s ended its response early: %r", self.backend.name, exc)
+            if self.out:
+                client.transport.write(b"".join(self.out))
+            exchange.report(self.status, self.sent)
+            client.transport.abort()
+
+    def pause_writing(self) -> None:
+        if (client := self._sink()) is not None:
+            client.upstream_full = True
+            client._update_reading()
+
+    def resume_writing(self) -> None:
+        if (client := self._sink()) is not None:
+            client.upstream_full = False
+            client._update_reading()
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.last_data = self.router._loop.time()  # the client was slow, not the dyno
+            self.transport.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # the dyno sent more than it was asked for
+            self.junk = True
+        self.headers = []
+        self.reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.interim = status < 200 and status != 101
+        if self.interim:
+            return
+        exchange = self.exchange
+        assert exchange is not None
+        self.status = status
+        head = response_head(status, self.reason, self.headers)
+        lines, chunked = head.lines, head.chunked
+        client = exchange.client
+        keep = exchange.keep_alive and not client.closing
+        head_only = exchange.method == b"HEAD"
+        if status == 101:
+            lines += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade or b"websocket", b"\r\n")
+        elif head_only and chunked and not exchange.http10:
+            lines.append(b"Transfer-Encoding: chunked\r\n")  # as a GET would have it
+        elif head_only or status in (204, 304) or (head.length and not chunked):
+            pass
+        elif exchange.http10:
+            keep = False  # no chunked for HTTP/1.0: the body ends when the router closes
+            self.until_close = not chunked
+        else:
+            self.until_close = not chunked
+            self.chunk_out = True
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if status != 101:
+            if not keep:
+                lines.append(b"Connection: close\r\n")
+            elif exchange.http10:
+                lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self.client_keep = keep
+        self.out.append(b"".join(lines))
+        self.head_sent = True
+        if head_only:
+            # llhttp would wait for the body the length announces: the response ends here.
+            self.complete = True
+            self.fresh_parser = True
+            self.reusable = self.parser.get_http_version() == "1.1" and not head.close
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.junk = True  # bytes after a HEAD response: not reusable
+            return
+        self.sent += len(body)
+        if self.chunk_out:
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim or self.complete or self.status == 101:
+            return
+        self.complete = True
+        self.until_close = False
+        self.reusable = self.parser.should_keep_alive()
+        if self.chunk_out:
+            self.out.append(_LAST_CHUNK)
+
+    # -- the exchange ----------------------------------------------------------------------------
+
+    def _sink(self) -> _Client | None:
+        if self.tunnel is not None:
+            return self.tunnel
+        return self.exchange.client if self.exchange is not None else None
+
+    def _done(self, exchange: _Exchange) -> None:
+        """The response has reached the client whole: log it, pool this connection."""
+        self.exchange = None
+        exchange.upstream = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        exchange.report(self.status, self.sent)
+        if self.reusable and not self.junk and exchange.complete and not exchange.pending:
+            self.resume_reading()
+            self.router._release(self)
+        else:
+            self.transport.close()
+        exchange.client.finished(exchange, self.client_keep)
+
+    def _switch(self, rest: bytes) -> None:
+        """The dyno took the upgrade: from now on both connections are one raw pipe."""
+        exchange = self.exchange
+        assert exchange is not None
+        client = exchange.client
+        self.exchange = None
+        exchange.upstream = None
+        exchange.done = True
+        self._stop_timers()
+        if rest:
+            self.out.append(rest)
+        client.transport.write(b"".join(self.out))
+        self.out.clear()
+        exchange.report(101, 0)
+        if client.queue and client.queue[0] is exchange:
+            client.queue.popleft()
+        self.tunnel = client
+        client.tunnel = self
+        raw, client.raw = client.raw or [], None
+        client.buffered = 0
+        client.upstream_full = False
+        if raw:
+            self.transport.write(b"".join(raw))
+        client._update_reading()
+
+    def _broken(self, exchange: _Exchange, why: str) -> None:
+        log.info("dyno %s sent %s", self.backend.name, why)
+        self.exchange = None
+        exchange.upstream = None
+        self._stop_timers()
+        self.transport.abort()
+        if self.head_sent:
+            exchange.report(self.status, self.sent)
+            exchange.client.transport.abort()
+        else:
+            exchange.fail(H13)
+
+    def _service_timeout(self) -> None:
+        self.service_timer = None
+        exchange = self.exchange
+        if exchange is None or self.head_sent:
+            return  # answered in time; the next request starts the timer again
+        if (loop := self.router._loop).time() < self.service_deadline:
+            self.service_timer = loop.call_at(self.service_deadline, self._service_timeout)
+            return
+        self.drop()
+        exchange.upstream = None
+        exchange.fail(H12)
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        exchange = self.exchange
+        if exchange is None or self.complete:
+            return
+        loop = self.router._loop
+        idle_s = self.router._idle_timeout_s
+        if self.read_paused:
+            self.idle_timer = loop.call_later(idle_s, self._idle_check)
+            return
+        if loop.time() < self.last_data + idle_s:
+            self.idle_timer = loop.call_at(self.last_data + idle_s, self._idle_check)
+            return
+        log.info("dyno %s sent nothing for %s s", self.backend.name, idle_s)
+        self.drop()
+        exchange.upstream = None
+        exchange.report(self.status, self.sent, H15)
+        exchange.client.transport.abort()
+
+    def _stop_timers(self) -> None:
+        if self.service_timer is not None:
+            self.service_timer.cancel()
+            self.service_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    # -- the pool --------------------------------------------------------------------------------
+
+    def pool_check(self) -> None:
+        self.pool_timer = None
+        if not self.in_pool:
+            return  # in use: the timer starts again when it is back
+        deadline = self.idle_since + BACKEND_KEEPALIVE_S
+        if self.router._loop.time() >= deadline:
+            self.transport.close()
+        else:
+            self.pool_timer = self.router._loop.call_at(deadline, self.pool_check)
 
 
 class Router:
@@ -216,7 +1039,12 @@ class Router:
     `on_line` gets one router line per request. A dyno refusing the connection (or not
     accepting within the connect timeout) is skipped for the next one: nothing was sent yet.
     When none is left the client gets 503 and the line says H10 (H19 when the last one timed
-    out) — Heroku's codes for an app whose dynos do not take connections."""
+    out) — Heroku's codes for an app whose dynos do not take connections.
+
+    Both sides are asyncio protocols whose heads httptools (llhttp) parses; bodies pass as
+    they come, one write per read, with flow control both ways."""
+
+    _loop: asyncio.AbstractEventLoop  # set by start()
 
     def __init__(self, listener: socket.socket, backends: Callable[[], Sequence[Backend]],
                  on_line: Callable[[str], None], *,
@@ -234,46 +1062,58 @@ class Router:
         host, port = listener.getsockname()[:2]
         self._address = (str(host), int(port))  # kept: close() closes the listener
         self._turn = 0
-        self._runner: web.ServerRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._server: asyncio.Server | None = None
+        self._clients: set[_Client] = set()
+        self._no_clients = asyncio.Event()
+        self._idle: dict[tuple[str, int], list[_Upstream]] = {}
+        self._connecting: set[asyncio.Task[None]] = set()
+        # Every connection reads into this one buffer, and its bytes are parsed or copied at
+        # once (the loop runs one callback at a time). A plain Protocol would get a new
+        # 256 KiB bytes object per read: mmap, mremap and munmap for each, three syscalls.
+        self._read_view = memoryview(bytearray(READ_BUFFER_BYTES))
 
     @property
     def address(self) -> tuple[str, int]:
         return self._address
 
     async def start(self) -> None:
-        trace = aiohttp.TraceConfig(trace_config_ctx_factory=SimpleNamespace)
-        trace.on_connection_create_start.append(_create_start)
-        trace.on_connection_create_end.append(_create_end)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=BACKEND_KEEPALIVE_S,
-                                           use_dns_cache=False),
-            # sock_read bounds each wait for the dyno once it is connected (the body's
-            # rolling window); the wait for the response head is bounded by H12 instead.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s,
-                                          sock_read=self._idle_timeout_s),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            skip_auto_headers=_NO_AUTO_HEADERS, trace_configs=[trace])
-        # handler_cancellation: a client that goes away cancels its request to the dyno too.
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None,
-                            keepalive_timeout=CLIENT_KEEPALIVE_S, auto_decompress=False)
-        self._runner = web.ServerRunner(server, shutdown_timeout=CLOSE_GRACE_S)
-        try:
-            await self._runner.setup()
-            await web.SockSite(self._runner, self._listener).start()
-        except BaseException:
-            await self.close()
-            raise
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(functools.partial(_Client, self),
+                                                      sock=self._listener)
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish for a moment, then end them all and
         the connections to the dynos. Safe to call twice."""
-        runner, self._runner = self._runner, None
-        session, self._session = self._session, None
-        if runner is not None:
-            await runner.cleanup()
-        if session is not None:
-            await session.close()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for client in list(self._clients):
+            client.shutdown()
+        await self._drain(CLOSE_GRACE_S)
+        for client in list(self._clients):
+            client.transport.abort()
+        await self._drain(CLOSE_GRACE_S)  # their connection_lost: H27 lines, dynos' ends
+        for task in list(self._connecting):
+            task.cancel()
+        await asyncio.gather(*self._connecting, return_exceptions=True)
+        for idle in self._idle.values():
+            for upstream in list(idle):
+                upstream.transport.close()
+        self._idle.clear()
+        await server.wait_closed()
+
+    async def _drain(self, timeout_s: float) -> None:
+        if self._clients:
+            self._no_clients.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._no_clients.wait()
+
+    def _client_gone(self, client: _Client) -> None:
+        self._clients.discard(client)
+        if not self._clients:
+            self._no_clients.set()
 
     def _order(self) -> list[Backend]:
         """Backends to try for the next request: round-robin, failing over to the rest."""
@@ -284,174 +1124,89 @@ class Router:
         self._turn += 1
         return backends[start:] + backends[:start]
 
-    def _report(self, exchange: _Exchange, line: RouterLine) -> None:
-        exchange.logged = True
-        self._on_line(line.format())
+    def _dispatch(self, exchange: _Exchange) -> None:
+        exchange.dispatched = True
+        exchange.backends = self._order()
+        if not exchange.backends:
+            exchange.fail(H10, timed=False)
+            return
+        if exchange.expect_continue:
+            # The dyno then gets the body without an Expect of its own.
+            exchange.client.transport.write(_CONTINUE)
+        self._attempt(exchange)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        client_ip = request.remote or ""
-        headers = forwarded_headers(request.headers, client_ip, self._address[1],
-                                    self._trusted(client_ip))
-        exchange = _Exchange(RouterLine(
-            request.method, request.raw_path, request.headers.get(hdrs.HOST, ""),
-            headers[X_REQUEST_ID], headers[X_FORWARDED_FOR]), started)
+    def _attempt(self, exchange: _Exchange) -> None:
+        """Send `exchange` over an idle pooled connection to the next backend, or open one."""
+        if not exchange.backends:
+            exchange.dyno = ""
+            exchange.fail(exchange.failure)
+            return
+        backend = exchange.backends.pop(0)
+        exchange.dyno = backend.name
+        if not exchange.fresh and (upstream := self._acquire(backend)) is not None:
+            upstream.start(exchange)
+            return
+        task = self._loop.create_task(self._connect(exchange, backend),
+                                      name=f"router-connect-{exchange.request_id}")
+        exchange.connecting = task
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    def _retry(self, exchange: _Exchange, backend: Backend) -> None:
+        exchange.backends.insert(0, backend)
+        self._attempt(exchange)
+
+    async def _connect(self, exchange: _Exchange, backend: Backend) -> None:
+        attempt = time.perf_counter()
         try:
-            return await self._forward(request, headers, exchange)
-        except asyncio.CancelledError:
-            # The client went away before its response began (or the router is closing).
-            if not exchange.logged:
-                self._report(exchange, exchange.elapsed(status=H27.status, error=H27))
-            raise
-
-    async def _forward(self, request: web.BaseRequest, headers: CIMultiDict[str],
-                       exchange: _Exchange) -> web.StreamResponse:
-        backends = self._order()
-        if not backends:
-            return self._error(exchange, exchange.line, H10)
-        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue" \
-                and request.version >= (1, 1):
-            # What aiohttp's default expect handler does; the bare server has no router
-            # to call it. The dyno then gets the body without an Expect of its own.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-        upgrade = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-        session = self._session
-        assert session is not None
-        target = request.raw_path if request.raw_path.startswith("/") \
-            else request.rel_url.raw_path_qs
-        path, _, query = target.partition("?")
-        failure = H10
-        for backend in backends:
-            exchange.line = replace(exchange.line, dyno=backend.name)
-            url = URL.build(scheme="http", host=backend.host, port=backend.port, path=path,
-                            query_string=query, encoded=True)
-            attempt = time.perf_counter()
-            try:
-                if upgrade:
-                    return await self._websocket(request, session, url, headers, exchange)
-                async with asyncio.timeout(self._service_timeout_s):
-                    response = await session.request(
-                        request.method, url, headers=headers, allow_redirects=False,
-                        data=request.content if request.body_exists else None,
-                        trace_request_ctx=exchange)
-            except aiohttp.ConnectionTimeoutError:
-                exchange.connect_s += time.perf_counter() - attempt
-                failure = H19
-                log.info("dyno %s did not accept a connection in time", backend.name)
-                continue
-            except aiohttp.ClientConnectorError as exc:
-                exchange.connect_s += time.perf_counter() - attempt
-                failure = H10
-                log.info("dyno %s refused a connection: %s", backend.name, exc.os_error)
-                continue
-            except TimeoutError:
-                return self._error(exchange, exchange.elapsed(bytes=0), H12)
-            except aiohttp.ClientError as exc:
-                log.info("dyno %s gave no response: %r", backend.name, exc)
-                return self._error(exchange, exchange.elapsed(bytes=0), H13)
-            return await self._relay(request, response, exchange)
-        return self._error(exchange, exchange.elapsed(dyno="", bytes=0), failure)
-
-    async def _relay(self, request: web.BaseRequest, response: aiohttp.ClientResponse,
-                     exchange: _Exchange) -> web.StreamResponse:
-        """Send the dyno's response on as it comes: each piece the dyno sends is written to
-        the client at once (never buffered whole), with back-pressure both ways."""
-        sent = 0
-        error: RouterError | None = None
-        headers = response_headers(response.headers)
-        if response.content.is_eof() and request.method != hdrs.METH_HEAD \
-                and response.status >= 200 and response.status not in (204, 304):
-            # The whole body came with the head (most responses do): head and body leave in
-            # one send, as the dyno sent them, instead of two.
-            try:
-                body = await response.read()
-            except aiohttp.ClientError as exc:  # a body shorter than its Content-Length
-                log.info("dyno %s ended its response early: %r", exchange.line.dyno, exc)
-                return self._error(exchange, exchange.elapsed(bytes=0), H13)
-            finally:
-                response.release()
-            headers.popall(hdrs.CONTENT_LENGTH, None)  # set again from the body
-            self._report(exchange, exchange.elapsed(status=response.status, bytes=len(body)))
-            return web.Response(status=response.status, reason=response.reason,
-                                headers=headers, body=body)
-        try:
-            out = web.StreamResponse(status=response.status, reason=response.reason,
-                                     headers=headers)
-            await out.prepare(request)
-            try:
-                async for chunk in response.content.iter_any():
-                    await out.write(chunk)
-                    sent += len(chunk)
-            except aiohttp.ClientError as exc:
-                # The head is out: the only way left to tell the client is to cut its
-                # connection (a last empty chunk would make a cut body look whole).
-                if isinstance(exc, TimeoutError):
-                    error = H15
-                log.info("dyno %s ended its response early: %r", exchange.line.dyno, exc)
-                if request.transport is not None:
-                    request.transport.abort()
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, upstream = await self._loop.create_connection(
+                    functools.partial(_Upstream, self, backend), backend.host, backend.port)
+        except TimeoutError:
+            exchange.failure = H19
+            log.info("dyno %s did not accept a connection in time", backend.name)
+        except OSError as exc:
+            exchange.failure = H10
+            log.info("dyno %s refused a connection: %s", backend.name, exc)
+        else:
+            exchange.connect_s += time.perf_counter() - attempt
+            exchange.connecting = None
+            if exchange.done:  # the client left as the connection opened
+                self._release(upstream)
             else:
-                await out.write_eof()
-        finally:
-            response.release()
-        self._report(exchange, exchange.elapsed(status=response.status, bytes=sent, error=error))
-        return out
+                upstream.start(exchange)
+            return
+        exchange.connect_s += time.perf_counter() - attempt
+        exchange.connecting = None
+        if not exchange.done:
+            self._attempt(exchange)
 
-    async def _websocket(self, request: web.BaseRequest, session: aiohttp.ClientSession,
-                         url: URL, headers: CIMultiDict[str],
-                         exchange: _Exchange) -> web.StreamResponse:
-        """Open the WebSocket to the dyno first (so a refusal fails over like any request),
-        then accept the client's with the subprotocol the dyno chose, and relay messages
-        both ways until either side closes. The router line is logged at the upgrade."""
-        protocols = [p.strip() for p in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL,
-                                                              "").split(",") if p.strip()]
-        forwarded = CIMultiDict((name, value) for name, value in headers.items()
-                                if not name.startswith("Sec-WebSocket-"))
-        try:
-            async with asyncio.timeout(self._service_timeout_s):
-                upstream = await session.ws_connect(
-                    url, headers=forwarded, protocols=protocols, max_msg_size=0,
-                    autoclose=False)
-        except aiohttp.WSServerHandshakeError as exc:
-            # The dyno answered without upgrading: the client gets its status.
-            self._report(exchange, exchange.elapsed(status=exc.status, bytes=0))
-            return web.Response(status=exc.status)
-        async with upstream:
-            client = web.WebSocketResponse(
-                protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=0,
-                autoclose=False)
-            await client.prepare(request)
-            self._report(exchange, exchange.elapsed(status=101, bytes=0))
-            async with asyncio.TaskGroup() as group:
-                request_id = exchange.line.request_id
-                group.create_task(_pump(client, upstream), name=f"router-ws-up-{request_id}")
-                group.create_task(_pump(upstream, client), name=f"router-ws-down-{request_id}")
-        return client
+    def _acquire(self, backend: Backend) -> _Upstream | None:
+        idle = self._idle.get((backend.host, backend.port))
+        while idle:
+            upstream = idle.pop()  # the most recently used: the least likely to be stale
+            upstream.in_pool = False
+            if not upstream.closed and not upstream.transport.is_closing():
+                return upstream
+        return None
 
-    def _error(self, exchange: _Exchange, line: RouterLine,
-               error: RouterError) -> web.StreamResponse:
-        self._report(exchange, replace(line, status=error.status, error=error))
-        return web.Response(status=error.status, body=_ERROR_PAGE, content_type="text/html",
-                            charset="utf-8", headers={hdrs.CACHE_CONTROL: "no-cache, no-store"})
+    def _release(self, upstream: _Upstream) -> None:
+        if self._server is None or upstream.transport.is_closing():
+            upstream.transport.close()
+            return
+        upstream.in_pool = True
+        upstream.idle_since = self._loop.time()
+        backend = upstream.backend
+        self._idle.setdefault((backend.host, backend.port), []).append(upstream)
+        if upstream.pool_timer is None:
+            upstream.pool_timer = self._loop.call_at(upstream.idle_since + BACKEND_KEEPALIVE_S,
+                                                     upstream.pool_check)
 
-
-# Close codes that only report what happened and must never be sent (RFC 6455 §7.4.1).
-_UNSENDABLE_CLOSE = {1005: aiohttp.WSCloseCode.OK, 1006: aiohttp.WSCloseCode.INTERNAL_ERROR,
-                     1015: aiohttp.WSCloseCode.INTERNAL_ERROR}
-
-
-async def _pump(source: Any, sink: Any) -> None:
-    """Relay messages from one WebSocket to the other until `source` closes or breaks; then
-    close `sink` with the same code (the other pump then ends too)."""
-    try:
-        async for message in source:
-            if message.type is WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type is WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-    except (ConnectionError, aiohttp.ClientError) as exc:
-        log.debug("WebSocket relay ended: %r", exc)
-    code = source.close_code or aiohttp.WSCloseCode.OK
-    with contextlib.suppress(ConnectionError, aiohttp.ClientError):
-        await sink.close(code=_UNSENDABLE_CLOSE.get(code, code))
+    def _unpool(self, upstream: _Upstream) -> None:
+        upstream.in_pool = False
+        idle = self._idle.get((upstream.backend.host, upstream.backend.port), [])
+        with contextlib.suppress(ValueError):
+            idle.remove(upstream)
+        if upstream.pool_timer is not None:
+            upstream.pool_timer.cancel()
+            upstream.pool_timer = None

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import json
 import re
 import socket
 import uuid
@@ -475,3 +476,175 @@ async def test_close_stops_listening_and_ends_idle_connections() -> None:
         await writer.wait_closed()
         with pytest.raises(OSError), socket.create_connection(address, timeout=1):
             pass
+
+
+# -- HTTP/1.1 framing and flow control --------------------------------------------------------
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
+    """One response off a raw connection: status line, headers, and a Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *fields = head.decode("latin-1").split("\r\n")[:-2]
+    headers = {name.lower(): value for name, _, value in (f.partition(": ") for f in fields)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status.encode(), headers, body
+
+
+def json_of(body: bytes) -> dict[str, Any]:
+    value = json.loads(body)
+    assert isinstance(value, dict)
+    return value
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with upstreams(2) as ups, \
+            running_router(lambda: [u.backend for u in ups]) as running:
+        reader, writer = await asyncio.open_connection(*running.router.address)
+        # Three requests in one write: the second and third wait behind the first.
+        writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3))
+                     + b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        async with asyncio.timeout(5):
+            answers = [await read_response(reader) for _ in range(4)]
+        writer.close()
+        await writer.wait_closed()
+    assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 4
+    assert [json_of(body)["path"] for _, _, body in answers[:3]] == ["/p0", "/p1", "/p2"]
+    assert json_of(answers[3][2])["bytes"] == 5
+    assert [line["path"] for line in running.parsed()] == ["/p0", "/p1", "/p2", "/upload"]
+
+
+@contextlib.asynccontextmanager
+async def until_close_dyno(body: bytes) -> AsyncIterator[Backend]:
+    """A dyno that answers without Content-Length or chunking: its body ends at its close."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body[:7])
+        await writer.drain()
+        writer.write(body[7:])
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield Backend("web.1", "127.0.0.1", server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_body_that_ends_at_the_dyno_close_reaches_the_client_whole() -> None:
+    body = b"until the end\n" * 5000
+    async with until_close_dyno(body) as backend, running_router(lambda: [backend]) as running:
+        async with client(connector=aiohttp.TCPConnector(limit=1)) as session:
+            for _ in range(2):  # the client's connection stays usable: chunked for it
+                async with session.get(running.url("/")) as response:
+                    assert response.headers["Transfer-Encoding"] == "chunked"
+                    assert await response.read() == body
+        # An HTTP/1.0 client cannot take chunks: the body ends with the connection.
+        reader, writer = await asyncio.open_connection(*running.router.address)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head
+    assert rest == body
+    assert [(line["status"], line["bytes"]) for line in running.parsed()] == [
+        ("200", str(len(body)))] * 3
+
+
+async def test_a_slow_client_holds_the_dyno_back_not_the_router_memory() -> None:
+    total = 48 * 1024 * 1024
+    written = 0
+    finished = asyncio.Event()
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        response = web.StreamResponse()
+        response.content_length = total
+        await response.prepare(request)
+        piece = b"x" * 65536
+        while written < total:
+            await response.write(piece)  # waits while the router does not read
+            written += len(piece)
+        finished.set()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/flood", flood)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    backend = Backend("web.1", "127.0.0.1", runner.addresses[0][1])
+    try:
+        async with running_router(lambda: [backend]) as running:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, running.router.address)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            # The client reads nothing: wait until the dyno cannot write any more.
+            async with asyncio.timeout(20):
+                last = -1
+                while written != last and not finished.is_set():
+                    last = written
+                    await asyncio.sleep(0.3)
+            assert written < total // 2, "the router read on with nobody taking the bytes"
+            held = sum(c.transport.get_write_buffer_size() for c in running.router._clients)
+            assert held < 1024 * 1024
+            async with asyncio.timeout(20):  # and everything arrives once the client reads
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert b"Content-Length: %d" % total in head
+                received = 0
+                while received < total and (chunk := await reader.read(1 << 20)):
+                    received += len(chunk)
+            assert received == total
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_pooled_connection_the_dyno_closed_is_replaced_for_a_get() -> None:
+    connections = 0
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answers the first request on each connection, then closes on the next one unanswered,
+        as a dyno does whose keep-alive runs out just as the router reuses the connection."""
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+    backend = Backend("web.1", "127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        async with running_router(lambda: [backend]) as running, client() as session:
+            for _ in range(3):
+                async with session.get(running.url("/")) as response:
+                    assert response.status == 200 and await response.read() == b"ok"
+            async with session.post(running.url("/")) as response:
+                assert response.status == 503  # not sent twice: POST may not be idempotent
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connections == 3  # the first, and one for each retried GET
+    assert [(line["status"], line["code"]) for line in running.parsed()] == [
+        ("200", None)] * 3 + [("503", "H13")]
+
+
+async def test_a_request_head_too_large_is_refused() -> None:
+    async with running_router(lambda: []) as running:
+        reader, writer = await asyncio.open_connection(*running.router.address)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)  # and no end
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # then EOF: the router closes
+        writer.close()
+        await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert running.lines == []
