@@ -7,12 +7,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from tests.support.pace import time_scale
+
 T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.01,
              what: str = "condition") -> T:
-    """Call `predicate` until it returns something truthy; fail after `timeout_s`."""
+    """Call `predicate` until it returns something truthy; fail after `timeout_s` (times
+    the slowness of an emulated guest, see tests.support.pace)."""
+    timeout_s *= time_scale()
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -25,6 +29,7 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0
 
 async def async_wait_for(predicate: Callable[[], Awaitable[T]], timeout_s: float,
                          interval_s: float = 0.01, what: str = "condition") -> T:
+    timeout_s *= time_scale()
     deadline = time.monotonic() + timeout_s
     while True:
         value = await predicate()

@@ -19,9 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.pace import SCALE_ENV, scale_for, spawn_cost_s
+
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 WANTED_CONTROLLERS = ("memory", "cpu", "pids")
 RESULT_NAME = "result.json"
+# pyproject's per-test timeout, scaled like the tests' own deadlines.
+PYTEST_TEST_TIMEOUT_S = 120
 PROBE_MEMORY_MAX_BYTES = 32 << 20
 PROBE_HOG_BYTES = 256 << 20
 
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", action="append", default=[])
     parser.add_argument("--bench-timeout-s", type=float, default=600.0)
     parser.add_argument("--simulate-hybrid", action="store_true")
+    parser.add_argument("--host-spawn-s", type=float, default=None)
     args = parser.parse_args(argv)
 
     share: Path = args.share
@@ -307,10 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         result["cgroup"] = asdict(view)
         result["probe"] = probe_oom()
         env = _child_env()
+        scale = 1.0
+        if args.host_spawn_s is not None:
+            # Deadlines scale with how much slower than the host this guest runs now.
+            guest_spawn_s = spawn_cost_s()
+            scale = scale_for(args.host_spawn_s, guest_spawn_s)
+            env[SCALE_ENV] = f"{scale:.2f}"
+            result["pace"] = {"host_spawn_s": args.host_spawn_s,
+                              "guest_spawn_s": guest_spawn_s, "time_scale": scale}
         if args.pytest_path:
+            per_test_s = int(PYTEST_TEST_TIMEOUT_S * scale)
             result["pytest"] = _run_logged(
                 [sys.executable, "-m", "pytest", *args.pytest_path, "-p", "no:cacheprovider",
-                 f"--junitxml={share / 'junit.xml'}", *args.pytest_arg],
+                 f"--junitxml={share / 'junit.xml'}", f"--timeout={per_test_s}",
+                 *args.pytest_arg],
                 share / "pytest.log", args.pytest_timeout_s, env)
         if args.bench:
             result["bench"] = _run_logged(

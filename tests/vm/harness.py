@@ -16,10 +16,11 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tests.support.pace import spawn_cost_s
 from tests.vm.guest import RESULT_NAME
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +86,9 @@ class VmPlan:
     memory: str = "2G"
     # Give the guest a hybrid-looking /sys/fs/cgroup first, to test the fix-up path.
     simulate_hybrid: bool = False
+    # The host's cost of starting a process (tests.support.pace): the guest scales its tests'
+    # deadlines by how much slower it is. None: no scaling.
+    host_spawn_s: float | None = None
 
     @property
     def timeout_s(self) -> float:
@@ -160,6 +164,8 @@ def vng_argv(plan: VmPlan, share: Path) -> list[str]:
         guest_argv += ["--bench", name]
     if plan.simulate_hybrid:
         guest_argv.append("--simulate-hybrid")
+    if plan.host_spawn_s is not None:
+        guest_argv += ["--host-spawn-s", f"{plan.host_spawn_s:.6f}"]
     return [
         str(venv_bin() / "vng"),
         "--run", str(plan.kernel),
@@ -210,6 +216,8 @@ def _tail(path: Path, limit: int = 4000) -> str:
 def run_vm(plan: VmPlan, share: Path | None = None) -> VmResult:
     """Boot, run the guest script, wait (bounded), and read its report back."""
     check_capabilities()
+    if plan.host_spawn_s is None:
+        plan = replace(plan, host_spawn_s=spawn_cost_s())
     share = share or Path(tempfile.mkdtemp(prefix="dtvm-"))
     console_log = share / "console.log"
     env = dict(os.environ)
