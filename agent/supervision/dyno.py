@@ -341,6 +341,18 @@ class Dyno:
         try:
             async with self.start_slots:
                 placement = self.record.placement
+                if placement is not None and not await self.runtime.placement_intact_async(
+                        placement):
+                    # The host rebooted (or someone removed them): the record names a
+                    # namespace, runtime dir or cgroup that is gone. What is left of it goes,
+                    # and the dyno is placed anew.
+                    log.warning("%s: its network namespace, runtime dir or cgroup is gone; "
+                                "placing it again", self.spec.name,
+                                extra=extra(dyno_id=self.id, app=self.spec.app))
+                    with contextlib.suppress(Exception):
+                        await self.runtime.unplace(placement)
+                    self.update(placement=None)
+                    placement = None
                 if placement is None:
                     placement = await self.runtime.place(self.spec)
                     self.update(placement=placement)

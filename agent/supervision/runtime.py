@@ -121,6 +121,10 @@ class Runtime(Protocol):
 
     async def populated_async(self, placement: Placement) -> bool: ...
 
+    async def placement_intact_async(self, placement: Placement) -> bool:
+        """Whether what `place` made for the dyno is all still there: after a reboot its
+        namespace, runtime dir and cgroup are gone while its record names them."""
+
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool: ...
 
     def stats(self, placement: Placement) -> cgroups.Stats | None: ...
@@ -447,6 +451,13 @@ class HostRuntime:
 
     async def populated_async(self, placement: Placement) -> bool:
         return await asyncio.to_thread(self.populated, placement)
+
+    def placement_intact(self, placement: Placement) -> bool:
+        return (os.path.exists(placement.netns_path) and os.path.isdir(placement.dyno_dir)
+                and self.group(placement).exists())
+
+    async def placement_intact_async(self, placement: Placement) -> bool:
+        return await asyncio.to_thread(self.placement_intact, placement)
 
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool:
         if not await self.populated_async(placement):

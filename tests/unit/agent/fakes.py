@@ -67,6 +67,8 @@ class FakeRuntime:
     signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
     kills: int = 0
     unplaced: list[str] = field(default_factory=list)
+    # Dynos whose placement the kernel no longer has (a reboot).
+    vanished: set[str] = field(default_factory=set)
     alive: set[tuple[int, int]] = field(default_factory=set)
     concurrent: int = 0
     max_concurrent: int = 0
@@ -155,6 +157,9 @@ class FakeRuntime:
 
     async def populated_async(self, placement: Placement) -> bool:
         return self.populated(placement)
+
+    async def placement_intact_async(self, placement: Placement) -> bool:
+        return self._id_of(placement) not in self.vanished
 
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool:
         return not self.populated(placement)

@@ -610,3 +610,25 @@ async def test_output_sent_again_after_a_resubscribe_is_published_once(
         assert h.supervisor.get_dyno(dyno_id)["output_dropped"] == 2
     finally:
         await h.supervisor.detach_all()
+
+
+async def test_a_restored_dyno_whose_placement_is_gone_is_placed_again(tmp_path: Path) -> None:
+    """After a reboot the records name namespaces, runtime dirs and cgroups that no longer
+    exist: the dyno is placed anew (what is left of the old placement freed), not launched
+    into a namespace that is gone over and over."""
+    first = await virtual_harness(tmp_path)
+    dyno_id = await first.create("worker.1")
+    await first.state(dyno_id, "up")
+    await first.supervisor.detach_all()
+
+    second = await virtual_harness(tmp_path)
+    runtime = second.runtime
+    runtime.vanished.add(dyno_id)  # and no holder holds its process: the host rebooted
+    try:
+        second.supervisor.restore([])
+        await second.until(lambda: runtime.launches == [dyno_id], what="launched again")
+        assert runtime.unplaced == [dyno_id]
+        status = await second.state(dyno_id, "up")
+        assert status["pid"] is not None
+    finally:
+        await second.supervisor.detach_all()
