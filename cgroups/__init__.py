@@ -19,6 +19,7 @@ path, file, value and errno. Knows nothing of dynos.
 from cgroups.discovery import (
     AGENT_LEAF,
     DEFAULT_ROOT_NAME,
+    HOLDER_LEAF,
     Hierarchy,
     Layout,
     detect,
@@ -49,6 +50,7 @@ from cgroups.tree import Tree
 __all__ = [
     "AGENT_LEAF",
     "DEFAULT_ROOT_NAME",
+    "HOLDER_LEAF",
     "AlreadyExists",
     "Busy",
     "CgroupError",

@@ -19,6 +19,9 @@ DEFAULT_ROOT_NAME = "dynoagent"
 # The leaf a delegated agent moves itself into: systemd's delegation rules (and v2's "no
 # internal processes") want the delegated cgroup itself empty once it has children.
 AGENT_LEAF = "agent.scope"
+# The leaf the dyno holder sits in when the root is a scope of its own (systemd on pure v2,
+# agent.daemon.dynoscope): like AGENT_LEAF, never a dyno's group.
+HOLDER_LEAF = "holder"
 # v1 controllers whose hierarchies hold a group on hybrid hosts: limits and stats.
 DEFAULT_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 # xattrs systemd (>= 251) sets on a cgroup it delegated: trusted.* for the system manager,
@@ -186,9 +189,14 @@ def detect(*, root_name: str = DEFAULT_ROOT_NAME, proc_root: Path = Path("/proc"
            fs_root: Path = Path("/"), pid: str = "self", use_delegation: bool = True,
            v1_controllers: Iterable[str] = DEFAULT_V1_CONTROLLERS,
            fs_factory: Callable[[Path], CgroupFS] = CgroupFS,
-           delegation_check: Callable[[Path], bool] = is_delegated) -> Layout:
+           delegation_check: Callable[[Path], bool] = is_delegated,
+           root: str | None = None) -> Layout:
     """Read the layout of the running host (or of a fake tree: mount points from mountinfo are
-    taken relative to `fs_root`, proc files from `proc_root`)."""
+    taken relative to `fs_root`, proc files from `proc_root`).
+
+    `root` (relative to the v2 mount) names the cgroup to work under instead of the own cgroup
+    or `root_name`: a cgroup systemd delegated to the agent other than its own (the scope of
+    agent.daemon.dynoscope); `delegated` is then judged on it, not on the own cgroup."""
     try:
         mountinfo = (proc_root / pid / "mountinfo").read_text()
         membership = (proc_root / pid / "cgroup").read_text()
@@ -216,10 +224,14 @@ def detect(*, root_name: str = DEFAULT_ROOT_NAME, proc_root: Path = Path("/proc"
     own_rel = relative_to_mount(own_unified, v2.root) if own_unified is not None else None
 
     delegated = False
-    if use_delegation and own_rel:
-        # The root cgroup is never "delegated": it is the top of the host's own tree.
-        delegated = delegation_check(unified_fs.path(own_rel))
-    root = normalise(own_rel) if delegated and own_rel else normalise(root_name)
+    if root is not None:
+        root = normalise(root)
+        delegated = bool(root) and delegation_check(unified_fs.path(root))
+    else:
+        if use_delegation and own_rel:
+            # The root cgroup is never "delegated": it is the top of the host's own tree.
+            delegated = delegation_check(unified_fs.path(own_rel))
+        root = normalise(own_rel) if delegated and own_rel else normalise(root_name)
     if not root:
         raise DiscoveryError("the agent's root may not be the top of the hierarchy",
                              value=root_name)

@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from cgroups.discovery import AGENT_LEAF, Hierarchy, Layout
+from cgroups.discovery import AGENT_LEAF, HOLDER_LEAF, Hierarchy, Layout
 from cgroups.errors import AlreadyExists, Busy, CgroupError, NotEmpty, NotFound
 from cgroups.fs import normalise
 from cgroups.group import Group
@@ -15,6 +15,8 @@ from cgroups.limits import Limits, Mode, controllers_needed
 
 # Controllers a v2 root hands down to its groups (io is not part of the limits spec).
 V2_CONTROLLERS = ("memory", "cpu", "pids")
+# Leaves of the agent's own processes, never listed as groups nor swept.
+RESERVED_LEAVES = frozenset({AGENT_LEAF, HOLDER_LEAF})
 
 
 class Tree:
@@ -65,6 +67,15 @@ class Tree:
         for h in self.layout.hierarchies:
             self._makedirs(h, leaf.rel)
         leaf.attach(os.getpid() if pid is None else pid)
+        return leaf
+
+    def enter_holder_leaf(self, pid: int) -> Group:
+        """Move the dyno holder into its leaf of the root (a scope of its own under systemd),
+        so that the root can hand controllers down to the dynos' groups."""
+        leaf = Group(self.layout, f"{self.root}/{HOLDER_LEAF}")
+        for h in self.layout.hierarchies:
+            self._makedirs(h, leaf.rel)
+        leaf.attach(pid)
         return leaf
 
     def _enable_controllers(self, h: Hierarchy, rel: str) -> None:
@@ -127,12 +138,13 @@ class Tree:
 
     def list_groups(self, suffix: str = "") -> list[str]:
         """Leaf groups below the root in any hierarchy (relative to the root), for adoption by
-        a restarted agent; the agent's own leaf is not listed. An emptied parent is a leaf too:
-        `suffix` (e.g. ".scope") keeps only the names the caller gives its groups."""
+        a restarted agent; the agent's and the holder's own leaves are not listed. An emptied
+        parent is a leaf too: `suffix` (e.g. ".scope") keeps only the names the caller gives
+        its groups."""
         leaves: set[str] = set()
         for h in self.layout.hierarchies:
             leaves.update(self._leaves(h, self.root))
-        leaves.discard(AGENT_LEAF)
+        leaves -= RESERVED_LEAVES
         return sorted(leaf for leaf in leaves if leaf.endswith(suffix))
 
     def _leaves(self, h: Hierarchy, rel: str) -> list[str]:
@@ -168,7 +180,7 @@ class Tree:
         if rel == self.root:
             return removed
         sub = rel[len(self.root) + 1:]
-        if sub == AGENT_LEAF or keep(sub):
+        if sub in RESERVED_LEAVES or keep(sub):
             return removed
         try:
             if h.fs.children(rel) or h.fs.procs(rel):

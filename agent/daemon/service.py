@@ -39,6 +39,7 @@ from agent.config import Config
 from agent.coordinator.link import CoordinatorLink
 from agent.coordinator.payloads import dyno_metrics, hello_payload
 from agent.coordinator.requests import Requests
+from agent.daemon import dynoscope
 from agent.daemon import sdnotify as notify
 from agent.errors import AgentError, ConfigError, Conflict, NotReady
 from agent.holder import ConnectionLost, HolderClient, HolderError
@@ -62,7 +63,8 @@ log = logging.getLogger(__name__)
 START_STEP_TIMEOUT_S = 30.0
 STOP_STEP_TIMEOUT_S = 60.0
 FORCED_STOP_STEP_TIMEOUT_S = 3.0
-HOLDER_START_TIMEOUT_S = 10.0
+# Generous: a slow (emulated) host has been seen to need more than 10 s.
+HOLDER_START_TIMEOUT_S = 30.0
 UNPLACE_AT_EXIT_S = 30.0
 
 
@@ -148,9 +150,13 @@ class Daemon:
         self.tree: cgroups.Tree | None = None
         self.network: netns.HostNetwork | None = None
         self.holder: HolderClient | None = None
+        # Under systemd (pure v2): the scope the holder and the dynos live in (dynoscope).
+        self.scope: dynoscope.ScopePlan | None = None
         # A holder being started again after the last one was lost: a shutdown meanwhile
         # waits for it, so that the holder it started is ended too, not left behind.
         self._holder_starting: asyncio.Future[HolderClient] | None = None
+        # The holder step owns `holder` (closes it at the end); before, the cgroups step does.
+        self._holder_taken = False
         self.supervisor: Supervisor | None = None
         # The supervisor's runtime, as built here: a reconnect hands it the new holder.
         self.runtime: HostRuntime | None = None
@@ -293,18 +299,79 @@ class Daemon:
     async def _cgroups(self) -> AsyncIterator[None]:
         try:
             layout = cgroups.detect(root_name=self.config.cgroup_root)
-            tree = cgroups.Tree(layout)
-            if layout.delegated:
-                tree.enter_agent_leaf()
-            tree.ensure()
         except cgroups.CgroupError as exc:
             raise StartupError(f"cgroups: {exc}") from None
-        self.cgroup_mode = layout.mode.value
+        self.scope = dynoscope.systemd_mode(layout)
+        try:
+            if self.scope is not None:
+                # The unit's own cgroup keeps no controllers (systemd could not attach the
+                # next main process to it): holder and dynos go into a scope of their own,
+                # so the holder starts here, before any controller is enabled.
+                tree = await self._enter_scope(self.scope)
+            else:
+                tree = cgroups.Tree(layout)
+                if layout.delegated:
+                    tree.enter_agent_leaf()
+            tree.ensure()
+        except cgroups.CgroupError as exc:
+            self._close_early_holder()
+            raise StartupError(f"cgroups: {exc}") from None
+        except BaseException:
+            self._close_early_holder()
+            raise
+        self.cgroup_mode = tree.layout.mode.value
         self.tree = tree
-        yield
-        if self.idle_at_exit:
-            with contextlib.suppress(cgroups.CgroupError):
-                tree.destroy()
+        try:
+            yield
+            if self.idle_at_exit:
+                with contextlib.suppress(cgroups.CgroupError):
+                    tree.destroy()
+        finally:
+            self._close_early_holder()
+
+    async def _enter_scope(self, plan: dynoscope.ScopePlan) -> cgroups.Tree:
+        """Start (or find) the holder and put it into the dynos' scope; the tree rooted there."""
+        self.holder = await self._connect_holder()
+        layout = cgroups.detect(root_name=self.config.cgroup_root, root=plan.cgroup)
+        tree = cgroups.Tree(layout)
+        await self._place_holder(tree, plan)
+        if not tree.layout.delegated:
+            # Judged once the scope exists: systemd marks a delegated cgroup (trusted.delegate).
+            tree = cgroups.Tree(cgroups.detect(root_name=self.config.cgroup_root,
+                                               root=plan.cgroup))
+        if not tree.layout.delegated:
+            log.warning("%s is not marked delegated (systemd < 251?); using it anyway",
+                        plan.cgroup)
+            tree = cgroups.Tree(cgroups.detect(root_name=self.config.cgroup_root,
+                                               root=plan.cgroup,
+                                               delegation_check=lambda path: True))
+        return tree
+
+    async def _place_holder(self, tree: cgroups.Tree, plan: dynoscope.ScopePlan) -> None:
+        assert self.holder is not None
+        try:
+            pid = int((await self.holder.ping())["pid"])
+            action = await asyncio.to_thread(dynoscope.place_holder, tree, plan, pid)
+        except HolderError as exc:
+            raise StartupError(f"dyno holder: {exc}") from None
+        except dynoscope.ScopeError as exc:
+            raise StartupError(f"dyno scope: {exc}") from None
+        log.info("dyno holder (pid %d) in %s (%s)", pid, plan.holder_leaf, action.value)
+
+    def _close_early_holder(self) -> None:
+        # A holder client the cgroups step connected that the holder step has not taken over.
+        if self.holder is not None and not self._holder_taken:
+            self.holder.close()
+            self.holder = None
+
+    async def _connect_holder(self) -> HolderClient:
+        socket_path = str(self.config.run_dir / "holder.sock")
+        state_dir = str(self.config.state_dir / "holder")
+        try:
+            return await HolderClient.ensure_running(socket_path, state_dir,
+                                                     timeout_s=HOLDER_START_TIMEOUT_S)
+        except HolderError as exc:
+            raise StartupError(f"dyno holder: {exc}") from None
 
     @contextlib.asynccontextmanager
     async def _network(self) -> AsyncIterator[None]:
@@ -327,12 +394,14 @@ class Daemon:
 
     @contextlib.asynccontextmanager
     async def _holder(self) -> AsyncIterator[None]:
-        socket_path = str(self.config.run_dir / "holder.sock")
-        state_dir = str(self.config.state_dir / "holder")
+        # Under systemd the cgroups step has connected it already (to place it).
+        if self.holder is None:
+            self.holder = await self._connect_holder()
+        self._holder_taken = True
         try:
-            self.holder = await HolderClient.ensure_running(socket_path, state_dir)
             await self.holder.subscribe()
         except HolderError as exc:
+            self.holder.close()
             raise StartupError(f"dyno holder: {exc}") from None
         try:
             yield
@@ -416,6 +485,8 @@ class Daemon:
                 finally:
                     if starting.done():
                         self._holder_starting = None
+                if self.scope is not None and self.tree is not None:
+                    await self._replace_holder(self.tree, self.scope)
                 await self.holder.subscribe()
                 # A holder that died took its dynos' exit statuses with it: whatever it no
                 # longer holds is handled as lost with it (restarted at once, no crash).
@@ -427,6 +498,15 @@ class Daemon:
                 self.supervisor.holder_gate.back()
             except HolderError as exc:
                 log.error("cannot reach the dyno holder: %s", exc)
+
+    async def _replace_holder(self, tree: cgroups.Tree, plan: dynoscope.ScopePlan) -> None:
+        """A holder started again goes into the dynos' scope too (made again if it went away
+        with the last dyno, then with its controllers)."""
+        try:
+            await self._place_holder(tree, plan)
+            await asyncio.to_thread(tree.ensure)
+        except (StartupError, cgroups.CgroupError) as exc:
+            log.error("the dyno holder stays outside %s: %s", plan.cgroup, exc)
 
     async def _sweep_log_tails(self) -> None:
         """The log tails of apps gone from this host are kept a while, then removed (see
@@ -664,9 +744,10 @@ class Daemon:
         return [
             Step("directories", self._directories),
             Step("instance lock", self._instance_lock),
-            Step("cgroups", self._cgroups),
+            # Under systemd the cgroups step starts the holder (dynoscope).
+            Step("cgroups", self._cgroups, START_STEP_TIMEOUT_S + HOLDER_START_TIMEOUT_S),
             Step("network", self._network),
-            Step("dyno holder", self._holder),
+            Step("dyno holder", self._holder, START_STEP_TIMEOUT_S + HOLDER_START_TIMEOUT_S),
             Step("supervisor", self._supervisor),
             Step("builds", self._builds),
             Step("coordinator", self._coordinator),

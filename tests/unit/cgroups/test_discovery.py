@@ -162,3 +162,22 @@ def test_detect_real_host_reports_a_mode() -> None:
         pytest.skip(f"host has no usable cgroup2 mount: {exc}")
     assert layout.mode in (Mode.V2, Mode.HYBRID)
     assert layout.unified.fs.exists("", "cgroup.procs")
+
+
+def test_detect_root_override_judges_delegation_on_it(v2_host: FakeHost) -> None:
+    # systemd mode (agent.daemon.dynoscope): the agent stays in its service's cgroup, its root
+    # is the scope beside it, and only the scope is judged delegated.
+    v2_host.layout()
+    (v2_host.base / "proc/self/cgroup").write_text("0::/system.slice/dynoagent.service\n")
+    scope = v2_host.cg("unified", "system.slice/dynoagent-dynos.scope")
+    scope.mkdir(parents=True)
+    (scope / "cgroup.controllers").write_text("cpu memory pids\n")
+    layout = v2_host.layout(root="/system.slice/dynoagent-dynos.scope",
+                            delegation_check=lambda path: path == scope)
+    assert layout.root == "system.slice/dynoagent-dynos.scope"
+    assert layout.delegated
+    assert layout.own_path == "system.slice/dynoagent.service"
+    assert layout.controllers == {"cpu", "memory", "pids"}  # the scope's
+    plain = v2_host.layout(root="system.slice/dynoagent-dynos.scope",
+                           delegation_check=lambda path: False)
+    assert plain.root == "system.slice/dynoagent-dynos.scope" and not plain.delegated

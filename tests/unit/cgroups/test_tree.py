@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cgroups.discovery import AGENT_LEAF, Layout
+from cgroups.discovery import AGENT_LEAF, HOLDER_LEAF, Layout
 from cgroups.errors import CgroupError, NotEmpty
 from cgroups.limits import Limits
 from cgroups.tree import Tree
@@ -75,6 +75,21 @@ def test_delegated_v2_agent_moves_to_leaf_then_enables_only_its_own_cgroup(
     assert leaf.exists()  # never swept
     tree.destroy()
     assert v2_host.cg("unified", "system.slice/dynoagent.service").is_dir()  # systemd's
+
+
+def test_holder_leaf_of_a_scope_root_is_neither_listed_nor_swept(v2_host: FakeHost) -> None:
+    layout = _delegated(v2_host)
+    tree = Tree(layout)
+    leaf = tree.enter_holder_leaf(pid=4321)
+    assert leaf.rel == f"system.slice/dynoagent.service/{HOLDER_LEAF}"
+    assert leaf.pids() == [4321]
+    tree.ensure()  # the root is free of processes: controllers can be enabled
+    g = tree.create_group("app-a.slice/dyno-1.scope", Limits(pids_max=5))
+    assert tree.list_groups() == ["app-a.slice/dyno-1.scope"]  # not the holder's leaf
+    g.attach(4321)  # the holder's leaf now empty (as when the holder died): still kept
+    assert leaf.pids() == []
+    assert HOLDER_LEAF not in tree.sweep_empty()
+    assert leaf.exists()
 
 
 def test_list_groups_finds_leaves_in_any_hierarchy(host: FakeHost) -> None:

@@ -328,10 +328,13 @@ def start(g: Guest) -> dict[str, Any]:
         raise ScenarioFailed(f"systemd-analyze verify exited {verify.returncode}: {verify_text}")
     g.wait_api()
     g.state["control_group"] = props["ControlGroup"]
-    # Delegated (the package's unit): dynos below the unit's own cgroup; otherwise below the
-    # agent's configured cgroup_root (default `dynoagent`).
-    g.state["dyno_cgroup_base"] = props["ControlGroup"] if props["Delegate"] == "yes" \
-        else "/dynoagent"
+    # Delegated (the package's unit): dynos in the unit's scope beside it (`dynoagent.service`
+    # -> `dynoagent-dynos.scope`, agent/daemon/dynoscope.py), whose own cgroup keeps no
+    # controllers; otherwise below the agent's configured cgroup_root (default `dynoagent`).
+    parent, _, base = props["ControlGroup"].rpartition("/")
+    g.state["dyno_cgroup_base"] = (
+        f"{parent}/{base.removesuffix('.service')}-dynos.scope" if props["Delegate"] == "yes"
+        else "/dynoagent")
     return {"props": props, "status": status.strip()[-1200:]}
 
 
