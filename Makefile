@@ -103,6 +103,7 @@ test: lint setup-stack setup-wheels
 	$(PYTEST) tests/unit tests/privileged tests/e2e
 	$(PYTEST) tests/fuzz
 	$(MAKE) --no-print-directory test-vm
+	$(MAKE) --no-print-directory check-deb test-systemd
 
 # The example app with full isolation, like `heroku local`: http://127.0.0.1:5000, logs on
 # this terminal, `dynoctl ps` from another one; Ctrl-C stops everything. ARGS passes more
