@@ -40,7 +40,13 @@ from agent.builds.release import ReleaseError, ReleaseInfo, merge_releases, pars
 from agent.errors import BuildFailed
 from agent.launcher import syscalls as sc
 from agent.observability.logs import LogLine
-from agent.slugs.store import DEFAULT_MAX_UNPACKED_BYTES, SlugError, extract_tarball, slug_root
+from agent.slugs.store import (
+    DEFAULT_MAX_UNPACKED_BYTES,
+    SlugError,
+    extract_tarball,
+    sha256_file,
+    slug_root,
+)
 from agent.spec import APP, BUILD_TYPE, ENV_KEY, HOST_STACK, STACK, SlugSource
 from agent.supervision.runtime import BuildMounts
 
@@ -281,7 +287,7 @@ class Builder:
             check_tree(workspace.app, "the build left")
             tarball = staging / "slug.tgz"
             pack(workspace.app, tarball)
-            digest = _sha256(tarball)
+            digest = sha256_file(tarball)
             (staging / "tree").mkdir(mode=0o755)
             try:
                 extract_tarball(tarball, staging / "tree", self.max_app_bytes)
@@ -455,12 +461,4 @@ def cache_key(request: BuildRequest, packs: Sequence[bp.Buildpack],
     hasher.update(b"\0source\0")
     tree_digest(request.source, hasher)
     return hasher.hexdigest()[:32]
-
-
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 

@@ -380,7 +380,8 @@ def slug_root(extracted: Path) -> Path:
     return extracted
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path | str) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
     hasher = hashlib.sha256()
     with open(path, "rb") as f:
         while data := f.read(_CHUNK_BYTES):
@@ -490,7 +491,7 @@ class SlugStore:
         key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         known = self._local_digests.get(key)
         if known is None:
-            known = await asyncio.to_thread(_sha256_file, local)
+            known = await asyncio.to_thread(sha256_file, local)
             self._local_digests[key] = known
         local_digest = known
 

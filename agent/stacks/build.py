@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from agent.launcher.rootfs import MOUNT_POINTS, stack_has_mount_points
+from agent.slugs.store import sha256_file
 from agent.stacks import recipe as rc
 from agent.stacks.store import StackInfo, StackStore
 
@@ -205,7 +206,7 @@ def content_hash(root: Path) -> tuple[str, int, int]:
             st = os.lstat(path)
             entries += 1
             if stat.S_ISREG(st.st_mode):
-                what = _file_sha256(path)
+                what = sha256_file(path)
                 size_bytes += st.st_size
             elif stat.S_ISLNK(st.st_mode):
                 what = os.readlink(path)
@@ -217,14 +218,6 @@ def content_hash(root: Path) -> tuple[str, int, int]:
             digest.update(os.fsencode(f"{st.st_mode:o} {st.st_uid}:{st.st_gid} {what} {rel}"))
             digest.update(b"\0")
     return digest.hexdigest(), size_bytes, entries
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class HostMachine:
