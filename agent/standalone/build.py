@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -185,6 +186,8 @@ class BuildDaemon(Daemon):
         await super().run()
         if self.remove_run_dir and self.idle_at_exit:
             await asyncio.to_thread(shutil.rmtree, self.config.run_dir, True)
+            with contextlib.suppress(OSError):
+                os.rmdir(BUILD_RUN_BASE)  # only when no other build runs
         return self.exit_code
 
 
