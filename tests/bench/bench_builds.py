@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.agentproc import BIN, write_config
-from tests.support.names import unique
+from tests.support.agentproc import BIN
 from tests.support.pyindex import MissingWheels, pip_config_vars, served_index
-from tests.support.stacks import TEST_STACK, TEST_STACKS_DIR
+from tests.support.stacks import TEST_STACK, TEST_STACKS_DIR, stack_agent_config
 from tests.support.testhost import TestHost, new_test_host
 
 APP = Path(__file__).resolve().parents[1] / "e2e" / "apps" / "django"
@@ -41,14 +40,7 @@ sys.exit(1)
 
 
 def _config(base: Path) -> Path:
-    (base / "state").mkdir(parents=True, mode=0o700)
-    (base / "state" / "stacks").symlink_to(TEST_STACKS_DIR)
-    config = base / "agent.toml"
-    write_config(config, {"state_dir": str(base / "state"), "run_dir": str(base / "run"),
-                          "socket": str(base / "run" / "dynoagent.sock"),
-                          "cgroup_root": f"dynoagent-{unique('bb')}", "log_level": "warning",
-                          "stop_timeout_s": 10, "address_pool": "172.31.236.0/22"})
-    return config
+    return stack_agent_config(base, "bb", "172.31.236.0/22")
 
 
 def _build(host: TestHost, app: Path, config: Path) -> tuple[float, dict[str, object]]:

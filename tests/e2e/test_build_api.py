@@ -253,20 +253,23 @@ def test_a_build_through_the_coordinator_ends_in_a_build_finished_event(a: Agent
     assert states[:1] == ["starting"] and "complete" in states
 
 
+def _hanging_build(agent: AgentProcess) -> dict[str, Any]:
+    """Start the agent and a build whose compile hangs; return the build once it hangs."""
+    buildpack = _prepare(agent)
+    agent.start()
+    build: dict[str, Any] = agent.api("POST", "/v1/builds", {
+        "app": unique("th", 6), "source": {"path": str(make_source(agent, "hang"))},
+        "buildpacks": [str(buildpack)], "env": {"HANG": "1"}, "stack": "host"}, expect=202)
+    wait_for(lambda: "hanging as asked" in (agent.api(
+        "GET", f"/v1/logs?app={build['app']}&tail=1000") or ""), 60, what="the build hangs")
+    return build
+
+
 def test_a_build_running_when_the_agent_stops_is_cancelled_and_leaves_nothing() -> None:
     with new_test_host() as host:
         agent = AgentProcess(netns=host.name, extra=FAST_CONFIG)
         try:
-            buildpack = _prepare(agent)
-            agent.start()
-            source = make_source(agent, "hang")
-            build = agent.api("POST", "/v1/builds", {
-                "app": unique("th", 6), "source": {"path": str(source)},
-                "buildpacks": [str(buildpack)], "env": {"HANG": "1"}, "stack": "host"},
-                expect=202)
-            wait_for(lambda: "hanging as asked" in (agent.api(
-                "GET", f"/v1/logs?app={build['app']}&tail=1000") or ""), 60,
-                what="the build hangs")
+            build = _hanging_build(agent)
             assert [d["name"] for d in agent.api("GET", "/v1/dynos")] == ["build.1"]
             assert agent.stop() == 0
             # The build dyno was deleted (so the agent, left with no dyno, removed all it
@@ -290,16 +293,7 @@ def test_a_build_of_an_agent_killed_mid_build_is_removed_by_the_next_agent() -> 
     with new_test_host() as host:
         agent = AgentProcess(netns=host.name, extra=FAST_CONFIG)
         try:
-            buildpack = _prepare(agent)
-            agent.start()
-            source = make_source(agent, "kill")
-            app = unique("tk", 6)
-            agent.api("POST", "/v1/builds", {
-                "app": app, "source": {"path": str(source)},
-                "buildpacks": [str(buildpack)], "env": {"HANG": "1"}, "stack": "host"},
-                expect=202)
-            wait_for(lambda: "hanging as asked" in (agent.api(
-                "GET", f"/v1/logs?app={app}&tail=1000") or ""), 60, what="the build hangs")
+            _hanging_build(agent)
             agent.signal(signal.SIGKILL)
             agent.wait(10)
             assert str(agent.base / "run" / "builds") in Path("/proc/self/mounts").read_text()

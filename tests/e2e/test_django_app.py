@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.agentproc import BIN, write_config
-from tests.support.names import unique
+from tests.support.agentproc import BIN
 from tests.support.pyindex import MissingWheels, pip_config_vars, served_index
-from tests.support.stacks import TEST_STACK, TEST_STACKS_DIR, built_test_stack
+from tests.support.stacks import TEST_STACK, built_test_stack, stack_agent_config
 from tests.support.testhost import TestHost, new_test_host
 from tests.support.wait import wait_for
 
@@ -60,14 +59,7 @@ def agent_config(base: Path) -> Path:
     """A private agent whose stacks are the tests' (the app builds and runs on Debian's
     bookworm, not on this machine's files)."""
     built_test_stack()
-    (base / "state").mkdir(parents=True, mode=0o700)
-    (base / "state" / "stacks").symlink_to(TEST_STACKS_DIR)
-    config = base / "agent.toml"
-    write_config(config, {"state_dir": str(base / "state"), "run_dir": str(base / "run"),
-                          "socket": str(base / "run" / "dynoagent.sock"),
-                          "cgroup_root": f"dynoagent-{unique('dj')}", "log_level": "warning",
-                          "stop_timeout_s": 10, "address_pool": "172.31.232.0/22"})
-    return config
+    return stack_agent_config(base, "dj", "172.31.232.0/22")
 
 
 def test_build_installs_requirements_from_the_local_index_and_collects_static(

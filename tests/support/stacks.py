@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agentproc import AgentProcess
+from tests.support.agentproc import AgentProcess, write_config
+from tests.support.names import unique
 
 TEST_STACKS_STATE = Path("/var/cache/dynoagent-tests")
 TEST_STACKS_DIR = TEST_STACKS_STATE / "stacks"
@@ -37,3 +38,16 @@ def share_test_stacks(agent: AgentProcess) -> None:
     state = Path(agent.settings["state_dir"])
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state / "stacks").symlink_to(TEST_STACKS_DIR)
+
+
+def stack_agent_config(base: Path, prefix: str, address_pool: str) -> Path:
+    """The config file of a private agent under `base` (for `dynoagent build`/`up
+    --config`) whose stacks are the tests' through the `<state_dir>/stacks` symlink."""
+    (base / "state").mkdir(parents=True, mode=0o700)
+    (base / "state" / "stacks").symlink_to(TEST_STACKS_DIR)
+    config = base / "agent.toml"
+    write_config(config, {"state_dir": str(base / "state"), "run_dir": str(base / "run"),
+                          "socket": str(base / "run" / "dynoagent.sock"),
+                          "cgroup_root": f"dynoagent-{unique(prefix)}", "log_level": "warning",
+                          "stop_timeout_s": 10, "address_pool": address_pool})
+    return config
