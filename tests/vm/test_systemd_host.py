@@ -79,10 +79,16 @@ def test_start_reaches_ready_with_status_text_and_unit_verifies(run: SystemdRunR
     _entry(run, "1-start-ready-status-verify")
 
 
-def test_security_exposure_is_reported(run: SystemdRunResult) -> None:
+# `systemd-analyze security` (systemd 252) scored the unit without its hardening 9.6 UNSAFE
+# and scores it 7.7 EXPOSED; what is left needs a mount namespace or would change what a dyno
+# may do (systemd/dynoagent.service says why for each).
+MAX_EXPOSURE = 7.7
+
+
+def test_security_exposure_is_what_the_hardened_unit_scores(run: SystemdRunResult) -> None:
     entry = _entry(run, "security-exposure")
     print(f"systemd-analyze security: {run.guest['security_exposure']}")
-    assert 0 <= entry["detail"]["exposure"] <= 10  # type: ignore[index]
+    assert entry["detail"]["exposure"] <= MAX_EXPOSURE, entry["detail"]  # type: ignore[index]
 
 
 def test_dynos_get_their_size_limits_in_the_delegated_subtree(run: SystemdRunResult) -> None:
@@ -91,6 +97,11 @@ def test_dynos_get_their_size_limits_in_the_delegated_subtree(run: SystemdRunRes
 
 def test_past_the_kill_point_the_dyno_exits_137_with_r15(run: SystemdRunResult) -> None:
     _entry(run, "2-r15-exit-137")
+
+
+def test_under_the_hardened_unit_spaces_hold_and_dynos_hold_no_privilege(
+        run: SystemdRunResult) -> None:
+    _entry(run, "2-spaces-and-sandbox")
 
 
 def test_restart_kill9_and_stop_keep_the_dynos(run: SystemdRunResult) -> None:

@@ -61,6 +61,32 @@ time.sleep(100000)
 """
 
 
+# Run in a one-off dyno: what its sandbox holds and which of TARGETS it can connect to.
+PROBE_PY = """\
+import ctypes, json, os, socket
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines()
+              if ":" in line)
+result = {"status": {k: status[k].strip() for k in
+                     ("NoNewPrivs", "Seccomp", "Seccomp_filters", "CapEff", "CapBnd")
+                     if k in status}}
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(name, call):
+    result[name] = "done" if call() == 0 else os.strerror(ctypes.get_errno())
+attempt("unshare_user", lambda: libc.unshare(0x10000000))
+attempt("mount_tmpfs", lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+result["connect"] = {}
+for target in os.environ["TARGETS"].split():
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        result["connect"][target] = "connected"
+    except OSError as e:
+        result["connect"][target] = e.strerror or type(e).__name__
+print("RESULT " + json.dumps(result), flush=True)
+"""
+OTHER_APP = "vmother"
+
+
 class ScenarioFailed(Exception):
     pass
 
@@ -201,8 +227,8 @@ class Guest:
         result: dict[str, Any] = self.wait(f"dyno {ref} {state}", check, base_s)
         return result
 
-    def logs(self, dyno_name: str | None = None) -> list[dict[str, Any]]:
-        query = f"/v1/logs?app={APP}&tail=1500&format=json"
+    def logs(self, dyno_name: str | None = None, app: str = APP) -> list[dict[str, Any]]:
+        query = f"/v1/logs?app={app}&tail=1500&format=json"
         if dyno_name:
             query += f"&dyno={dyno_name}"
         text = self.api("GET", query) or ""
@@ -226,8 +252,9 @@ class Guest:
         return pid
 
     # -- dynos ------------------------------------------------------------------------------
-    def spec(self, name: str, command: str, size: str = "tiny") -> dict[str, Any]:
-        return {"app": APP, "name": name, "command": command, "size": size,
+    def spec(self, name: str, command: str, size: str = "tiny",
+             app: str = APP) -> dict[str, Any]:
+        return {"app": app, "name": name, "command": command, "size": size,
                 "release": {"version": 1, "slug": {"path": str(SLUG)}, "stack": "host"}}
 
     def dyno_pids(self) -> dict[str, int]:
@@ -300,6 +327,7 @@ def install(g: Guest) -> dict[str, Any]:
         g.run("systemctl", "daemon-reload", base_s=60)
     SLUG.mkdir(parents=True, exist_ok=True)
     (SLUG / "hog.py").write_text(HOG_PY)
+    (SLUG / "probe.py").write_text(PROBE_PY)
     if enabled != "enabled":
         raise ScenarioFailed(f"the package left {UNIT} {enabled!r}, not enabled")
     return {"version": version, "is_enabled": enabled, "is_active_after_install": active,
@@ -404,6 +432,64 @@ def r15(g: Guest) -> dict[str, Any]:
     return {"agent_lines": [t for t in texts if not t.startswith("source=")][-12:],
             "r14_seen": any(t.startswith("Error R14") for t in texts),
             "exit_status": status.get("exit_status"), "reason": status.get("reason")}
+
+
+def one_off(g: Guest, app: str, name: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run probe.py in a one-off dyno of `app`; its RESULT, the dyno deleted after."""
+    body = g.api("POST", "/v1/dynos", {**g.spec(name, "python3 -u probe.py", app=app),
+                                       "env": env}, expect=201)
+
+    def result() -> dict[str, Any] | None:
+        for line in g.logs(name, app=app):
+            text = str(line.get("text", ""))
+            if line.get("source") == "app" and text.startswith("RESULT "):
+                parsed: dict[str, Any] = json.loads(text[len("RESULT "):])
+                return parsed
+        return None
+    try:
+        found: dict[str, Any] = g.wait(f"the probe's result from {app} {name}", result, 60,
+                                       interval_s=0.5)
+    finally:
+        g.api("DELETE", f"/v1/dynos/{body['id']}", expect=204, base_s=60)
+    return found
+
+
+def spaces_and_sandbox(g: Guest) -> dict[str, Any]:
+    """Under the hardened unit, as in the e2e tier: a dyno reaches its own space's dynos and
+    not another's, and holds no privilege; the agent itself runs with the unit's hardening."""
+    web = g.api("POST", "/v1/dynos", g.spec("web.1", "python3 -m http.server $PORT"),
+                expect=201)
+    try:
+        status = g.wait_state(web["id"], "up", 90)
+        target = f"{status['ip']}:5000"
+        same = one_off(g, APP, "run.1", {"TARGETS": target})
+        other = one_off(g, OTHER_APP, "run.2", {"TARGETS": target})
+    finally:
+        g.api("DELETE", f"/v1/dynos/{web['id']}", expect=204, base_s=60)
+    problems = []
+    if same["connect"].get(target) != "connected":
+        problems.append(f"same space: {same['connect']}")
+    if other["connect"].get(target) == "connected":
+        problems.append(f"another space reached {target}")
+    for who, found in (("same", same), ("other", other)):
+        held = found["status"]
+        if (held.get("NoNewPrivs"), held.get("Seccomp"), held.get("CapEff")) != \
+                ("1", "2", "0000000000000000"):
+            problems.append(f"{who}: dyno holds {held}")
+        if found["unshare_user"] == "done" or found["mount_tmpfs"] == "done":
+            problems.append(f"{who}: unshare {found['unshare_user']}, "
+                            f"mount {found['mount_tmpfs']}")
+    status_lines = Path(f"/proc/{g.main_pid()}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in status_lines if ":" in line)
+    agent = {k: fields.get(k, "").strip()
+             for k in ("NoNewPrivs", "Seccomp", "Seccomp_filters", "CapBnd")}
+    # The unit's CapabilityBoundingSet= leaves out CAP_SYS_MODULE (16) and CAP_SYS_BOOT (22).
+    bounding = int(agent["CapBnd"] or "0", 16)
+    if agent["NoNewPrivs"] != "1" or agent["Seccomp"] != "2" or bounding & (1 << 16 | 1 << 22):
+        problems.append(f"the agent runs without the unit's hardening: {agent}")
+    if problems:
+        raise ScenarioFailed("; ".join(problems))
+    return {"target": target, "same_space": same, "other_space": other, "agent": agent}
 
 
 def restart_and_kill(g: Guest) -> dict[str, Any]:
@@ -624,6 +710,7 @@ def main() -> int:
                 g.scenario("security-exposure", lambda: security(g))
                 if started and g.scenario("2-dynos-delegated-limits", lambda: dynos(g)):
                     g.scenario("2-r15-exit-137", lambda: r15(g))
+                    g.scenario("2-spaces-and-sandbox", lambda: spaces_and_sandbox(g))
                     g.scenario("3-restart-kill9-stop", lambda: restart_and_kill(g))
                     g.scenario("4-watchdog", lambda: watchdog(g))
                     g.scenario("5-journal-fields", lambda: journal(g))
