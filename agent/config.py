@@ -30,6 +30,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/dynoagent/agent.toml")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_COORDINATOR_URLS = 16
 # Where dynoagents keep state and sockets whatever this one's config says (another agent with
 # the defaults, standalone agents, the host-wide uid registry, every dyno's netns, the
 # config): no slug may reach them, and dynos on the host stack do not see them.
@@ -46,7 +47,8 @@ class Config:
     socket_group: str = "dynoagent"
     cgroup_root: str = "dynoagent"
     address_pool: str = "172.20.0.0/14"
-    coordinator_url: str | None = None
+    # One URL or several (replicas of the coordinator): the agent tries them in turn.
+    coordinator_url: tuple[str, ...] | None = None
     coordinator_token_file: Path | None = None
     coordinator_ca_file: Path | None = None
     # A client certificate (PEM) and its key for wss:// coordinators that require mutual TLS.
@@ -142,11 +144,18 @@ def _address_pool(key: str, value: Any) -> str:
     return str(net)
 
 
-def _coordinator_url(key: str, value: Any) -> str:
-    _require(key, value, str, "a ws:// or wss:// URL")
-    if not value.startswith(("ws://", "wss://")):
-        raise ConfigError(key, f"must start with ws:// or wss://, got {excerpt(value)}")
-    return str(value)
+def _coordinator_url(key: str, value: Any) -> tuple[str, ...]:
+    """One ws:// or wss:// URL, or several: an array, or one string with commas between."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    _require(key, value, list, "a ws:// or wss:// URL, or an array of them")
+    if not value or len(value) > MAX_COORDINATOR_URLS:
+        raise ConfigError(key, f"must hold 1 to {MAX_COORDINATOR_URLS} URLs, got {len(value)}")
+    for url in value:
+        _require(key, url, str, "a ws:// or wss:// URL")
+        if not url.startswith(("ws://", "wss://")):
+            raise ConfigError(key, f"must start with ws:// or wss://, got {excerpt(url)}")
+    return tuple(value)
 
 
 def _sizes(key: str, value: Any) -> Mapping[str, Size]:

@@ -13,7 +13,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -136,7 +136,8 @@ class CoordinatorLink:
     every finished build (`publish_build`).
     """
 
-    def __init__(self, url: str, handler: Callable[[str, dict[str, Any]], Awaitable[Any]],
+    def __init__(self, url: str | Sequence[str],
+                 handler: Callable[[str, dict[str, Any]], Awaitable[Any]],
                  hello: Callable[[], dict[str, Any]],
                  metrics: Callable[[], list[dict[str, Any]]], *,
                  token_file: Path | None = None, ca_file: Path | None = None,
@@ -149,7 +150,11 @@ class CoordinatorLink:
                  hello_timeout_s: float = HELLO_TIMEOUT_S,
                  session_factory: Callable[[], aiohttp.ClientSession] | None = None,
                  rng: random.Random | None = None) -> None:
-        self.url = url
+        # Several URLs are replicas of one coordinator: each connection attempt takes the next.
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("no coordinator URL")
+        self._url_index = 0
         self.handler = handler
         self.hello = hello
         self.metrics = metrics
@@ -217,6 +222,11 @@ class CoordinatorLink:
         self._outbox_ready.set()
 
     @property
+    def url(self) -> str:
+        """The URL of the current (or next) connection attempt."""
+        return self.urls[self._url_index]
+
+    @property
     def buffered(self) -> int:
         return len(self._outbox)
 
@@ -225,7 +235,7 @@ class CoordinatorLink:
             return None if value is None else logs.format_timestamp(
                 datetime.fromtimestamp(value, UTC))
 
-        return {"state": str(self.state), "url": self.url,
+        return {"state": str(self.state), "url": self.url, "urls": list(self.urls),
                 "connected_since": stamp(self.connected_since),
                 "last_heartbeat_at": stamp(self.last_heartbeat_at),
                 "last_error": self.last_error, "events_buffered": len(self._outbox),
@@ -255,8 +265,11 @@ class CoordinatorLink:
             finally:
                 self.state = LinkState.DISCONNECTED
                 self.connected_since = None
-            delay = backoff_delay(self._attempt, self.rng, self.backoff_min_s,
-                                  self.backoff_max_s)
+                # The next replica (a follower refuses until it leads; a leader that died
+                # leaves the others). The backoff grows once per round over every URL.
+                self._url_index = (self._url_index + 1) % len(self.urls)
+            delay = backoff_delay(self._attempt // len(self.urls), self.rng,
+                                  self.backoff_min_s, self.backoff_max_s)
             self._attempt += 1
             log.debug("reconnecting to the coordinator in %.2fs", delay)
             await asyncio.sleep(delay)

@@ -210,7 +210,8 @@ class Daemon:
         link: dict[str, Any] = (
             self.coordinator.info() if self.coordinator is not None
             else {"state": "disabled" if self.config.coordinator_url is None
-                  else "disconnected", "url": self.config.coordinator_url})
+                  else "disconnected",
+                  "url": self.config.coordinator_url[0] if self.config.coordinator_url else None})
         link["generation"] = self.engine.generation if self.engine is not None else None
         return link
 

@@ -38,6 +38,19 @@ def test_every_key_is_accepted() -> None:
     assert c.sizes["standard-2x"].memory_quota_bytes == 2**30
 
 
+def test_coordinator_url_is_one_url_or_several_replicas() -> None:
+    token = {"coordinator_token_file": "/etc/t"}
+    one = config.from_mapping({"coordinator_url": "ws://a/v1/agents/connect", **token})
+    assert one.coordinator_url == ("ws://a/v1/agents/connect",)
+    listed = config.from_mapping({"coordinator_url": ["ws://a/x", "wss://b/x"], **token})
+    joined = config.from_mapping({"coordinator_url": "ws://a/x, wss://b/x", **token})
+    assert listed.coordinator_url == joined.coordinator_url == ("ws://a/x", "wss://b/x")
+    for bad in ([], ["ws://a/x", "http://b/x"], ["ws://a/x", 5], "ws://a/x,", ["ws://a"] * 17):
+        with pytest.raises(config.ConfigError) as caught:
+            config.from_mapping({"coordinator_url": bad, **token})
+        assert caught.value.key == "coordinator_url"
+
+
 def test_uid_quarantine_defaults_to_ten_minutes_and_may_be_zero() -> None:
     assert config.Config().uid_quarantine_s == 600.0
     assert config.from_mapping({"uid_quarantine_s": 0}).uid_quarantine_s == 0.0

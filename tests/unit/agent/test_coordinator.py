@@ -212,6 +212,36 @@ async def test_hello_refused_is_retried(h: Harness) -> None:
     await h.coordinator.wait_connected()
 
 
+async def test_several_urls_are_replicas_tried_in_turn(h: Harness, tmp_path: Path) -> None:
+    """A follower that refuses (here: refuses hello) costs one attempt; the next URL leads."""
+    follower = TestCoordinator(hello_error={"code": "not_leader", "message": "follow"})
+    follower_path = tmp_path / "follower.sock"
+    await follower.start(unix_listener(follower_path))
+    await h.serve()
+    urls = ["ws://follower/v1/agents/connect", "ws://leader/v1/agents/connect"]
+    paths = {urls[0]: follower_path, urls[1]: h.path}
+    holder: list[CoordinatorLink] = []
+    link = h.link(session_factory=lambda: aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(paths[holder[0].url]))))
+    link = CoordinatorLink(urls, link.handler, link.hello, link.metrics,
+                           token_file=h.token_file, backoff_min_s=0.05, backoff_max_s=0.2,
+                           hello_timeout_s=2.0, session_factory=link.session_factory)
+    h.links.append(link)
+    holder.append(link)
+    try:
+        link.start()
+        await h.coordinator.wait_connected()
+        assert len(follower.connections) == 1, "the first URL was tried first, and only once"
+        assert link.info()["url"] == urls[1] and link.info()["urls"] == urls
+        # The leader goes away: the agent goes on to the other replica, which now leads.
+        follower.hello_error = None
+        await h.coordinator.stop()
+        await follower.wait_connected()
+        assert len(follower.connections) == 2
+    finally:
+        await follower.stop()
+
+
 async def test_requests_are_answered_with_results_or_typed_errors(h: Harness) -> None:
     await h.serve()
     h.link().start()
