@@ -8,10 +8,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
 APT_PACKAGES := nftables iproute2 tini runc crun busybox-static libsystemd-dev pkg-config \
-                gcc procps util-linux systemd mmdebstrap
+                gcc procps util-linux systemd mmdebstrap etcd-server etcd-client
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs linux-image-amd64
 PYTEST := $(BIN)/pytest
-CHECKED := agent cgroups netns
+CHECKED := agent cgroups netns dynocoord
 
 .PHONY: setup setup-vm setup-stack setup-wheels run test test-unit test-privileged test-e2e test-fuzz test-vm test-systemd \
         fuzz lint bench clean deb check-deb
