@@ -199,9 +199,11 @@ class TestCoordinator:
             await conn.ws.send_bytes(data)
 
     async def request(self, method: str, params: Any = None, timeout_s: float = 60.0,
-                      request_id: int | None = None) -> dict[str, Any]:
-        """Send a request; return the whole response frame (`p` or `e`)."""
-        conn = await self.wait_connected()
+                      request_id: int | None = None, conn: Connection | None = None
+                      ) -> dict[str, Any]:
+        """Send a request (on `conn`, by default the current connection); return the whole
+        response frame (`p` or `e`)."""
+        conn = conn or await self.wait_connected()
         rid = next(self._ids) if request_id is None else request_id
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
