@@ -1,0 +1,1064 @@
+"""`dynocoord serve`: the fleet coordinator. Agents connect with the protocol of
+docs/protocol.md; people and tools use the platform API of DESIGN §9. Everything that matters
+lives in etcd (dynocoord/keys.py); this process holds a copy while it leads and nothing else.
+
+Replicas: every replica serves HTTP, one leads (dynocoord/election.py). A follower answers
+both the API and agents with 503 `not_leader`, so agents (several `coordinator_url`s) and the
+CLI (`--coordinator A,B`) move on to the next replica. Every write of a leader is a
+transaction fenced on its own leader key (`create_revision` of the term): a leader that lost
+its lease without noticing cannot overwrite its successor's state; its write fails and it
+steps down.
+
+Liveness: a connected agent's host has a key `/alive/{host}` on a lease of its own
+(`--host-ttl`, 5 s), kept alive while its WebSocket answers pings (every second). When the
+connection ends the lease is no longer refreshed; if the agent is not back before it expires,
+etcd deletes the key, the leader sees the delete on its watch, marks the host `lost` and
+places its dynos elsewhere at once. An agent back after that is `ready` again, and its first
+`dynos.sync` (its desired set, now without what moved away) removes its stale dynos. A new
+leader gives every host `--takeover-grace` seconds to reconnect before it counts a host
+without a key as lost.
+
+One decision loop: every change (API write, host state, hello) marks the fleet dirty; the
+loop plans (dynocoord/placement.py) from the whole view, writes the changed placements and
+the changed hosts' generations, then tells each changed host its complete desired set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from agent.coordinator.frames import (
+    Event,
+    FrameError,
+    Request,
+    Response,
+    decode,
+    encode,
+)
+from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES
+from dynocoord import keys as keyspace
+from dynocoord import model, placement
+from dynocoord.election import Election, Term
+from dynocoord.etcd import (
+    Compare,
+    Delete,
+    EtcdClient,
+    EtcdCompacted,
+    EtcdError,
+    EventType,
+    LeaseKeeper,
+    Op,
+    Put,
+)
+
+log = logging.getLogger("dynocoord")
+
+SUBPROTOCOL: Final = "dynoagent.v1"
+AGENT_PATH: Final = "/v1/agents/connect"
+DEFAULT_LISTEN: Final = "127.0.0.1:7500"
+HOST_TTL_S: Final = 5
+TAKEOVER_GRACE_S: Final = 10.0
+# WebSocket pings to agents: a host whose connection stops answering is noticed in about
+# this long (aiohttp closes after heartbeat + heartbeat / 2 without a pong).
+PING_INTERVAL_S: Final = 1.0
+HELLO_TIMEOUT_S: Final = 10.0
+SYNC_TIMEOUT_S: Final = 120.0
+REQUEST_TIMEOUT_S: Final = 60.0
+# etcd's default --max-txn-ops is 128; one op is the fence's companion, keep room.
+TXN_OPS: Final = 100
+MAX_BODY_BYTES: Final = 4 << 20
+ONE_OFF_KEEP_S: Final = 3600.0
+
+
+def now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": {"code": self.code, "message": self.message,
+                                            **self.extra}}, status=self.status)
+
+
+class NotLeader(Exception):
+    """A fenced write failed: another replica leads now."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    etcd: tuple[str, ...]
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7500
+    api_token: str = ""
+    agent_token: str = ""
+    prefix: str = keyspace.DEFAULT_PREFIX
+    node_id: str = ""
+    host_ttl_s: int = HOST_TTL_S
+    leader_ttl_s: int = 5
+    takeover_grace_s: float = TAKEOVER_GRACE_S
+    ping_interval_s: float = PING_INTERVAL_S
+
+
+# ---------------------------------------------------------------------------- agent sessions
+
+class Session:
+    """One agent's WebSocket, seen from the coordinator: requests out, answers and events in."""
+
+    def __init__(self, host_id: str, ws: web.WebSocketResponse) -> None:
+        self.host_id = host_id
+        self.ws = ws
+        self.dynos: dict[str, dict[str, Any]] = {}
+        self.keeper: LeaseKeeper | None = None
+        self.sync_wanted = asyncio.Event()
+        self.synced_generation: int | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, frame: Request | Response | Event) -> None:
+        async with self._send_lock:
+            await self.ws.send_bytes(encode(frame))
+
+    async def request(self, method: str, params: dict[str, Any],
+                      timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+        request_id = next(self._ids)
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self.send(Request(request_id, method, params))
+            async with asyncio.timeout(timeout_s):
+                response = await future
+        finally:
+            self._pending.pop(request_id, None)
+        if response.error is not None:
+            raise ApiError(502, str(response.error.get("code", "agent_error")),
+                           f"host {self.host_id}: {response.error.get('message', '')}")
+        return response.result
+
+    def answered(self, response: Response) -> None:
+        future = self._pending.get(response.id) if response.id is not None else None
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    def close_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.cancel()
+
+
+# ---------------------------------------------------------------------------- the leader
+
+@dataclass
+class Fleet:
+    """The leader's copy of etcd's state."""
+
+    apps: dict[str, model.App] = field(default_factory=dict)
+    releases: dict[str, dict[int, model.Release]] = field(default_factory=dict)
+    formation: dict[str, dict[str, model.FormationEntry]] = field(default_factory=dict)
+    hosts: dict[str, model.Host] = field(default_factory=dict)
+    placements: dict[str, dict[str, model.Placement]] = field(default_factory=dict)
+    generations: dict[str, int] = field(default_factory=dict)
+    commands: dict[str, dict[str, Any]] = field(default_factory=dict)  # one-offs by dyno id
+
+    def current_release(self, app: str) -> model.Release | None:
+        versions = self.releases.get(app)
+        return versions[max(versions)] if versions else None
+
+    def all_placements(self) -> Iterable[model.Placement]:
+        for by_id in self.placements.values():
+            yield from by_id.values()
+
+
+class Leader:
+    """What one term of leadership does: load, decide, write, tell the agents."""
+
+    def __init__(self, client: EtcdClient, keys: keyspace.Keys, term: Term,
+                 settings: Settings) -> None:
+        self.client = client
+        self.keys = keys
+        self.term = term
+        self.settings = settings
+        self.fleet = Fleet()
+        self.sessions: dict[str, Session] = {}
+        self.revision = 0
+        self.started = time.monotonic()
+        self.dirty = asyncio.Event()
+        self.lock = asyncio.Lock()
+        self.stopped = asyncio.Event()
+        self.rollouts: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.log_waiters: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
+
+    # -- etcd ---------------------------------------------------------------------------
+    def _fence(self) -> Compare:
+        return Compare.create_revision(self.keys.leader().encode(), self.term.revision)
+
+    async def commit(self, ops: list[Op]) -> None:
+        """Write `ops` in fenced transactions of at most TXN_OPS operations each."""
+        for start in range(0, len(ops), TXN_OPS):
+            result = await self.client.txn([self._fence()], ops[start:start + TXN_OPS])
+            if not result.succeeded:
+                self.term.lost.set()
+                raise NotLeader("the leader key is no longer this term's")
+            self.revision = max(self.revision, result.revision)
+
+    async def load(self) -> None:
+        k = self.keys
+        found = await self.client.get_prefix(f"{k.prefix}/".encode())
+        self.revision = found.revision
+        fleet = self.fleet
+        for kv in found.kvs:
+            key = kv.key.decode()
+            try:
+                if key.startswith(k.apps()):
+                    app = model.App.from_json(kv.value)
+                    fleet.apps[app.name] = app
+                elif key.startswith(f"{k.prefix}/releases/"):
+                    release = model.Release.from_json(kv.value)
+                    fleet.releases.setdefault(release.app, {})[release.version] = release
+                elif key.startswith(k.formations()):
+                    entry = model.FormationEntry.from_json(kv.value)
+                    fleet.formation.setdefault(entry.app, {})[entry.type] = entry
+                elif key.startswith(k.hosts()):
+                    host = model.Host.from_json(kv.value)
+                    fleet.hosts[host.id] = host
+                elif key.startswith(k.placements()):
+                    p = model.Placement.from_json(kv.value)
+                    fleet.placements.setdefault(p.host, {})[p.id] = p
+                elif key.startswith(k.generations()):
+                    fleet.generations[k.parse_generation(key)] = \
+                        keyspace.decode_generation(kv.value)
+                elif key.startswith(f"{k.prefix}/runs/"):
+                    data = json.loads(kv.value)
+                    fleet.commands[data["id"]] = data
+            except (model.Invalid, keyspace.BadKey, ValueError, KeyError) as exc:
+                log.error("ignoring a bad etcd value at %s: %s", key, exc)
+        log.info("leading: %d apps, %d hosts, %d placements at revision %d",
+                 len(fleet.apps), len(fleet.hosts),
+                 sum(len(v) for v in fleet.placements.values()), self.revision)
+
+    # -- lifetime -----------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.load()
+        self._tasks = [asyncio.create_task(self._decide(), name="decide"),
+                       asyncio.create_task(self._watch_alive(), name="watch-alive"),
+                       asyncio.create_task(self._takeover(), name="takeover")]
+        self.dirty.set()
+        try:
+            await self.term.lost.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        self.stopped.set()
+        for task in [*self._tasks, *self.rollouts.values()]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self.rollouts.values(), return_exceptions=True)
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                await session.ws.close(code=aiohttp.WSCloseCode.SERVICE_RESTART,
+                                       message=b"coordinator stepping down")
+            if session.keeper is not None:
+                await session.keeper.stop()
+
+    async def _takeover(self) -> None:
+        """Hosts the last leader knew that did not come back within the grace are lost."""
+        await asyncio.sleep(self.settings.takeover_grace_s)
+        alive = await self.client.get_prefix(self.keys.alives().encode(), keys_only=True)
+        with_key = {self.keys.parse_alive(kv.key.decode()) for kv in alive.kvs}
+        for host_id, host in list(self.fleet.hosts.items()):
+            if host.state is not model.HostState.LOST and host_id not in self.sessions \
+                    and host_id not in with_key:
+                await self.set_host_state(host_id, model.HostState.LOST)
+
+    async def _watch_alive(self) -> None:
+        start = self.revision + 1
+        while not self.stopped.is_set():
+            try:
+                async with self.client.watch(self.keys.alives().encode(), prefix=True,
+                                             start_revision=start) as watch:
+                    async for event in watch:
+                        start = event.kv.mod_revision + 1
+                        if event.type is not EventType.DELETE:
+                            continue
+                        host_id = self.keys.parse_alive(event.kv.key.decode())
+                        if host_id not in self.sessions:
+                            log.warning("host %s: lease expired, lost", host_id)
+                            await self.set_host_state(host_id, model.HostState.LOST)
+            except EtcdCompacted:
+                start = 0
+            except EtcdError as exc:
+                log.warning("watch of host leases failed: %s", exc)
+                await asyncio.sleep(1)
+
+    # -- decisions ----------------------------------------------------------------------
+    async def _decide(self) -> None:
+        while True:
+            await self.dirty.wait()
+            self.dirty.clear()
+            try:
+                await self.converge()
+            except NotLeader:
+                return
+            except EtcdError as exc:
+                log.warning("could not write a plan (retrying): %s", exc)
+                await asyncio.sleep(1)
+                self.dirty.set()
+
+    def targets(self) -> list[placement.Target]:
+        out = []
+        for app in self.fleet.apps:
+            release = self.fleet.current_release(app)
+            if release is None:
+                continue
+            entries = tuple(e for e in self.fleet.formation.get(app, {}).values()
+                            if e.type in release.process_types and e.type != "release")
+            out.append(placement.Target(app, release.version, release.slug_key, release.stack,
+                                        entries))
+        return out
+
+    async def converge(self) -> None:
+        async with self.lock:
+            fleet = self.fleet
+            views = [placement.HostView(h.id, h.state, h.capacity.memory_bytes)
+                     for h in fleet.hosts.values()]
+            plan = placement.plan(views, self.targets(), list(fleet.all_placements()),
+                                  generation=self.revision)
+            if not plan.added and not plan.removed:
+                return
+            await self._apply(plan.removed, plan.added)
+            if plan.unplaceable:
+                log.warning("%d dynos fit on no host: %s", len(plan.unplaceable),
+                            ", ".join(f"{u.app}/{u.name}" for u in plan.unplaceable[:10]))
+
+    async def _apply(self, removed: Iterable[model.Placement],
+                     added: Iterable[model.Placement]) -> None:
+        """Write placement changes and the changed hosts' new generations; sync those hosts.
+        The caller holds the lock."""
+        ops: list[Op] = []
+        changed: set[str] = set()
+        removed, added = list(removed), list(added)
+        for p in removed:
+            ops.append(Delete(self.keys.placement(p.host, p.id).encode()))
+            changed.add(p.host)
+        for p in added:
+            ops.append(Put(self.keys.placement(p.host, p.id).encode(), p.to_json()))
+            changed.add(p.host)
+        generations = {}
+        for host in changed:
+            session = self.sessions.get(host)
+            seen = session.synced_generation if session else None
+            generations[host] = max(self.fleet.generations.get(host, 0), seen or 0) + 1
+            ops.append(Put(self.keys.generation(host).encode(),
+                           keyspace.encode_generation(generations[host])))
+        await self.commit(ops)
+        for p in removed:
+            self.fleet.placements.get(p.host, {}).pop(p.id, None)
+        for p in added:
+            self.fleet.placements.setdefault(p.host, {})[p.id] = p
+        self.fleet.generations.update(generations)
+        for host in changed:
+            self.want_sync(host)
+
+    def want_sync(self, host: str) -> None:
+        session = self.sessions.get(host)
+        if session is not None:
+            session.sync_wanted.set()
+
+    def spec(self, p: model.Placement) -> dict[str, Any]:
+        release = self.fleet.releases[p.app][p.release]
+        one_off = self.fleet.commands.get(p.id)
+        command = one_off["command"] if one_off else release.process_types[p.type]
+        return {"id": p.id, "app": p.app, "name": p.name, "command": command,
+                "env": dict(release.env), "size": p.size,
+                "release": {"version": release.version, "slug": release.slug.to_dict(),
+                            "stack": release.stack}}
+
+    def desired(self, host: str) -> list[dict[str, Any]]:
+        placed = self.fleet.placements.get(host, {}).values()
+        return [self.spec(p) for p in sorted(placed, key=lambda p: (p.app, p.name))
+                if p.release in self.fleet.releases.get(p.app, {})]
+
+    async def sync_loop(self, session: Session) -> None:
+        """Tell one host its desired set whenever it changed (the latest only)."""
+        while True:
+            await session.sync_wanted.wait()
+            session.sync_wanted.clear()
+            generation = max(self.fleet.generations.get(session.host_id, 0),
+                             session.synced_generation or 0)
+            try:
+                result = await session.request(
+                    "dynos.sync", {"generation": generation,
+                                   "dynos": self.desired(session.host_id)}, SYNC_TIMEOUT_S)
+            except (ApiError, TimeoutError, ConnectionError) as exc:
+                log.warning("host %s: dynos.sync failed: %s", session.host_id, exc)
+                await asyncio.sleep(1)
+                session.sync_wanted.set()
+                continue
+            applied = result.get("applied_generation") if isinstance(result, dict) else None
+            if isinstance(applied, int):
+                session.synced_generation = applied
+                if result.get("ignored"):
+                    # The agent is ahead (protocol §4 "Recovering the generation").
+                    session.sync_wanted.set()
+            failed = result.get("failed") if isinstance(result, dict) else None
+            if failed:
+                log.warning("host %s: sync failures: %s", session.host_id, failed[:5])
+
+    # -- hosts --------------------------------------------------------------------------
+    async def set_host_state(self, host_id: str, state: model.HostState) -> None:
+        host = self.fleet.hosts.get(host_id)
+        if host is None or host.state is state:
+            return
+        updated = model.Host(host.id, host.host, state, host.capacity, host.labels,
+                             host.boot_id, host.version, now_text())
+        await self.commit([Put(self.keys.host(host_id).encode(), updated.to_json())])
+        self.fleet.hosts[host_id] = updated
+        log.warning("host %s (%s): %s -> %s", host_id, host.host, host.state, state)
+        self.dirty.set()
+
+    async def hello(self, session: Session, params: dict[str, Any]) -> None:
+        old = self.fleet.hosts.get(session.host_id)
+        state = old.state if old is not None and old.state is model.HostState.DRAINING \
+            else model.HostState.READY
+        host = model.Host.from_hello(params, state, now_text())
+        lease = await self.client.grant(self.settings.host_ttl_s)
+        await self.commit([Put(self.keys.host(host.id).encode(), host.to_json()),
+                           Put(self.keys.alive(host.id).encode(), host.boot_id.encode(),
+                               lease.id)])
+        session.keeper = self.client.keep_alive(lease)
+        self.fleet.hosts[host.id] = host
+        generation = params.get("generation")
+        session.synced_generation = generation if isinstance(generation, int) else None
+        for status in params.get("dynos") or []:
+            if isinstance(status, dict) and isinstance(status.get("id"), str):
+                session.dynos[status["id"]] = status
+        if old is None or old.state is not host.state or old.capacity != host.capacity:
+            self.dirty.set()
+        session.sync_wanted.set()
+
+    def event(self, session: Session, method: str, params: dict[str, Any]) -> None:
+        if method == "dyno.state" and isinstance(params.get("id"), str):
+            dyno_id = params["id"]
+            status = session.dynos.setdefault(dyno_id, {"id": dyno_id})
+            status.update({k: params.get(k) for k in ("app", "name", "state", "reason",
+                                                       "exit_status")})
+            status["since"] = params.get("at")
+            if params.get("state") == "complete" and dyno_id in self.fleet.commands:
+                asyncio.get_running_loop().call_later(
+                    ONE_OFF_KEEP_S, lambda: asyncio.ensure_future(self.forget_one_off(dyno_id)))
+        elif method == "log.line":
+            for queue in self.log_waiters.get(str(params.get("app")), []):
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(params)
+
+    async def forget_one_off(self, dyno_id: str) -> None:
+        async with self.lock:
+            for placed in self.fleet.placements.values():
+                if dyno_id in placed:
+                    p = placed[dyno_id]
+                    await self.commit([Delete(f"{self.keys.prefix}/runs/{p.app}/{p.id}"
+                                              .encode())])
+                    self.fleet.commands.pop(dyno_id, None)
+                    await self._apply([p], [])
+                    return
+
+    # -- releases -----------------------------------------------------------------------
+    async def roll(self, app: str) -> None:
+        """Move `app`'s formation dynos to its current release, host by host: each step's new
+        dynos must be up before the next step starts."""
+        release = self.fleet.current_release(app)
+        if release is None:
+            return
+        async with self.lock:
+            steps = placement.plan_rollout(self.fleet.all_placements(), app, release.version,
+                                           self.revision)
+        for step in steps:
+            async with self.lock:
+                current = self.fleet.placements.get(step.host, {})
+                pairs = [(old, new) for old, new in step.replacements if old.id in current]
+                if not pairs:
+                    continue
+                await self._apply([old for old, _ in pairs], [new for _, new in pairs])
+            ids = {new.id for _, new in pairs}
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                session = self.sessions.get(step.host)
+                if session is None or all(session.dynos.get(i, {}).get("state") == "up"
+                                          for i in ids):
+                    break
+                await asyncio.sleep(0.2)
+        self.dirty.set()
+
+    def start_rollout(self, app: str) -> None:
+        running = self.rollouts.get(app)
+        if running is not None and not running.done():
+            running.cancel()
+        self.rollouts[app] = asyncio.create_task(self.roll(app), name=f"rollout-{app}")
+
+    # -- views --------------------------------------------------------------------------
+    def status_of(self, dyno_id: str, host: str) -> dict[str, Any]:
+        session = self.sessions.get(host)
+        return session.dynos.get(dyno_id, {}) if session is not None else {}
+
+    def dynos_of(self, app: str) -> list[dict[str, Any]]:
+        out = []
+        for host_id, placed in self.fleet.placements.items():
+            host = self.fleet.hosts.get(host_id)
+            for p in placed.values():
+                if p.app != app:
+                    continue
+                status = self.status_of(p.id, host_id)
+                one_off = self.fleet.commands.get(p.id)
+                out.append({"id": p.id, "name": p.name, "type": p.type,
+                            "state": status.get("state", "pending"),
+                            "host": host.host if host else host_id, "host_id": host_id,
+                            "ip": status.get("ip"), "since": status.get("since"),
+                            "release": p.release, "size": p.size,
+                            "command": one_off["command"] if one_off else
+                            self.fleet.releases[app][p.release].process_types.get(p.type),
+                            "exit_status": status.get("exit_status")})
+        return sorted(out, key=lambda d: (d["type"], _number(d["name"])))
+
+
+def _number(name: str) -> int:
+    digits = name.partition(".")[2]
+    return int(digits) if digits.isdigit() else 0
+
+
+# ---------------------------------------------------------------------------- HTTP server
+
+class Coordinator:
+    """One replica: the HTTP server, the campaign, and the leader while it leads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = keyspace.Keys(settings.prefix)
+        self.client = EtcdClient(list(settings.etcd))
+        self.election = Election(self.client, settings.prefix.encode(), settings.node_id,
+                                 ttl_s=settings.leader_ttl_s)
+        self.leader: Leader | None = None
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES,
+                                   middlewares=[self._errors])
+        self._routes()
+
+    # -- lifetime -----------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.listen_host, self.settings.listen_port,
+                           reuse_address=True)
+        await site.start()
+        log.info("dynocoord %s listening on %s:%d", self.settings.node_id,
+                 self.settings.listen_host, self.settings.listen_port)
+        campaign = asyncio.create_task(self._lead_forever(), name="campaign")
+        try:
+            await stop.wait()
+        finally:
+            campaign.cancel()
+            await asyncio.gather(campaign, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.election.resign()
+            await runner.cleanup()
+            await self.client.close()
+
+    async def _lead_forever(self) -> None:
+        while True:
+            term = await self.election.campaign()
+            log.info("%s leads (term at revision %d)", self.settings.node_id, term.revision)
+            leader = Leader(self.client, self.keys, term, self.settings)
+            self.leader = leader
+            try:
+                await leader.run()
+            except (EtcdError, NotLeader) as exc:
+                log.warning("leadership ended: %s", exc)
+            finally:
+                self.leader = None
+                if not term.lost.is_set():
+                    with contextlib.suppress(Exception):
+                        await self.election.resign()
+            log.warning("%s no longer leads: %s", self.settings.node_id, term.reason)
+
+    def _lead(self) -> Leader:
+        leader = self.leader
+        if leader is None:
+            raise ApiError(503, "not_leader", f"{self.settings.node_id} does not lead; try "
+                                              "another replica")
+        return leader
+
+    # -- HTTP plumbing ------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except model.Invalid as exc:
+            return ApiError(422, "invalid", str(exc), field=exc.field).response()
+        except NotLeader:
+            return ApiError(503, "not_leader", "leadership moved; try again").response()
+        except EtcdError as exc:
+            return ApiError(503, "store_unavailable", f"etcd: {exc}").response()
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return ApiError(500, "internal", "internal error (see the coordinator's log)"
+                            ).response()
+
+    def _auth(self, request: web.Request, token: str) -> None:
+        given = request.headers.get("Authorization", "")
+        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "unauthorized", "bad or missing bearer token")
+
+    async def _body(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "bad_request", "the body is not JSON") from None
+
+    def _routes(self) -> None:
+        r = self.app.router
+        r.add_get(AGENT_PATH, self.agent_connect)
+        r.add_get("/v1/hosts", self.api(self.hosts))
+        r.add_post("/v1/hosts/{host}/drain", self.api(self.drain))
+        r.add_get("/v1/apps", self.api(self.apps))
+        r.add_post("/v1/apps", self.api(self.app_create))
+        r.add_get("/v1/apps/{app}", self.api(self.app_info))
+        r.add_delete("/v1/apps/{app}", self.api(self.app_delete))
+        r.add_get("/v1/apps/{app}/releases", self.api(self.releases))
+        r.add_post("/v1/apps/{app}/releases", self.api(self.release_create))
+        r.add_get("/v1/apps/{app}/config", self.api(self.config))
+        r.add_patch("/v1/apps/{app}/config", self.api(self.config_patch))
+        r.add_get("/v1/apps/{app}/formation", self.api(self.formation))
+        r.add_patch("/v1/apps/{app}/formation", self.api(self.formation_patch))
+        r.add_get("/v1/apps/{app}/dynos", self.api(self.dynos))
+        r.add_post("/v1/apps/{app}/dynos", self.api(self.one_off))
+        r.add_get("/v1/apps/{app}/logs", self.logs)
+        r.add_get("/v1/leader", self.leader_info)
+
+    def api(self, handler: Callable[[web.Request, Leader], Awaitable[Any]]
+            ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            self._auth(request, self.settings.api_token)
+            leader = self._lead()
+            result = await handler(request, leader)
+            if isinstance(result, web.StreamResponse):
+                return result
+            status = 201 if request.method == "POST" and request.path.count("/") in (2, 4) \
+                and not request.path.endswith("/drain") else 200
+            return web.json_response(result, status=status)
+        return wrapped
+
+    async def leader_info(self, request: web.Request) -> web.Response:
+        self._auth(request, self.settings.api_token)
+        leader = await self.election.leader()
+        return web.json_response({"node": self.settings.node_id,
+                                  "leading": self.leader is not None,
+                                  "leader": leader.decode() if leader else None})
+
+    # -- the platform API ---------------------------------------------------------------
+    def _app(self, leader: Leader, request: web.Request) -> model.App:
+        name = request.match_info["app"]
+        app = leader.fleet.apps.get(name)
+        if app is None:
+            raise ApiError(404, "not_found", f"no app {name!r}")
+        return app
+
+    async def hosts(self, request: web.Request, leader: Leader) -> Any:
+        out = []
+        for host in sorted(leader.fleet.hosts.values(), key=lambda h: h.host):
+            out.append({"id": host.id, "host": host.host, "state": str(host.state),
+                        "dynos": len(leader.fleet.placements.get(host.id, {})),
+                        "capacity": host.capacity.to_dict(), "labels": dict(host.labels),
+                        "connected": host.id in leader.sessions, "version": host.version,
+                        "last_seen": host.last_seen})
+        return out
+
+    async def drain(self, request: web.Request, leader: Leader) -> Any:
+        host_id = request.match_info["host"]
+        if host_id not in leader.fleet.hosts:
+            raise ApiError(404, "not_found", f"no host {host_id!r}")
+        await leader.set_host_state(host_id, model.HostState.DRAINING)
+        return {"id": host_id, "state": "draining"}
+
+    async def apps(self, request: web.Request, leader: Leader) -> Any:
+        return [self._app_view(leader, a) for a in sorted(leader.fleet.apps)]
+
+    def _app_view(self, leader: Leader, name: str) -> dict[str, Any]:
+        app = leader.fleet.apps[name]
+        release = leader.fleet.current_release(name)
+        return {"name": app.name, "created": app.created,
+                "release": release.version if release else None,
+                "stack": release.stack if release else None,
+                "formation": [e.to_dict() for e in leader.fleet.formation.get(name, {})
+                              .values()]}
+
+    async def app_create(self, request: web.Request, leader: Leader) -> Any:
+        app = model.parse_app_create(await self._body(request), now_text())
+        async with leader.lock:
+            if app.name in leader.fleet.apps:
+                raise ApiError(409, "conflict", f"app {app.name!r} exists")
+            await leader.commit([Put(self.keys.app(app.name).encode(), app.to_json())])
+            leader.fleet.apps[app.name] = app
+        return self._app_view(leader, app.name)
+
+    async def app_info(self, request: web.Request, leader: Leader) -> Any:
+        return self._app_view(leader, self._app(leader, request).name)
+
+    async def app_delete(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        async with leader.lock:
+            ops: list[Op] = [Delete(self.keys.app(app.name).encode()),
+                             Delete(self.keys.releases(app.name).encode(), prefix=True),
+                             Delete(self.keys.formation(app.name).encode(), prefix=True),
+                             Delete(f"{self.keys.prefix}/runs/{app.name}/".encode(),
+                                    prefix=True)]
+            await leader.commit(ops)
+            mine = [p for p in leader.fleet.all_placements() if p.app == app.name]
+            await leader._apply(mine, [])
+            leader.fleet.apps.pop(app.name, None)
+            leader.fleet.formation.pop(app.name, None)
+            leader.fleet.releases.pop(app.name, None)
+        return {"name": app.name, "deleted": True}
+
+    async def releases(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        versions = leader.fleet.releases.get(app.name, {})
+        return [{"version": r.version, "slug": r.slug.to_dict(), "stack": r.stack,
+                 "process_types": dict(r.process_types), "created": r.created}
+                for r in sorted(versions.values(), key=lambda r: r.version)]
+
+    async def _new_release(self, leader: Leader, release: model.Release) -> dict[str, Any]:
+        await leader.commit([Put(self.keys.release(release.app, release.version).encode(),
+                                 release.to_json())])
+        leader.fleet.releases.setdefault(release.app, {})[release.version] = release
+        leader.start_rollout(release.app)
+        leader.dirty.set()
+        return {"version": release.version}
+
+    async def release_create(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        body = await self._body(request)
+        async with leader.lock:
+            current = leader.fleet.current_release(app.name)
+            version = (current.version if current else 0) + 1
+            release = model.parse_release_create(body, app.name, version, now_text())
+            return await self._new_release(leader, release)
+
+    async def config(self, request: web.Request, leader: Leader) -> Any:
+        release = leader.fleet.current_release(self._app(leader, request).name)
+        return dict(release.env) if release else {}
+
+    async def config_patch(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        body = await self._body(request)
+        async with leader.lock:
+            current = leader.fleet.current_release(app.name)
+            if current is None:
+                raise ApiError(409, "conflict", f"app {app.name!r} has no release yet")
+            env = model.apply_config_patch(current.env, body)
+            release = model.Release(app.name, current.version + 1, current.slug, current.stack,
+                                    current.process_types, env, now_text())
+            return await self._new_release(leader, release)
+
+    async def formation(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        return [e.to_dict() for e in leader.fleet.formation.get(app.name, {}).values()]
+
+    async def formation_patch(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        body = await self._body(request)
+        async with leader.lock:
+            current = leader.fleet.formation.get(app.name, {})
+            release = leader.fleet.current_release(app.name)
+            entries = model.parse_formation_patch(
+                app.name, body, current, release.process_types if release else None)
+            await leader.commit([Put(self.keys.formation_entry(app.name, e.type).encode(),
+                                     e.to_json()) for e in entries])
+            for entry in entries:
+                leader.fleet.formation.setdefault(app.name, {})[entry.type] = entry
+        leader.dirty.set()
+        return [e.to_dict() for e in leader.fleet.formation[app.name].values()]
+
+    async def dynos(self, request: web.Request, leader: Leader) -> Any:
+        return leader.dynos_of(self._app(leader, request).name)
+
+    async def one_off(self, request: web.Request, leader: Leader) -> Any:
+        app = self._app(leader, request)
+        body = await self._body(request)
+        if not isinstance(body, dict) or set(body) - {"command", "size"} or \
+                not isinstance(body.get("command"), str) or not body["command"].strip():
+            raise ApiError(422, "invalid", 'the body is {"command": str, "size"?: str}',
+                           field="command")
+        size = body.get("size", DEFAULT_SIZE)
+        if not isinstance(size, str) or size.lower() not in DEFAULT_SIZES:
+            raise ApiError(422, "invalid", f"unknown size {size!r}", field="size")
+        size = size.lower()
+        async with leader.lock:
+            release = leader.fleet.current_release(app.name)
+            if release is None:
+                raise ApiError(409, "conflict", f"app {app.name!r} has no release yet")
+            host = self._room_for(leader, DEFAULT_SIZES[size].memory_quota_bytes)
+            used = {_number(p.name) for p in leader.fleet.all_placements()
+                    if p.app == app.name and p.type == "run"}
+            number = next(n for n in itertools.count(1) if n not in used)
+            name = f"run.{number}"
+            dyno_id = placement.dyno_id(app.name, name, release.version, leader.revision)
+            p = model.Placement(dyno_id, app.name, name, release.version, size, host,
+                                leader.revision)
+            record = {"id": dyno_id, "app": app.name, "command": body["command"]}
+            await leader.commit([Put(f"{self.keys.prefix}/runs/{app.name}/{dyno_id}".encode(),
+                                     json.dumps(record).encode())])
+            leader.fleet.commands[dyno_id] = record
+            await leader._apply([], [p])
+        return {"id": dyno_id, "name": name, "state": "starting", "size": size,
+                "host": leader.fleet.hosts[host].host}
+
+    def _room_for(self, leader: Leader, memory: int) -> str:
+        best: tuple[int, str] | None = None
+        for host in leader.fleet.hosts.values():
+            if host.state is not model.HostState.READY or host.id not in leader.sessions:
+                continue
+            used = sum(DEFAULT_SIZES[p.size].memory_quota_bytes
+                       for p in leader.fleet.placements.get(host.id, {}).values()
+                       if p.size in DEFAULT_SIZES)
+            free = host.capacity.memory_bytes - used
+            if free >= memory and (best is None or free > best[0]):
+                best = (free, host.id)
+        if best is None:
+            raise ApiError(409, "no_capacity", "no connected host has room for that dyno")
+        return best[1]
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """Lines from every host with a dyno of the app, merged by time (`logs.tail`), then,
+        with follow=1, new lines as they come (`logs.follow`)."""
+        self._auth(request, self.settings.api_token)
+        leader = self._lead()
+        app = self._app(leader, request)
+        try:
+            tail = int(request.query.get("tail", "100"))
+        except ValueError:
+            raise ApiError(400, "bad_request", "tail must be an integer") from None
+        if not 1 <= tail <= 10_000:
+            raise ApiError(400, "bad_request", "tail must be within 1…10000")
+        dyno = request.query.get("dyno")
+        follow = request.query.get("follow") in ("1", "true")
+        params: dict[str, Any] = {"app": app.name, "tail": tail}
+        if dyno:
+            params["dyno"] = dyno
+        hosts = {p.host for p in leader.fleet.all_placements() if p.app == app.name}
+        sessions = [leader.sessions[h] for h in hosts if h in leader.sessions]
+        answers = await asyncio.gather(*(s.request("logs.tail", params, 10) for s in sessions),
+                                       return_exceptions=True)
+        lines = [line for answer in answers if isinstance(answer, list) for line in answer
+                 if isinstance(line, dict)]
+        lines.sort(key=lambda line: str(line.get("time", "")))
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        for line in lines[-tail:]:
+            await response.write(_log_text(line).encode())
+        if not follow:
+            await response.write_eof()
+            return response
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+        leader.log_waiters.setdefault(app.name, []).append(queue)
+        subscriptions = []
+        try:
+            for session in sessions:
+                with contextlib.suppress(ApiError, TimeoutError, ConnectionError):
+                    subscriptions.append((session, await session.request(
+                        "logs.follow", {k: v for k, v in params.items() if k != "tail"}, 10))
+                    )
+            while not leader.stopped.is_set():
+                line = await queue.get()
+                if dyno and dyno not in (line.get("dyno"), line.get("id")):
+                    continue
+                await response.write(_log_text(line).encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            leader.log_waiters.get(app.name, []).remove(queue)
+            for session, answer in subscriptions:
+                if isinstance(answer, dict) and "subscription" in answer:
+                    with contextlib.suppress(Exception):
+                        await session.request("logs.unfollow",
+                                              {"subscription": answer["subscription"]}, 5)
+        return response
+
+    # -- agents -------------------------------------------------------------------------
+    async def agent_connect(self, request: web.Request) -> web.StreamResponse:
+        self._auth(request, self.settings.agent_token)
+        leader = self._lead()
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,),
+                                   heartbeat=self.settings.ping_interval_s,
+                                   max_msg_size=64 << 20)
+        await ws.prepare(request)
+        session: Session | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                message = await ws.receive()
+            frame = decode(message.data) if message.type is WSMsgType.BINARY else None
+            if not isinstance(frame, Request) or frame.method != "hello":
+                await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION,
+                               message=b"hello must come first")
+                return ws
+            try:
+                host_id = model.Host.from_hello(frame.params, model.HostState.READY,
+                                                now_text()).id
+            except model.Invalid as exc:
+                await ws.send_bytes(encode(Response(frame.id, error={
+                    "code": "bad_request", "message": str(exc)})))
+                await ws.close()
+                return ws
+            session = Session(host_id, ws)
+            previous = leader.sessions.get(host_id)
+            leader.sessions[host_id] = session
+            if previous is not None:
+                await previous.ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION,
+                                        message=b"replaced by a newer connection")
+            await leader.hello(session, frame.params)
+            await session.send(Response(frame.id, result={"coordinator": self.settings.node_id}))
+            tasks.append(asyncio.create_task(leader.sync_loop(session)))
+            log.info("host %s (%s) connected", host_id, frame.params.get("host"))
+            async for message in ws:
+                if message.type is not WSMsgType.BINARY:
+                    continue
+                try:
+                    frame = decode(message.data)
+                except FrameError:
+                    continue
+                if isinstance(frame, Response):
+                    session.answered(frame)
+                elif isinstance(frame, Event):
+                    leader.event(session, frame.method, frame.params)
+                elif isinstance(frame, Request):
+                    await session.send(Response(frame.id, error={
+                        "code": "unknown_method", "message": f"{frame.method!r}"}))
+        except (TimeoutError, FrameError, EtcdError, NotLeader) as exc:
+            log.warning("agent connection ended: %s", exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if session is not None:
+                session.close_pending()
+                if session.keeper is not None:
+                    await session.keeper.stop()
+                if leader.sessions.get(session.host_id) is session:
+                    del leader.sessions[session.host_id]
+                    log.warning("host %s disconnected", session.host_id)
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+
+def _log_text(line: dict[str, Any]) -> str:
+    """A log line map as DESIGN §6 text: `TIME SOURCE[DYNO]: TEXT`."""
+    text = str(line.get("text", "")).replace("\n", " ")
+    return f"{line.get('time', '')} {line.get('source', 'app')}[{line.get('dyno', '')}]: " \
+           f"{text}\n"
+
+
+# ---------------------------------------------------------------------------- command line
+
+def _read_token(path: str | None, what: str) -> str:
+    if path is None:
+        return ""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"dynocoord: cannot read the {what} token file {path}: "
+                         f"{exc.strerror}") from None
+    if not token:
+        raise SystemExit(f"dynocoord: the {what} token file {path} is empty")
+    return token
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_args(argv: list[str]) -> Settings:
+    parser = argparse.ArgumentParser(prog="dynocoord serve",
+                                     description="Run the fleet coordinator (one replica).")
+    parser.add_argument("--etcd", required=True, metavar="URL[,URL...]",
+                        help="etcd endpoints (http://HOST:2379)")
+    parser.add_argument("--listen", type=_listen, default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help=f"platform API and agent endpoint (default {DEFAULT_LISTEN})")
+    parser.add_argument("--token-file", required=True, metavar="PATH",
+                        help="the platform API's bearer token (and the agents', unless "
+                             "--agent-token-file)")
+    parser.add_argument("--agent-token-file", metavar="PATH",
+                        help="a separate bearer token for agents")
+    parser.add_argument("--prefix", default=keyspace.DEFAULT_PREFIX,
+                        help=f"etcd key prefix (default {keyspace.DEFAULT_PREFIX})")
+    parser.add_argument("--id", default=None,
+                        help="this replica's name in the election (default HOSTNAME:PORT)")
+    parser.add_argument("--host-ttl", type=int, default=HOST_TTL_S, metavar="SECONDS",
+                        help=f"a host unheard of this long is lost (default {HOST_TTL_S})")
+    parser.add_argument("--takeover-grace", type=float, default=TAKEOVER_GRACE_S,
+                        metavar="SECONDS", help="how long a new leader waits for agents to "
+                        f"reconnect before it counts them lost (default {TAKEOVER_GRACE_S:g})")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    api_token = _read_token(args.token_file, "API")
+    host, port = args.listen
+    return Settings(etcd=tuple(u.strip() for u in args.etcd.split(",") if u.strip()),
+                    listen_host=host, listen_port=port, api_token=api_token,
+                    agent_token=_read_token(args.agent_token_file, "agent") or api_token,
+                    prefix=args.prefix, node_id=args.id or f"{socket.gethostname()}:{port}",
+                    host_ttl_s=max(2, args.host_ttl), takeover_grace_s=args.takeover_grace)
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await Coordinator(settings).run(stop)
+
+
+def main(argv: list[str]) -> int:
+    settings = parse_args(argv)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+

@@ -1,0 +1,317 @@
+"""`dynocoord serve` against a real etcd, driven through its platform API, with simulated agents
+(tests/support/fakeagent.py: the real protocol, no dynos launched): placement across hosts, a
+lost host's dynos placed elsewhere, a returning host's stale dynos removed, the coordinator
+killed and restarted (and a leader killed with a replica waiting) without disturbing a dyno,
+and bad input refused without a write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dynocoord.etcd import EtcdClient
+from tests.support.etcd import EtcdProcess
+from tests.support.fakeagent import FakeAgent
+from tests.support.names import unique
+
+TOKEN = "fleet-test-token"
+GIB = 1 << 30
+ROOT = Path(__file__).resolve().parents[3]
+# Straight to loopback, whatever proxy the environment names.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Replica:
+    """One `dynocoord serve` process."""
+
+    def __init__(self, etcd: EtcdProcess, prefix: str, token_file: Path, name: str,
+                 log_dir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.agent_url = f"ws://127.0.0.1:{self.port}/v1/agents/connect"
+        self.argv = [sys.executable, "-m", "dynocoord.server", "--etcd", etcd.url,
+                     "--listen", f"127.0.0.1:{self.port}", "--token-file", str(token_file),
+                     "--prefix", prefix, "--id", name, "--host-ttl", "3",
+                     "--takeover-grace", "30", "--log-level", "info"]
+        self.log = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=out)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+
+def api(url: str, method: str, path: str, body: Any = None,
+        token: str = TOKEN) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+    try:
+        with OPENER.open(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError) as exc:
+        return 0, str(exc)
+
+
+async def call(url: str, method: str, path: str, body: Any = None,
+               expect: int | None = None, token: str = TOKEN) -> Any:
+    status, answer = await asyncio.to_thread(api, url, method, path, body, token)
+    if expect is not None:
+        assert status == expect, f"{method} {path}: {status} {answer}"
+    return answer
+
+
+async def until(check: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout_s}s; last: {last!r}")
+
+
+async def leading(replica: Replica) -> bool:
+    status, _ = await asyncio.to_thread(api, replica.url, "GET", "/v1/apps")
+    return status == 200
+
+
+class Cluster:
+    def __init__(self, etcd: EtcdProcess, tmp: Path) -> None:
+        self.etcd = etcd
+        self.prefix = f"/{unique('fleet', 6)}"
+        self.token_file = tmp / "token"
+        self.token_file.write_text(TOKEN + "\n")
+        self.tmp = tmp
+        self.replicas: list[Replica] = []
+        self.agents: list[FakeAgent] = []
+
+    def replica(self, name: str, port: int | None = None) -> Replica:
+        replica = Replica(self.etcd, self.prefix, self.token_file, name, self.tmp, port)
+        replica.start()
+        self.replicas.append(replica)
+        return replica
+
+    def agent(self, n: int, urls: list[str]) -> FakeAgent:
+        agent = FakeAgent(urls, TOKEN, f"agent-{n}", f"host-{n}",
+                          capacity={"cpus": 4, "memory_bytes": 8 * GIB},
+                          boot_delay_s=0.2, ping_interval_s=1.0, backoff_min_s=0.1,
+                          backoff_max_s=0.5, heartbeat_interval_s=1.0)
+        agent.start()
+        self.agents.append(agent)
+        return agent
+
+    def up(self) -> dict[str, list[str]]:
+        """Formation dynos up on each connected agent: host -> sorted names."""
+        return {a.host: sorted(d["name"] for d in a.dynos() if d["state"] == "up")
+                for a in self.agents}
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {r.log.name}\n{r.log_tail()}" for r in self.replicas)
+
+
+@pytest.fixture
+async def cluster(own_etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[Cluster]:
+    fleet = Cluster(own_etcd, tmp_path)
+    try:
+        yield fleet
+    finally:
+        for agent in fleet.agents:
+            await agent.close()
+        for replica in fleet.replicas:
+            replica.stop()
+
+
+async def deploy(url: str, app: str = "shop", web: int = 3, worker: int = 3) -> None:
+    await call(url, "POST", "/v1/apps", {"name": app}, expect=201)
+    await call(url, "POST", f"/v1/apps/{app}/releases",
+               {"slug": {"path": "/var/lib/dynoagent/slugs/shop"}, "stack": "host",
+                "process_types": {"web": "python3 server.py", "worker": "python3 work.py"},
+                "env": {"GREETING": "hi"}}, expect=201)
+    await call(url, "PATCH", f"/v1/apps/{app}/formation",
+               {"web": {"quantity": web}, "worker": {"quantity": worker}}, expect=200)
+
+
+def total_up(up: dict[str, list[str]]) -> list[str]:
+    return sorted(name for names in up.values() for name in names)
+
+
+SIX = sorted([f"web.{n}" for n in (1, 2, 3)] + [f"worker.{n}" for n in (1, 2, 3)])
+
+
+async def test_formation_spreads_over_hosts_and_a_lost_hosts_dynos_move_at_once(
+        cluster: Cluster) -> None:
+    replica = cluster.replica("c1")
+    await until(lambda: leading(replica), 20, "c1 leading")
+    agents = [cluster.agent(n, [replica.agent_url]) for n in range(3)]
+    await deploy(replica.url)
+    up = await until(lambda: total_up(cluster.up()) == SIX and cluster.up(), 20,
+                     "six dynos up")
+    # Spread: every host runs one web and one worker.
+    assert all(sorted(n.split(".")[0] for n in names) == ["web", "worker"]
+               for names in up.values()), up
+    listed = await call(replica.url, "GET", "/v1/apps/shop/dynos", expect=200)
+    assert sorted(d["name"] for d in listed) == SIX
+    assert {d["state"] for d in listed} == {"up"}, listed
+
+    # The host dies at once (no close frame): its two dynos are placed and up elsewhere.
+    victim = agents[0]
+    moved = set(cluster.up()[victim.host])
+    started = time.monotonic()
+    await victim.kill()
+    cluster.agents.remove(victim)
+
+    def replaced() -> bool:
+        return total_up(cluster.up()) == SIX
+    await until(replaced, 15, "the lost host's dynos up on the other hosts")
+    elapsed = time.monotonic() - started
+    print(f"lost host -> replacements up in {elapsed:.1f}s (host TTL 3 s)")
+    assert elapsed < 10, elapsed
+    hosts = await call(replica.url, "GET", "/v1/hosts", expect=200)
+    assert {h["host"]: h["state"] for h in hosts}["host-0"] == "lost"
+    assert moved
+
+    # It comes back: its stale copies are removed by its first sync, never doubled.
+    cluster.agents.append(victim)
+    await victim.restart()
+    await until(lambda: victim.connected and not victim.dynos(), 15,
+                "the returning host's stale dynos removed")
+    assert total_up(cluster.up()) == SIX
+    hosts = await call(replica.url, "GET", "/v1/hosts", expect=200)
+    assert {h["host"]: h["state"] for h in hosts}["host-0"] == "ready"
+
+
+async def test_coordinator_killed_and_restarted_disturbs_no_dyno(cluster: Cluster) -> None:
+    replica = cluster.replica("c1")
+    await until(lambda: leading(replica), 20, "c1 leading")
+    for n in range(3):
+        cluster.agent(n, [replica.agent_url])
+    await deploy(replica.url)
+    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    before = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
+    events_before = sum(len(a.events()) for a in cluster.agents)
+
+    replica.kill()
+    # On the same port: the agents dial the same URL.
+    again = cluster.replica("c1-again", port=replica.port)
+    await until(lambda: leading(again), 20, "the restarted coordinator leading")
+    await until(lambda: all(a.connected for a in cluster.agents), 20, "agents reconnected")
+    # Every agent got its desired set again, as it was: nothing started, stopped or replaced.
+    await until(lambda: all(len(a.requests("dynos.sync")) >= 2 for a in cluster.agents), 20,
+                "a sync after the reconnect")
+    await asyncio.sleep(1)
+    after = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
+    assert after == before
+    assert sum(len(a.events()) for a in cluster.agents) == events_before, \
+        "a dyno changed state across the coordinator's restart"
+    listed = await call(again.url, "GET", "/v1/apps/shop/dynos", expect=200)
+    assert sorted(d["name"] for d in listed) == SIX
+
+
+async def test_leader_killed_the_replica_leads_and_no_dyno_is_disturbed(
+        cluster: Cluster) -> None:
+    first = cluster.replica("c1")
+    await until(lambda: leading(first), 20, "c1 leading")
+    second = cluster.replica("c2")
+    await asyncio.sleep(1)
+    status, answer = await asyncio.to_thread(api, second.url, "GET", "/v1/apps")
+    assert status == 503 and answer["error"]["code"] == "not_leader", answer
+    urls = [first.agent_url, second.agent_url]
+    for n in range(3):
+        cluster.agent(n, urls)
+    await deploy(first.url)
+    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    before = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
+    events_before = sum(len(a.events()) for a in cluster.agents)
+
+    first.kill()
+    killed_at = time.monotonic()
+    await until(lambda: leading(second), 20, "c2 leading")
+    print(f"failover: c2 leads {time.monotonic() - killed_at:.1f}s after c1's SIGKILL")
+    await until(lambda: all(a.connected and a.url == second.agent_url for a in cluster.agents),
+                20, "agents on c2")
+    await asyncio.sleep(1.5)
+    after = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
+    assert after == before
+    assert sum(len(a.events()) for a in cluster.agents) == events_before
+    assert sorted(d["name"] for d in await call(second.url, "GET", "/v1/apps/shop/dynos",
+                                                expect=200)) == SIX
+
+
+async def test_bad_input_is_refused_and_writes_nothing(cluster: Cluster) -> None:
+    replica = cluster.replica("c1")
+    await until(lambda: leading(replica), 20, "c1 leading")
+    await call(replica.url, "POST", "/v1/apps", {"name": "shop"}, expect=201)
+    async with EtcdClient(cluster.etcd.url) as client:
+        before = (await client.get_prefix(cluster.prefix.encode())).kvs
+        cases = [
+            ("POST", "/v1/apps", {"name": "Bad_Name"}, 422),
+            ("POST", "/v1/apps", {"name": "shop"}, 409),
+            ("POST", "/v1/apps", {"name": "ok-app", "extra": 1}, 422),
+            ("GET", "/v1/apps/nope", None, 404),
+            ("PATCH", "/v1/apps/nope/formation", {"web": {"quantity": 1}}, 404),
+            ("PATCH", "/v1/apps/shop/formation", {"web": {"quantity": -1}}, 422),
+            ("PATCH", "/v1/apps/shop/formation", {"web": {"size": "huge"}}, 422),
+            ("POST", "/v1/apps/shop/releases",
+             {"slug": {"path": "/x"}, "process_types": {"web": "x" * (70 << 10)}}, 422),
+            ("POST", "/v1/apps/shop/releases", {"slug": {"url": "http://x/s.tgz"},
+                                                "process_types": {"web": "w"}}, 422),
+            ("PATCH", "/v1/apps/shop/config", {"1BAD": "v"}, 409),
+            ("POST", "/v1/hosts/nohost/drain", None, 404),
+        ]
+        for method, path, body, want in cases:
+            status, answer = await asyncio.to_thread(api, replica.url, method, path, body)
+            assert status == want, (method, path, status, answer)
+            assert isinstance(answer, dict) and answer["error"]["message"], answer
+        status, _ = await asyncio.to_thread(api, replica.url, "GET", "/v1/apps", None, "wrong")
+        assert status == 401
+        after = (await client.get_prefix(cluster.prefix.encode())).kvs
+    assert after == before
+
