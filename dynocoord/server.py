@@ -86,6 +86,7 @@ REQUEST_TIMEOUT_S: Final = 60.0
 TXN_OPS: Final = 100
 MAX_BODY_BYTES: Final = 4 << 20
 ONE_OFF_KEEP_S: Final = 3600.0
+RELEASE_PHASE_TIMEOUT_S: Final = 3600.0
 
 
 def now_text() -> str:
@@ -184,6 +185,17 @@ class Fleet:
     placements: dict[str, dict[str, model.Placement]] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
     commands: dict[str, dict[str, Any]] = field(default_factory=dict)  # one-offs by dyno id
+    # A release whose release phase runs: not current until that phase succeeds.
+    pending: dict[str, model.Release] = field(default_factory=dict)
+    # The outcome of each release phase, by app and version (kept in etcd too).
+    phases: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+
+    def release(self, app: str, version: int) -> model.Release | None:
+        found = self.releases.get(app, {}).get(version)
+        if found is None:
+            pending = self.pending.get(app)
+            found = pending if pending is not None and pending.version == version else None
+        return found
 
     def current_release(self, app: str) -> model.Release | None:
         versions = self.releases.get(app)
@@ -256,6 +268,12 @@ class Leader:
                 elif key.startswith(f"{k.prefix}/runs/"):
                     data = json.loads(kv.value)
                     fleet.commands[data["id"]] = data
+                elif key.startswith(f"{k.prefix}/phases/"):
+                    data = json.loads(kv.value)
+                    fleet.phases.setdefault(data["app"], {})[data["version"]] = data
+                    if data["status"] == "pending":
+                        release = model.Release.from_dict(data["release"])
+                        fleet.pending[release.app] = release
             except (model.Invalid, keyspace.BadKey, ValueError, KeyError) as exc:
                 log.error("ignoring a bad etcd value at %s: %s", key, exc)
         log.info("leading: %d apps, %d hosts, %d placements at revision %d",
@@ -269,6 +287,9 @@ class Leader:
                        asyncio.create_task(self._watch_alive(), name="watch-alive"),
                        asyncio.create_task(self._takeover(), name="takeover")]
         self.dirty.set()
+        for app, release in list(self.fleet.pending.items()):
+            self.rollouts[app] = asyncio.create_task(self.release_phase(release),
+                                                     name=f"release-{app}")
         try:
             await self.term.lost.wait()
         finally:
@@ -391,7 +412,8 @@ class Leader:
             session.sync_wanted.set()
 
     def spec(self, p: model.Placement) -> dict[str, Any]:
-        release = self.fleet.releases[p.app][p.release]
+        release = self.fleet.release(p.app, p.release)
+        assert release is not None
         one_off = self.fleet.commands.get(p.id)
         command = one_off["command"] if one_off else release.process_types[p.type]
         return {"id": p.id, "app": p.app, "name": p.name, "command": command,
@@ -402,7 +424,7 @@ class Leader:
     def desired(self, host: str) -> list[dict[str, Any]]:
         placed = self.fleet.placements.get(host, {}).values()
         return [self.spec(p) for p in sorted(placed, key=lambda p: (p.app, p.name))
-                if p.release in self.fleet.releases.get(p.app, {})]
+                if self.fleet.release(p.app, p.release) is not None]
 
     async def sync_loop(self, session: Session) -> None:
         """Tell one host its desired set whenever it changed (the latest only)."""
@@ -482,11 +504,125 @@ class Leader:
             for placed in self.fleet.placements.values():
                 if dyno_id in placed:
                     p = placed[dyno_id]
-                    await self.commit([Delete(f"{self.keys.prefix}/runs/{p.app}/{p.id}"
-                                              .encode())])
+                    await self.commit([Delete(self.run_key(p.app, p.id))])
                     self.fleet.commands.pop(dyno_id, None)
                     await self._apply([p], [])
                     return
+
+    # -- one-shot dynos -----------------------------------------------------------------
+    def run_key(self, app: str, dyno_id: str) -> bytes:
+        return f"{self.keys.prefix}/runs/{app}/{dyno_id}".encode()
+
+    def phase_key(self, app: str, version: int) -> bytes:
+        return f"{self.keys.prefix}/phases/{app}/{version:020d}".encode()
+
+    def room_for(self, memory: int) -> str:
+        """The connected ready host with the most memory left, if it has `memory` left."""
+        best: tuple[int, str] | None = None
+        for host in self.fleet.hosts.values():
+            if host.state is not model.HostState.READY or host.id not in self.sessions:
+                continue
+            used = sum(DEFAULT_SIZES[p.size].memory_quota_bytes
+                       for p in self.fleet.placements.get(host.id, {}).values()
+                       if p.size in DEFAULT_SIZES)
+            free = host.capacity.memory_bytes - used
+            if free >= memory and (best is None or free > best[0]):
+                best = (free, host.id)
+        if best is None:
+            raise ApiError(409, "no_capacity", "no connected host has room for that dyno")
+        return best[1]
+
+    async def start_one_shot(self, release: model.Release, kind: str, command: str,
+                             size: str) -> model.Placement:
+        """A `run.N` or `release.N` dyno of `release` on a host with room. Holds the lock."""
+        app = release.app
+        host = self.room_for(DEFAULT_SIZES[size].memory_quota_bytes)
+        used = {_number(p.name) for p in self.fleet.all_placements()
+                if p.app == app and p.type == kind}
+        name = f"{kind}.{next(n for n in itertools.count(1) if n not in used)}"
+        dyno_id = placement.dyno_id(app, name, release.version, self.revision)
+        p = model.Placement(dyno_id, app, name, release.version, size, host, self.revision)
+        record = {"id": dyno_id, "app": app, "command": command}
+        await self.commit([Put(self.run_key(app, dyno_id), json.dumps(record).encode())])
+        self.fleet.commands[dyno_id] = record
+        await self._apply([], [p])
+        return p
+
+    async def wait_ended(self, p: model.Placement, timeout_s: float) -> dict[str, Any]:
+        """The status of a one-shot dyno once it ended (`complete` or `crashed`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stopped.is_set():
+            status = self.status_of(p.id, p.host)
+            if status.get("state") in ("complete", "crashed", "down"):
+                return status
+            await asyncio.sleep(0.2)
+        return {"state": "timeout"}
+
+    async def _record_phase(self, release: model.Release, status: str,
+                            **details: Any) -> None:
+        entry = {"app": release.app, "version": release.version, "status": status,
+                 "release": release.to_dict(), "at": now_text(), **details}
+        ops: list[Op] = [Put(self.phase_key(release.app, release.version),
+                             json.dumps(entry).encode())]
+        if status == "succeeded":
+            ops.append(Put(self.keys.release(release.app, release.version).encode(),
+                           release.to_json()))
+        await self.commit(ops)
+        self.fleet.phases.setdefault(release.app, {})[release.version] = entry
+
+    async def release_phase(self, release: model.Release) -> None:
+        """Run the release's `release` command once; only if it exits 0 does the release
+        become current and roll out (Heroku's release phase)."""
+        app = release.app
+        try:
+            async with self.lock:
+                p = await self.start_one_shot(release, "release",
+                                              release.process_types["release"], DEFAULT_SIZE)
+            status = await self.wait_ended(p, RELEASE_PHASE_TIMEOUT_S)
+            ok = status.get("state") == "complete" and status.get("exit_status") == 0
+            async with self.lock:
+                await self._record_phase(release, "succeeded" if ok else "failed",
+                                         dyno=p.name, exit_status=status.get("exit_status"),
+                                         state=status.get("state"))
+                self.fleet.pending.pop(app, None)
+                if ok:
+                    self.fleet.releases.setdefault(app, {})[release.version] = release
+            await self.forget_one_off(p.id)
+        except ApiError as exc:
+            async with self.lock:
+                await self._record_phase(release, "failed", error=exc.message)
+                self.fleet.pending.pop(app, None)
+            return
+        if ok:
+            log.info("%s v%d: release phase succeeded, rolling out", app, release.version)
+            await self.roll(app)
+        else:
+            log.warning("%s v%d: release phase failed (%s): not deployed", app,
+                        release.version, status)
+
+    async def new_release(self, release: model.Release) -> dict[str, Any]:
+        """Store a new release and deploy it: through its release phase when it has one.
+        Holds the lock."""
+        app = release.app
+        running = self.rollouts.get(app)
+        if running is not None and not running.done():
+            running.cancel()
+        if "release" in release.process_types:
+            await self._record_phase(release, "pending")
+            self.fleet.pending[app] = release
+            self.rollouts[app] = asyncio.create_task(self.release_phase(release),
+                                                     name=f"release-{app}")
+            return {"version": release.version, "status": "pending"}
+        await self.commit([Put(self.keys.release(app, release.version).encode(),
+                               release.to_json())])
+        self.fleet.releases.setdefault(app, {})[release.version] = release
+        self.rollouts[app] = asyncio.create_task(self.roll(app), name=f"rollout-{app}")
+        self.dirty.set()
+        return {"version": release.version, "status": "succeeded"}
+
+    def latest_version(self, app: str) -> int:
+        known = [*self.fleet.releases.get(app, {}), *self.fleet.phases.get(app, {})]
+        return max(known, default=0)
 
     # -- releases -----------------------------------------------------------------------
     async def roll(self, app: str) -> None:
@@ -515,12 +651,6 @@ class Leader:
                 await asyncio.sleep(0.2)
         self.dirty.set()
 
-    def start_rollout(self, app: str) -> None:
-        running = self.rollouts.get(app)
-        if running is not None and not running.done():
-            running.cancel()
-        self.rollouts[app] = asyncio.create_task(self.roll(app), name=f"rollout-{app}")
-
     # -- views --------------------------------------------------------------------------
     def status_of(self, dyno_id: str, host: str) -> dict[str, Any]:
         session = self.sessions.get(host)
@@ -541,9 +671,13 @@ class Leader:
                             "ip": status.get("ip"), "since": status.get("since"),
                             "release": p.release, "size": p.size,
                             "command": one_off["command"] if one_off else
-                            self.fleet.releases[app][p.release].process_types.get(p.type),
+                            self._command(app, p),
                             "exit_status": status.get("exit_status")})
         return sorted(out, key=lambda d: (d["type"], _number(d["name"])))
+
+    def _command(self, app: str, p: model.Placement) -> str | None:
+        release = self.fleet.release(app, p.release)
+        return release.process_types.get(p.type) if release else None
 
 
 def _number(name: str) -> int:
@@ -740,6 +874,8 @@ class Coordinator:
                              Delete(self.keys.releases(app.name).encode(), prefix=True),
                              Delete(self.keys.formation(app.name).encode(), prefix=True),
                              Delete(f"{self.keys.prefix}/runs/{app.name}/".encode(),
+                                    prefix=True),
+                             Delete(f"{self.keys.prefix}/phases/{app.name}/".encode(),
                                     prefix=True)]
             await leader.commit(ops)
             mine = [p for p in leader.fleet.all_placements() if p.app == app.name]
@@ -747,31 +883,34 @@ class Coordinator:
             leader.fleet.apps.pop(app.name, None)
             leader.fleet.formation.pop(app.name, None)
             leader.fleet.releases.pop(app.name, None)
+            leader.fleet.phases.pop(app.name, None)
+            leader.fleet.pending.pop(app.name, None)
         return {"name": app.name, "deleted": True}
 
     async def releases(self, request: web.Request, leader: Leader) -> Any:
         app = self._app(leader, request)
-        versions = leader.fleet.releases.get(app.name, {})
-        return [{"version": r.version, "slug": r.slug.to_dict(), "stack": r.stack,
-                 "process_types": dict(r.process_types), "created": r.created}
-                for r in sorted(versions.values(), key=lambda r: r.version)]
-
-    async def _new_release(self, leader: Leader, release: model.Release) -> dict[str, Any]:
-        await leader.commit([Put(self.keys.release(release.app, release.version).encode(),
-                                 release.to_json())])
-        leader.fleet.releases.setdefault(release.app, {})[release.version] = release
-        leader.start_rollout(release.app)
-        leader.dirty.set()
-        return {"version": release.version}
+        versions = dict(leader.fleet.releases.get(app.name, {}))
+        phases = leader.fleet.phases.get(app.name, {})
+        for version, phase in phases.items():
+            versions.setdefault(version, model.Release.from_dict(phase["release"]))
+        out = []
+        for r in sorted(versions.values(), key=lambda r: r.version):
+            outcome = phases.get(r.version)
+            out.append({"version": r.version, "slug": r.slug.to_dict(), "stack": r.stack,
+                        "process_types": dict(r.process_types), "created": r.created,
+                        "status": outcome["status"] if outcome else "succeeded",
+                        "release_phase": {k: outcome.get(k) for k in
+                                          ("dyno", "exit_status", "state", "error")}
+                        if outcome else None})
+        return out
 
     async def release_create(self, request: web.Request, leader: Leader) -> Any:
         app = self._app(leader, request)
         body = await self._body(request)
         async with leader.lock:
-            current = leader.fleet.current_release(app.name)
-            version = (current.version if current else 0) + 1
+            version = leader.latest_version(app.name) + 1
             release = model.parse_release_create(body, app.name, version, now_text())
-            return await self._new_release(leader, release)
+            return await leader.new_release(release)
 
     async def config(self, request: web.Request, leader: Leader) -> Any:
         release = leader.fleet.current_release(self._app(leader, request).name)
@@ -785,9 +924,10 @@ class Coordinator:
             if current is None:
                 raise ApiError(409, "conflict", f"app {app.name!r} has no release yet")
             env = model.apply_config_patch(current.env, body)
-            release = model.Release(app.name, current.version + 1, current.slug, current.stack,
-                                    current.process_types, env, now_text())
-            return await self._new_release(leader, release)
+            release = model.Release(app.name, leader.latest_version(app.name) + 1,
+                                    current.slug, current.stack, current.process_types, env,
+                                    now_text())
+            return await leader.new_release(release)
 
     async def formation(self, request: web.Request, leader: Leader) -> Any:
         app = self._app(leader, request)
@@ -826,36 +966,9 @@ class Coordinator:
             release = leader.fleet.current_release(app.name)
             if release is None:
                 raise ApiError(409, "conflict", f"app {app.name!r} has no release yet")
-            host = self._room_for(leader, DEFAULT_SIZES[size].memory_quota_bytes)
-            used = {_number(p.name) for p in leader.fleet.all_placements()
-                    if p.app == app.name and p.type == "run"}
-            number = next(n for n in itertools.count(1) if n not in used)
-            name = f"run.{number}"
-            dyno_id = placement.dyno_id(app.name, name, release.version, leader.revision)
-            p = model.Placement(dyno_id, app.name, name, release.version, size, host,
-                                leader.revision)
-            record = {"id": dyno_id, "app": app.name, "command": body["command"]}
-            await leader.commit([Put(f"{self.keys.prefix}/runs/{app.name}/{dyno_id}".encode(),
-                                     json.dumps(record).encode())])
-            leader.fleet.commands[dyno_id] = record
-            await leader._apply([], [p])
-        return {"id": dyno_id, "name": name, "state": "starting", "size": size,
-                "host": leader.fleet.hosts[host].host}
-
-    def _room_for(self, leader: Leader, memory: int) -> str:
-        best: tuple[int, str] | None = None
-        for host in leader.fleet.hosts.values():
-            if host.state is not model.HostState.READY or host.id not in leader.sessions:
-                continue
-            used = sum(DEFAULT_SIZES[p.size].memory_quota_bytes
-                       for p in leader.fleet.placements.get(host.id, {}).values()
-                       if p.size in DEFAULT_SIZES)
-            free = host.capacity.memory_bytes - used
-            if free >= memory and (best is None or free > best[0]):
-                best = (free, host.id)
-        if best is None:
-            raise ApiError(409, "no_capacity", "no connected host has room for that dyno")
-        return best[1]
+            p = await leader.start_one_shot(release, "run", body["command"], size)
+        return {"id": p.id, "name": p.name, "state": "starting", "size": size,
+                "host": leader.fleet.hosts[p.host].host}
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """Lines from every host with a dyno of the app, merged by time (`logs.tail`), then,

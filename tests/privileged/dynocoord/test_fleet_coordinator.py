@@ -315,3 +315,88 @@ async def test_bad_input_is_refused_and_writes_nothing(cluster: Cluster) -> None
         after = (await client.get_prefix(cluster.prefix.encode())).kvs
     assert after == before
 
+
+
+def release_dynos(cluster: Cluster) -> list[tuple[FakeAgent, dict[str, Any]]]:
+    return [(a, d) for a in cluster.agents for d in a.dynos()
+            if d["name"].startswith("release.") and d["state"] == "up"]
+
+
+async def test_release_phase_gates_a_rollout_that_keeps_the_app_serving(
+        cluster: Cluster) -> None:
+    replica = cluster.replica("c1")
+    await until(lambda: leading(replica), 20, "c1 leading")
+    for n in range(3):
+        cluster.agent(n, [replica.agent_url])
+    await deploy(replica.url)
+    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    types = {"web": "python3 server.py", "worker": "python3 work.py",
+             "release": "python3 migrate.py"}
+    slug = {"path": "/var/lib/dynoagent/slugs/shop2"}
+
+    # v2's release phase succeeds: then, and only then, the formation rolls to v2.
+    answer = await call(replica.url, "POST", "/v1/apps/shop/releases",
+                        {"slug": slug, "stack": "host", "process_types": types}, expect=201)
+    assert answer == {"version": 2, "status": "pending"}
+    agent, dyno = (await until(lambda: release_dynos(cluster), 10, "release.1 up"))[0]
+    assert dyno["command"] == "python3 migrate.py"
+    listed = await call(replica.url, "GET", "/v1/apps/shop/dynos", expect=200)
+    assert {d["release"] for d in listed if d["type"] != "release"} == {1}
+    serving: list[int] = []
+
+    async def rolled() -> bool:
+        listed = await call(replica.url, "GET", "/v1/apps/shop/dynos", expect=200)
+        serving.append(sum(1 for d in listed if d["type"] == "web" and d["state"] == "up"))
+        formation = [d for d in listed if d["type"] in ("web", "worker")]
+        return len(formation) == 6 and all(d["release"] == 2 and d["state"] == "up"
+                                           for d in formation)
+    agent.exit_process(dyno["id"], 0)
+    await until(rolled, 30, "every formation dyno on v2 and up")
+    assert min(serving) >= 1, f"web dynos up while rolling: {serving}"
+    releases = await call(replica.url, "GET", "/v1/apps/shop/releases", expect=200)
+    assert [(r["version"], r["status"]) for r in releases] == [(1, "succeeded"),
+                                                                (2, "succeeded")]
+
+    # v3's release phase fails: v3 is not deployed, v2 keeps running untouched.
+    before = {a.host: {d["id"] for d in a.dynos()} for a in cluster.agents}
+    await call(replica.url, "POST", "/v1/apps/shop/releases",
+               {"slug": slug, "stack": "host", "process_types": types,
+                "env": {"BROKEN": "1"}}, expect=201)
+    agent, dyno = (await until(lambda: release_dynos(cluster), 10, "release.N up"))[0]
+    agent.exit_process(dyno["id"], 1)
+
+    async def failed() -> Any:
+        releases = await call(replica.url, "GET", "/v1/apps/shop/releases", expect=200)
+        return releases[-1]["status"] == "failed" and releases[-1]
+    outcome = await until(failed, 10, "v3 failed")
+    assert outcome["version"] == 3 and outcome["release_phase"]["exit_status"] == 1
+    await asyncio.sleep(1)
+    after = {a.host: {d["id"] for d in a.dynos() if not d["name"].startswith("release.")}
+             for a in cluster.agents}
+    assert after == {h: {i for i in ids if i != dyno["id"]} for h, ids in before.items()}
+    info = await call(replica.url, "GET", "/v1/apps/shop", expect=200)
+    assert info["release"] == 2
+
+
+async def test_etcd_restarted_the_coordinator_waits_and_carries_on(cluster: Cluster) -> None:
+    replica = cluster.replica("c1")
+    await until(lambda: leading(replica), 20, "c1 leading")
+    for n in range(3):
+        cluster.agent(n, [replica.agent_url])
+    await deploy(replica.url)
+    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    before = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
+    cluster.etcd.stop()
+    status, answer = await asyncio.to_thread(api, replica.url, "PATCH",
+                                             "/v1/apps/shop/formation",
+                                             {"worker": {"quantity": 4}})
+    assert status == 503, (status, answer)
+    await asyncio.sleep(2)
+    cluster.etcd.start()
+    await until(lambda: leading(replica), 30, "c1 leading again")
+    await call(replica.url, "PATCH", "/v1/apps/shop/formation", {"worker": {"quantity": 4}},
+               expect=200)
+    await until(lambda: len(total_up(cluster.up())) == 7, 20, "worker.4 up")
+    after = {a.host: {d["id"]: d["pid"] for d in a.dynos() if d["name"] != "worker.4"}
+             for a in cluster.agents}
+    assert after == before, "a dyno was disturbed by etcd's restart"
