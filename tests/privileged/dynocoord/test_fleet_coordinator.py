@@ -400,3 +400,42 @@ async def test_etcd_restarted_the_coordinator_waits_and_carries_on(cluster: Clus
     after = {a.host: {d["id"]: d["pid"] for d in a.dynos() if d["name"] != "worker.4"}
              for a in cluster.agents}
     assert after == before, "a dyno was disturbed by etcd's restart"
+
+
+def cli(replica: Replica, token_file: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dynocoord.cli", "--coordinator", replica.url,
+                           "--token-file", str(token_file), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+async def test_the_cli_drives_the_real_coordinator(cluster: Cluster) -> None:
+    replica = cluster.replica("c1")
+    await until(lambda: leading(replica), 20, "c1 leading")
+    for n in range(2):
+        cluster.agent(n, [replica.agent_url])
+    await until(lambda: all(a.connected for a in cluster.agents), 10, "agents connected")
+    steps = [("apps:create", "shop"),
+             ("releases:create", "-a", "shop", "--slug", "/var/lib/dynoagent/slugs/shop",
+              "--stack", "host", "--process", "web=python3 server.py"),
+             ("ps:scale", "-a", "shop", "web=2:standard-2x"),
+             ("config:set", "-a", "shop", "GREETING=hello")]
+    for argv in steps:
+        done = await asyncio.to_thread(cli, replica, cluster.token_file, *argv)
+        assert done.returncode == 0, (argv, done.stdout, done.stderr)
+    await until(lambda: len(total_up(cluster.up())) == 2, 20, "two web dynos up")
+
+    def all_on_v2() -> bool:
+        listed = api(replica.url, "GET", "/v1/apps/shop/dynos")[1]
+        return len(listed) == 2 and all(d["release"] == 2 and d["state"] == "up"
+                                        for d in listed)
+    await until(lambda: asyncio.to_thread(all_on_v2), 20, "config:set rolled out as v2")
+    ps = await asyncio.to_thread(cli, replica, cluster.token_file, "ps", "-a", "shop")
+    assert ps.returncode == 0, ps.stderr
+    assert "=== web (Standard-2X): python3 server.py (2)" in ps.stdout, ps.stdout
+    assert ps.stdout.count(": up ") == 2, ps.stdout
+    hosts = await asyncio.to_thread(cli, replica, cluster.token_file, "hosts", "--json")
+    assert sorted(h["host"] for h in json.loads(hosts.stdout)) == ["host-0", "host-1"]
+    config = await asyncio.to_thread(cli, replica, cluster.token_file, "config", "-a", "shop")
+    assert "GREETING" in config.stdout and "hello" in config.stdout, config.stdout
+    bad = await asyncio.to_thread(cli, replica, cluster.token_file, "ps", "-a", "nope")
+    assert bad.returncode == 1 and "nope" in bad.stderr, (bad.stdout, bad.stderr)
