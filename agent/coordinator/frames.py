@@ -177,13 +177,20 @@ class UnknownMethod(errors.BadRequest):
         self.method = method
 
 
+class Busy(errors.AgentError):
+    """A per-connection bound is reached (requests in flight, log subscriptions)."""
+
+    code = "busy"
+
+
 # Every code an error response of the agent can carry on this link (docs/protocol.md §7,
 # checked against it by tests/unit/test_readme.py): the frame checks' codes, `busy`, and
 # the codes of the AgentErrors that requests raise (the supervisor's `timeout` included;
 # any other exception is answered `internal`), and `build_failed`, which a failed build's
 # `error` carries (`build.get`, `build.finished`).
-FRAME_ERROR_CODES = ("malformed_frame", "unknown_type", "frame_too_large", "busy")
+FRAME_ERROR_CODES = ("malformed_frame", "unknown_type", "frame_too_large")
 REQUEST_ERRORS: tuple[type[errors.AgentError], ...] = (
     errors.BadRequest, errors.InvalidSpec, errors.NotFound, errors.Conflict, errors.Draining,
-    errors.NotReady, errors.Timeout, UnknownMethod, errors.BuildFailed, errors.AgentError)
+    errors.NotReady, errors.Timeout, UnknownMethod, Busy, errors.BuildFailed,
+    errors.AgentError)
 ERROR_CODES = (*(cls.code for cls in REQUEST_ERRORS), *FRAME_ERROR_CODES)

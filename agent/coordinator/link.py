@@ -1,6 +1,7 @@
 """The agent's connection to its coordinator (docs/protocol.md §1, §3, §5, §6): dials out over
 WebSocket (TLS, bearer token), says hello, sends buffered `dyno.state` events in order,
-heartbeats and metrics, answers requests, and reconnects with jittered backoff.
+heartbeats and metrics, answers requests, and reconnects with jittered backoff. What lives as
+long as one connection (the log subscriptions) is entered through `connection_scope`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -60,6 +62,12 @@ CLOSE_TIMEOUT_S = 2.0
 # Requests are handled concurrently (a sync waits for graceful stops); beyond this many in
 # flight a request is refused with `busy` instead of growing without bound.
 MAX_REQUESTS_IN_FLIGHT = 64
+
+
+# Entered once per connection, with the link's send, and left when the connection ends (after
+# every request handler of that connection has ended).
+ConnectionScope = Callable[[Callable[[Frame], Awaitable[None]]],
+                           AbstractAsyncContextManager[object]]
 
 
 class LinkError(CoordinatorError):
@@ -149,6 +157,7 @@ class CoordinatorLink:
                  buffer_limit: int = EVENT_BUFFER, max_frame_bytes: int = MAX_FRAME_BYTES,
                  hello_timeout_s: float = HELLO_TIMEOUT_S,
                  session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+                 connection_scope: ConnectionScope | None = None,
                  rng: random.Random | None = None) -> None:
         # Several URLs are replicas of one coordinator: each connection attempt takes the next.
         self.urls = (url,) if isinstance(url, str) else tuple(url)
@@ -170,6 +179,8 @@ class CoordinatorLink:
         self.max_frame_bytes = max_frame_bytes
         self.hello_timeout_s = hello_timeout_s
         self.session_factory = session_factory or aiohttp.ClientSession
+        self.connection_scope: ConnectionScope = connection_scope or (
+            lambda send: contextlib.nullcontext())
         self.rng = rng or random.Random()
         self.state = LinkState.DISCONNECTED
         self.counters = Counters()
@@ -327,7 +338,8 @@ class CoordinatorLink:
                                               f"{SUBPROTOCOL}")
                 self._ws = ws
                 self._once = _Once()
-                await self._serve(ws)
+                async with self.connection_scope(self._send):
+                    await self._serve(ws)
             finally:
                 self._ws = None
                 for future in self._pending.values():

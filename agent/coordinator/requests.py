@@ -11,10 +11,14 @@ from typing import Any, Protocol
 
 from agent import errors
 from agent.coordinator.frames import UnknownMethod, msgpack_kind
+from agent.coordinator.logfeed import LogFeed
 from agent.errors import excerpt
+from agent.spec import APP, ID, NAME
 from agent.supervision.reconcile import Engine, InvalidDesiredSet
 
 DYNO_ID = re.compile(r"[a-z0-9-]{1,64}")
+LOGS_TAIL_DEFAULT = 100  # the operator API's `GET /v1/logs` default, Heroku's too
+LOGS_TAIL_MAX = 10_000
 
 
 class DynoHost(Protocol):
@@ -73,18 +77,38 @@ def _dyno_id(value: str) -> str:
     return value
 
 
+def _log_filter(p: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The `app` and optional `dyno` (a name or an id) of a logs request."""
+    app, dyno = p["app"], p.get("dyno")
+    if not APP.fullmatch(app):
+        raise errors.BadRequest(f"p.app: must match [a-z][a-z0-9-]{{0,29}}, got {excerpt(app)}")
+    if dyno is not None and not (NAME.fullmatch(dyno) or ID.fullmatch(dyno)):
+        raise errors.BadRequest(f"p.dyno: must be a dyno name (web.1) or id, got "
+                                f"{excerpt(dyno)}")
+    return app, dyno
+
+
+def _tail(p: Mapping[str, Any], default: int, low: int) -> int:
+    tail: int = p.get("tail", default)
+    if not low <= tail <= LOGS_TAIL_MAX:
+        raise errors.BadRequest(f"p.tail: must be an integer from {low} to {LOGS_TAIL_MAX}, "
+                                f"got {tail}")
+    return tail
+
+
 class Requests:
     """The requests a coordinator may send, each validated and mapped onto the supervisor
-    and the convergence engine (and, given `builds`, onto the build registry). `handle`
-    raises only `errors.AgentError`."""
+    and the convergence engine (and, given `builds`, onto the build registry; given `logs`,
+    onto the log feed). `handle` raises only `errors.AgentError`."""
 
     def __init__(self, dynos: DynoHost, engine: Engine,
                  info: Callable[[], dict[str, Any]], *,
-                 builds: BuildHost | None = None) -> None:
+                 builds: BuildHost | None = None, logs: LogFeed | None = None) -> None:
         self.dynos = dynos
         self.engine = engine
         self.info = info
         self.builds = builds
+        self.logs = logs
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "dynos.sync": self.sync,
             "dyno.start": self.start,
@@ -97,6 +121,9 @@ class Requests:
         if builds is not None:
             self._methods.update({"build.start": self.build_start, "build.get": self.build_get,
                                   "build.list": self.build_list})
+        if logs is not None:
+            self._methods.update({"logs.tail": self.logs_tail, "logs.follow": self.logs_follow,
+                                  "logs.unfollow": self.logs_unfollow})
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -187,3 +214,23 @@ class Requests:
     async def build_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.builds is not None
         return self.builds.list(_fields(params, {}, {"app": str}).get("app"))
+
+    async def logs_tail(self, params: dict[str, Any]) -> list[dict[str, str]]:
+        """The last `tail` lines of an app (or one of its dynos) kept here, in time order."""
+        assert self.logs is not None
+        p = _fields(params, {"app": str}, {"dyno": str, "tail": int})
+        app, dyno = _log_filter(p)
+        return self.logs.tail(app, dyno, _tail(p, LOGS_TAIL_DEFAULT, 1))
+
+    async def logs_follow(self, params: dict[str, Any]) -> dict[str, int]:
+        """New lines of an app (or dyno) as `log.line` events on this connection, after the
+        last `tail` lines kept (none by default)."""
+        assert self.logs is not None
+        p = _fields(params, {"app": str}, {"dyno": str, "tail": int})
+        app, dyno = _log_filter(p)
+        return {"subscription": self.logs.follow(app, dyno, _tail(p, 0, 0))}
+
+    async def logs_unfollow(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.logs is not None
+        number = _fields(params, {"subscription": int})["subscription"]
+        return {"subscription": number, "unfollowed": self.logs.unfollow(number)}

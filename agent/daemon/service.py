@@ -37,6 +37,7 @@ from agent.builds import Builder
 from agent.builds.service import Builds
 from agent.config import Config
 from agent.coordinator.link import CoordinatorLink
+from agent.coordinator.logfeed import LogFeed
 from agent.coordinator.payloads import dyno_metrics, hello_payload
 from agent.coordinator.requests import Requests
 from agent.daemon import dynoscope
@@ -669,9 +670,11 @@ class Daemon:
             return {"dynos": supervisor.counts(), "generation": engine.generation,
                     "draining": supervisor.draining}
 
+        logs = LogFeed(self.hub)
         link = CoordinatorLink(
-            url, Requests(supervisor, engine, self.info, builds=self.builds).handle, hello,
-            lambda: dyno_metrics(supervisor), heartbeat=heartbeat,
+            url, Requests(supervisor, engine, self.info, builds=self.builds, logs=logs).handle,
+            hello, lambda: dyno_metrics(supervisor), heartbeat=heartbeat,
+            connection_scope=logs.connection,
             token_file=self.config.coordinator_token_file,
             ca_file=self.config.coordinator_ca_file,
             client_cert_file=self.config.coordinator_client_cert_file,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from agent.observability.logtail import Origin, TailStore
@@ -256,6 +256,22 @@ class LogBuffer:
         return lines[-n:] if n > 0 else []
 
 
+class LineSink(Protocol):
+    """What a LogHub offers the lines of `app` (and `dyno`) to: a Follower, or another reader
+    with a bound of its own (the coordinator's log feed). `offer` never blocks and says
+    whether the line was kept; `close` ends it (the hub's own close calls it)."""
+
+    @property
+    def app(self) -> str | None: ...
+
+    @property
+    def dyno(self) -> str | None: ...
+
+    def offer(self, line: LogLine) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class Follower:
     """A bounded subscription to a LogHub, consumed with `async for line in follower`.
 
@@ -369,7 +385,7 @@ class LogHub:
         self._max_line_bytes = max_line_bytes
         self._clock = clock
         self._buffers: dict[str, LogBuffer] = {}
-        self._followers: set[Follower] = set()
+        self._followers: set[LineSink] = set()
         self._seq = itertools.count()
         # Each app's tail on disk too (set by the daemon; tests and one-shot tools run
         # without), and per held process the number of the next output line kept there when
@@ -464,6 +480,13 @@ class LogHub:
         self._followers.add(follower)
         return follower
 
+    def attach(self, sink: LineSink) -> None:
+        """Offer new lines to `sink` too, until `detach` (or the hub's close)."""
+        self._followers.add(sink)
+
+    def detach(self, sink: LineSink) -> None:
+        self._followers.discard(sink)
+
     def forget_app(self, app: str) -> None:
         """Drop an app's tail (the app is gone from this host), on disk too."""
         self._buffers.pop(app, None)
@@ -488,4 +511,4 @@ class LogHub:
             self._store.close()
 
     def _forget(self, follower: Follower) -> None:
-        self._followers.discard(follower)
+        self.detach(follower)

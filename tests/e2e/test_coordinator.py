@@ -192,6 +192,55 @@ def test_requests_by_id_and_drain(coordinated: Coordinated) -> None:
 
 
 
+TICKER = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+LOG_LINE_KEYS = {"at", "source", "app", "dyno", "id", "text", "line"}
+
+
+def _ticks(lines: list[dict[str, Any]]) -> list[int]:
+    return [int(line["text"].split()[1]) for line in lines
+            if line["source"] == "app" and line["text"].startswith("tick ")]
+
+
+def test_logs_tail_and_follow_a_printing_dyno(coordinated: Coordinated) -> None:
+    c = coordinated
+    c.coordinator.wait(lambda co: co.current, 15, "agent connected")
+    spec = c.spec(1, command=TICKER)
+    c.sync(1, [spec])
+    c.wait_up([spec["id"]])
+
+    def tail() -> list[dict[str, Any]] | None:
+        response = c.coordinator.request("logs.tail", {"app": "demo", "dyno": "worker.1",
+                                                       "tail": 100})
+        assert "p" in response, response
+        lines: list[dict[str, Any]] = response["p"]
+        return lines if len(_ticks(lines)) >= 3 else None
+
+    lines = wait_for(tail, 30, interval_s=0.2, what="3 printed lines in logs.tail")
+    ticks = _ticks(lines)
+    assert ticks == list(range(1, len(ticks) + 1))
+    printed = [line for line in lines if line["source"] == "app"]
+    assert all(set(line) == LOG_LINE_KEYS for line in lines)
+    assert (printed[0]["app"], printed[0]["dyno"], printed[0]["id"]) == (
+        "demo", "worker.1", spec["id"])
+    assert printed[0]["line"] == f"{printed[0]['at']} app[worker.1]: tick 1"
+    assert [line["at"] for line in lines] == sorted(line["at"] for line in lines)
+    assert any(line["source"] == "agent" and line["text"].startswith("Starting process")
+               for line in lines)
+
+    followed = c.coordinator.request("logs.follow", {"app": "demo", "dyno": spec["id"]})
+    sub = followed["p"]["subscription"]
+
+    def streamed(co: TestCoordinator) -> list[int] | None:
+        got = _ticks([r.params for r in co.events("log.line")
+                      if r.params["subscription"] == sub])
+        return got if len(got) >= 3 else None
+
+    got = c.coordinator.wait(streamed, 30, "3 streamed lines")
+    assert got == list(range(got[0], got[0] + len(got))) and got[0] > ticks[-1]
+    unfollowed = c.coordinator.request("logs.unfollow", {"subscription": sub})
+    assert unfollowed["p"] == {"subscription": sub, "unfollowed": True}
+
+
 def _replace_once(c: Coordinated) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     c.coordinator.wait(lambda co: co.current, 15, "agent connected")
     spec = c.spec(1)

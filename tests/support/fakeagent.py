@@ -40,7 +40,7 @@ from agent.coordinator.frames import (
 from agent.errors import excerpt
 from agent.signals import parse_signal
 from agent.sizes import DEFAULT_SIZES, Size
-from agent.spec import DynoSpec, SpecError, parse_spec
+from agent.spec import APP, ID, NAME, DynoSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -624,7 +624,7 @@ class FakeAgent:
         call = {"dynos.sync": self._sync, "dyno.start": self._start_one,
                 "dyno.stop": self._stop_one, "dyno.restart": self._restart_one,
                 "dyno.signal": self._signal_one, "agent.drain": self._drain,
-                "agent.info": self._info}.get(method)
+                "agent.info": self._info, "logs.tail": self._logs_tail}.get(method)
         if call is None:
             raise FakeError("unknown_method", f"unknown method {excerpt(method)}")
         return await call(params)
@@ -778,6 +778,19 @@ class FakeAgent:
     async def _info(self, params: dict[str, Any]) -> dict[str, Any]:
         _fields(params, {})
         return self.info()
+
+    async def _logs_tail(self, params: dict[str, Any]) -> list[dict[str, str]]:
+        """A fake dyno prints nothing: checked like the agent's, and never a line."""
+        p = _fields(params, {"app": str}, {"dyno": str, "tail": int})
+        if not APP.fullmatch(p["app"]):
+            raise _bad(f"p.app: must match [a-z][a-z0-9-]{{0,29}}, got {excerpt(p['app'])}")
+        dyno = p.get("dyno")
+        if dyno is not None and not (NAME.fullmatch(dyno) or ID.fullmatch(dyno)):
+            raise _bad(f"p.dyno: must be a dyno name (web.1) or id, got {excerpt(dyno)}")
+        tail = p.get("tail", 100)
+        if not 1 <= tail <= 10_000:
+            raise _bad(f"p.tail: must be an integer from 1 to 10000, got {tail}")
+        return []
 
     # -- the link (docs/protocol.md §1 to §3) ---------------------------------------------------
     async def _stop_process(self) -> None:

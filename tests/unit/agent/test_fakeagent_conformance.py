@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.coordinator.logfeed import LogFeed
 from agent.coordinator.requests import Requests
 from agent.errors import AgentError
 from agent.supervision.reconcile import Engine, SupervisorFleet
@@ -75,7 +76,8 @@ class Pair:
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     harness = await virtual_harness(tmp_path)
     supervisor = harness.supervisor
-    real = Requests(supervisor, Engine(SupervisorFleet(supervisor)), lambda: {})
+    real = Requests(supervisor, Engine(SupervisorFleet(supervisor)), lambda: {},
+                    logs=LogFeed(harness.hub))
     fake = FakeAgent("ws://unused/v1/agents/connect", "t", "a1", "h1", boot_delay_s=0.5,
                      stop_delay_s=0.5, sizes=SIZES)
     events: list[dict[str, Any]] = []
@@ -197,9 +199,20 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("agent.drain", {"stop": True, "cancel": True}),
     ("agent.drain", {"stop": 1}),
     ("agent.info", {"verbose": True}),
+    ("logs.tail", {}),
+    ("logs.tail", {"app": "Demo"}),
+    ("logs.tail", {"app": "demo", "dyno": "web 1"}),
+    ("logs.tail", {"app": "demo", "tail": 0}),
+    ("logs.tail", {"app": "demo", "tail": True}),
+    ("logs.tail", {"app": "demo", "follow": 1}),
     ("dyno.delete", {"id": "w1"}),
     ("hello", {}),
 ]
+
+
+async def test_logs_tail_of_an_app_without_lines_is_empty_alike(pair: Pair) -> None:
+    real, fake = await pair.both("logs.tail", {"app": "quiet", "dyno": "web.1", "tail": 5})
+    assert real == fake == []
 
 
 @pytest.mark.parametrize(("method", "params"), BAD_REQUESTS,
