@@ -366,13 +366,19 @@ class Leader:
     async def converge(self) -> None:
         async with self.lock:
             fleet = self.fleet
+            began = time.monotonic()
             views = [placement.HostView(h.id, h.state, h.capacity.memory_bytes)
                      for h in fleet.hosts.values()]
             plan = placement.plan(views, self.targets(), list(fleet.all_placements()),
                                   generation=self.revision)
             if not plan.added and not plan.removed:
                 return
+            planned = time.monotonic()
             await self._apply(plan.removed, plan.added)
+            # tests/bench/bench_fleet.py reads this line: keep its shape.
+            log.info("converged: +%d -%d dynos on %d hosts, planned in %.3f s, written in "
+                     "%.3f s", len(plan.added), len(plan.removed), len(plan.changed_hosts),
+                     planned - began, time.monotonic() - planned)
             if plan.unplaceable:
                 log.warning("%d dynos fit on no host: %s", len(plan.unplaceable),
                             ", ".join(f"{u.app}/{u.name}" for u in plan.unplaceable[:10]))
@@ -993,7 +999,7 @@ class Coordinator:
                                        return_exceptions=True)
         lines = [line for answer in answers if isinstance(answer, list) for line in answer
                  if isinstance(line, dict)]
-        lines.sort(key=lambda line: str(line.get("time", "")))
+        lines.sort(key=lambda line: str(line.get("at", "")))
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
         for line in lines[-tail:]:
@@ -1095,10 +1101,12 @@ class Coordinator:
 
 
 def _log_text(line: dict[str, Any]) -> str:
-    """A log line map as DESIGN §6 text: `TIME SOURCE[DYNO]: TEXT`."""
-    text = str(line.get("text", "")).replace("\n", " ")
-    return f"{line.get('time', '')} {line.get('source', 'app')}[{line.get('dyno', '')}]: " \
-           f"{text}\n"
+    """A log line map (docs/protocol.md, `logs.tail`) as its DESIGN §6 text line."""
+    text = line.get("line")
+    if not isinstance(text, str):
+        text = f"{line.get('at', '')} {line.get('source', 'app')}[{line.get('dyno', '')}]: " \
+               f"{line.get('text', '')}"
+    return text.replace("\n", " ") + "\n"
 
 
 # ---------------------------------------------------------------------------- command line
