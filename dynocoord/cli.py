@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from agent.cli.dynoctl import since_text
+from agent.cli.dynoctl import drop_stdout, since_text
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, display_name
 from agent.spec import (
     ENV_KEY,
@@ -1056,11 +1056,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `dynocoord logs | head`: the reader is done; say nothing more, and keep Python from
-        # complaining about the unflushable stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # `dynocoord logs | head`: the reader is done; say nothing more.
+        drop_stdout()
         return 0
     return code
 

@@ -911,13 +911,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `dynoctl logs | head`: the reader is done; say nothing more, and keep Python from
-        # complaining about the unflushable stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # `dynoctl logs | head`: the reader is done; say nothing more.
+        drop_stdout()
         return 0
     return code
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that Python does not complain
+    at exit about output it cannot flush."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

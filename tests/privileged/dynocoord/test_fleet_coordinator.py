@@ -186,14 +186,27 @@ def total_up(up: dict[str, list[str]]) -> list[str]:
 SIX = sorted([f"web.{n}" for n in (1, 2, 3)] + [f"worker.{n}" for n in (1, 2, 3)])
 
 
+async def leading_replica(cluster: Cluster, name: str = "c1") -> Replica:
+    replica = cluster.replica(name)
+    await until(lambda: leading(replica), 20, f"{name} leading")
+    return replica
+
+
+async def shop_on_three_hosts(cluster: Cluster) -> Replica:
+    """A leading coordinator, three agents, and `shop` (web=3 worker=3) up on them."""
+    replica = await leading_replica(cluster)
+    for n in range(3):
+        cluster.agent(n, [replica.agent_url])
+    await deploy(replica.url)
+    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    return replica
+
+
 async def test_formation_spreads_over_hosts_and_a_lost_hosts_dynos_move_at_once(
         cluster: Cluster) -> None:
-    replica = cluster.replica("c1")
-    await until(lambda: leading(replica), 20, "c1 leading")
-    agents = [cluster.agent(n, [replica.agent_url]) for n in range(3)]
-    await deploy(replica.url)
-    up = await until(lambda: total_up(cluster.up()) == SIX and cluster.up(), 20,
-                     "six dynos up")
+    replica = await shop_on_three_hosts(cluster)
+    agents = cluster.agents[:]
+    up = cluster.up()
     # Spread: every host runs one web and one worker.
     assert all(sorted(n.split(".")[0] for n in names) == ["web", "worker"]
                for names in up.values()), up
@@ -229,12 +242,7 @@ async def test_formation_spreads_over_hosts_and_a_lost_hosts_dynos_move_at_once(
 
 
 async def test_coordinator_killed_and_restarted_disturbs_no_dyno(cluster: Cluster) -> None:
-    replica = cluster.replica("c1")
-    await until(lambda: leading(replica), 20, "c1 leading")
-    for n in range(3):
-        cluster.agent(n, [replica.agent_url])
-    await deploy(replica.url)
-    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    replica = await shop_on_three_hosts(cluster)
     before = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
     events_before = sum(len(a.events()) for a in cluster.agents)
 
@@ -257,8 +265,7 @@ async def test_coordinator_killed_and_restarted_disturbs_no_dyno(cluster: Cluste
 
 async def test_leader_killed_the_replica_leads_and_no_dyno_is_disturbed(
         cluster: Cluster) -> None:
-    first = cluster.replica("c1")
-    await until(lambda: leading(first), 20, "c1 leading")
+    first = await leading_replica(cluster)
     second = cluster.replica("c2")
     await asyncio.sleep(1)
     status, answer = await asyncio.to_thread(api, second.url, "GET", "/v1/apps")
@@ -286,8 +293,7 @@ async def test_leader_killed_the_replica_leads_and_no_dyno_is_disturbed(
 
 
 async def test_bad_input_is_refused_and_writes_nothing(cluster: Cluster) -> None:
-    replica = cluster.replica("c1")
-    await until(lambda: leading(replica), 20, "c1 leading")
+    replica = await leading_replica(cluster)
     await call(replica.url, "POST", "/v1/apps", {"name": "shop"}, expect=201)
     async with EtcdClient(cluster.etcd.url) as client:
         before = (await client.get_prefix(cluster.prefix.encode())).kvs
@@ -324,12 +330,7 @@ def release_dynos(cluster: Cluster) -> list[tuple[FakeAgent, dict[str, Any]]]:
 
 async def test_release_phase_gates_a_rollout_that_keeps_the_app_serving(
         cluster: Cluster) -> None:
-    replica = cluster.replica("c1")
-    await until(lambda: leading(replica), 20, "c1 leading")
-    for n in range(3):
-        cluster.agent(n, [replica.agent_url])
-    await deploy(replica.url)
-    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    replica = await shop_on_three_hosts(cluster)
     types = {"web": "python3 server.py", "worker": "python3 work.py",
              "release": "python3 migrate.py"}
     slug = {"path": "/var/lib/dynoagent/slugs/shop2"}
@@ -379,12 +380,7 @@ async def test_release_phase_gates_a_rollout_that_keeps_the_app_serving(
 
 
 async def test_etcd_restarted_the_coordinator_waits_and_carries_on(cluster: Cluster) -> None:
-    replica = cluster.replica("c1")
-    await until(lambda: leading(replica), 20, "c1 leading")
-    for n in range(3):
-        cluster.agent(n, [replica.agent_url])
-    await deploy(replica.url)
-    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    replica = await shop_on_three_hosts(cluster)
     before = {a.host: {d["id"]: d["pid"] for d in a.dynos()} for a in cluster.agents}
     cluster.etcd.stop()
     status, answer = await asyncio.to_thread(api, replica.url, "PATCH",
@@ -409,8 +405,7 @@ def cli(replica: Replica, token_file: Path, *argv: str) -> subprocess.CompletedP
 
 
 async def test_the_cli_drives_the_real_coordinator(cluster: Cluster) -> None:
-    replica = cluster.replica("c1")
-    await until(lambda: leading(replica), 20, "c1 leading")
+    replica = await leading_replica(cluster)
     for n in range(2):
         cluster.agent(n, [replica.agent_url])
     await until(lambda: all(a.connected for a in cluster.agents), 10, "agents connected")
