@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +19,13 @@ from typing import Any
 import pytest
 
 from dynocoord.etcd import EtcdClient
+from tests.support.dynocoord import ROOT, Replica, request
 from tests.support.etcd import EtcdProcess
 from tests.support.fakeagent import FakeAgent
 from tests.support.names import unique
 
 TOKEN = "fleet-test-token"
 GIB = 1 << 30
-ROOT = Path(__file__).resolve().parents[3]
-# Straight to loopback, whatever proxy the environment names.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port() -> int:
@@ -41,60 +35,9 @@ def free_port() -> int:
         return port
 
 
-class Replica:
-    """One `dynocoord serve` process."""
-
-    def __init__(self, etcd: EtcdProcess, prefix: str, token_file: Path, name: str,
-                 log_dir: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.agent_url = f"ws://127.0.0.1:{self.port}/v1/agents/connect"
-        self.argv = [sys.executable, "-m", "dynocoord.server", "--etcd", etcd.url,
-                     "--listen", f"127.0.0.1:{self.port}", "--token-file", str(token_file),
-                     "--prefix", prefix, "--id", name, "--host-ttl", "3",
-                     "--takeover-grace", "30", "--log-level", "info"]
-        self.log = log_dir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=out)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-
 def api(url: str, method: str, path: str, body: Any = None,
         token: str = TOKEN) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Content-Type": "application/json"})
-    try:
-        with OPENER.open(request, timeout=10) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
-    except (urllib.error.URLError, ConnectionError) as exc:
-        return 0, str(exc)
+    return request(url + path, method, body, token)
 
 
 async def call(url: str, method: str, path: str, body: Any = None,
@@ -134,8 +77,9 @@ class Cluster:
         self.agents: list[FakeAgent] = []
 
     def replica(self, name: str, port: int | None = None) -> Replica:
-        replica = Replica(self.etcd, self.prefix, self.token_file, name, self.tmp, port)
-        replica.start()
+        replica = Replica(etcd_url=self.etcd.url, prefix=self.prefix,
+                          token_file=self.token_file, name=name, log_dir=self.tmp,
+                          address="127.0.0.1", port=port or free_port()).start()
         self.replicas.append(replica)
         return replica
 
