@@ -248,6 +248,27 @@ def test_formation_spreads_over_the_three_hosts(fleet: Fleet) -> None:
     assert placed == {name: host for host, names in up.items() for name in names}
 
 
+def test_logs_from_every_host_merged_in_time_order(fleet: Fleet) -> None:
+    """`GET /v1/apps/{app}/logs`: each host's lines (`logs.tail`), merged by time."""
+    c1 = fleet.replicas["c1"]
+
+    def lines() -> list[str] | None:
+        status, text = fleet.api(c1, "GET", f"/v1/apps/{APP}/logs?tail=500")
+        assert status == 200, text
+        found = [line for line in str(text).splitlines() if line]
+        booted = {line.split("[", 1)[1].split("]", 1)[0] for line in found
+                  if "State changed from starting to up" in line}
+        return found if booted >= set(SIX) else None
+    found = wait_for(lines, 15, interval_s=0.2, what="every dyno's `up` line in the logs")
+    assert found is not None
+    stamps = [line.split(" ", 1)[0] for line in found]
+    assert stamps == sorted(stamps), "lines of several hosts, merged in time order"
+    status, text = fleet.api(c1, "GET", f"/v1/apps/{APP}/logs?tail=500&dyno=web.1")
+    assert status == 200
+    assert {line.split("[", 1)[1].split("]", 1)[0] for line in str(text).splitlines()} \
+        == {"web.1"}, text
+
+
 def kill_processes(member: Member) -> None:
     """The agent, its holder and every process of its dynos SIGKILLed (by pid)."""
     agent = member.agent

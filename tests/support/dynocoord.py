@@ -71,6 +71,8 @@ def request(url: str, method: str, body: Any, token: str) -> tuple[int, Any]:
     try:
         with OPENER.open(sent, timeout=10) as response:
             raw = response.read()
+            if not response.headers.get("Content-Type", "").startswith("application/json"):
+                return response.status, raw.decode(errors="replace")
             return response.status, json.loads(raw) if raw else None
     except urllib.error.HTTPError as exc:
         raw = exc.read()
