@@ -378,3 +378,43 @@ async def test_the_cli_drives_the_real_coordinator(cluster: Cluster) -> None:
     assert "GREETING" in config.stdout and "hello" in config.stdout, config.stdout
     bad = await asyncio.to_thread(cli, replica, cluster.token_file, "ps", "-a", "nope")
     assert bad.returncode == 1 and "nope" in bad.stderr, (bad.stdout, bad.stderr)
+
+
+async def test_a_drained_host_gets_its_dynos_moved_and_nothing_new(cluster: Cluster) -> None:
+    replica = await shop_on_three_hosts(cluster)
+    drained = cluster.agents[0]
+    answer = await call(replica.url, "POST", f"/v1/hosts/{drained.agent_id}/drain",
+                        expect=200)
+    assert answer["state"] == "draining"
+    await until(lambda: not cluster.up()[drained.host] and total_up(cluster.up()) == SIX, 15,
+                "the drained host's dynos up on the others")
+    await call(replica.url, "PATCH", "/v1/apps/shop/formation", {"worker": {"quantity": 5}},
+               expect=200)
+    await until(lambda: len(total_up(cluster.up())) == 8, 15, "two more workers up")
+    assert not cluster.up()[drained.host], "nothing new is placed on a draining host"
+    hosts = {h["host"]: h for h in await call(replica.url, "GET", "/v1/hosts", expect=200)}
+    assert hosts[drained.host]["state"] == "draining" and hosts[drained.host]["dynos"] == 0
+
+
+async def test_a_one_off_runs_on_a_host_with_room_and_reports_its_end(cluster: Cluster) -> None:
+    replica = await shop_on_three_hosts(cluster)
+    created = await call(replica.url, "POST", "/v1/apps/shop/dynos",
+                         {"command": "python3 manage.py check", "size": "standard-2x"},
+                         expect=201)
+    assert created["name"] == "run.1" and created["size"] == "standard-2x"
+    owner = await until(lambda: next((a for a in cluster.agents for d in a.dynos()
+                                      if d["id"] == created["id"]), None), 10, "run.1 placed")
+    status = next(d for d in owner.dynos() if d["id"] == created["id"])
+    assert status["command"] == "python3 manage.py check"
+    owner.exit_process(created["id"], 0)
+
+    async def complete() -> bool:
+        listed = await call(replica.url, "GET", "/v1/apps/shop/dynos", expect=200)
+        return any(d["id"] == created["id"] and d["state"] == "complete"
+                   and d["exit_status"] == 0 for d in listed)
+    await until(complete, 10, "run.1 complete with status 0")
+    for bad, field in (({"command": ""}, "command"), ({"command": "x", "size": "huge"}, "size"),
+                       ({"command": "x", "extra": 1}, "command")):
+        status_code, answer = await asyncio.to_thread(api, replica.url, "POST",
+                                                      "/v1/apps/shop/dynos", bad)
+        assert status_code == 422 and answer["error"]["field"] == field, answer
