@@ -87,6 +87,8 @@ TXN_OPS: Final = 100
 MAX_BODY_BYTES: Final = 4 << 20
 ONE_OFF_KEEP_S: Final = 3600.0
 RELEASE_PHASE_TIMEOUT_S: Final = 3600.0
+# How long a rollout step waits for its new dynos to be up (a web dyno's boot timeout is 60 s).
+ROLLOUT_STEP_S: Final = 120.0
 
 
 def now_text() -> str:
@@ -223,6 +225,10 @@ class Leader:
         self.lock = asyncio.Lock()
         self.stopped = asyncio.Event()
         self.rollouts: dict[str, asyncio.Task[None]] = {}
+        # New web dynos of a rollout, booting beside the old ones they replace (preboot):
+        # not part of any plan until the swap.
+        self.prebooting: dict[str, model.Placement] = {}
+        self.states_changed = asyncio.Event()  # set at every dyno.state an agent reports
         self._tasks: list[asyncio.Task[Any]] = []
         self.log_waiters: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
 
@@ -290,6 +296,13 @@ class Leader:
         for app, release in list(self.fleet.pending.items()):
             self.rollouts[app] = asyncio.create_task(self.release_phase(release),
                                                      name=f"release-{app}")
+        # A rollout the last leader left half done goes on.
+        for app in self.fleet.apps:
+            current = self.fleet.current_release(app)
+            if app not in self.rollouts and current is not None and any(
+                    p.app == app and p.release < current.version and
+                    p.type not in ("run", "release") for p in self.fleet.all_placements()):
+                self.rollouts[app] = asyncio.create_task(self.roll(app), name=f"rollout-{app}")
         try:
             await self.term.lost.wait()
         finally:
@@ -367,10 +380,14 @@ class Leader:
         async with self.lock:
             fleet = self.fleet
             began = time.monotonic()
-            views = [placement.HostView(h.id, h.state, h.capacity.memory_bytes)
+            booting: dict[str, int] = {}
+            for p in self.prebooting.values():
+                booting[p.host] = booting.get(p.host, 0) + _memory(p.size)
+            views = [placement.HostView(h.id, h.state,
+                                        h.capacity.memory_bytes - booting.get(h.id, 0))
                      for h in fleet.hosts.values()]
-            plan = placement.plan(views, self.targets(), list(fleet.all_placements()),
-                                  generation=self.revision)
+            current = [p for p in fleet.all_placements() if p.id not in self.prebooting]
+            plan = placement.plan(views, self.targets(), current, generation=self.revision)
             if not plan.added and not plan.removed:
                 return
             planned = time.monotonic()
@@ -497,6 +514,7 @@ class Leader:
             status.update({k: params.get(k) for k in ("app", "name", "state", "reason",
                                                        "exit_status")})
             status["since"] = params.get("at")
+            self.states_changed.set()
             if params.get("state") == "complete" and dyno_id in self.fleet.commands:
                 asyncio.get_running_loop().call_later(
                     ONE_OFF_KEEP_S, lambda: asyncio.ensure_future(self.forget_one_off(dyno_id)))
@@ -646,16 +664,60 @@ class Leader:
                 pairs = [(old, new) for old, new in step.replacements if old.id in current]
                 if not pairs:
                     continue
-                await self._apply([old for old, _ in pairs], [new for _, new in pairs])
-            ids = {new.id for _, new in pairs}
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                session = self.sessions.get(step.host)
-                if session is None or all(session.dynos.get(i, {}).get("state") == "up"
-                                          for i in ids):
-                    break
-                await asyncio.sleep(0.2)
+                # Web dynos preboot on another host; the rest are replaced where they run.
+                booted = [(old, moved) for old, new in pairs if old.type == "web"
+                          and (moved := self._preboot_target(new, old.host)) is not None]
+                booted_ids = {old.id for old, _ in booted}
+                in_place = [(old, new) for old, new in pairs if old.id not in booted_ids]
+                for _, new in booted:
+                    self.prebooting[new.id] = new
+                await self._apply([old for old, _ in in_place],
+                                  [new for _, new in [*in_place, *booted]])
+            await self._wait_up([new for _, new in [*in_place, *booted]], ROLLOUT_STEP_S)
+            async with self.lock:
+                up = {new.id for _, new in booted if self._is_up(new)}
+                for _, new in booted:
+                    self.prebooting.pop(new.id, None)
+                # A new web dyno up: its old one goes. Not up in time: it goes, and the old
+                # one stays (the plan will not see two of one name).
+                await self._apply([old if new.id in up else new for old, new in booted], [])
+            if len(up) < len(booted):
+                log.warning("%s v%d: %d web dynos did not boot; rollout stopped", app,
+                            release.version, len(booted) - len(up))
+                return
         self.dirty.set()
+
+    def _preboot_target(self, new: model.Placement, avoid: str) -> model.Placement | None:
+        """`new` on a ready host other than `avoid` with room, holding the fewest of the
+        app's web dynos; None when there is none."""
+        memory = _memory(new.size)
+        best: tuple[int, int, str] | None = None
+        for host in self.fleet.hosts.values():
+            if host.id == avoid or host.state is not model.HostState.READY \
+                    or host.id not in self.sessions:
+                continue
+            placed = [*self.fleet.placements.get(host.id, {}).values(),
+                      *(p for p in self.prebooting.values() if p.host == host.id)]
+            free = host.capacity.memory_bytes - sum(_memory(p.size) for p in placed)
+            if free < memory:
+                continue
+            webs = sum(1 for p in placed if p.app == new.app and p.type == "web")
+            if best is None or (webs, -free, host.id) < best:
+                best = (webs, -free, host.id)
+        if best is None:
+            return None
+        return model.Placement(new.id, new.app, new.name, new.release, new.size, best[2],
+                               new.generation)
+
+    def _is_up(self, p: model.Placement) -> bool:
+        return self.status_of(p.id, p.host).get("state") == "up"
+
+    async def _wait_up(self, placements: list[model.Placement], timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not all(self._is_up(p) for p in placements):
+                    self.states_changed.clear()
+                    await self.states_changed.wait()
 
     # -- views --------------------------------------------------------------------------
     def status_of(self, dyno_id: str, host: str) -> dict[str, Any]:
@@ -684,6 +746,11 @@ class Leader:
     def _command(self, app: str, p: model.Placement) -> str | None:
         release = self.fleet.release(app, p.release)
         return release.process_types.get(p.type) if release else None
+
+
+def _memory(size: str) -> int:
+    known = DEFAULT_SIZES.get(size)
+    return known.memory_quota_bytes if known is not None else 0
 
 
 def _number(name: str) -> int:

@@ -433,3 +433,26 @@ def test_etcd_restarted_the_coordinator_waits_and_carries_on(fleet: Fleet) -> No
              what="seven listed up")
     after = fleet.pids()
     assert {i: after[i] for i in before} == before, "a dyno was disturbed by etcd's restart"
+
+
+def test_a_config_change_rolls_out_with_web_dynos_prebooted(fleet: Fleet) -> None:
+    """A new release (config:set) moves every dyno to it; each new web dyno boots on another
+    host before its old one stops, so web never runs fewer than its 3 dynos."""
+    c2 = fleet.replicas["c2"]
+    answer = fleet.call(c2, "PATCH", f"/v1/apps/{APP}/config", {"GREETING": "v2"})
+    version = answer["version"]
+    webs_up: list[int] = []
+
+    def rolled() -> bool:
+        webs_up.append(sum(1 for names in fleet.up().values() for n in names
+                           if n.startswith("web.")))
+        status, found = fleet.api(c2, "GET", f"/v1/apps/{APP}/dynos")
+        formation = [d for d in found if d["type"] in ("web", "worker")] if status == 200 \
+            else []
+        return len(formation) == 7 and all(d["release"] == version and d["state"] == "up"
+                                           for d in formation)
+    wait_for(rolled, 90, interval_s=0.05, what=f"every dyno on release {version} and up")
+    assert min(webs_up) >= 3, f"web dynos up during the rollout: {webs_up}"
+    seven = sorted([*SIX, "worker.4"])
+    wait_for(lambda: total(fleet.up()) == seven, 20, interval_s=0.1,
+             what="the old web dynos gone after their replacements")
