@@ -34,6 +34,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -125,6 +126,22 @@ class Settings:
     leader_ttl_s: int = 5
     takeover_grace_s: float = TAKEOVER_GRACE_S
     ping_interval_s: float = PING_INTERVAL_S
+    # TLS: the server's certificate chain and key; with a client CA, agents must present a
+    # certificate it signed (mutual TLS). API clients may, but need not.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
+                                             cafile=str(self.tls_client_ca)
+                                             if self.tls_client_ca else None)
+        context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        if self.tls_client_ca is not None:
+            context.verify_mode = ssl.CERT_OPTIONAL
+        return context
 
 
 # ---------------------------------------------------------------------------- agent sessions
@@ -779,7 +796,7 @@ class Coordinator:
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.listen_host, self.settings.listen_port,
-                           reuse_address=True)
+                           reuse_address=True, ssl_context=self.settings.ssl_context())
         await site.start()
         log.info("dynocoord %s listening on %s:%d", self.settings.node_id,
                  self.settings.listen_host, self.settings.listen_port)
@@ -1102,6 +1119,9 @@ class Coordinator:
     # -- agents -------------------------------------------------------------------------
     async def agent_connect(self, request: web.Request) -> web.StreamResponse:
         self._auth(request, self.settings.agent_token)
+        if self.settings.tls_client_ca is not None and request.transport is not None \
+                and not request.transport.get_extra_info("peercert"):
+            raise ApiError(403, "forbidden", "agents must present a client certificate")
         leader = self._lead()
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,),
                                    heartbeat=self.settings.ping_interval_s,
@@ -1219,9 +1239,17 @@ def parse_args(argv: list[str]) -> Settings:
     parser.add_argument("--takeover-grace", type=float, default=TAKEOVER_GRACE_S,
                         metavar="SECONDS", help="how long a new leader waits for agents to "
                         f"reconnect before it counts them lost (default {TAKEOVER_GRACE_S:g})")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve HTTPS and WSS with this certificate (chain)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM",
+                        help="its private key (default: in --tls-cert)")
+    parser.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                        help="agents must present a client certificate signed by this CA")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
+    if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
+        parser.error("--tls-key and --tls-client-ca need --tls-cert")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_token = _read_token(args.token_file, "API")
@@ -1230,7 +1258,9 @@ def parse_args(argv: list[str]) -> Settings:
                     listen_host=host, listen_port=port, api_token=api_token,
                     agent_token=_read_token(args.agent_token_file, "agent") or api_token,
                     prefix=args.prefix, node_id=args.id or f"{socket.gethostname()}:{port}",
-                    host_ttl_s=max(2, args.host_ttl), takeover_grace_s=args.takeover_grace)
+                    host_ttl_s=max(2, args.host_ttl), takeover_grace_s=args.takeover_grace,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    tls_client_ca=args.tls_client_ca)
 
 
 async def serve(settings: Settings) -> None:
@@ -1243,6 +1273,11 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str]) -> int:
     settings = parse_args(argv)
+    try:
+        settings.ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        print(f"dynocoord: cannot use the TLS files: {exc}", file=sys.stderr)
+        return 2
     asyncio.run(serve(settings))
     return 0
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 from tests.e2e.conftest import Coordinated
 from tests.support.agentproc import AgentProcess
 from tests.support.coordinator import CoordinatorThread, TestCoordinator, pack
+from tests.support.pki import OpensslMissing, make_pki
 from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
 
@@ -271,25 +270,13 @@ def test_replacement_starts_cleanly(coordinated: Coordinated) -> None:
     assert after_down == [(None, "starting"), ("starting", "up")]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate it signed."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}-dt",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext, cwd=d)
-    return d
+    try:
+        return make_pki(tmp_path_factory.mktemp("pki"))
+    except OpensslMissing as exc:
+        pytest.skip(f"needs {exc} to make test certificates")
 
 
 @pytest.mark.parametrize("with_client_cert", [True, False])

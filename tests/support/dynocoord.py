@@ -25,16 +25,19 @@ class Replica:
 
     def __init__(self, *, etcd_url: str, prefix: str, token_file: Path, name: str,
                  log_dir: Path, address: str, port: int, netns: Netns | None = None,
-                 host_ttl_s: int = 3, takeover_grace_s: float = 30) -> None:
+                 host_ttl_s: int = 3, takeover_grace_s: float = 30,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.name = name
         self.netns = netns
         self.port = port
-        self.url = f"http://{address}:{port}"
-        self.agent_url = f"ws://{address}:{port}/v1/agents/connect"
+        tls = "--tls-cert" in extra_args
+        self.url = f"{'https' if tls else 'http'}://{address}:{port}"
+        self.agent_url = f"{'wss' if tls else 'ws'}://{address}:{port}/v1/agents/connect"
         self.argv = [sys.executable, "-m", "dynocoord.server", "--etcd", etcd_url,
                      "--listen", f"{address}:{port}", "--token-file", str(token_file),
                      "--prefix", prefix, "--id", name, "--host-ttl", str(host_ttl_s),
-                     "--takeover-grace", str(takeover_grace_s), "--log-level", "info"]
+                     "--takeover-grace", str(takeover_grace_s), "--log-level", "info",
+                     *extra_args]
         self.log = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 

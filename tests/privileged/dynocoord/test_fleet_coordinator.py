@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 
+from agent.coordinator.link import CoordinatorLink, LinkState
 from dynocoord.etcd import EtcdClient
 from tests.support.dynocoord import ROOT, Replica, request
 from tests.support.etcd import EtcdProcess
 from tests.support.fakeagent import FakeAgent
 from tests.support.names import unique
+from tests.support.pki import OpensslMissing, make_pki
 
 TOKEN = "fleet-test-token"
 GIB = 1 << 30
@@ -76,10 +78,12 @@ class Cluster:
         self.replicas: list[Replica] = []
         self.agents: list[FakeAgent] = []
 
-    def replica(self, name: str, port: int | None = None) -> Replica:
+    def replica(self, name: str, port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> Replica:
         replica = Replica(etcd_url=self.etcd.url, prefix=self.prefix,
                           token_file=self.token_file, name=name, log_dir=self.tmp,
-                          address="127.0.0.1", port=port or free_port()).start()
+                          address="127.0.0.1", port=port or free_port(),
+                          extra_args=extra_args).start()
         self.replicas.append(replica)
         return replica
 
@@ -419,3 +423,53 @@ async def test_a_one_off_runs_on_a_host_with_room_and_reports_its_end(cluster: C
         status_code, answer = await asyncio.to_thread(api, replica.url, "POST",
                                                       "/v1/apps/shop/dynos", bad)
         assert status_code == 422 and answer["error"]["field"] == field, answer
+
+
+async def test_tls_for_the_api_and_mutual_tls_for_agents(cluster: Cluster,
+                                                         tmp_path: Path) -> None:
+    try:
+        pki = make_pki(tmp_path)
+    except OpensslMissing as exc:
+        pytest.skip(f"needs {exc} to make test certificates")
+    replica = cluster.replica("tls", extra_args=(
+        "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+        "--tls-client-ca", str(pki / "ca.pem")))
+    assert replica.url.startswith("https://")
+
+    def apps() -> subprocess.CompletedProcess[str]:
+        return cli(replica, cluster.token_file, "--ca-file", str(pki / "ca.pem"), "apps")
+    listed = await until(lambda: asyncio.to_thread(lambda: (done := apps()).returncode == 0
+                                                   and done), 20, "the API over https")
+    assert listed.returncode == 0
+    unverified = await asyncio.to_thread(cli, replica, cluster.token_file, "apps")
+    assert unverified.returncode == 1 and "certificate" in unverified.stderr.lower(), \
+        unverified.stderr
+
+    # The agent's own link: with its client certificate it is a host; without, refused.
+    token = tmp_path / "agent-token"
+    token.write_text(TOKEN)
+
+    def link(agent_id: str, client_cert: bool) -> CoordinatorLink:
+        hello = {"agent_id": agent_id, "host": agent_id, "version": "test", "protocol": 1,
+                 "boot_id": "b" * 32, "capacity": {"cpus": 2, "memory_bytes": 4 * GIB},
+                 "labels": {}, "generation": None, "draining": False, "dynos": []}
+        return CoordinatorLink(
+            replica.agent_url, lambda method, params: asyncio.sleep(0, {}), lambda: hello,
+            lambda: [], token_file=token, ca_file=pki / "ca.pem",
+            client_cert_file=pki / "client.pem" if client_cert else None,
+            client_key_file=pki / "client.key" if client_cert else None,
+            backoff_min_s=0.1, backoff_max_s=0.3)
+    with_cert, without = link("tls-agent", True), link("bare-agent", False)
+    with_cert.start()
+    without.start()
+    try:
+        await until(lambda: with_cert.state is LinkState.CONNECTED, 15, "agent over mTLS")
+        await until(lambda: without.counters.connect_failures >= 2, 15, "refusals")
+        assert without.state is not LinkState.CONNECTED
+        assert "403" in (without.last_error or ""), without.last_error
+        hosts = await asyncio.to_thread(cli, replica, cluster.token_file, "--ca-file",
+                                        str(pki / "ca.pem"), "hosts", "--json")
+        assert [h["id"] for h in json.loads(hosts.stdout)] == ["tls-agent"], hosts.stdout
+    finally:
+        await with_cert.close()
+        await without.close()
