@@ -1218,7 +1218,8 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def parse_args(argv: list[str]) -> Settings:
+def _parser() -> argparse.ArgumentParser:
+    """`dynocoord serve`'s options (also read by packaging/mkman.py for the manual page)."""
     parser = argparse.ArgumentParser(prog="dynocoord serve",
                                      description="Run the fleet coordinator (one replica).")
     parser.add_argument("--etcd", required=True, metavar="URL[,URL...]",
@@ -1247,6 +1248,11 @@ def parse_args(argv: list[str]) -> Settings:
                         help="agents must present a client certificate signed by this CA")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def parse_args(argv: list[str]) -> Settings:
+    parser = _parser()
     args = parser.parse_args(argv)
     if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
         parser.error("--tls-key and --tls-client-ca need --tls-cert")

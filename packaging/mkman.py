@@ -1,6 +1,7 @@
 """Manual pages for the package, made from the commands' own argparse help (never out of date).
 
-Usage: python3 -I mkman.py dynoagent|dynoctl VERSION > PAGE   (SOURCE_DATE_EPOCH sets the date)
+Usage: python3 -I mkman.py dynoagent|dynoctl|dynocoord VERSION > PAGE
+(SOURCE_DATE_EPOCH sets the date.)
 Every (sub)command's `--help` becomes a verbatim block under COMMANDS; the prose around it
 (files, environment, exit status) is kept here, next to nothing else that could drift.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import sys
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ os.environ["COLUMNS"] = "72"
 
 PAGES = {
     "dynoagent": {
+        "parser": "agent.cli.dynoagent:_parser",
         "section": "8",
         "manual": "System Administration",
         "summary": "per-host dyno manager daemon",
@@ -44,6 +47,7 @@ PAGES = {
         "see_also": "\\fBdynoctl\\fR(1), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1)",
     },
     "dynoctl": {
+        "parser": "agent.cli.dynoctl:_parser",
         "section": "1",
         "manual": "User Commands",
         "summary": "drive the local dynoagent",
@@ -62,6 +66,41 @@ PAGES = {
         "exit_status": "0 ok; 1 the operation failed (one line on stderr); 2 usage error; "
                        "\\fBrun\\fR and \\fBexec\\fR exit with the command's status.",
         "see_also": "\\fBdynoagent\\fR(8)",
+    },
+    "dynocoord": {
+        "parser": "dynocoord.cli:_parser",
+        # `serve` is parsed by the server itself (dynocoord/cli.py passes its arguments on):
+        # its block is the server's --help, not the placeholder the client's parser lists.
+        "subparsers": {"dynocoord serve": "dynocoord.server:_parser"},
+        "section": "1",
+        "manual": "User Commands",
+        "summary": "fleet coordinator and its command line",
+        "description": [
+            "dynocoord is the coordinator of a fleet of hosts that each run \\fBdynoagent\\fR: "
+            "it places every app's dynos on the hosts, rolls releases out host by host and "
+            "moves the dynos of a lost or drained host to the others. Its whole state (apps, "
+            "releases, formations, hosts, placements) lives in etcd.",
+            "\\fBdynocoord serve\\fR runs one replica of the coordinator. Any number may run "
+            "against the same etcd cluster: one leads, elected through an etcd lease; the "
+            "others answer 503 (not_leader), and one of them takes over when the leader "
+            "resigns or its lease expires. Agents connect to it over a WebSocket.",
+            "Every other command is a client of the platform API, with Heroku's verbs: "
+            "\\fBapps:create\\fR, \\fBreleases:create\\fR, \\fBconfig:set\\fR, "
+            "\\fBps:scale\\fR, \\fBrun\\fR, \\fBlogs\\fR, \\fBhosts:drain\\fR and the "
+            "others below. Given several coordinator URLs, it tries the replicas in order.",
+        ],
+        "files": [
+            ("/etc/dynocoord/token", "by convention, the platform API's bearer token on one "
+             "line, given as --token-file; the package does not create it"),
+        ],
+        "environment": [
+            ("DYNOCOORD_URL", "coordinator URL(s) when --coordinator is not given"),
+            ("DYNOCOORD_TOKEN", "the API token itself when --token-file is not given"),
+            ("DYNOCOORD_APP", "the app when -a is not given"),
+        ],
+        "exit_status": "0 ok; 1 the operation failed (one line on stderr); 2 usage error; "
+                       "\\fBrun\\fR exits with the one-off dyno's status.",
+        "see_also": "\\fBdynoagent\\fR(8), \\fBdynoctl\\fR(1), \\fBetcd\\fR(1)",
     },
 }
 
@@ -89,13 +128,17 @@ def verbatim(text: str) -> list[str]:
     return [*lines, ".fi"]
 
 
+def parser_of(ref: str) -> argparse.ArgumentParser:
+    """The parser that `module:function` builds."""
+    module, _, function = ref.partition(":")
+    parser: argparse.ArgumentParser = getattr(importlib.import_module(module), function)()
+    return parser
+
+
 def page(command: str, version: str) -> str:
     meta = PAGES[command]
-    if command == "dynoagent":
-        from agent.cli.dynoagent import _parser
-    else:
-        from agent.cli.dynoctl import _parser
-    parser = _parser()
+    parser = parser_of(meta["parser"])
+    own = meta.get("subparsers", {})
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
     date = datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d")
     out = [f'.TH {command.upper()} {meta["section"]} "{date}" "dynoagent {version}" '
@@ -107,6 +150,8 @@ def page(command: str, version: str) -> str:
         out += ([".PP"] if i else []) + [para]
     out += [".SH OPTIONS", *verbatim(parser.format_help()), ".SH COMMANDS"]
     for name, text in subcommands(parser, command):
+        if name in own:
+            text = parser_of(own[name]).format_help()
         out += [f'.SS "{escape(name)}"', *verbatim(text)]
     if "exit_status" in meta:
         out += [".SH EXIT STATUS", meta["exit_status"]]

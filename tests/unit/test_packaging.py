@@ -23,6 +23,9 @@ from agent import config as config_mod
 TOP = Path(__file__).resolve().parents[2]
 PKG = TOP / "packaging"
 VENV = "/usr/lib/dynoagent/venv"
+# The commands in /usr/bin and the module each launcher runs.
+COMMANDS = {"dynoagent": "agent.cli.dynoagent", "dynoctl": "agent.cli.dynoctl",
+            "dynocoord": "dynocoord.cli"}
 
 
 def _installs() -> dict[str, str]:
@@ -52,20 +55,25 @@ def test_unit_execstart_is_the_packaged_launcher() -> None:
     assert conffiles == [str(config_mod.DEFAULT_CONFIG_PATH)]
 
 
-@pytest.mark.parametrize("command", ["dynoagent", "dynoctl"])
+def test_every_entry_point_has_a_launcher() -> None:
+    with (TOP / "pyproject.toml").open("rb") as f:
+        assert set(tomllib.load(f)["project"]["scripts"]) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_launcher_runs_the_entry_point_in_the_venv(command: str) -> None:
+    module = COMMANDS[command]
     assert _installs()[f"/usr/bin/{command}"] == f"packaging/bin/{command}"
     launcher = (PKG / "bin" / command).read_text()
     exec_line = next(line for line in launcher.splitlines() if line.startswith("exec "))
     # -I: no PYTHONPATH, user site or current directory in a root process.
-    assert shlex.split(exec_line) == ["exec", f"{VENV}/bin/python3", "-I", "-m",
-                                      f"agent.cli.{command}", "$@"]
+    assert shlex.split(exec_line) == ["exec", f"{VENV}/bin/python3", "-I", "-m", module, "$@"]
     assert os.access(PKG / "bin" / command, os.X_OK)
     # The launcher's module is the pyproject entry point's, run as __main__.
     with (TOP / "pyproject.toml").open("rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert scripts[command] == f"agent.cli.{command}:main"
-    source = (TOP / "agent" / "cli" / f"{command}.py").read_text()
+    assert scripts[command] == f"{module}:main"
+    source = (TOP / f"{module.replace('.', '/')}.py").read_text()
     assert 'if __name__ == "__main__":\n    sys.exit(main())' in source
 
 
@@ -129,8 +137,16 @@ def test_man_escape() -> None:
     assert escape("≈ 5") == "\\[u2248] 5"
 
 
+def test_every_command_has_a_man_page() -> None:
+    build = (PKG / "build-deb").read_text()
+    for command in COMMANDS:
+        section = _mkman().PAGES[command]["section"]
+        assert f'mkman.py" {command} "$version" > "$work/man/{command}.{section}"' in build
+        assert re.search(rf"^for page in .*\b{command}\.{section}\b", build, re.M), command
+
+
 @pytest.mark.skipif(shutil.which("man") is None, reason="needs man (man-db)")
-@pytest.mark.parametrize("command", ["dynoagent", "dynoctl"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_man_page_renders_without_warnings(command: str, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
@@ -146,6 +162,9 @@ def test_man_page_renders_without_warnings(command: str, tmp_path: Path,
     assert "COMMANDS" in text and f"{command} " in text
     if command == "dynoagent":
         assert "dynoagent serve" in text and "dynoagent stack build" in text
+    if command == "dynocoord":
+        # serve's own options (dynocoord.server's parser), not the client's placeholder
+        assert "usage: dynocoord serve [-h] --etcd" in text and "dynocoord ps:scale" in text
 
 
 # -- maintainer scripts, run with every command they call replaced by a recording stub ------
