@@ -9,14 +9,17 @@ transaction fenced on its own leader key (`create_revision` of the term): a lead
 its lease without noticing cannot overwrite its successor's state; its write fails and it
 steps down.
 
-Liveness: a connected agent's host has a key `/alive/{host}` on a lease of its own
-(`--host-ttl`, 5 s), kept alive while its WebSocket answers pings (every second). When the
-connection ends the lease is no longer refreshed; if the agent is not back before it expires,
-etcd deletes the key, the leader sees the delete on its watch, marks the host `lost` and
-places its dynos elsewhere at once. An agent back after that is `ready` again, and its first
-`dynos.sync` (its desired set, now without what moved away) removes its stale dynos. A new
-leader gives every host `--takeover-grace` seconds to reconnect before it counts a host
-without a key as lost.
+Liveness: the leader pings every agent each second and hears every frame it sends; a host
+unheard of for `--host-ttl` seconds (5) is `lost`, and its dynos are placed elsewhere at once.
+Its connection is dropped after half that silence, and the host is lost when the rest has
+passed without it reconnecting, so an agent restart does not move its dynos. Each connected
+host has a key `/alive/{host}`, all of them on one lease of the leader's: etcd shows which
+hosts the leader hears, and the keys vanish with a leader that dies. (A lease per host, kept
+alive per host, cost one etcd request per host every TTL/3 — 590 a second at 1,000 hosts —
+to learn what the leader already knows from the connection.) An agent back after that is
+`ready` again, and its first `dynos.sync` (its desired set, now without what moved away)
+removes its stale dynos. A new leader gives every host `--takeover-grace` seconds to reconnect
+before it counts a host that has not as lost.
 
 One decision loop: every change (API write, host state, hello) marks the fleet dirty; the
 loop plans (dynocoord/placement.py) from the whole view, writes the changed placements and
@@ -62,9 +65,7 @@ from dynocoord.etcd import (
     Compare,
     Delete,
     EtcdClient,
-    EtcdCompacted,
     EtcdError,
-    EventType,
     LeaseKeeper,
     Op,
     Put,
@@ -90,6 +91,9 @@ ONE_OFF_KEEP_S: Final = 3600.0
 RELEASE_PHASE_TIMEOUT_S: Final = 3600.0
 # How long a rollout step waits for its new dynos to be up (a web dyno's boot timeout is 60 s).
 ROLLOUT_STEP_S: Final = 120.0
+DECIDE_DEBOUNCE_S: Final = 0.05
+# Placement writes in flight at once (each a transaction of at most TXN_OPS operations).
+WRITES_IN_FLIGHT: Final = 8
 
 
 def now_text() -> str:
@@ -153,7 +157,8 @@ class Session:
         self.host_id = host_id
         self.ws = ws
         self.dynos: dict[str, dict[str, Any]] = {}
-        self.keeper: LeaseKeeper | None = None
+        self.last_heard = time.monotonic()
+        self.transport: asyncio.Transport | None = None
         self.sync_wanted = asyncio.Event()
         self.synced_generation: int | None = None
         self._ids = itertools.count(1)
@@ -246,6 +251,9 @@ class Leader:
         # not part of any plan until the swap.
         self.prebooting: dict[str, model.Placement] = {}
         self.states_changed = asyncio.Event()  # set at every dyno.state an agent reports
+        self.loaded = asyncio.Event()  # the fleet read from etcd: only then may anyone act on it
+        self.alive_keeper: LeaseKeeper | None = None
+        self.lost_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.log_waiters: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
 
@@ -254,13 +262,19 @@ class Leader:
         return Compare.create_revision(self.keys.leader().encode(), self.term.revision)
 
     async def commit(self, ops: list[Op]) -> None:
-        """Write `ops` in fenced transactions of at most TXN_OPS operations each."""
-        for start in range(0, len(ops), TXN_OPS):
-            result = await self.client.txn([self._fence()], ops[start:start + TXN_OPS])
+        """Write `ops` in fenced transactions of at most TXN_OPS operations each, a few at a
+        time (each key is written by one of them only, so their order does not matter)."""
+        slots = asyncio.Semaphore(WRITES_IN_FLIGHT)
+
+        async def one(chunk: list[Op]) -> None:
+            async with slots:
+                result = await self.client.txn([self._fence()], chunk)
             if not result.succeeded:
                 self.term.lost.set()
                 raise NotLeader("the leader key is no longer this term's")
             self.revision = max(self.revision, result.revision)
+        await asyncio.gather(*(one(ops[start:start + TXN_OPS])
+                               for start in range(0, len(ops), TXN_OPS)))
 
     async def load(self) -> None:
         k = self.keys
@@ -305,10 +319,18 @@ class Leader:
 
     # -- lifetime -----------------------------------------------------------------------
     async def run(self) -> None:
-        await self.load()
-        self._tasks = [asyncio.create_task(self._decide(), name="decide"),
-                       asyncio.create_task(self._watch_alive(), name="watch-alive"),
-                       asyncio.create_task(self._takeover(), name="takeover")]
+        try:
+            await self.load()
+            lease = await self.client.grant(max(self.settings.leader_ttl_s,
+                                                self.settings.host_ttl_s))
+            self.alive_keeper = self.client.keep_alive(lease)
+            self.loaded.set()
+            self._tasks = [asyncio.create_task(self._decide(), name="decide"),
+                           asyncio.create_task(self._takeover(), name="takeover"),
+                           asyncio.create_task(self._watch_lease(), name="alive-lease")]
+        except BaseException:
+            await self.stop()
+            raise
         self.dirty.set()
         for app, release in list(self.fleet.pending.items()):
             self.rollouts[app] = asyncio.create_task(self.release_phase(release),
@@ -330,47 +352,67 @@ class Leader:
         for task in [*self._tasks, *self.rollouts.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self.rollouts.values(), return_exceptions=True)
+        for timer in self.lost_timers.values():
+            timer.cancel()
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await session.ws.close(code=aiohttp.WSCloseCode.SERVICE_RESTART,
                                        message=b"coordinator stepping down")
-            if session.keeper is not None:
-                await session.keeper.stop()
+        if self.alive_keeper is not None:
+            await self.alive_keeper.stop()
+
+    async def _watch_lease(self) -> None:
+        """The alive keys' lease lost (etcd away longer than its TTL): they are gone, so this
+        term cannot vouch for its hosts any more; end it, and the next term starts afresh."""
+        assert self.alive_keeper is not None
+        await self.alive_keeper.lost.wait()
+        log.warning("the hosts' lease was lost (%s): stepping down", self.alive_keeper.reason)
+        self.term.lost.set()
 
     async def _takeover(self) -> None:
         """Hosts the last leader knew that did not come back within the grace are lost."""
         await asyncio.sleep(self.settings.takeover_grace_s)
-        alive = await self.client.get_prefix(self.keys.alives().encode(), keys_only=True)
-        with_key = {self.keys.parse_alive(kv.key.decode()) for kv in alive.kvs}
         for host_id, host in list(self.fleet.hosts.items()):
-            if host.state is not model.HostState.LOST and host_id not in self.sessions \
-                    and host_id not in with_key:
+            if host.state is not model.HostState.LOST and host_id not in self.sessions:
                 await self.set_host_state(host_id, model.HostState.LOST)
 
-    async def _watch_alive(self) -> None:
-        start = self.revision + 1
-        while not self.stopped.is_set():
-            try:
-                async with self.client.watch(self.keys.alives().encode(), prefix=True,
-                                             start_revision=start) as watch:
-                    async for event in watch:
-                        start = event.kv.mod_revision + 1
-                        if event.type is not EventType.DELETE:
-                            continue
-                        host_id = self.keys.parse_alive(event.kv.key.decode())
-                        if host_id not in self.sessions:
-                            log.warning("host %s: lease expired, lost", host_id)
-                            await self.set_host_state(host_id, model.HostState.LOST)
-            except EtcdCompacted:
-                start = 0
-            except EtcdError as exc:
-                log.warning("watch of host leases failed: %s", exc)
-                await asyncio.sleep(1)
+    def session_ended(self, session: Session) -> None:
+        """The host is lost once `host_ttl_s` has passed since it was last heard, unless it
+        reconnected by then."""
+        host_id = session.host_id
+        delay = max(0.0, session.last_heard + self.settings.host_ttl_s - time.monotonic())
+        old = self.lost_timers.pop(host_id, None)
+        if old is not None:
+            old.cancel()
+        self.lost_timers[host_id] = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._unheard(host_id)))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.append(task)
+        task.add_done_callback(lambda done: self._tasks.remove(done)
+                               if done in self._tasks else None)
+
+    async def _unheard(self, host_id: str) -> None:
+        self.lost_timers.pop(host_id, None)
+        if host_id in self.sessions or self.stopped.is_set():
+            return
+        log.warning("host %s: unheard for %ss, lost", host_id, self.settings.host_ttl_s)
+        with contextlib.suppress(EtcdError, NotLeader):
+            await self.commit([Delete(self.keys.alive(host_id).encode())])
+        try:
+            await self.set_host_state(host_id, model.HostState.LOST)
+        except (EtcdError, NotLeader) as exc:
+            log.warning("host %s: could not record it lost (%s); retrying", host_id, exc)
+            self.lost_timers[host_id] = asyncio.get_running_loop().call_later(
+                1.0, lambda: self._spawn(self._unheard(host_id)))
 
     # -- decisions ----------------------------------------------------------------------
     async def _decide(self) -> None:
         while True:
             await self.dirty.wait()
+            # A burst of changes (many PATCHes, a host's hello and its state) is one plan.
+            await asyncio.sleep(DECIDE_DEBOUNCE_S)
             self.dirty.clear()
             try:
                 await self.converge()
@@ -404,7 +446,9 @@ class Leader:
                                         h.capacity.memory_bytes - booting.get(h.id, 0))
                      for h in fleet.hosts.values()]
             current = [p for p in fleet.all_placements() if p.id not in self.prebooting]
-            plan = placement.plan(views, self.targets(), current, generation=self.revision)
+            # Pure, on immutable inputs: off the event loop, which keeps answering agents.
+            plan = await asyncio.to_thread(placement.plan, views, self.targets(), current,
+                                           self.revision)
             if not plan.added and not plan.removed:
                 return
             planned = time.monotonic()
@@ -509,11 +553,13 @@ class Leader:
         state = old.state if old is not None and old.state is model.HostState.DRAINING \
             else model.HostState.READY
         host = model.Host.from_hello(params, state, now_text())
-        lease = await self.client.grant(self.settings.host_ttl_s)
+        timer = self.lost_timers.pop(host.id, None)
+        if timer is not None:
+            timer.cancel()
+        assert self.alive_keeper is not None
         await self.commit([Put(self.keys.host(host.id).encode(), host.to_json()),
                            Put(self.keys.alive(host.id).encode(), host.boot_id.encode(),
-                               lease.id)])
-        session.keeper = self.client.keep_alive(lease)
+                               self.alive_keeper.lease.id)])
         self.fleet.hosts[host.id] = host
         generation = params.get("generation")
         session.synced_generation = generation if isinstance(generation, int) else None
@@ -830,7 +876,7 @@ class Coordinator:
 
     def _lead(self) -> Leader:
         leader = self.leader
-        if leader is None:
+        if leader is None or not leader.loaded.is_set() or leader.stopped.is_set():
             raise ApiError(503, "not_leader", f"{self.settings.node_id} does not lead; try "
                                               "another replica")
         return leader
@@ -1123,8 +1169,10 @@ class Coordinator:
                 and not request.transport.get_extra_info("peercert"):
             raise ApiError(403, "forbidden", "agents must present a client certificate")
         leader = self._lead()
-        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,),
-                                   heartbeat=self.settings.ping_interval_s,
+        # Pings and pongs are ours (autoping off): every frame from the agent, pongs
+        # included, is news that the host lives, and silence past half the host TTL ends
+        # the connection (aiohttp's own heartbeat gives up after half a ping interval).
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), autoping=False,
                                    max_msg_size=64 << 20)
         await ws.prepare(request)
         session: Session | None = None
@@ -1146,6 +1194,7 @@ class Coordinator:
                 await ws.close()
                 return ws
             session = Session(host_id, ws)
+            session.transport = request.transport
             previous = leader.sessions.get(host_id)
             leader.sessions[host_id] = session
             if previous is not None:
@@ -1154,8 +1203,13 @@ class Coordinator:
             await leader.hello(session, frame.params)
             await session.send(Response(frame.id, result={"coordinator": self.settings.node_id}))
             tasks.append(asyncio.create_task(leader.sync_loop(session)))
+            tasks.append(asyncio.create_task(self._pinger(session)))
             log.info("host %s (%s) connected", host_id, frame.params.get("host"))
             async for message in ws:
+                session.last_heard = time.monotonic()
+                if message.type is WSMsgType.PING:
+                    await ws.pong(message.data)
+                    continue
                 if message.type is not WSMsgType.BINARY:
                     continue
                 try:
@@ -1177,14 +1231,32 @@ class Coordinator:
             await asyncio.gather(*tasks, return_exceptions=True)
             if session is not None:
                 session.close_pending()
-                if session.keeper is not None:
-                    await session.keeper.stop()
                 if leader.sessions.get(session.host_id) is session:
                     del leader.sessions[session.host_id]
                     log.warning("host %s disconnected", session.host_id)
+                    if not leader.stopped.is_set():
+                        leader.session_ended(session)
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+    async def _pinger(self, session: Session) -> None:
+        """A ping every `ping_interval_s`; the connection closed once the agent has been
+        silent for half the host TTL."""
+        silence_s = max(self.settings.ping_interval_s * 1.5, self.settings.host_ttl_s / 2)
+        while not session.ws.closed:
+            if time.monotonic() - session.last_heard > silence_s:
+                log.warning("host %s: silent for %.1fs, dropping the connection",
+                            session.host_id, time.monotonic() - session.last_heard)
+                # No close handshake with a peer that does not answer: the reader sees the
+                # connection end at once.
+                if session.transport is not None:
+                    session.transport.abort()
+                return
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await session.ws.ping()
+            await asyncio.sleep(self.settings.ping_interval_s)
 
 
 def _log_text(line: dict[str, Any]) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -473,3 +475,28 @@ async def test_tls_for_the_api_and_mutual_tls_for_agents(cluster: Cluster,
     finally:
         await with_cert.close()
         await without.close()
+
+
+async def test_after_etcd_stalled_past_a_host_ttl_a_lost_host_is_still_noticed(
+        cluster: Cluster) -> None:
+    """etcd frozen longer than a host's TTL (3 s) but not the leader's lease (5 s), as a
+    loaded etcd may be: every host stays, and one that dies afterwards is still found lost
+    and its dynos moved."""
+    replica = await shop_on_three_hosts(cluster)
+    pid = cluster.etcd.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(4)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await until(lambda: leading(replica), 30, "leading again after the stall")
+    await until(lambda: all(a.connected for a in cluster.agents), 20, "agents connected")
+    await until(lambda: total_up(cluster.up()) == SIX, 20, "six dynos up")
+    victim = cluster.agents[0]
+    await victim.kill()
+    cluster.agents.remove(victim)
+    started = time.monotonic()
+    await until(lambda: total_up(cluster.up()) == SIX, 15, "the dead host's dynos moved")
+    print(f"after the stall: lost host -> replacements up in {time.monotonic() - started:.1f}s")
+    await victim.close()
