@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from agent.cli.dynoctl import drop_stdout, since_text
+from agent.cli.dynoctl import drop_stdout, since_text, text_lines
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, display_name
 from agent.spec import (
     ENV_KEY,
@@ -239,14 +239,7 @@ class Client:
     def lines(self, path: str, query: Mapping[str, Any] | None = None,
               follow: bool = False) -> Iterator[str]:
         """The body of a GET as text lines, each as soon as it is complete."""
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        partial = ""
-        for chunk in self.chunks(path, query, follow):
-            *complete, partial = (partial + decoder.decode(chunk)).split("\n")
-            yield from complete
-        partial += decoder.decode(b"", final=True)
-        if partial:
-            yield partial
+        return text_lines(self.chunks(path, query, follow))
 
 
 # -- input, checked before any request ---------------------------------------------------------

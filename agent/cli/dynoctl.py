@@ -20,7 +20,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -140,14 +140,7 @@ class Client:
     def lines(self, path: str, query: dict[str, Any] | None = None,
               follow: bool = False) -> Iterator[str]:
         """The body of a GET as text lines, each as soon as it is complete."""
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        partial = ""
-        for chunk in self.chunks(path, query, follow):
-            *complete, partial = (partial + decoder.decode(chunk)).split("\n")
-            yield from complete
-        partial += decoder.decode(b"", final=True)
-        if partial:
-            yield partial
+        return text_lines(self.chunks(path, query, follow))
 
 
 # -- formatting -------------------------------------------------------------------------------
@@ -915,6 +908,18 @@ def main(argv: list[str] | None = None) -> int:
         drop_stdout()
         return 0
     return code
+
+
+def text_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """UTF-8 chunks as text lines, each as soon as it is complete (bad bytes replaced)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    partial = ""
+    for chunk in chunks:
+        *complete, partial = (partial + decoder.decode(chunk)).split("\n")
+        yield from complete
+    partial += decoder.decode(b"", final=True)
+    if partial:
+        yield partial
 
 
 def drop_stdout() -> None:

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import msgpack
 import pytest
 
 from agent.coordinator.link import CoordinatorLink, LinkState
@@ -500,3 +502,38 @@ async def test_after_etcd_stalled_past_a_host_ttl_a_lost_host_is_still_noticed(
     await until(lambda: total_up(cluster.up()) == SIX, 15, "the dead host's dynos moved")
     print(f"after the stall: lost host -> replacements up in {time.monotonic() - started:.1f}s")
     await victim.close()
+
+
+async def test_malformed_agent_frames_are_refused_and_change_nothing(cluster: Cluster) -> None:
+    replica = await shop_on_three_hosts(cluster)
+    async with EtcdClient(cluster.etcd.url) as client:
+        before = (await client.get_prefix(cluster.prefix.encode())).kvs
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            # Garbage instead of hello: the connection is closed, nothing recorded.
+            for first in (b"\xc1\xc1", b"not msgpack", msgpack.packb([1, 2]),
+                          msgpack.packb({"t": "req", "id": 1, "m": "dyno.start", "p": {}}),
+                          msgpack.packb({"t": "req", "id": 1, "m": "hello", "p": {"x": 1}})):
+                async with session.ws_connect(replica.agent_url, protocols=("dynoagent.v1",),
+                                              headers=headers) as ws:
+                    await ws.send_bytes(first)
+                    message = await ws.receive(timeout=10)
+                    while message.type is aiohttp.WSMsgType.BINARY:  # an error answer
+                        assert msgpack.unpackb(message.data)["e"]["code"] == "bad_request"
+                        message = await ws.receive(timeout=10)
+                    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            # A wrong token: refused before the upgrade.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(replica.agent_url, protocols=("dynoagent.v1",),
+                                         headers={"Authorization": "Bearer wrong"})
+            assert refused.value.status == 401
+        # A connected agent sending garbage after hello: ignored, the agent keeps its dynos.
+        agent = cluster.agents[0]
+        assert agent._ws is not None
+        for junk in (b"\xc1", msgpack.packb({"t": "evt", "m": "dyno.state", "p": "x"}),
+                     msgpack.packb({"t": "res", "id": 99999, "p": {}})):
+            await agent._ws.send_bytes(junk)
+        await asyncio.sleep(1)
+        assert agent.connected and total_up(cluster.up()) == SIX
+        after = (await client.get_prefix(cluster.prefix.encode())).kvs
+    assert [(kv.key, kv.value) for kv in after] == [(kv.key, kv.value) for kv in before]
