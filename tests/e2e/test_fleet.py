@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.e2e.conftest import COORDINATED_SETTINGS
 from tests.e2e.test_chaos import holder_pids
 from tests.e2e.test_supervision import make_slug
 from tests.support.agentproc import AgentProcess, ApiError
-from tests.support.dynocoord import Replica, request
+from tests.support.dynocoord import OPENER, Replica, request
 from tests.support.etcd import EtcdProcess
 from tests.support.names import unique
 from tests.support.testhost import Lan, NetnsThread, TestHost, new_lan, new_test_host
@@ -456,3 +457,40 @@ def test_a_config_change_rolls_out_with_web_dynos_prebooted(fleet: Fleet) -> Non
     seven = sorted([*SIX, "worker.4"])
     wait_for(lambda: total(fleet.up()) == seven, 20, interval_s=0.1,
              what="the old web dynos gone after their replacements")
+
+
+def follow_until(url: str, marker: str, timeout_s: float) -> list[str]:
+    """Lines of a `follow=1` log stream, up to the dyno's own line holding `marker` (or the
+    timeout)."""
+    sent = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    with OPENER.open(sent, timeout=timeout_s) as stream:
+        while time.monotonic() < deadline:
+            line = stream.readline().decode(errors="replace")
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if marker in line and " app[" in line:  # the dyno's own line, not the agent's
+                break
+    return lines
+
+
+def test_a_one_offs_output_streams_from_the_coordinator(fleet: Fleet) -> None:
+    """`dynocoord run`'s path: a one-off on a host with room, its output followed through
+    the coordinator (`logs.follow` on every host of the app)."""
+    c2 = fleet.replicas["c2"]
+    marker = f"fleet-follow-{unique('m', 6)}"
+    with NetnsThread(fleet.hub) as reader:
+        follower = reader.submit(follow_until, f"{c2.url}/v1/apps/{APP}/logs?tail=1&follow=1",
+                                 marker, 30.0)
+        time.sleep(1.0)  # the coordinator has subscribed on every host
+        created = fleet.call(c2, "POST", f"/v1/apps/{APP}/dynos",
+                             {"command": f"echo {marker}"}, expect=201)
+        lines = follower.result(40)
+    assert any(marker in line and "app[run." in line for line in lines), lines[-10:]
+
+    def complete() -> bool:
+        return any(d["id"] == created["id"] and d["state"] == "complete"
+                   and d["exit_status"] == 0 for d in listed(fleet, c2))
+    wait_for(complete, 20, interval_s=0.2, what="the one-off complete with status 0")

@@ -10,7 +10,7 @@ import os
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
@@ -187,7 +187,10 @@ class NetnsThread:
                                             initializer=_enter_netns, initargs=(ns.path,))
 
     def call(self, fn: Callable[..., T], *args: Any, timeout_s: float = 60.0) -> T:
-        return self._executor.submit(fn, *args).result(timeout_s)
+        return self.submit(fn, *args).result(timeout_s)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        return self._executor.submit(fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -186,7 +186,8 @@ async def _dropped(client: HolderClient, dyno_id: str, n: int) -> bool:
 async def test_unacked_output_goes_to_the_next_subscriber(holder: HolderProc) -> None:
     a = await HolderClient.connect(holder.socket)
     await a.subscribe()
-    launched = await a.launch(launch_params("d-ack", "echo x1; echo x2; exec sleep 60"))
+    # One write, so both lines come in one event: reading a second event would ack the first.
+    launched = await a.launch(launch_params("d-ack", "printf 'x1\\nx2\\n'; exec sleep 60"))
     events = await collect(a, lambda ev: len(lines_of(ev)) == 2)
     assert lines_of(events) == [b"x1", b"x2"]
     a.close()  # never asked for the next event, so never acked
