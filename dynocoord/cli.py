@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from agent.cli.dynoctl import drop_stdout, since_text, text_lines
+from agent.cli.dynoctl import drop_stdout, dyno_order, dyno_type, since_text, text_lines
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, display_name
 from agent.spec import (
     ENV_KEY,
@@ -440,19 +440,6 @@ def _size_text(value: Any) -> str:
     return display_name(value) if isinstance(value, str) and value else "?"
 
 
-def _dyno_type(dyno: dict[str, Any]) -> str:
-    kind = dyno.get("type")
-    if isinstance(kind, str) and kind:
-        return kind
-    return str(dyno.get("name", "?")).split(".", 1)[0]
-
-
-def _dyno_order(dyno: dict[str, Any]) -> tuple[str, int, str]:
-    name = str(dyno.get("name", ""))
-    kind, _, number = name.partition(".")
-    return (kind, int(number) if number.isdigit() else -1, name)
-
-
 def _type_rank(kind: str) -> tuple[int, str]:
     # Formation types first with web on top, one-off processes last, as `heroku ps` does.
     return (2 if kind in ONE_OFF_TYPES else (0 if kind == "web" else 1), kind)
@@ -463,12 +450,12 @@ def format_ps(dynos: list[dict[str, Any]]) -> list[str]:
     dyno with where it runs: `web.1: up 2026/12/02 20:15:00 +0000 (~ 3m ago) on HOST IP`."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for dyno in dynos:
-        key = (_dyno_type(dyno), _size_text(dyno.get("size")), str(dyno.get("command") or ""))
+        key = (dyno_type(dyno), _size_text(dyno.get("size")), str(dyno.get("command") or ""))
         groups.setdefault(key, []).append(dyno)
     out: list[str] = []
     for key in sorted(groups, key=lambda k: (*_type_rank(k[0]), k[1], k[2])):
         kind, size, command = key
-        members = sorted(groups[key], key=_dyno_order)
+        members = sorted(groups[key], key=dyno_order)
         if out:
             out.append("")
         one_off = kind in ONE_OFF_TYPES

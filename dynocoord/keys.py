@@ -7,9 +7,11 @@ parsed here only.
 | `/releases/{app}/{version:020d}`     | model.Release                | release created        |
 | `/formation/{app}/{type}`            | model.FormationEntry         | formation changed      |
 | `/hosts/{host}`                      | model.Host                   | hello, state change    |
-| `/alive/{host}`                      | boot id, on the host's lease | hello (lease: beats)   |
+| `/alive/{host}`                      | boot id, on the leader's lease | hello (gone with it)   |
 | `/placements/{host}/{dyno}`          | model.Placement              | placed, removed        |
 | `/generations/{host}`                | the host's generation (text) | with its placements    |
+| `/runs/{app}/{dyno}`                 | a one-off's command (JSON)   | one-off or release run |
+| `/phases/{app}/{version:020d}`       | a release phase's outcome    | release with `release` |
 | `/leader`                            | leader id, on election lease | elected                |
 
 Why these shapes:
@@ -153,6 +155,19 @@ class Keys:
     def parse_generation(self, key: str) -> str:
         (host,) = self._parse(key, "generations", 1)
         return host
+
+    # ------------------------------------------------------------ one-shot dynos
+    def runs(self, app: str | None = None) -> str:
+        return f"{self.prefix}/runs/" + (f"{app}/" if app else "")
+
+    def run(self, app: str, dyno: str) -> str:
+        return f"{self.prefix}/runs/{app}/{dyno}"
+
+    def phases(self, app: str | None = None) -> str:
+        return f"{self.prefix}/phases/" + (f"{app}/" if app else "")
+
+    def phase(self, app: str, version: int) -> str:
+        return f"{self.prefix}/phases/{app}/{version:0{VERSION_DIGITS}d}"
 
     # ------------------------------------------------------------ election
     def leader(self) -> str:

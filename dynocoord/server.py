@@ -302,10 +302,10 @@ class Leader:
                 elif key.startswith(k.generations()):
                     fleet.generations[k.parse_generation(key)] = \
                         keyspace.decode_generation(kv.value)
-                elif key.startswith(f"{k.prefix}/runs/"):
+                elif key.startswith(k.runs()):
                     data = json.loads(kv.value)
                     fleet.commands[data["id"]] = data
-                elif key.startswith(f"{k.prefix}/phases/"):
+                elif key.startswith(k.phases()):
                     data = json.loads(kv.value)
                     fleet.phases.setdefault(data["app"], {})[data["version"]] = data
                     if data["status"] == "pending":
@@ -598,10 +598,10 @@ class Leader:
 
     # -- one-shot dynos -----------------------------------------------------------------
     def run_key(self, app: str, dyno_id: str) -> bytes:
-        return f"{self.keys.prefix}/runs/{app}/{dyno_id}".encode()
+        return self.keys.run(app, dyno_id).encode()
 
     def phase_key(self, app: str, version: int) -> bytes:
-        return f"{self.keys.prefix}/phases/{app}/{version:020d}".encode()
+        return self.keys.phase(app, version).encode()
 
     def room_for(self, memory: int) -> str:
         """The connected ready host with the most memory left, if it has `memory` left."""
@@ -609,10 +609,7 @@ class Leader:
         for host in self.fleet.hosts.values():
             if host.state is not model.HostState.READY or host.id not in self.sessions:
                 continue
-            used = sum(DEFAULT_SIZES[p.size].memory_quota_bytes
-                       for p in self.fleet.placements.get(host.id, {}).values()
-                       if p.size in DEFAULT_SIZES)
-            free = host.capacity.memory_bytes - used
+            free = self._free_memory(host)
             if free >= memory and (best is None or free > best[0]):
                 best = (free, host.id)
         if best is None:
@@ -759,18 +756,24 @@ class Leader:
             if host.id == avoid or host.state is not model.HostState.READY \
                     or host.id not in self.sessions:
                 continue
-            placed = [*self.fleet.placements.get(host.id, {}).values(),
-                      *(p for p in self.prebooting.values() if p.host == host.id)]
-            free = host.capacity.memory_bytes - sum(_memory(p.size) for p in placed)
+            free = self._free_memory(host)
             if free < memory:
                 continue
-            webs = sum(1 for p in placed if p.app == new.app and p.type == "web")
+            webs = sum(1 for p in self._on(host.id) if p.app == new.app and p.type == "web")
             if best is None or (webs, -free, host.id) < best:
                 best = (webs, -free, host.id)
         if best is None:
             return None
         return model.Placement(new.id, new.app, new.name, new.release, new.size, best[2],
                                new.generation)
+
+    def _on(self, host_id: str) -> list[model.Placement]:
+        """The host's placements, and the new dynos prebooting there."""
+        return [*self.fleet.placements.get(host_id, {}).values(),
+                *(p for p in self.prebooting.values() if p.host == host_id)]
+
+    def _free_memory(self, host: model.Host) -> int:
+        return host.capacity.memory_bytes - sum(_memory(p.size) for p in self._on(host.id))
 
     def _is_up(self, p: model.Placement) -> bool:
         return self.status_of(p.id, p.host).get("state") == "up"
@@ -1009,9 +1012,9 @@ class Coordinator:
             ops: list[Op] = [Delete(self.keys.app(app.name).encode()),
                              Delete(self.keys.releases(app.name).encode(), prefix=True),
                              Delete(self.keys.formation(app.name).encode(), prefix=True),
-                             Delete(f"{self.keys.prefix}/runs/{app.name}/".encode(),
+                             Delete(self.keys.runs(app.name).encode(),
                                     prefix=True),
-                             Delete(f"{self.keys.prefix}/phases/{app.name}/".encode(),
+                             Delete(self.keys.phases(app.name).encode(),
                                     prefix=True)]
             await leader.commit(ops)
             mine = [p for p in leader.fleet.all_placements() if p.app == app.name]

@@ -186,14 +186,14 @@ def _size(dyno: dict[str, Any]) -> str:
     return display_name(size) if isinstance(size, str) and size else "?"
 
 
-def _dyno_type(dyno: dict[str, Any]) -> str:
+def dyno_type(dyno: dict[str, Any]) -> str:
     kind = dyno.get("type")
     if isinstance(kind, str) and kind:
         return kind
     return str(dyno.get("name", "?")).split(".", 1)[0]
 
 
-def _dyno_order(dyno: dict[str, Any]) -> tuple[str, int, str]:
+def dyno_order(dyno: dict[str, Any]) -> tuple[str, int, str]:
     name = str(dyno.get("name", ""))
     kind, _, number = name.partition(".")
     return (kind, int(number) if number.isdigit() else -1, name)
@@ -212,7 +212,7 @@ def format_ps(dynos: list[dict[str, Any]], now: datetime | None = None) -> list[
     several_apps = len(apps) > 1
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for dyno in dynos:
-        key = (str(dyno.get("app") or "?"), _dyno_type(dyno), _size(dyno),
+        key = (str(dyno.get("app") or "?"), dyno_type(dyno), _size(dyno),
                str(dyno.get("command") or ""))
         groups.setdefault(key, []).append(dyno)
     out: list[str] = []
@@ -225,7 +225,7 @@ def format_ps(dynos: list[dict[str, Any]], now: datetime | None = None) -> list[
         shown = f": `{command}`" if command else ""
         out.append(f"=== {prefix}{kind}: one-off processes" if one_off
                    else f"=== {prefix}{kind} ({size}){shown}")
-        for dyno in sorted(groups[key], key=_dyno_order):
+        for dyno in sorted(groups[key], key=dyno_order):
             state = str(dyno.get("state", "?"))
             since = since_text(dyno.get("since"), now)
             status = f"{state} {since}".rstrip()
@@ -271,7 +271,7 @@ def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[st
 
     rows = [
         ("App", dyno.get("app")),
-        ("Type", _dyno_type(dyno)),
+        ("Type", dyno_type(dyno)),
         ("State", f"{state} since {since}" if since else state),
         ("Reason", reason),
         ("Command", f"`{dyno['command']}`" if dyno.get("command") else None),
@@ -377,10 +377,10 @@ def _targets(client: Client, target: str | None, app: str | None) -> list[tuple[
     if target is None or "." not in target:
         dynos = _list(client, app)
         if target is not None:
-            dynos = [d for d in dynos if _dyno_type(d) == target]
+            dynos = [d for d in dynos if dyno_type(d) == target]
         if dynos or target is None:
             return [(str(d["id"]), f"{d.get('name', d['id'])}")
-                    for d in sorted(dynos, key=_dyno_order) if "id" in d]
+                    for d in sorted(dynos, key=dyno_order) if "id" in d]
     assert target is not None
     return [(target, target)]
 
@@ -441,7 +441,7 @@ class _TopSampler:
     def frame(self) -> list[dict[str, Any]]:
         rows = []
         for dyno in sorted(_list(self._client, self._app),
-                           key=lambda d: (str(d.get("app", "")), _dyno_order(d))):
+                           key=lambda d: (str(d.get("app", "")), dyno_order(d))):
             if "id" not in dyno:
                 continue
             stats = self._stats(dyno)
