@@ -14,6 +14,14 @@ namespace (`host_netns`, default: the constructing thread's), so asyncio callers
   veth `<prefix>v<hash>` on the bridge, `eth0` inside with an address, default route, lo up.
   Addresses are reused, so attach and release remove the host's ARP entry for the address
   and `eth0` announces itself (arp_notify); bridges have a fixed MAC (`bridge_mac`).
+- `configure_space(space_id, subnet=, slice=, vni=, underlay=, port=, mtu=) -> Space`: a
+  space spread over hosts (persisted, idempotent): gateway = first address of this host's
+  slice with the subnet's prefix, a VXLAN device `<prefix>x<hash>` on the bridge (no
+  learning, proxy ARP), the MTU on VXLAN, bridge and veths; `set_space_peers(space_id,
+  {ip: underlay})` makes its FDB and neighbour entries exactly that set;
+  `unconfigure_space`; `host_networks()` (refused overlaps), `underlay_mtu(address)`;
+  `set_fleet(pools, hosts, port)` (firewall, persisted). Every eth0 has the MAC
+  `overlay_mac(space_id, ip)`.
 - `detach`, `destroy`, `destroy_later(...) -> concurrent.futures.Future` (teardown off the
   critical path: a veth takes 20-45 ms to unregister; `await asyncio.wrap_future(f)`).
 - `sweep(live_spaces, live_namespaces) -> SweepReport`.
@@ -38,10 +46,10 @@ from netns.errors import (
 )
 from netns.firewall import FirewallSpec, Nft, SpaceRules, render
 from netns.host import Attachment, HostNetwork, HostNetworkConfig, Space, SweepReport
-from netns.ipam import DEFAULT_POOL, AddressBook, SpaceLease
-from netns.names import bridge_name, parse_alias, veth_name
+from netns.ipam import DEFAULT_POOL, AddressBook, Fleet, Overlay, SpaceLease
+from netns.names import bridge_name, overlay_mac, parse_alias, veth_name, vxlan_name
 from netns.namespace import NamespaceDir, entered, namespace_id
-from netns.netlink import Link, Rtnl
+from netns.netlink import Link, Route, Rtnl, Vxlan
 
 __all__ = [
     "DEFAULT_POOL",
@@ -50,6 +58,7 @@ __all__ = [
     "Attachment",
     "FirewallError",
     "FirewallSpec",
+    "Fleet",
     "HostNetwork",
     "HostNetworkConfig",
     "Link",
@@ -60,17 +69,22 @@ __all__ = [
     "NamespaceNotFoundError",
     "NetnsError",
     "Nft",
+    "Overlay",
     "PoolExhaustedError",
+    "Route",
     "Rtnl",
     "Space",
     "SpaceLease",
     "SpaceRules",
     "StateLockedError",
     "SweepReport",
+    "Vxlan",
     "bridge_name",
     "entered",
     "namespace_id",
+    "overlay_mac",
     "parse_alias",
     "render",
     "veth_name",
+    "vxlan_name",
 ]

@@ -8,7 +8,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 from netns.errors import FirewallError
 
@@ -24,18 +24,26 @@ class SpaceRules:
 
     bridge: str
     subnet: IPv4Network
+    gateway: IPv4Address | None = None  # the space's resolver listens here (port 53)
 
 
 @dataclass(frozen=True)
 class FirewallSpec:
     """The whole table. `outbound` empty means "masquerade on any interface that is not a
-    space bridge"; the allowed ports are the host services dynos may reach."""
+    space bridge"; the allowed ports are the host services dynos may reach.
+
+    Across hosts: dynos reach nothing in `private_pools` but their own space, and no
+    `fleet_hosts` address at all; UDP to `overlay_port` is accepted only from
+    `fleet_hosts` (so nobody else, a dyno least of all, can inject frames into a space)."""
 
     table: str
     spaces: tuple[SpaceRules, ...] = ()
     outbound: tuple[str, ...] = ()
     allowed_tcp_ports: tuple[int, ...] = ()
     allowed_udp_ports: tuple[int, ...] = ()
+    private_pools: tuple[IPv4Network, ...] = ()
+    fleet_hosts: tuple[IPv4Address, ...] = ()
+    overlay_port: int | None = None
 
     def __post_init__(self) -> None:
         if not _TABLE_RE.match(self.table):
@@ -43,7 +51,8 @@ class FirewallSpec:
         for name in [s.bridge for s in self.spaces] + list(self.outbound):
             if not _IFNAME_RE.match(name):
                 raise ValueError(f"bad interface name {name!r}")
-        for port in self.allowed_tcp_ports + self.allowed_udp_ports:
+        extra = () if self.overlay_port is None else (self.overlay_port,)
+        for port in self.allowed_tcp_ports + self.allowed_udp_ports + extra:
             if not 0 < port < 65536:
                 raise ValueError(f"bad port {port}")
 
@@ -86,6 +95,14 @@ def render(spec: FirewallSpec) -> str:
         "    type filter hook forward priority filter; policy accept;",
     ]
     lines += [f'    iifname "{b}" oifname "{b}" accept' for b in bridges]
+    reject = "reject with icmpx type admin-prohibited"
+    if spec.private_pools:
+        # Collapsed: overlapping prefixes in one anonymous interval set are refused.
+        pools = _set([str(p) for p in collapse_addresses(spec.private_pools)])
+        lines.append(f"    iifname @space_bridges ip daddr {pools} {reject}")
+    if spec.fleet_hosts:
+        hosts = _set(_sorted_addresses(spec.fleet_hosts))
+        lines.append(f"    iifname @space_bridges ip daddr {hosts} {reject}")
     lines += [
         f"    iifname @space_bridges ip daddr {LINK_LOCAL} "
         "reject with icmpx type host-unreachable",
@@ -96,9 +113,24 @@ def render(spec: FirewallSpec) -> str:
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
+    ]
+    if spec.overlay_port is not None:
+        # The one drop that is not about space traffic: the VXLAN socket would otherwise
+        # deliver any sender's frames straight onto a space bridge.
+        if spec.fleet_hosts:
+            hosts = _set(_sorted_addresses(spec.fleet_hosts))
+            lines.append(f"    udp dport {spec.overlay_port} ip saddr != {hosts} drop")
+        else:
+            lines.append(f"    udp dport {spec.overlay_port} drop")
+    lines += [
         "    iifname != @space_bridges accept",
         "    ct state established,related accept",
     ]
+    for space in spec.spaces:
+        if space.gateway is not None:
+            # Each space's resolver, for that space's dynos only.
+            lines += [f'    iifname "{space.bridge}" ip daddr {space.gateway} {proto} dport 53 '
+                      "accept" for proto in ("udp", "tcp")]
     if spec.allowed_tcp_ports:
         ports = _set([str(p) for p in sorted(set(spec.allowed_tcp_ports))])
         lines.append(f"    ip daddr != {LINK_LOCAL} tcp dport {ports} accept")
@@ -121,6 +153,10 @@ def render(spec: FirewallSpec) -> str:
         lines.append("    ip saddr @space_subnets oifname != @space_bridges masquerade")
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
+
+
+def _sorted_addresses(addresses: Sequence[IPv4Address]) -> list[str]:
+    return [str(a) for a in sorted(set(addresses))]
 
 
 @dataclass

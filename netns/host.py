@@ -10,14 +10,15 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from netns.errors import (
+    AddressError,
     LinkError,
     NamespaceError,
     NamespaceExistsError,
@@ -25,7 +26,7 @@ from netns.errors import (
     NetnsError,
 )
 from netns.firewall import FirewallSpec, Nft, SpaceRules
-from netns.ipam import DEFAULT_POOL, AddressBook
+from netns.ipam import DEFAULT_POOL, AddressBook, Fleet, Overlay, SpaceLease
 from netns.names import (
     LinkOwner,
     bridge_alias,
@@ -33,10 +34,12 @@ from netns.names import (
     bridge_name,
     check_id,
     check_prefix,
-    inner_mac,
+    overlay_mac,
     parse_alias,
     veth_alias,
     veth_name,
+    vxlan_alias,
+    vxlan_name,
 )
 from netns.namespace import (
     NamespaceDir,
@@ -45,7 +48,7 @@ from netns.namespace import (
     setns,
     write_sysctl_in,
 )
-from netns.netlink import Rtnl
+from netns.netlink import Rtnl, Vxlan
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -59,6 +62,9 @@ _IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 # the address (gratuitous ARP) when the link's MAC is set, and peers on the bridge that
 # cached the previous holder's MAC for a reused address update their entry at once.
 _ARP_NOTIFY = "net/ipv4/conf/default/arp_notify"
+# IPv4 VXLAN: inner Ethernet 14 + VXLAN 8 + UDP 8 + outer IPv4 20.
+VXLAN_OVERHEAD = 50
+_VNI_MAX = (1 << 24) - 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,19 @@ class Space:
     bridge: str
     subnet: IPv4Network
     gateway: IPv4Interface
+    slice: IPv4Network | None = None  # this host's share of `subnet` (spread spaces only)
+    vxlan: str | None = None
+    vni: int | None = None
+    mtu: int | None = None  # of the VXLAN device, the bridge and every veth of the space
+
+
+@dataclass
+class _Peers:
+    """What a space's VXLAN device holds (as last read or written): FDB MAC -> underlay
+    address, neighbours address -> MAC."""
+
+    fdb: dict[str, IPv4Address] = field(default_factory=dict)
+    neighbours: dict[IPv4Address, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,6 +203,7 @@ class HostNetwork:
         self._book = AddressBook(config.state_dir, config.pool, durable=config.durable_state)
         self._nft = Nft()
         self._spaces: dict[str, tuple[Space, int]] = {}
+        self._peers: dict[str, _Peers] = {}
         self._forwarding_done = False
         self._main: _PinnedThread | None = None
         self._reaper: _PinnedThread | None = None
@@ -275,24 +295,89 @@ class HostNetwork:
 
     def spaces(self) -> list[Space]:
         """Every space that holds a subnet (whether or not its bridge exists right now)."""
-        return [self._space_of(lease.space_id, lease.subnet) for lease in self._book.spaces()]
+        result = []
+        for lease in self._book.spaces():
+            cached = self._spaces.get(lease.space_id)
+            result.append(cached[0] if cached is not None else self._space_of(lease))
+        return result
 
     def remove_space(self, space_id: str) -> None:
-        """Delete the bridge, forget the subnet and every address in it, update the firewall."""
+        """Delete the bridge and VXLAN device, forget the subnet, its overlay and every
+        address in it, update the firewall."""
         self._run("remove-space", lambda: self._remove_space(space_id))
 
-    def _space_of(self, space_id: str, subnet: IPv4Network) -> Space:
-        gateway = IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
-        return Space(space_id, bridge_name(self.config.link_prefix, space_id), subnet, gateway)
+    def configure_space(self, space_id: str, *, subnet: IPv4Network, slice: IPv4Network,
+                        vni: int, underlay: IPv4Address, port: int = 4789,
+                        mtu: int | None = None) -> Space:
+        """Make the space one part of a network spread over hosts: gateway = first host
+        address of this host's `slice` with `subnet`'s prefix length, namespaces get the
+        slice's other addresses, and a VXLAN device (`vni`, from `underlay` to UDP `port`,
+        no learning, ARP answered from pushed entries) joins the bridge. `mtu` (default:
+        the underlay link's MTU minus 50) goes on the VXLAN device, the bridge and both
+        ends of every veth of the space.
+
+        Persisted and idempotent. Raises `AddressError` when `subnet` overlaps the host's
+        own networks (`host_networks`) or another space of this host, or when the subnet
+        or slice changes while namespaces hold addresses in the space (without any, the
+        space is re-made with the new addressing)."""
+        subnet, slice_ = IPv4Network(subnet), IPv4Network(slice)
+        underlay = IPv4Address(underlay)
+        if not 0 < vni <= _VNI_MAX:
+            raise AddressError(f"space {space_id}: VNI {vni} outside 1..{_VNI_MAX}",
+                               operation="configure-space")
+        if not 0 < port < 65536:
+            raise AddressError(f"space {space_id}: bad port {port}",
+                               operation="configure-space")
+        if mtu is not None and not 68 <= mtu <= 65535:
+            raise AddressError(f"space {space_id}: bad MTU {mtu}", operation="configure-space")
+        overlay = Overlay(vni, underlay, port, mtu)
+        return self._run("configure-space",
+                         lambda: self._configure_space(space_id, subnet, slice_, overlay))
+
+    def unconfigure_space(self, space_id: str) -> None:
+        """Take the space off the overlay: its VXLAN device and peers go. A space without
+        members is removed altogether (as `remove_space`); one with members keeps its
+        addressing (gateway and addresses stay valid) as a space local to this host until
+        `remove_space`, `sweep` or a new `configure_space`."""
+        self._run("unconfigure-space", lambda: self._unconfigure_space(space_id))
+
+    def set_space_peers(self, space_id: str,
+                        peers: Mapping[IPv4Address, IPv4Address]) -> None:
+        """Make the space's VXLAN forwarding exactly `peers` (remote namespace address ->
+        underlay address of its host): per peer an FDB entry `overlay_mac(space, ip) dst
+        UNDERLAY` (self, permanent) and a permanent neighbour entry `ip lladdr MAC`, which
+        the device uses to answer ARP (proxy). Missing entries are added, changed ones
+        replaced, stale ones deleted; only the difference reaches the kernel. Peers on this
+        host (the space's own underlay, or an address of a local member) are skipped."""
+        wanted = {IPv4Address(ip): IPv4Address(host) for ip, host in peers.items()}
+        self._run("set-space-peers", lambda: self._set_space_peers(space_id, wanted))
+
+    def _space_of(self, lease: SpaceLease, mtu: int | None = None) -> Space:
+        prefix = self.config.link_prefix
+        overlay = lease.overlay
+        if overlay is None:
+            return Space(lease.space_id, bridge_name(prefix, lease.space_id), lease.subnet,
+                         lease.gateway, lease.slice)
+        return Space(lease.space_id, bridge_name(prefix, lease.space_id), lease.subnet,
+                     lease.gateway, lease.slice, vxlan_name(prefix, lease.space_id),
+                     overlay.vni, mtu if mtu is not None else overlay.mtu)
 
     def _ensure_space(self, space_id: str) -> tuple[Space, int]:
         cached = self._spaces.get(space_id)
         if cached is not None:
             return cached
         rtnl = self._pinned().rtnl
-        new_lease = self._book.space(space_id) is None
-        lease = self._book.lease_space(space_id)
-        space = self._space_of(space_id, lease.subnet)
+        lease = self._book.space(space_id)
+        new_lease = lease is None
+        if lease is None:
+            # Skip /24s the host already uses, so that its own hosts stay reachable.
+            avoid = [network for network, _ in self._host_networks(rtnl)]
+            lease = self._book.lease_space(space_id, avoid=avoid)
+        mtu = None
+        if lease.overlay is not None:
+            mtu = lease.overlay.mtu or self._underlay_mtu(rtnl, lease.overlay.underlay) \
+                - VXLAN_OVERHEAD
+        space = self._space_of(lease, mtu)
         created = False
         try:
             link = rtnl.link(space.bridge)
@@ -300,6 +385,7 @@ class HostNetwork:
                 index = rtnl.add_bridge(space.bridge,
                                         address=bridge_mac(self.config.link_prefix, space_id))
                 created = True
+                link = rtnl.link(space.bridge)
             elif link.kind != "bridge" or parse_alias(link.alias) not in (
                     None, LinkOwner("bridge", space_id)):
                 raise LinkError("name taken by a link of someone else", operation="add-bridge",
@@ -309,26 +395,234 @@ class HostNetwork:
             rtnl.set_alias(space.bridge, bridge_alias(space_id))
             if space.gateway not in rtnl.addresses(index, space.bridge):
                 rtnl.add_address(index, space.bridge, space.gateway)
+            if mtu is not None and link is not None and link.mtu != mtu:
+                # Set explicitly, the bridge keeps it whatever its ports' MTUs.
+                rtnl.set_mtu(index, space.bridge, mtu)
+                self._set_members_mtu(rtnl, space_id, mtu)
+            if lease.overlay is not None and mtu is not None:
+                self._ensure_vxlan(rtnl, space_id, lease.overlay, index, mtu)
             rtnl.set_up(index, space.bridge)
             self._enable_forwarding()
             self._apply_firewall()
         except BaseException:
             if created:
                 rtnl.delete_link(space.bridge)
+                if lease.overlay is not None:
+                    rtnl.delete_link(vxlan_name(self.config.link_prefix, space_id))
             if new_lease:
                 self._book.release_space(space_id)
             raise
         log.info("space ready", extra={"SPACE": space_id, "BRIDGE": space.bridge,
-                                       "SUBNET": str(space.subnet)})
+                                       "SUBNET": str(space.subnet), "VXLAN": space.vxlan})
         self._spaces[space_id] = (space, index)
         return space, index
+
+    def _ensure_vxlan(self, rtnl: Rtnl, space_id: str, overlay: Overlay, bridge_index: int,
+                      mtu: int) -> None:
+        name = vxlan_name(self.config.link_prefix, space_id)
+        link = rtnl.link(name)
+        if link is not None:
+            if link.kind != "vxlan" or parse_alias(link.alias) not in (
+                    None, LinkOwner("vxlan", space_id)):
+                raise LinkError("name taken by a link of someone else", operation="add-vxlan",
+                                interface=name, errno=errno.EEXIST)
+            # VNI, local address and port cannot change on a live device: re-make it.
+            if rtnl.vxlan(name) != Vxlan(overlay.vni, overlay.underlay, overlay.port,
+                                         learning=False, proxy=True):
+                rtnl.delete_link(name)
+                link = None
+        if link is None:
+            self._peers.pop(space_id, None)  # a new device holds no entries
+            index = rtnl.add_vxlan(name, vni=overlay.vni, local=overlay.underlay,
+                                   port=overlay.port, master=bridge_index, mtu=mtu)
+        else:
+            index = link.index
+            if link.master != bridge_index:
+                rtnl.set_master(index, name, bridge_index)
+            if link.mtu != mtu:
+                rtnl.set_mtu(index, name, mtu)
+        rtnl.set_alias(name, vxlan_alias(space_id))
+        rtnl.set_up(index, name)
+
+    def _set_members_mtu(self, rtnl: Rtnl, space_id: str, mtu: int) -> None:
+        for namespace in self._book.members(space_id):
+            host_if = veth_name(self.config.link_prefix, namespace)
+            link = rtnl.link(host_if)
+            if link is not None and link.mtu != mtu:
+                rtnl.set_mtu(link.index, host_if, mtu)
+            if not self._namespaces.exists(namespace):
+                continue
+            path = self._namespaces.path(namespace)
+            with Rtnl(netlink_socket_in(path), share_loop_with=rtnl) as inner:
+                inner_link = inner.link(INNER_IFNAME)
+                if inner_link is not None and inner_link.mtu != mtu:
+                    inner.set_mtu(inner_link.index, INNER_IFNAME, mtu)
+
+    def _configure_space(self, space_id: str, subnet: IPv4Network, slice_: IPv4Network,
+                         overlay: Overlay) -> Space:
+        rtnl = self._pinned().rtnl
+        for network, ifname in self._host_networks(rtnl):
+            if network.overlaps(subnet):
+                raise AddressError(f"space {space_id}: subnet {subnet} overlaps the host's "
+                                   f"network {network} ({ifname})", operation="configure-space")
+        if overlay.mtu is None:
+            self._underlay_mtu(rtnl, overlay.underlay)  # refuse an underlay the host lacks
+        previous = self._book.space(space_id)
+        lease, readdressed = self._book.configure_space(space_id, subnet, slice_, overlay)
+        if readdressed and previous is not None:
+            # Nobody holds an address (the book refused otherwise): re-make from scratch.
+            self._spaces.pop(space_id, None)
+            self._peers.pop(space_id, None)
+            rtnl.delete_link(vxlan_name(self.config.link_prefix, space_id))
+            rtnl.delete_link(bridge_name(self.config.link_prefix, space_id))
+        elif previous != lease:
+            self._spaces.pop(space_id, None)  # look at the kernel objects again
+        try:
+            return self._ensure_space(space_id)[0]
+        except BaseException:
+            self._spaces.pop(space_id, None)
+            raise
+
+    def _unconfigure_space(self, space_id: str) -> None:
+        if self._book.space(space_id) is None:
+            return
+        if not self._book.members(space_id):
+            self._remove_space(space_id)
+            return
+        self._spaces.pop(space_id, None)
+        self._peers.pop(space_id, None)
+        self._pinned().rtnl.delete_link(vxlan_name(self.config.link_prefix, space_id))
+        self._book.clear_overlay(space_id)
+
+    def _set_space_peers(self, space_id: str, peers: dict[IPv4Address, IPv4Address]) -> None:
+        lease = self._book.space(space_id)
+        if lease is None or lease.overlay is None:
+            raise AddressError(f"space {space_id} has no overlay (configure_space first)",
+                               operation="set-space-peers")
+        for address in peers:
+            if address not in lease.subnet:
+                raise AddressError(f"space {space_id}: peer {address} is outside subnet "
+                                   f"{lease.subnet}", operation="set-space-peers")
+        self._ensure_space(space_id)
+        rtnl = self._pinned().rtnl
+        name = vxlan_name(self.config.link_prefix, space_id)
+        link = rtnl.link(name)
+        if link is None:  # removed behind our back: make it again
+            self._spaces.pop(space_id, None)
+            self._ensure_space(space_id)
+            link = rtnl.link(name)
+            if link is None:
+                raise LinkError("VXLAN device missing", operation="set-space-peers",
+                                interface=name, errno=errno.ENODEV)
+        index = link.index
+        local = {a.ip for a in self._book.members(space_id).values()}
+        fdb: dict[str, IPv4Address] = {}
+        neighbours: dict[IPv4Address, str] = {}
+        for address, host in peers.items():
+            if host == lease.overlay.underlay or address in local:
+                continue
+            mac = overlay_mac(space_id, address)
+            fdb[mac], neighbours[address] = host, mac
+        have = self._peers.get(space_id)
+        if have is None:
+            have = _Peers(rtnl.vxlan_fdb(index, name), rtnl.neighbours(index, name))
+            self._peers[space_id] = have
+        try:
+            # `have` follows every change as it is made, so a failure half-way leaves it
+            # true to the kernel and the next call finishes the job.
+            for mac, dst in list(have.fdb.items()):
+                if mac not in fdb:
+                    rtnl.delete_vxlan_fdb(index, name, mac, dst)
+                    del have.fdb[mac]
+            for address in list(have.neighbours):
+                if address not in neighbours:
+                    rtnl.delete_neighbour(index, name, address)
+                    del have.neighbours[address]
+            for mac, dst in fdb.items():
+                if have.fdb.get(mac) != dst:
+                    rtnl.set_vxlan_fdb(index, name, mac, dst)
+                    have.fdb[mac] = dst
+            for address, mac in neighbours.items():
+                if have.neighbours.get(address) != mac:
+                    rtnl.set_neighbour(index, name, address, mac)
+                    have.neighbours[address] = mac
+        except BaseException:
+            self._peers.pop(space_id, None)  # re-read from the kernel next time
+            raise
+        log.debug("space peers set", extra={"SPACE": space_id, "PEERS": len(fdb)})
 
     def _remove_space(self, space_id: str) -> None:
         rtnl = self._pinned().rtnl
         self._spaces.pop(space_id, None)
+        self._peers.pop(space_id, None)
+        rtnl.delete_link(vxlan_name(self.config.link_prefix, space_id))
         rtnl.delete_link(bridge_name(self.config.link_prefix, space_id))
         self._book.release_space(space_id)
         self._sync_firewall()
+
+    # --- the host's own networks and the fleet --------------------------------------------
+
+    def host_networks(self) -> list[IPv4Network]:
+        """The host's own IPv4 networks: those of its addresses and of its main table's
+        routes (default routes aside) on links this library did not make, loopback aside."""
+        return sorted({network for network, _ in self.host_network_links()})
+
+    def host_network_links(self) -> list[tuple[IPv4Network, str]]:
+        """`host_networks` with the interface each one was found on (first seen)."""
+        return self._run("host-networks", lambda: self._host_networks(self._pinned().rtnl))
+
+    def underlay_mtu(self, address: IPv4Address) -> int:
+        """The MTU of the host link that holds `address`; AddressError if none does."""
+        return self._run("underlay-mtu", lambda: self._underlay_mtu(
+            self._pinned().rtnl, IPv4Address(address)))
+
+    def set_fleet(self, pools: Iterable[IPv4Network], hosts: Iterable[IPv4Address],
+                  port: int | None) -> None:
+        """The firewall's view of the fleet (persisted, so a restarted agent applies the
+        same table before the coordinator speaks): dynos reach nothing in `pools` outside
+        their own space and no address of `hosts`; UDP `port` (the overlay's) is accepted
+        only from `hosts`."""
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"bad port {port}")
+        fleet = Fleet(tuple(sorted({IPv4Network(p) for p in pools})),
+                      tuple(sorted({IPv4Address(h) for h in hosts})), port)
+        self._run("set-fleet", lambda: self._set_fleet(fleet))
+
+    def _set_fleet(self, fleet: Fleet) -> None:
+        if self._book.set_fleet(fleet):
+            self._sync_firewall()
+
+    def _host_networks(self, rtnl: Rtnl) -> list[tuple[IPv4Network, str]]:
+        # Links looked up one by one: the few that carry addresses or routes, not every
+        # veth of a busy host.
+        names: dict[int, str | None] = {}
+
+        def foreign(index: int) -> str | None:
+            if index not in names:
+                link = None if index == _LO_IFINDEX else rtnl.link_by_index(index)
+                ours = link is None or parse_alias(link.alias) is not None
+                names[index] = None if ours or link is None else link.name
+            return names[index]
+
+        found: dict[IPv4Network, str] = {}
+        for address, index in rtnl.all_addresses():
+            name = foreign(index)
+            if name is not None and not address.network.is_loopback:
+                found.setdefault(address.network, name)
+        for route in rtnl.routes():
+            name = foreign(route.index)
+            if name is not None and route.network.prefixlen > 0:
+                found.setdefault(route.network, name)
+        return sorted(found.items())
+
+    @staticmethod
+    def _underlay_mtu(rtnl: Rtnl, address: IPv4Address) -> int:
+        for iface, index in rtnl.all_addresses():
+            if iface.ip == address:
+                link = rtnl.link_by_index(index)
+                if link is not None:
+                    return link.mtu
+        raise AddressError(f"no link of the host holds {address}", operation="underlay-mtu")
 
     def _enable_forwarding(self) -> None:
         # Written from the pinned thread: /proc/sys/net resolves to the writer's namespace.
@@ -346,12 +640,16 @@ class HostNetwork:
         self._forwarding_done = True
 
     def _firewall_spec(self) -> FirewallSpec:
+        fleet = self._book.fleet()
         return FirewallSpec(
             table=self.config.table,
-            spaces=tuple(SpaceRules(s.bridge, s.subnet) for s in self.spaces()),
+            spaces=tuple(SpaceRules(s.bridge, s.subnet, s.gateway.ip) for s in self.spaces()),
             outbound=self.config.outbound,
             allowed_tcp_ports=self.config.allowed_tcp_ports,
             allowed_udp_ports=self.config.allowed_udp_ports,
+            private_pools=fleet.pools,
+            fleet_hosts=fleet.hosts,
+            overlay_port=fleet.port,
         )
 
     def _apply_firewall(self) -> None:
@@ -416,7 +714,7 @@ class HostNetwork:
             # it and look at what is there only when the kernel says EEXIST.
             try:
                 self._wire(rtnl, inner, path, host_if, alias, bridge_index, address,
-                           space.gateway.ip, inner_mac(namespace))
+                           space.gateway.ip, overlay_mac(space_id, address.ip), space.mtu)
                 self._forget_neighbour(rtnl, space.bridge, bridge_index, address.ip)
                 return attachment
             except BaseException as exc:
@@ -432,7 +730,7 @@ class HostNetwork:
             rtnl.delete_link(host_if)  # half-made or moved: rebuild from scratch
             try:
                 self._wire(rtnl, inner, path, host_if, alias, bridge_index, address,
-                           space.gateway.ip, inner_mac(namespace))
+                           space.gateway.ip, overlay_mac(space_id, address.ip), space.mtu)
                 self._forget_neighbour(rtnl, space.bridge, bridge_index, address.ip)
             except BaseException:
                 self._undo_attach(rtnl, space_id, namespace, host_if, had_address)
@@ -454,7 +752,7 @@ class HostNetwork:
     @staticmethod
     def _wire(rtnl: Rtnl, inner: Rtnl, path: Path, host_if: str, alias: str,
               bridge_index: int, address: IPv4Interface, gateway: IPv4Address,
-              mac: str) -> None:
+              mac: str, mtu: int | None) -> None:
         write_sysctl_in(path, _ARP_NOTIFY, "1")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -463,7 +761,7 @@ class HostNetwork:
                                  errno=exc.errno) from exc
         try:
             rtnl.add_veth(host_if, master=bridge_index, peer_name=INNER_IFNAME,
-                          peer_netns_fd=fd)
+                          peer_netns_fd=fd, mtu=mtu)
         finally:
             os.close(fd)
         # veth honours a requested peer ifindex only when the host end's index is given
@@ -537,6 +835,9 @@ class HostNetwork:
             if owner.role == "veth" and owner.namespace is not None:
                 ours = link.name == veth_name(prefix, owner.namespace)
                 dead = owner.namespace not in names or owner.space_id not in spaces
+            elif owner.role == "vxlan":
+                ours = link.name == vxlan_name(prefix, owner.space_id)
+                dead = owner.space_id not in spaces
             else:
                 ours = link.name == bridge_name(prefix, owner.space_id)
                 dead = owner.space_id not in spaces
@@ -549,6 +850,8 @@ class HostNetwork:
                 removed_ns.append(name)
         for space_id in [s for s in self._spaces if s not in spaces]:
             del self._spaces[space_id]
+        for space_id in [s for s in self._peers if s not in spaces]:
+            del self._peers[space_id]
         for lease in self._book.spaces():
             if lease.space_id in spaces:
                 for member, address in self._book.members(lease.space_id).items():

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -28,15 +28,46 @@ _SEP = "@"  # member file name: "<address>@<owner>"; owners never contain '@'
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """A space's tunnel on this host: VXLAN `vni` from the `underlay` address to UDP `port`;
+    `mtu` None means the underlay link's MTU minus the encapsulation."""
+
+    vni: int
+    underlay: IPv4Address
+    port: int = 4789
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """What the firewall needs of the fleet: the pools of every space subnet, the underlay
+    address of every host and the overlay's UDP port (None: no overlay)."""
+
+    pools: tuple[IPv4Network, ...] = ()
+    hosts: tuple[IPv4Address, ...] = ()
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class SpaceLease:
-    """A space's subnet; its first host address is the gateway on the bridge."""
+    """A space's subnet. Without a `slice` (a local space) the first host address of the
+    subnet is the gateway and namespaces get the rest; with one (a space spread over hosts)
+    the gateway is the slice's first host address, namespaces get the slice's others, all
+    with the subnet's prefix length."""
 
     space_id: str
     subnet: IPv4Network
+    slice: IPv4Network | None = None
+    overlay: Overlay | None = None
 
     @property
     def gateway(self) -> IPv4Interface:
-        return IPv4Interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+        return _gateway(self.subnet, self.slice)
+
+
+def _gateway(subnet: IPv4Network, slice_: IPv4Network | None) -> IPv4Interface:
+    base = subnet if slice_ is None else slice_
+    return IPv4Interface((int(base.network_address) + 1, subnet.prefixlen))
 
 
 @dataclass
@@ -44,6 +75,11 @@ class _Space:
     subnet: IPv4Network
     members: dict[str, int]  # owner -> address as an integer
     taken: set[int]
+    slice: IPv4Network | None = None
+    overlay: Overlay | None = None
+
+    def lease(self, space_id: str) -> SpaceLease:
+        return SpaceLease(space_id, self.subnet, self.slice, self.overlay)
 
 
 class AddressBook:
@@ -88,7 +124,7 @@ class AddressBook:
             raise StateLockedError("state directory is in use by another process",
                                    operation="lock", path=self.root, errno=exc.errno) from exc
         try:
-            self._spaces = self._load()
+            self._spaces, self._fleet = self._load()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -103,12 +139,12 @@ class AddressBook:
 
     def spaces(self) -> list[SpaceLease]:
         with self._lock:
-            return [SpaceLease(k, v.subnet) for k, v in sorted(self._spaces.items())]
+            return [v.lease(k) for k, v in sorted(self._spaces.items())]
 
     def space(self, space_id: str) -> SpaceLease | None:
         with self._lock:
             entry = self._spaces.get(space_id)
-            return None if entry is None else SpaceLease(space_id, entry.subnet)
+            return None if entry is None else entry.lease(space_id)
 
     def members(self, space_id: str) -> dict[str, IPv4Interface]:
         with self._lock:
@@ -125,13 +161,92 @@ class AddressBook:
 
     # --- changes --------------------------------------------------------------------------
 
-    def lease_space(self, space_id: str) -> SpaceLease:
-        """The space's subnet, allocating the lowest free one of the pool the first time."""
+    def fleet(self) -> Fleet:
+        with self._lock:
+            return self._fleet
+
+    def set_fleet(self, fleet: Fleet) -> bool:
+        """Record the fleet; False if it was already this."""
+        with self._lock:
+            if fleet == self._fleet:
+                return False
+            previous, self._fleet = self._fleet, fleet
+            try:
+                self._save_spaces()
+            except BaseException:
+                self._fleet = previous
+                raise
+            return True
+
+    def configure_space(self, space_id: str, subnet: IPv4Network, slice_: IPv4Network,
+                        overlay: Overlay | None) -> tuple[SpaceLease, bool]:
+        """Give the space `subnet` with this host's `slice_` of it, and its overlay; returns
+        the lease and whether the addressing (subnet or slice) changed. Idempotent. A changed
+        addressing is refused while the space has members (their addresses would leave it)."""
+        check_id("space id", space_id)
+        if not slice_.subnet_of(subnet):
+            raise AddressError(f"space {space_id}: slice {slice_} is not inside subnet {subnet}",
+                               operation="configure-space")
+        if slice_.prefixlen > 30:
+            raise AddressError(f"space {space_id}: slice {slice_} has no room for addresses",
+                               operation="configure-space")
+        with self._lock:
+            for other_id, other in self._spaces.items():
+                if other_id != space_id and other.subnet.overlaps(subnet):
+                    raise AddressError(f"space {space_id}: subnet {subnet} overlaps subnet "
+                                       f"{other.subnet} of space {other_id}",
+                                       operation="configure-space")
+            entry = self._spaces.get(space_id)
+            if entry is not None and (entry.subnet, entry.slice) == (subnet, slice_):
+                if entry.overlay != overlay:
+                    previous, entry.overlay = entry.overlay, overlay
+                    try:
+                        self._save_spaces()
+                    except BaseException:
+                        entry.overlay = previous
+                        raise
+                return entry.lease(space_id), False
+            if entry is not None and entry.members:
+                raise AddressError(
+                    f"space {space_id}: cannot move from {entry.slice or entry.subnet} of "
+                    f"{entry.subnet} to {slice_} of {subnet} while {len(entry.members)} "
+                    "namespace(s) hold addresses in it", operation="configure-space")
+            self._mkdir(self.root / space_id)
+            previous_entry = entry
+            self._spaces[space_id] = _Space(subnet, {}, set(), slice_, overlay)
+            try:
+                self._save_spaces()
+            except BaseException:
+                if previous_entry is None:
+                    del self._spaces[space_id]
+                else:
+                    self._spaces[space_id] = previous_entry
+                raise
+            return self._spaces[space_id].lease(space_id), True
+
+    def clear_overlay(self, space_id: str) -> bool:
+        """Forget the space's overlay (its addressing stays); False if it had none."""
+        with self._lock:
+            entry = self._spaces.get(space_id)
+            if entry is None or entry.overlay is None:
+                return False
+            previous, entry.overlay = entry.overlay, None
+            try:
+                self._save_spaces()
+            except BaseException:
+                entry.overlay = previous
+                raise
+            return True
+
+    def lease_space(self, space_id: str, *,
+                    avoid: Sequence[IPv4Network] = ()) -> SpaceLease:
+        """The space's subnet, allocating the lowest free one of the pool the first time
+        (skipping any that overlaps `avoid`, e.g. the host's own networks)."""
         check_id("space id", space_id)
         with self._lock:
             entry = self._spaces.get(space_id)
             if entry is None:
-                used = [s.subnet for s in self._spaces.values()]
+                used = [s.subnet for s in self._spaces.values()] + list(avoid)
                 subnet = next((s for s in self.pool.subnets(new_prefix=self.subnet_prefix)
                                if not any(s.overlaps(u) for u in used)), None)
                 if subnet is None:
@@ -145,7 +260,7 @@ class AddressBook:
                 except BaseException:
                     del self._spaces[space_id]
                     raise
-            return SpaceLease(space_id, entry.subnet)
+            return entry.lease(space_id)
 
     def release_space(self, space_id: str) -> bool:
         """Forget a space and every address in it; False if it was unknown."""
@@ -166,8 +281,11 @@ class AddressBook:
                 raise AddressError(f"space {space_id!r} has no subnet", operation="assign")
             address = entry.members.get(owner)
             if address is None:
-                first = int(entry.subnet.network_address) + 2  # .1 is the gateway
-                last = int(entry.subnet.broadcast_address) - 1
+                # Never the gateway (.1 of the range) nor the range's network or broadcast
+                # address, so never the subnet's either.
+                base = entry.subnet if entry.slice is None else entry.slice
+                first = int(base.network_address) + 2
+                last = int(base.broadcast_address) - 1
                 address = next((a for a in range(first, last + 1) if a not in entry.taken),
                                None)
                 if address is None:
@@ -223,12 +341,12 @@ class AddressBook:
     def _member_path(self, space_id: str, address: int, owner: str) -> Path:
         return self.root / space_id / f"{IPv4Address(address)}{_SEP}{owner}"
 
-    def _load(self) -> dict[str, _Space]:
+    def _load(self) -> tuple[dict[str, _Space], Fleet]:
         path = self.root / SPACES_FILE
         try:
             doc: Any = json.loads(path.read_bytes())
         except FileNotFoundError:
-            return {}
+            return {}, Fleet()
         except (OSError, ValueError) as exc:
             raise AddressError(f"cannot read state: {exc}", operation="load", path=path,
                                errno=getattr(exc, "errno", None)) from exc
@@ -236,9 +354,10 @@ class AddressBook:
         try:
             if doc.get("version") != _FORMAT_VERSION:
                 raise ValueError(f"unknown version {doc.get('version')!r}")
-            for space_id, subnet_text in doc["spaces"].items():
-                subnet = IPv4Network(subnet_text)
-                entry = _Space(subnet, {}, set())
+            fleet = _fleet_from(doc.get("fleet"))
+            for space_id, value in doc["spaces"].items():
+                entry = _space_from(value)
+                subnet = entry.subnet
                 directory = self.root / check_id("space id", space_id)
                 directory.mkdir(exist_ok=True)
                 for name in sorted(os.listdir(directory)):
@@ -254,11 +373,16 @@ class AddressBook:
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             raise AddressError(f"corrupt state: {exc}", operation="load",
                                path=self.root) from exc
-        return spaces
+        return spaces, fleet
 
     def _save_spaces(self) -> None:
-        doc = {"version": _FORMAT_VERSION, "pool": str(self.pool),
-               "spaces": {k: str(v.subnet) for k, v in sorted(self._spaces.items())}}
+        doc: dict[str, Any] = {
+            "version": _FORMAT_VERSION, "pool": str(self.pool),
+            "spaces": {k: _space_doc(v) for k, v in sorted(self._spaces.items())}}
+        if self._fleet != Fleet():
+            doc["fleet"] = {"pools": [str(p) for p in self._fleet.pools],
+                            "hosts": [str(h) for h in self._fleet.hosts],
+                            "port": self._fleet.port}
         path = self.root / SPACES_FILE
         tmp = path.with_name(f".{SPACES_FILE}.tmp")
         try:
@@ -301,6 +425,40 @@ class AddressBook:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _space_doc(entry: _Space) -> str | dict[str, Any]:
+    # A local space stays a bare subnet string: the format older agents wrote and read.
+    if entry.slice is None:
+        return str(entry.subnet)
+    doc: dict[str, Any] = {"subnet": str(entry.subnet), "slice": str(entry.slice)}
+    if entry.overlay is not None:
+        doc.update(vni=entry.overlay.vni, underlay=str(entry.overlay.underlay),
+                   port=entry.overlay.port, mtu=entry.overlay.mtu)
+    return doc
+
+
+def _space_from(value: Any) -> _Space:
+    if isinstance(value, str):
+        return _Space(IPv4Network(value), {}, set())
+    subnet, slice_ = IPv4Network(value["subnet"]), IPv4Network(value["slice"])
+    if not slice_.subnet_of(subnet):
+        raise ValueError(f"slice {slice_} outside subnet {subnet}")
+    overlay = None
+    if value.get("vni") is not None:
+        mtu = value.get("mtu")
+        overlay = Overlay(int(value["vni"]), IPv4Address(value["underlay"]),
+                          int(value.get("port", 4789)), None if mtu is None else int(mtu))
+    return _Space(subnet, {}, set(), slice_, overlay)
+
+
+def _fleet_from(value: Any) -> Fleet:
+    if value is None:
+        return Fleet()
+    port = value.get("port")
+    return Fleet(tuple(IPv4Network(p) for p in value.get("pools", ())),
+                 tuple(IPv4Address(h) for h in value.get("hosts", ())),
+                 None if port is None else int(port))
 
 
 def _iface(address: int, subnet: IPv4Network) -> IPv4Interface:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Literal
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name (16 with the NUL)
@@ -14,7 +15,7 @@ _HASH_CHARS = 9
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,4}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-LinkRole = Literal["bridge", "veth"]
+LinkRole = Literal["bridge", "veth", "vxlan"]
 
 
 def check_prefix(prefix: str) -> str:
@@ -57,6 +58,18 @@ def inner_mac(namespace: str) -> str:
     return _mac(f"inner:{namespace}")
 
 
+def overlay_mac(space_id: str, address: IPv4Address) -> str:
+    """The MAC of the eth0 holding `address` in a space: a pure function of the two, so any
+    host computes a remote dyno's MAC from its address alone (for the overlay's FDB and
+    neighbour entries), and a reused address comes back with the same MAC."""
+    return _mac(f"dyno:{check_id('space id', space_id)}:{IPv4Address(address)}")
+
+
+def vxlan_name(prefix: str, space_id: str) -> str:
+    """VXLAN device of a space: `<prefix>x<hash>`."""
+    return f"{check_prefix(prefix)}x{_digest(space_id)}"
+
+
 def veth_name(prefix: str, namespace: str) -> str:
     """Host end of a namespace's veth pair: `<prefix>v<hash>`."""
     return f"{check_prefix(prefix)}v{_digest(namespace)}"
@@ -75,6 +88,10 @@ def bridge_alias(space_id: str) -> str:
     return f"{ALIAS_TAG}:bridge:{space_id}"
 
 
+def vxlan_alias(space_id: str) -> str:
+    return f"{ALIAS_TAG}:vxlan:{space_id}"
+
+
 def veth_alias(space_id: str, namespace: str) -> str:
     return f"{ALIAS_TAG}:veth:{space_id}:{namespace}"
 
@@ -88,6 +105,8 @@ def parse_alias(alias: str | None) -> LinkOwner | None:
         return None
     if len(parts) == 3 and parts[1] == "bridge" and parts[2]:
         return LinkOwner("bridge", parts[2])
+    if len(parts) == 3 and parts[1] == "vxlan" and parts[2]:
+        return LinkOwner("vxlan", parts[2])
     if len(parts) == 4 and parts[1] == "veth" and parts[2] and parts[3]:
         return LinkOwner("veth", parts[2], parts[3])
     return None

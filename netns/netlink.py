@@ -7,7 +7,7 @@ import errno
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
@@ -18,6 +18,11 @@ from netns.errors import LinkError
 T = TypeVar("T")
 IFF_UP = 0x1
 _BUF_BYTES = 1 << 20
+_AF_BRIDGE = 7
+_NUD_NOARP = 0x40
+_NUD_PERMANENT = 0x80
+_NTF_SELF = 0x02
+_RT_TABLE_MAIN = 254
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,32 @@ class Link:
     alias: str | None
     master: int | None
     up: bool
+    mtu: int = 0
+
+
+@dataclass(frozen=True)
+class Vxlan:
+    """What identifies a VXLAN device's tunnel: a device that differs in any of these has
+    to be re-made (the kernel does not change them on a live device)."""
+
+    vni: int
+    local: IPv4Address | None
+    port: int
+    learning: bool
+    proxy: bool
+
+
+@dataclass(frozen=True)
+class Route:
+    """An IPv4 network the namespace reaches directly, and through which link."""
+
+    network: IPv4Network
+    index: int
 
 
 def _to_link(msg: Any) -> Link:
     master = msg.get_attr("IFLA_MASTER")
+    mtu = msg.get_attr("IFLA_MTU")
     return Link(
         index=int(msg["index"]),
         name=str(msg.get_attr("IFLA_IFNAME")),
@@ -41,6 +68,23 @@ def _to_link(msg: Any) -> Link:
         alias=_str_or_none(msg.get_attr("IFLA_IFALIAS")),
         master=int(master) if master else None,
         up=bool(int(msg["flags"]) & IFF_UP),
+        mtu=int(mtu) if mtu else 0,
+    )
+
+
+def _to_vxlan(msg: Any) -> Vxlan | None:
+    if msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
+        return None
+    data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+    if data is None:
+        return None
+    local = data.get_attr("IFLA_VXLAN_LOCAL")
+    return Vxlan(
+        vni=int(data.get_attr("IFLA_VXLAN_ID") or 0),
+        local=IPv4Address(local) if local else None,
+        port=int(data.get_attr("IFLA_VXLAN_PORT") or 0),
+        learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        proxy=bool(data.get_attr("IFLA_VXLAN_PROXY")),
     )
 
 
@@ -114,6 +158,16 @@ class Rtnl:
             raise
         return _to_link(msgs[0])
 
+    def link_by_index(self, index: int) -> Link | None:
+        """The link with ifindex `index`, or None."""
+        try:
+            msgs = self._call("get-link", None, lambda: self._ipr.link("get", index=index))
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return _to_link(msgs[0])
+
     def add_bridge(self, name: str, *, address: str) -> int:
         """A bridge with the MAC `address`. Given at creation, the address stays: otherwise
         the kernel gives the bridge the lowest MAC of its ports and changes it whenever
@@ -122,12 +176,45 @@ class Rtnl:
             "add", ifname=name, kind="bridge", address=address))
         return self._index(name)
 
-    def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int) -> None:
+    def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int,
+                 mtu: int | None = None) -> None:
         """A veth pair whose host end `name` is up on bridge `master` and whose other end is
-        created directly inside the namespace behind `peer_netns_fd` (no rename, no move)."""
+        created directly inside the namespace behind `peer_netns_fd` (no rename, no move);
+        `mtu` applies to both ends."""
         peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd}
+        extra: dict[str, Any] = {}
+        if mtu is not None:
+            peer["mtu"] = extra["mtu"] = mtu
         self._call("add-veth", name, lambda: self._ipr.link(
-            "add", ifname=name, kind="veth", master=master, state="up", peer=peer))
+            "add", ifname=name, kind="veth", master=master, state="up", peer=peer, **extra))
+
+    def add_vxlan(self, name: str, *, vni: int, local: IPv4Address, port: int,
+                  master: int, mtu: int) -> int:
+        """A VXLAN device on bridge `master` that never learns (`nolearning`) and answers
+        ARP from its neighbour entries (`proxy`): every remote address is pushed, nothing
+        floods. Not up yet: the caller sets the alias first."""
+        self._call("add-vxlan", name, lambda: self._ipr.link(
+            "add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local),
+            vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, master=master, mtu=mtu))
+        return self._index(name)
+
+    def vxlan(self, name: str) -> Vxlan | None:
+        """The tunnel parameters of the VXLAN device `name`; None if it is missing or not
+        a VXLAN device."""
+        try:
+            msgs = self._call("get-link", name, lambda: self._ipr.link("get", ifname=name))
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return _to_vxlan(msgs[0])
+
+    def set_mtu(self, index: int, name: str, mtu: int) -> None:
+        self._call("set-mtu", name, lambda: self._ipr.link("set", index=index, mtu=mtu))
+
+    def set_master(self, index: int, name: str, master: int) -> None:
+        self._call("set-master", name, lambda: self._ipr.link("set", index=index,
+                                                               master=master))
 
     def set_alias(self, name: str, alias: str) -> None:
         # The kernel ignores IFLA_IFALIAS when it creates a link, so this is a second request.
@@ -168,6 +255,27 @@ class Rtnl:
                           lambda: self._ipr.get_addr(family=socket.AF_INET, index=index))
         return [IPv4Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}") for m in msgs]
 
+    def all_addresses(self) -> list[tuple[IPv4Interface, int]]:
+        """Every IPv4 address of the namespace, with the index of its link."""
+        msgs = self._call("list-addresses", None,
+                          lambda: self._ipr.get_addr(family=socket.AF_INET))
+        return [(IPv4Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"), int(m["index"]))
+                for m in msgs]
+
+    def routes(self) -> list[Route]:
+        """The main table's IPv4 routes that name an output link (default routes included:
+        the caller decides what a 0.0.0.0/0 means)."""
+        msgs = self._call("list-routes", None, lambda: self._ipr.get_routes(
+            family=socket.AF_INET, table=_RT_TABLE_MAIN))
+        routes: list[Route] = []
+        for m in msgs:
+            oif = m.get_attr("RTA_OIF")
+            if oif is None:
+                continue  # multipath and blackhole routes: not a network on a link
+            dst = m.get_attr("RTA_DST") or "0.0.0.0"
+            routes.append(Route(IPv4Network(f"{dst}/{m['dst_len']}", strict=False), int(oif)))
+        return routes
+
     def add_default_route(self, gateway: IPv4Address, name: str) -> None:
         self._call("add-route", name, lambda: self._ipr.route(
             "add", dst="0.0.0.0/0", gateway=str(gateway)))
@@ -184,6 +292,50 @@ class Rtnl:
                 return False
             raise
         return True
+
+
+    # --- overlay forwarding (VXLAN FDB and proxy neighbours) ---------------------------
+
+    def vxlan_fdb(self, index: int, name: str) -> dict[str, IPv4Address]:
+        """The VXLAN device's own (`self`) FDB: MAC -> remote underlay address."""
+        msgs = self._call("list-fdb", name, lambda: self._ipr.get_neighbours(
+            family=_AF_BRIDGE, ifindex=index))
+        entries: dict[str, IPv4Address] = {}
+        for m in msgs:
+            dst, mac = m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")
+            if int(m["ifindex"]) == index and dst and mac:
+                entries[str(mac)] = IPv4Address(dst)
+        return entries
+
+    def set_vxlan_fdb(self, index: int, name: str, mac: str, dst: IPv4Address) -> None:
+        """`bridge fdb replace MAC dev NAME dst DST self permanent`."""
+        self._call("set-fdb", name, lambda: self._ipr.neigh(
+            "replace", family=_AF_BRIDGE, ifindex=index, lladdr=mac, dst=str(dst),
+            state=_NUD_NOARP | _NUD_PERMANENT, flags=_NTF_SELF))
+
+    def delete_vxlan_fdb(self, index: int, name: str, mac: str, dst: IPv4Address) -> None:
+        try:
+            self._call("delete-fdb", name, lambda: self._ipr.neigh(
+                "del", family=_AF_BRIDGE, ifindex=index, lladdr=mac, dst=str(dst),
+                state=_NUD_NOARP | _NUD_PERMANENT, flags=_NTF_SELF))
+        except LinkError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def neighbours(self, index: int, name: str) -> dict[IPv4Address, str]:
+        """The link's permanent IPv4 neighbour entries: address -> MAC."""
+        msgs = self._call("list-neighbours", name, lambda: self._ipr.get_neighbours(
+            family=socket.AF_INET, ifindex=index))
+        return {IPv4Address(m.get_attr("NDA_DST")): str(m.get_attr("NDA_LLADDR"))
+                for m in msgs
+                if int(m["ifindex"]) == index and int(m["state"]) & _NUD_PERMANENT
+                and m.get_attr("NDA_DST") and m.get_attr("NDA_LLADDR")}
+
+    def set_neighbour(self, index: int, name: str, address: IPv4Address, mac: str) -> None:
+        """`ip neigh replace ADDRESS lladdr MAC dev NAME nud permanent`."""
+        self._call("set-neighbour", name, lambda: self._ipr.neigh(
+            "replace", family=socket.AF_INET, ifindex=index, dst=str(address), lladdr=mac,
+            state=_NUD_PERMANENT))
 
 
 def _errno_of(exc: BaseException) -> int | None:

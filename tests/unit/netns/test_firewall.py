@@ -4,7 +4,7 @@ it can touch traffic that is not the agent's."""
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -78,3 +78,49 @@ def test_empty_table_has_no_elements() -> None:
 def test_injection_and_nonsense_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         FirewallSpec(**bad)  # type: ignore[arg-type]
+
+
+OVERLAY = FirewallSpec(
+    table="dynoagent",
+    spaces=(SpaceRules("dyb1", IPv4Network("10.64.0.0/18"), IPv4Address("10.64.3.1")),
+            SpaceRules("dyb2", IPv4Network("10.64.64.0/18"), IPv4Address("10.64.67.1"))),
+    private_pools=(IPv4Network("10.64.0.0/10"), IPv4Network("10.64.0.0/16")),
+    fleet_hosts=(IPv4Address("192.0.2.8"), IPv4Address("192.0.2.7")), overlay_port=4789)
+
+
+def _chain(text: str, name: str) -> list[str]:
+    body = text.split(f"chain {name} {{")[1].split("\n  }")[0]
+    return [line.strip() for line in body.splitlines()[2:]]
+
+
+def test_overlay_rules() -> None:
+    text = render(OVERLAY)
+    forward = _chain(text, "forward")
+    pools = "iifname @space_bridges ip daddr { 10.64.0.0/10 } reject with icmpx type " \
+        "admin-prohibited"
+    hosts = "iifname @space_bridges ip daddr { 192.0.2.7, 192.0.2.8 } reject with icmpx " \
+        "type admin-prohibited"
+    # After the same-space accepts (a space's own subnet is inside the pool), before the rest.
+    assert forward[2:4] == [pools, hosts]
+    assert forward[:2] == ['iifname "dyb1" oifname "dyb1" accept',
+                           'iifname "dyb2" oifname "dyb2" accept']
+    inbound = _chain(text, "input")
+    assert inbound[0] == "udp dport 4789 ip saddr != { 192.0.2.7, 192.0.2.8 } drop"
+    assert inbound[1] == "iifname != @space_bridges accept"
+    dns = 'iifname "dyb1" ip daddr 10.64.3.1 udp dport 53 accept'
+    assert dns in inbound and 'iifname "dyb1" ip daddr 10.64.3.1 tcp dport 53 accept' in inbound
+    assert inbound.index(dns) < inbound.index("meta l4proto tcp reject with tcp reset")
+    assert 'iifname "dyb2" ip daddr 10.64.67.1 udp dport 53 accept' in inbound
+    assert not [r for r in inbound if "dyb2" in r and "10.64.3.1" in r]
+
+
+def test_overlay_port_without_fleet_hosts_drops_everything() -> None:
+    text = render(FirewallSpec(table="t", spaces=OVERLAY.spaces, overlay_port=4789))
+    assert _chain(text, "input")[0] == "udp dport 4789 drop"
+    assert "192.0.2" not in text and "reject with icmpx type admin-prohibited\n" in text
+    assert "dport 4789" not in render(FirewallSpec(table="t", spaces=OVERLAY.spaces))
+
+
+def test_bad_overlay_port_refused() -> None:
+    with pytest.raises(ValueError):
+        FirewallSpec(table="t", overlay_port=70000)

@@ -3,12 +3,20 @@ exhaustion, corruption and the single-owner lock."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
 
-from netns import AddressBook, AddressError, PoolExhaustedError, StateLockedError
+from netns import (
+    AddressBook,
+    AddressError,
+    Fleet,
+    Overlay,
+    PoolExhaustedError,
+    SpaceLease,
+    StateLockedError,
+)
 
 POOL = IPv4Network("10.10.0.0/22")
 
@@ -101,3 +109,80 @@ def test_one_owner_per_state_dir(tmp_path: Path) -> None:
         AddressBook(tmp_path, POOL)
     book.close()
     AddressBook(tmp_path, POOL).close()
+
+
+ALPHA = IPv4Network("10.64.0.0/18")
+SLICE = IPv4Network("10.64.3.0/24")
+OVERLAY = Overlay(17, IPv4Address("192.0.2.7"), 4789, 1450)
+
+
+def test_configured_space_uses_its_slice(tmp_path: Path) -> None:
+    book = AddressBook(tmp_path, POOL, durable=False)
+    lease, readdressed = book.configure_space("alpha", ALPHA, SLICE, OVERLAY)
+    assert readdressed and lease == SpaceLease("alpha", ALPHA, SLICE, OVERLAY)
+    assert lease.gateway == IPv4Interface("10.64.3.1/18")
+    given = [book.assign("alpha", f"n{i}") for i in range(253)]
+    assert given[0] == IPv4Interface("10.64.3.2/18")
+    assert given[-1] == IPv4Interface("10.64.3.254/18")
+    with pytest.raises(PoolExhaustedError):
+        book.assign("alpha", "one-more")
+    # A local space never lands on the configured subnet.
+    assert not book.lease_space("local").subnet.overlaps(ALPHA)
+    book.close()
+
+
+def test_configure_is_idempotent_and_persisted(tmp_path: Path) -> None:
+    book = AddressBook(tmp_path, POOL, durable=False)
+    book.configure_space("alpha", ALPHA, SLICE, OVERLAY)
+    book.assign("alpha", "n1")
+    before = (tmp_path / "ipam" / "spaces.json").stat().st_mtime_ns
+    assert book.configure_space("alpha", ALPHA, SLICE, OVERLAY)[1] is False
+    assert (tmp_path / "ipam" / "spaces.json").stat().st_mtime_ns == before
+    changed = Overlay(18, IPv4Address("192.0.2.8"), 4790, None)
+    assert book.configure_space("alpha", ALPHA, SLICE, changed)[1] is False
+    fleet = Fleet((IPv4Network("10.64.0.0/10"),), (IPv4Address("192.0.2.7"),), 4789)
+    assert book.set_fleet(fleet) and not book.set_fleet(fleet)
+    book.close()
+    again = AddressBook(tmp_path, POOL, durable=False)
+    assert again.space("alpha") == SpaceLease("alpha", ALPHA, SLICE, changed)
+    assert again.fleet() == fleet
+    assert again.members("alpha") == {"n1": IPv4Interface("10.64.3.2/18")}
+    assert again.clear_overlay("alpha") and not again.clear_overlay("alpha")
+    assert again.space("alpha") == SpaceLease("alpha", ALPHA, SLICE, None)
+    again.close()
+
+
+def test_readdressing_refused_while_members_hold_addresses(tmp_path: Path) -> None:
+    book = AddressBook(tmp_path, POOL, durable=False)
+    book.configure_space("alpha", ALPHA, SLICE, OVERLAY)
+    book.assign("alpha", "n1")
+    other = IPv4Network("10.64.4.0/24")
+    with pytest.raises(AddressError, match="while 1 namespace"):
+        book.configure_space("alpha", ALPHA, other, OVERLAY)
+    book.release("alpha", "n1")
+    lease, readdressed = book.configure_space("alpha", ALPHA, other, OVERLAY)
+    assert readdressed and lease.gateway == IPv4Interface("10.64.4.1/18")
+    with pytest.raises(AddressError, match=r"overlaps subnet 10\.64\.0\.0/18 of space alpha"):
+        book.configure_space("beta", IPv4Network("10.64.0.0/16"), other, OVERLAY)
+    with pytest.raises(AddressError, match="not inside"):
+        book.configure_space("beta", IPv4Network("10.65.0.0/18"), other, OVERLAY)
+    book.close()
+
+
+def test_reads_the_old_format(tmp_path: Path) -> None:
+    (tmp_path / "ipam" / "a").mkdir(parents=True)
+    (tmp_path / "ipam" / "a" / "10.10.0.2@n1").touch()
+    (tmp_path / "ipam" / "spaces.json").write_text(
+        '{"version": 1, "pool": "10.10.0.0/22", "spaces": {"a": "10.10.0.0/24"}}')
+    book = AddressBook(tmp_path, POOL, durable=False)
+    assert book.space("a") == SpaceLease("a", IPv4Network("10.10.0.0/24"))
+    assert book.fleet() == Fleet()
+    assert book.members("a") == {"n1": IPv4Interface("10.10.0.2/24")}
+    book.close()
+
+
+def test_local_lease_avoids_host_networks(tmp_path: Path) -> None:
+    book = AddressBook(tmp_path, POOL, durable=False)
+    lease = book.lease_space("a", avoid=[IPv4Network("10.10.0.0/23")])
+    assert lease.subnet == IPv4Network("10.10.2.0/24")
+    book.close()
