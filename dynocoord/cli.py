@@ -632,6 +632,10 @@ def cmd_apps_info(client: Client, args: argparse.Namespace) -> int:
     if "formation" in info:
         entries = _formation(info["formation"])
         rows.append(("Dynos", _formation_line(entries, ": ", ", ") or "none"))
+    space = info.get("space")
+    if isinstance(space, dict) and space.get("subnet"):
+        rows.append(("Space", f"{space['subnet']} (VNI {space.get('vni')}, "
+                              f"{len(space.get('slices') or {})} hosts)"))
     print("\n".join([f"=== {rows[0][1]}", *format_key_values(rows[1:])]))
     return 0
 

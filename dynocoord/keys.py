@@ -12,6 +12,8 @@ parsed here only.
 | `/generations/{host}`                | the host's generation (text) | with its placements    |
 | `/runs/{app}/{dyno}`                 | a one-off's command (JSON)   | one-off or release run |
 | `/phases/{app}/{version:020d}`       | a release phase's outcome    | release with `release` |
+| `/spaces/{space}`                    | model.Space (subnet, VNI)    | app created, or placed |
+| `/slices/{space}/{host}`             | model.SpaceSlice             | space first on host    |
 | `/leader`                            | leader id, on election lease | elected                |
 
 Why these shapes:
@@ -26,6 +28,9 @@ Why these shapes:
   the two in step, for reads that the leader serves from the complete view it holds anyway
   (placement is global: spreading and capacity need every host's dynos, so the leader loads
   `/placements/` once and follows it with a watch).
+- A space's slices are their own tree, `/slices/{space}/`, not under `/spaces/{space}/`:
+  deleting a space is then one key and one prefix, and a prefix delete of `/spaces/shop`
+  could not tell `shop` from `shop2` anyway. A space is an app for now (same name).
 - The generation sits beside the placements, written in the same transaction as a host's
   placement changes, so a coordinator restarted at any moment sends the generation that goes
   with the set it reads.
@@ -168,6 +173,27 @@ class Keys:
 
     def phase(self, app: str, version: int) -> str:
         return f"{self.prefix}/phases/{app}/{version:0{VERSION_DIGITS}d}"
+
+    # ------------------------------------------------------------ private spaces
+    def spaces(self) -> str:
+        return f"{self.prefix}/spaces/"
+
+    def space(self, space: str) -> str:
+        return f"{self.prefix}/spaces/{space}"
+
+    def parse_space(self, key: str) -> str:
+        (space,) = self._parse(key, "spaces", 1)
+        return space
+
+    def slices(self, space: str | None = None) -> str:
+        return f"{self.prefix}/slices/" + (f"{space}/" if space else "")
+
+    def slice(self, space: str, host: str) -> str:
+        return f"{self.prefix}/slices/{space}/{host}"
+
+    def parse_slice(self, key: str) -> tuple[str, str]:
+        space, host = self._parse(key, "slices", 2)
+        return space, host
 
     # ------------------------------------------------------------ election
     def leader(self) -> str:

@@ -14,10 +14,13 @@ Limits, and why:
   bytes: its size is bounded where it is fetched, by the agent (1 GiB download, 4 GiB
   unpacked by default, agent/slugs/store.py), which the coordinator cannot see in advance.
 - formation: quantity 0…`QUANTITY_MAX` per process type; the size must be a known size.
+- a host's network (hello `network`): at most `NETWORKS_MAX` networks, an MTU in 68…65535
+  (RFC 791's minimum, and the largest an IPv4 packet may be).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Collection, Mapping
@@ -67,6 +70,9 @@ COMMANDS_MAX_BYTES = 256 * 1024
 QUANTITY_MAX = 10_000
 CPUS_MAX = 65_536
 MEMORY_MAX_BYTES = 2**50  # 1 PiB: anything above is a bogus `hello`
+NETWORKS_MAX = 1024  # a host's own networks (hello `network.networks`); more is a bogus hello
+MTU_MIN, MTU_MAX = 68, 65_535
+VNI_MAX = 2**24 - 1  # VXLAN's network identifier is 24 bits; 0 is not used
 _FIELD_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Types that are never part of a formation: one-off, release phase and build dynos.
 FORMATION_EXCLUDED_TYPES = ONE_SHOT_TYPES
@@ -369,6 +375,71 @@ class Capacity:
                    _int(f"{field}.memory_bytes", data["memory_bytes"], 1, MEMORY_MAX_BYTES))
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _address(field: str, value: Any) -> IPAddress:
+    text = _text(field, value, max_chars=64)
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise Invalid(f"must be an IP address, got {excerpt(text)}", field, value) from None
+
+
+def _network(field: str, value: Any, *, strict: bool = False) -> IPNetwork:
+    """A network as CIDR text; host bits are dropped (a host reports its addresses as
+    `192.0.2.7/24`) unless `strict`."""
+    text = _text(field, value, max_chars=64)
+    try:
+        return ipaddress.ip_network(text, strict=strict)
+    except ValueError:
+        raise Invalid(f"must be a network (CIDR), got {excerpt(text)}", field, value) from None
+
+
+def _ipv4_network(field: str, value: Any) -> ipaddress.IPv4Network:
+    network = _network(field, value, strict=True)
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise Invalid(f"must be an IPv4 network, got {excerpt(value)}", field, value)
+    return network
+
+
+@dataclass(frozen=True, slots=True)
+class HostNetwork:
+    """What a host's agent reports of its network in `hello` (docs/protocol.md): its underlay
+    address (the VXLAN endpoint other hosts send to; None when it knows none), that link's
+    MTU, and the networks it has addresses or routes in, which no space subnet may overlap."""
+
+    underlay: IPAddress | None = None
+    mtu: int | None = None
+    networks: tuple[IPNetwork, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"underlay": None if self.underlay is None else str(self.underlay),
+                "mtu": self.mtu, "networks": [str(n) for n in self.networks]}
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str = "network", strict: bool = True) -> Self:
+        """`strict` for a stored record; a hello's map may carry keys of later versions."""
+        data = _mapping(field, data)
+        if strict:
+            _keys(field, data, ("underlay", "mtu", "networks"))
+        underlay = data.get("underlay")
+        mtu = data.get("mtu")
+        networks = data.get("networks")
+        networks = [] if networks is None else networks
+        if not isinstance(networks, list):
+            raise Invalid(f"must be an array, got {_type_name(networks)}", f"{field}.networks",
+                          networks)
+        if len(networks) > NETWORKS_MAX:
+            raise Invalid(f"has {len(networks)} networks; the limit is {NETWORKS_MAX}",
+                          f"{field}.networks")
+        parsed = {_network(f"{field}.networks", n): None for n in networks}
+        return cls(None if underlay is None else _address(f"{field}.underlay", underlay),
+                   None if mtu is None else _int(f"{field}.mtu", mtu, MTU_MIN, MTU_MAX),
+                   tuple(parsed))
+
+
 @dataclass(frozen=True, slots=True)
 class Host(_Record):
     """A host as the coordinator knows it: its agent's `hello` and the state it is in.
@@ -385,6 +456,9 @@ class Host(_Record):
     boot_id: str
     version: str
     last_seen: str
+    # None: an agent older than private spaces (no `network` in its hello), or a record
+    # written before them.
+    network: HostNetwork | None = None
 
     def __post_init__(self) -> None:
         _text("id", self.id, HOST_ID)
@@ -396,15 +470,18 @@ class Host(_Record):
             raise Invalid("must be a HostState", "state", self.state)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "host": self.host, "state": str(self.state),
-                "capacity": self.capacity.to_dict(), "labels": dict(self.labels),
-                "boot_id": self.boot_id, "version": self.version, "last_seen": self.last_seen}
+        out = {"id": self.id, "host": self.host, "state": str(self.state),
+               "capacity": self.capacity.to_dict(), "labels": dict(self.labels),
+               "boot_id": self.boot_id, "version": self.version, "last_seen": self.last_seen}
+        if self.network is not None:
+            out["network"] = self.network.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Self:
         data = _mapping("host", data)
         _keys("", data, ("id", "host", "state", "capacity", "labels", "boot_id", "version",
-                         "last_seen"))
+                         "last_seen"), ("network",))
         return cls(id=_text("id", data["id"], HOST_ID),
                    host=_text("host", data["host"], max_chars=HOST_NAME_MAX_CHARS),
                    state=_host_state("state", data["state"]),
@@ -412,7 +489,9 @@ class Host(_Record):
                    labels=_labels("labels", data["labels"]),
                    boot_id=_text("boot_id", data["boot_id"], max_chars=BOOT_ID_MAX_CHARS),
                    version=_text("version", data["version"], max_chars=64),
-                   last_seen=_time("last_seen", data["last_seen"]))
+                   last_seen=_time("last_seen", data["last_seen"]),
+                   network=None if data.get("network") is None
+                   else HostNetwork.from_dict(data["network"]))
 
     @classmethod
     def from_hello(cls, params: Any, state: HostState, now: str) -> Self:
@@ -434,7 +513,9 @@ class Host(_Record):
                    labels=_labels("labels", data.get("labels", {})),
                    boot_id=_text("boot_id", data["boot_id"], max_chars=BOOT_ID_MAX_CHARS),
                    version=_text("version", data["version"], max_chars=64),
-                   last_seen=_time("last_seen", now))
+                   last_seen=_time("last_seen", now),
+                   network=None if data.get("network") is None
+                   else HostNetwork.from_dict(data["network"], strict=False))
 
 
 def _host_state(field: str, value: Any) -> HostState:
@@ -494,6 +575,56 @@ class Placement(_Record):
                    size=_size("size", data["size"], sizes),
                    host=_text("host", data["host"], HOST_ID),
                    generation=_int("generation", data["generation"], 0, GENERATION_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class Space(_Record):
+    """A private space's addressing (dynocoord/spaces.py): one subnet of the fleet's space
+    pool and one VXLAN network identifier, for as long as the space exists. A space is an app
+    for now: `space` is the app's name."""
+
+    space: str
+    subnet: ipaddress.IPv4Network
+    vni: int
+
+    def __post_init__(self) -> None:
+        _text("space", self.space, APP_NAME, APP_SHAPE)
+        _int("vni", self.vni, 1, VNI_MAX)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": self.space, "subnet": str(self.subnet), "vni": self.vni}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        data = _mapping("space", data)
+        _keys("", data, ("space", "subnet", "vni"))
+        return cls(_text("space", data["space"], APP_NAME, APP_SHAPE),
+                   _ipv4_network("subnet", data["subnet"]), _int("vni", data["vni"], 1, VNI_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceSlice(_Record):
+    """The part of a space's subnet one host gives addresses from (its gateway is the first
+    address). A host keeps its slice while the space exists, so its dynos' addresses do not
+    move when the coordinator restarts or the host comes back."""
+
+    space: str
+    host: str
+    slice: ipaddress.IPv4Network
+
+    def __post_init__(self) -> None:
+        _text("space", self.space, APP_NAME, APP_SHAPE)
+        _text("host", self.host, HOST_ID)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": self.space, "host": self.host, "slice": str(self.slice)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        data = _mapping("slice", data)
+        _keys("", data, ("space", "host", "slice"))
+        return cls(_text("space", data["space"], APP_NAME, APP_SHAPE),
+                   _text("host", data["host"], HOST_ID), _ipv4_network("slice", data["slice"]))
 
 
 # ---------------------------------------------------------------- platform API bodies

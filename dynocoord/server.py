@@ -24,6 +24,15 @@ before it counts a host that has not as lost.
 One decision loop: every change (API write, host state, hello) marks the fleet dirty; the
 loop plans (dynocoord/placement.py) from the whole view, writes the changed placements and
 the changed hosts' generations, then tells each changed host its complete desired set.
+
+Private spaces (dynocoord/spaces.py): a space (an app) gets its subnet and VNI when created or
+first placed, a host its slice of it in the transaction that first places one of the space's
+dynos there; each host is told its view with `spaces.sync` whenever the view changes
+(placements, a dyno's state or ip, a host lost or back; debounced, the latest only), and
+always before the `dynos.sync` that would start a dyno of a space it has not heard of.
+`spaces.sync` generations are microseconds of the wall clock (at least the last + 1), so they
+grow across a leader's life and, clocks agreeing, across leaders. An agent that answers
+`unknown_method` (older than spaces) is not asked again on that connection.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -59,7 +68,7 @@ from agent.coordinator.frames import (
 )
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES
 from dynocoord import keys as keyspace
-from dynocoord import model, placement
+from dynocoord import model, placement, spaces
 from dynocoord.election import Election, Term
 from dynocoord.etcd import (
     Compare,
@@ -94,6 +103,11 @@ ROLLOUT_STEP_S: Final = 120.0
 DECIDE_DEBOUNCE_S: Final = 0.05
 # Placement writes in flight at once (each a transaction of at most TXN_OPS operations).
 WRITES_IN_FLIGHT: Final = 8
+# A burst of dyno state changes is one `spaces.sync` per host (at least this long apart, or as
+# long as the last view took to make, on a fleet where that is longer).
+SPACES_DEBOUNCE_S: Final = 0.05
+SPACES_TIMEOUT_S: Final = 30.0
+LIVE_STATES: Final = frozenset({"starting", "up", "crashed"})
 
 
 def now_text() -> str:
@@ -135,6 +149,7 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    addressing: spaces.Addressing = spaces.DEFAULT_ADDRESSING
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.tls_cert is None:
@@ -161,6 +176,12 @@ class Session:
         self.transport: asyncio.Transport | None = None
         self.sync_wanted = asyncio.Event()
         self.synced_generation: int | None = None
+        # spaces.sync: the last view the agent took, and whether it knows the method at all.
+        self.spaces_wanted = asyncio.Event()
+        self.spaces_lock = asyncio.Lock()
+        self.spaces_sent: dict[str, Any] | None = None
+        self.spaces_generation = 0
+        self.spaces_supported = True
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._send_lock = asyncio.Lock()
@@ -213,6 +234,8 @@ class Fleet:
     pending: dict[str, model.Release] = field(default_factory=dict)
     # The outcome of each release phase, by app and version (kept in etcd too).
     phases: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    spaces: dict[str, model.Space] = field(default_factory=dict)
+    slices: dict[str, dict[str, model.SpaceSlice]] = field(default_factory=dict)  # space, host
 
     def release(self, app: str, version: int) -> model.Release | None:
         found = self.releases.get(app, {}).get(version)
@@ -255,6 +278,18 @@ class Leader:
         self.alive_keeper: LeaseKeeper | None = None
         self.lost_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        # Private spaces: the fleet's view, made again after any change that may alter it.
+        self.spaces_dirty = asyncio.Event()
+        self._space_view: spaces.FleetView | None = None
+        self._space_view_s = 0.0
+        # What changed since the last push: these spaces (their hosts' views), or all.
+        self._spaces_touched: set[str] = set()
+        self._spaces_all = True
+        self._pushed_view: spaces.FleetView | None = None
+        # The last statuses of hosts that are gone but not yet lost: their dynos stay members
+        # of their spaces (an agent restarting does not withdraw them from other hosts).
+        self.last_dynos: dict[str, dict[str, dict[str, Any]]] = {}
+        self._allocation_errors: dict[str, str] = {}
         self.log_waiters: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
 
     # -- etcd ---------------------------------------------------------------------------
@@ -305,6 +340,12 @@ class Leader:
                 elif key.startswith(k.runs()):
                     data = json.loads(kv.value)
                     fleet.commands[data["id"]] = data
+                elif key.startswith(k.spaces()):
+                    space = model.Space.from_json(kv.value)
+                    fleet.spaces[space.space] = space
+                elif key.startswith(k.slices()):
+                    cut = model.SpaceSlice.from_json(kv.value)
+                    fleet.slices.setdefault(cut.space, {})[cut.host] = cut
                 elif key.startswith(k.phases()):
                     data = json.loads(kv.value)
                     fleet.phases.setdefault(data["app"], {})[data["version"]] = data
@@ -324,10 +365,17 @@ class Leader:
             lease = await self.client.grant(max(self.settings.leader_ttl_s,
                                                 self.settings.host_ttl_s))
             self.alive_keeper = self.client.keep_alive(lease)
+            # Apps and dynos from before private spaces (or a pool freed since): addresses now.
+            allocation = self.allocate(self.fleet.apps, {(p.app, p.host) for p in
+                                                         self.fleet.all_placements()})
+            if allocation.spaces or allocation.slices:
+                await self.commit(self.allocation_ops(allocation))
+                self.adopt_allocation(allocation)
             self.loaded.set()
             self._tasks = [asyncio.create_task(self._decide(), name="decide"),
                            asyncio.create_task(self._takeover(), name="takeover"),
-                           asyncio.create_task(self._watch_lease(), name="alive-lease")]
+                           asyncio.create_task(self._watch_lease(), name="alive-lease"),
+                           asyncio.create_task(self._push_spaces(), name="spaces")]
         except BaseException:
             await self.stop()
             raise
@@ -380,6 +428,7 @@ class Leader:
         """The host is lost once `host_ttl_s` has passed since it was last heard, unless it
         reconnected by then."""
         host_id = session.host_id
+        self.last_dynos[host_id] = session.dynos
         delay = max(0.0, session.last_heard + self.settings.host_ttl_s - time.monotonic())
         old = self.lost_timers.pop(host_id, None)
         if old is not None:
@@ -474,6 +523,8 @@ class Leader:
         for p in added:
             ops.append(Put(self.keys.placement(p.host, p.id).encode(), p.to_json()))
             changed.add(p.host)
+        allocation = self.allocate((), {(p.app, p.host) for p in added})
+        ops.extend(self.allocation_ops(allocation))
         generations = {}
         for host in changed:
             session = self.sessions.get(host)
@@ -487,6 +538,9 @@ class Leader:
         for p in added:
             self.fleet.placements.setdefault(p.host, {})[p.id] = p
         self.fleet.generations.update(generations)
+        self.adopt_allocation(allocation)
+        for app in {p.app for p in [*removed, *added]}:
+            self.spaces_changed(app)
         for host in changed:
             self.want_sync(host)
 
@@ -515,12 +569,27 @@ class Leader:
         while True:
             await session.sync_wanted.wait()
             session.sync_wanted.clear()
+            # Its spaces first, so a dyno of a space new to the host starts in it; the spaces
+            # it leaves stay until the dynos.sync has stopped their dynos (the spaces loop
+            # then sends the view without them).
+            # A set that brings no space new to the host goes at once: a host back from
+            # being lost must stop its stale copies without waiting for its spaces.
+            sent = session.spaces_sent or {}
+            known = {e["space"] for e in sent.get("spaces", ())}
+            desired = self.desired(session.host_id)
+            if session.spaces_supported and not {d["app"] for d in desired} <= known:
+                try:
+                    await self.send_spaces(session, known)
+                except (ApiError, TimeoutError, ConnectionError) as exc:
+                    log.warning("host %s: spaces.sync failed before dynos.sync: %s",
+                                session.host_id, exc)
+                desired = self.desired(session.host_id)
             generation = max(self.fleet.generations.get(session.host_id, 0),
                              session.synced_generation or 0)
             try:
                 result = await session.request(
-                    "dynos.sync", {"generation": generation,
-                                   "dynos": self.desired(session.host_id)}, SYNC_TIMEOUT_S)
+                    "dynos.sync", {"generation": generation, "dynos": desired},
+                    SYNC_TIMEOUT_S)
             except (ApiError, TimeoutError, ConnectionError) as exc:
                 log.warning("host %s: dynos.sync failed: %s", session.host_id, exc)
                 await asyncio.sleep(1)
@@ -535,18 +604,141 @@ class Leader:
             failed = result.get("failed") if isinstance(result, dict) else None
             if failed:
                 log.warning("host %s: sync failures: %s", session.host_id, failed[:5])
+            if session.spaces_supported:
+                session.spaces_wanted.set()
+
+    # -- private spaces -----------------------------------------------------------------
+    def host_networks(self) -> list[model.IPNetwork]:
+        return [n for h in self.fleet.hosts.values() if h.network is not None
+                for n in h.network.networks]
+
+    def allocate(self, spaces_wanted: Iterable[str],
+                 slices_wanted: Iterable[tuple[str, str]]) -> spaces.Allocation:
+        allocation = spaces.allocate(self.settings.addressing, spaces_wanted, slices_wanted,
+                                     self.fleet.spaces, self.fleet.slices, self.host_networks())
+        for name, error in allocation.errors.items():
+            if self._allocation_errors.get(name) != error:
+                log.error("space %s: no addresses: %s (its dynos run without a private "
+                          "network across hosts)", name, error)
+            self._allocation_errors[name] = error
+        return allocation
+
+    def allocation_ops(self, allocation: spaces.Allocation) -> list[Op]:
+        return [*(Put(self.keys.space(s.space).encode(), s.to_json())
+                  for s in allocation.spaces),
+                *(Put(self.keys.slice(s.space, s.host).encode(), s.to_json())
+                  for s in allocation.slices)]
+
+    def adopt_allocation(self, allocation: spaces.Allocation) -> None:
+        """The allocation written: the leader's copy follows."""
+        for space in allocation.spaces:
+            self.fleet.spaces[space.space] = space
+            self._allocation_errors.pop(space.space, None)
+            log.info("space %s: subnet %s, VNI %d", space.space, space.subnet, space.vni)
+        for cut in allocation.slices:
+            self.fleet.slices.setdefault(cut.space, {})[cut.host] = cut
+
+    def spaces_changed(self, space: str | None = None) -> None:
+        """Something the space views are made of changed (of one space, or of the fleet:
+        hosts): make them again, and tell the hosts whose view it changed (debounced)."""
+        self._space_view = None
+        if space is None:
+            self._spaces_all = True
+        else:
+            self._spaces_touched.add(space)
+        self.spaces_dirty.set()
+
+    def space_view(self) -> spaces.FleetView:
+        if self._space_view is None:
+            began = time.monotonic()
+            statuses = {**self.last_dynos,
+                        **{h: s.dynos for h, s in self.sessions.items()}}
+            self._space_view = spaces.fleet_view(
+                self.settings.addressing, self.fleet.hosts, self.fleet.all_placements(),
+                statuses, self.fleet.spaces, self.fleet.slices)
+            self._space_view_s = time.monotonic() - began
+        return self._space_view
+
+    async def _push_spaces(self) -> None:
+        while True:
+            await self.spaces_dirty.wait()
+            await asyncio.sleep(max(SPACES_DEBOUNCE_S, self._space_view_s))
+            self.spaces_dirty.clear()
+            everyone, touched = self._spaces_all, self._spaces_touched
+            self._spaces_all, self._spaces_touched = False, set()
+            old, new = self._pushed_view, self.space_view()
+            self._pushed_view = new
+            if everyone or old is None:
+                hosts: Iterable[str] = list(self.sessions)
+            else:
+                # Only hosts that run (or ran) a changed space: a dyno's state seldom
+                # changes the view of the whole fleet.
+                hosts = {h for view in (old, new) for h, names in view.on_host.items()
+                         if not names.isdisjoint(touched)}
+            for host_id in hosts:
+                session = self.sessions.get(host_id)
+                if session is not None and session.spaces_supported:
+                    session.spaces_wanted.set()
+
+    async def spaces_loop(self, session: Session) -> None:
+        """Tell one host its spaces whenever its view changed (the latest only)."""
+        while session.spaces_supported:
+            await session.spaces_wanted.wait()
+            session.spaces_wanted.clear()
+            try:
+                await self.send_spaces(session)
+            except (ApiError, TimeoutError, ConnectionError) as exc:
+                log.warning("host %s: spaces.sync failed (retrying): %s", session.host_id, exc)
+                await asyncio.sleep(1)
+                session.spaces_wanted.set()
+
+    async def send_spaces(self, session: Session, keep: Iterable[str] = ()) -> None:
+        """`spaces.sync` to the host, unless it has this view already (or does not know
+        the method). Errors other than `unknown_method` are the caller's."""
+        if not session.spaces_supported:
+            return
+        # A space stays while the host still runs a dyno of it, whatever the plan says: it
+        # leaves once the dynos.sync that removes them has stopped them.
+        keep = {*keep, *(str(d.get("app")) for d in session.dynos.values()
+                         if d.get("state") in LIVE_STATES)}
+        async with session.spaces_lock:
+            view = self.space_view().for_host(session.host_id, keep)
+            if view == session.spaces_sent:
+                return
+            generation = max(session.spaces_generation + 1, time.time_ns() // 1000)
+            session.spaces_generation = generation
+            try:
+                result = await session.request("spaces.sync",
+                                                {"generation": generation,
+                                                 **_spaces_change(session.spaces_sent, view)},
+                                                SPACES_TIMEOUT_S)
+            except ApiError as exc:
+                if exc.code != "unknown_method":
+                    raise
+                session.spaces_supported = False
+                log.warning("host %s: its agent does not know spaces.sync (older than "
+                            "private spaces): its dynos get no private network across hosts",
+                            session.host_id)
+                return
+            session.spaces_sent = view
+            failed = result.get("failed") if isinstance(result, dict) else None
+            if failed:
+                log.warning("host %s: spaces.sync failures: %s", session.host_id,
+                            failed[:5])
 
     # -- hosts --------------------------------------------------------------------------
     async def set_host_state(self, host_id: str, state: model.HostState) -> None:
         host = self.fleet.hosts.get(host_id)
         if host is None or host.state is state:
             return
-        updated = model.Host(host.id, host.host, state, host.capacity, host.labels,
-                             host.boot_id, host.version, now_text())
+        updated = replace(host, state=state, last_seen=now_text())
         await self.commit([Put(self.keys.host(host_id).encode(), updated.to_json())])
         self.fleet.hosts[host_id] = updated
+        if state is model.HostState.LOST:
+            self.last_dynos.pop(host_id, None)
         log.warning("host %s (%s): %s -> %s", host_id, host.host, host.state, state)
         self.dirty.set()
+        self.spaces_changed()
 
     async def hello(self, session: Session, params: dict[str, Any]) -> None:
         old = self.fleet.hosts.get(session.host_id)
@@ -568,16 +760,24 @@ class Leader:
                 session.dynos[status["id"]] = status
         if old is None or old.state is not host.state or old.capacity != host.capacity:
             self.dirty.set()
+        self.last_dynos.pop(host.id, None)
+        self.spaces_changed()
         session.sync_wanted.set()
 
     def event(self, session: Session, method: str, params: dict[str, Any]) -> None:
         if method == "dyno.state" and isinstance(params.get("id"), str):
             dyno_id = params["id"]
             status = session.dynos.setdefault(dyno_id, {"id": dyno_id})
+            before = (status.get("state"), status.get("ip"))
             status.update({k: params.get(k) for k in ("app", "name", "state", "reason",
                                                        "exit_status")})
+            if "ip" in params:  # agents older than private spaces send none
+                status["ip"] = params["ip"]
             status["since"] = params.get("at")
             self.states_changed.set()
+            if (status.get("state"), status.get("ip")) != before:
+                app = status.get("app")
+                self.spaces_changed(app if isinstance(app, str) else None)
             if params.get("state") == "complete" and dyno_id in self.fleet.commands:
                 asyncio.get_running_loop().call_later(
                     ONE_OFF_KEEP_S, lambda: asyncio.ensure_future(self.forget_one_off(dyno_id)))
@@ -814,6 +1014,19 @@ class Leader:
         return release.process_types.get(p.type) if release else None
 
 
+def _spaces_change(sent: dict[str, Any] | None, view: dict[str, Any]) -> dict[str, Any]:
+    """What `spaces.sync` carries: the whole view on a connection's first, then only the
+    spaces whose entry changed (`partial`) and the names of those gone (`removed`), so that a
+    dyno's state change costs its own space's members, not every space of the host."""
+    if sent is None:
+        return view
+    before = {entry["space"]: entry for entry in sent["spaces"]}
+    after = {entry["space"]: entry for entry in view["spaces"]}
+    return {**view, "partial": True,
+            "spaces": [entry for name, entry in after.items() if before.get(name) != entry],
+            "removed": sorted(set(before) - set(after))}
+
+
 def _memory(size: str) -> int:
     known = DEFAULT_SIZES.get(size)
     return known.memory_quota_bytes if known is not None else 0
@@ -935,6 +1148,7 @@ class Coordinator:
         r.add_get("/v1/apps/{app}/dynos", self.api(self.dynos))
         r.add_post("/v1/apps/{app}/dynos", self.api(self.one_off))
         r.add_get("/v1/apps/{app}/logs", self.logs)
+        r.add_get("/v1/spaces", self.api(self.space_list))
         r.add_get("/v1/leader", self.leader_info)
 
     def api(self, handler: Callable[[web.Request, Leader], Awaitable[Any]]
@@ -992,15 +1206,31 @@ class Coordinator:
                 "release": release.version if release else None,
                 "stack": release.stack if release else None,
                 "formation": [e.to_dict() for e in leader.fleet.formation.get(name, {})
-                              .values()]}
+                              .values()],
+                "space": self._space_view(leader, name)}
+
+    def _space_view(self, leader: Leader, name: str) -> dict[str, Any] | None:
+        space = leader.fleet.spaces.get(name)
+        if space is None:
+            return None
+        return {"name": space.space, "subnet": str(space.subnet), "vni": space.vni,
+                "slices": {host: str(s.slice) for host, s in
+                           sorted(leader.fleet.slices.get(name, {}).items())}}
+
+    async def space_list(self, request: web.Request, leader: Leader) -> Any:
+        """`GET /v1/spaces`: every space's subnet, VNI and hosts' slices."""
+        return [self._space_view(leader, name) for name in sorted(leader.fleet.spaces)]
 
     async def app_create(self, request: web.Request, leader: Leader) -> Any:
         app = model.parse_app_create(await self._body(request), now_text())
         async with leader.lock:
             if app.name in leader.fleet.apps:
                 raise ApiError(409, "conflict", f"app {app.name!r} exists")
-            await leader.commit([Put(self.keys.app(app.name).encode(), app.to_json())])
+            allocation = leader.allocate([app.name], ())
+            await leader.commit([Put(self.keys.app(app.name).encode(), app.to_json()),
+                                 *leader.allocation_ops(allocation)])
             leader.fleet.apps[app.name] = app
+            leader.adopt_allocation(allocation)
         return self._app_view(leader, app.name)
 
     async def app_info(self, request: web.Request, leader: Leader) -> Any:
@@ -1015,7 +1245,10 @@ class Coordinator:
                              Delete(self.keys.runs(app.name).encode(),
                                     prefix=True),
                              Delete(self.keys.phases(app.name).encode(),
-                                    prefix=True)]
+                                    prefix=True),
+                             # Its space goes with it (a space is an app for now).
+                             Delete(self.keys.space(app.name).encode()),
+                             Delete(self.keys.slices(app.name).encode(), prefix=True)]
             await leader.commit(ops)
             mine = [p for p in leader.fleet.all_placements() if p.app == app.name]
             await leader._apply(mine, [])
@@ -1024,6 +1257,9 @@ class Coordinator:
             leader.fleet.releases.pop(app.name, None)
             leader.fleet.phases.pop(app.name, None)
             leader.fleet.pending.pop(app.name, None)
+            leader.fleet.spaces.pop(app.name, None)
+            leader.fleet.slices.pop(app.name, None)
+            leader.spaces_changed()
         return {"name": app.name, "deleted": True}
 
     async def releases(self, request: web.Request, leader: Leader) -> Any:
@@ -1206,6 +1442,7 @@ class Coordinator:
             await leader.hello(session, frame.params)
             await session.send(Response(frame.id, result={"coordinator": self.settings.node_id}))
             tasks.append(asyncio.create_task(leader.sync_loop(session)))
+            tasks.append(asyncio.create_task(leader.spaces_loop(session)))
             tasks.append(asyncio.create_task(self._pinger(session)))
             log.info("host %s (%s) connected", host_id, frame.params.get("host"))
             async for message in ws:
@@ -1321,6 +1558,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="its private key (default: in --tls-cert)")
     parser.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                         help="agents must present a client certificate signed by this CA")
+    parser.add_argument("--space-pool", default=spaces.DEFAULT_POOL, metavar="CIDR",
+                        help="the private spaces' addresses: one subnet of it per space "
+                             f"(default {spaces.DEFAULT_POOL})")
+    parser.add_argument("--space-prefix", type=int, default=spaces.DEFAULT_SPACE_PREFIX,
+                        metavar="N", help="each space's subnet is a /N of the pool "
+                                          f"(default {spaces.DEFAULT_SPACE_PREFIX})")
+    parser.add_argument("--slice-prefix", type=int, default=spaces.DEFAULT_SLICE_PREFIX,
+                        metavar="N", help="each host's slice of a space is a /N, at most /"
+                                          f"{spaces.SLICE_PREFIX_MAX} (default "
+                                          f"{spaces.DEFAULT_SLICE_PREFIX})")
+    parser.add_argument("--overlay-port", type=int, default=spaces.DEFAULT_OVERLAY_PORT,
+                        metavar="N", help="the spaces' VXLAN UDP port, fleet-wide (default "
+                                          f"{spaces.DEFAULT_OVERLAY_PORT})")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
     return parser
@@ -1331,6 +1581,11 @@ def parse_args(argv: list[str]) -> Settings:
     args = parser.parse_args(argv)
     if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
         parser.error("--tls-key and --tls-client-ca need --tls-cert")
+    try:
+        addressing = spaces.Addressing.parse(args.space_pool, args.space_prefix,
+                                             args.slice_prefix, args.overlay_port)
+    except ValueError as exc:
+        parser.error(f"--space-pool/--space-prefix/--slice-prefix/--overlay-port: {exc}")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_token = _read_token(args.token_file, "API")
@@ -1341,7 +1596,7 @@ def parse_args(argv: list[str]) -> Settings:
                     prefix=args.prefix, node_id=args.id or f"{socket.gethostname()}:{port}",
                     host_ttl_s=max(2, args.host_ttl), takeover_grace_s=args.takeover_grace,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
-                    tls_client_ca=args.tls_client_ca)
+                    tls_client_ca=args.tls_client_ca, addressing=addressing)
 
 
 async def serve(settings: Settings) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -242,7 +243,9 @@ class FakeAgent:
                  sizes: Mapping[str, Size] = DEFAULT_SIZES,
                  record_limit: int | None = None,
                  connect_slots: asyncio.Semaphore | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 network: Mapping[str, Any] | None = None,
+                 spaces_sync: bool = True) -> None:
         # Several URLs are replicas, tried in turn as the real link does.
         self.urls = (url,) if isinstance(url, str) else tuple(url)
         self._url_index = 0
@@ -268,6 +271,15 @@ class FakeAgent:
         self.buffer_limit = buffer_limit
         self.sizes = sizes
         self.connect_slots = connect_slots
+        # hello's `network` (underlay, mtu, networks); None: a hello without it, as an agent
+        # older than private spaces sends. spaces_sync=False answers `spaces.sync` with
+        # unknown_method, as such an agent does.
+        self.network = dict(network) if network is not None else None
+        self.spaces_sync = spaces_sync
+        # The last spaces.sync applied (its params), and every one received (params).
+        self.spaces: dict[str, Any] | None = None
+        self.spaces_received: list[dict[str, Any]] = []
+        self._space_ips: dict[str, Iterator[int]] = {}
         self._session = session
         self._own_session = session is None
         # What survives the agent process (the host's dynos, desired.json).
@@ -432,11 +444,14 @@ class FakeAgent:
 
     # -- payloads (docs/protocol.md §3, §5) -------------------------------------------------
     def hello(self) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "host": self.host, "version": self.version,
-                "protocol": PROTOCOL_VERSION, "boot_id": self.boot_id,
-                "started_at": self.started_at, "capacity": dict(self.capacity),
-                "labels": dict(self.labels), "generation": self.generation,
-                "draining": self.draining, "dynos": self.dynos()}
+        out = {"agent_id": self.agent_id, "host": self.host, "version": self.version,
+               "protocol": PROTOCOL_VERSION, "boot_id": self.boot_id,
+               "started_at": self.started_at, "capacity": dict(self.capacity),
+               "labels": dict(self.labels), "generation": self.generation,
+               "draining": self.draining, "dynos": self.dynos()}
+        if self.network is not None:
+            out["network"] = dict(self.network)
+        return out
 
     def heartbeat(self) -> dict[str, Any]:
         return {"at": timestamp(time.time()), "dynos": self.counts(),
@@ -490,7 +505,7 @@ class FakeAgent:
     def _publish(self, dyno: Dyno, previous: str | None, exit_status: int | None) -> None:
         params = {"id": dyno.id, "app": dyno.app, "name": dyno.name, "state": dyno.state,
                   "previous": previous, "reason": dyno.reason, "exit_status": exit_status,
-                  "at": timestamp(dyno.since), "seq": next(self._seq)}
+                  "ip": dyno.ip, "at": timestamp(dyno.since), "seq": next(self._seq)}
         for listener in self.state_listeners:
             listener(params)
         self._queue(Event("dyno.state", params))
@@ -503,7 +518,15 @@ class FakeAgent:
         self._outbox.append(event)
         self._outbox_ready.set()
 
-    def _next_ip(self) -> str:
+    def _next_ip(self, app: str | None = None) -> str:
+        """From the host's slice of the app's space when spaces.sync gave one (after its
+        gateway, the slice's first address), else 10.0.0.2 on."""
+        entry = next((e for e in (self.spaces or {}).get("spaces", ())
+                      if e.get("space") == app), None)
+        if entry is not None:
+            cut = ipaddress.IPv4Network(entry["slice"])
+            numbers = self._space_ips.setdefault(f"{app} {cut}", itertools.count(2))
+            return str(cut.network_address + next(numbers))
         n = next(self._ips)
         return f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
 
@@ -513,7 +536,7 @@ class FakeAgent:
             dyno.timer = None
 
     def _create(self, spec: DynoSpec) -> Dyno:
-        dyno = Dyno(spec, self._next_ip(), time.time())
+        dyno = Dyno(spec, self._next_ip(spec.app), time.time())
         self.dynos_by_id[spec.id] = dyno
         self._publish(dyno, None, None)
         self._launch(dyno)
@@ -625,6 +648,8 @@ class FakeAgent:
                 "dyno.stop": self._stop_one, "dyno.restart": self._restart_one,
                 "dyno.signal": self._signal_one, "agent.drain": self._drain,
                 "agent.info": self._info, "logs.tail": self._logs_tail}.get(method)
+        if method == "spaces.sync" and self.spaces_sync:
+            call = self._spaces_sync
         if call is None:
             raise FakeError("unknown_method", f"unknown method {excerpt(method)}")
         return await call(params)
@@ -774,6 +799,39 @@ class FakeAgent:
             stopped = [d.id for d in running]
         return {"draining": self.draining, "stopped": stopped, "failed": [],
                 "dynos": self.dynos()}
+
+    async def _spaces_sync(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Recorded, and applied unless older than the last applied; a space whose subnet
+        overlaps one of this host's networks fails (`bad_request`), as on the agent."""
+        p = _fields(params, {"generation": int, "port": int, "hosts": list, "pools": list,
+                             "spaces": list}, {"partial": bool, "removed": list})
+        self.spaces_received.append(params)
+        self._notify()
+        last = (self.spaces or {}).get("generation")
+        if isinstance(last, int) and p["generation"] < last:
+            return {"generation": last, "applied": [], "failed": []}
+        own = [ipaddress.ip_network(n, strict=False)
+               for n in (self.network or {}).get("networks") or ()]
+        applied, failed = [], []
+        for entry in p["spaces"]:
+            subnet = ipaddress.IPv4Network(entry["subnet"])
+            clash = next((n for n in own if n.version == 4 and n.overlaps(subnet)), None)
+            if clash is not None:
+                failed.append({"space": entry["space"], "code": "bad_request",
+                               "message": f"space subnet {subnet} overlaps the host's "
+                                          f"network {clash}"})
+            else:
+                applied.append(entry["space"])
+        if p.get("partial") and self.spaces is not None:
+            # Only the changed spaces and the names of those gone: merged into the last set.
+            kept = {e["space"]: e for e in self.spaces["spaces"]
+                    if e["space"] not in set(p.get("removed") or ())}
+            kept.update({e["space"]: e for e in p["spaces"]})
+            params = {**params, "spaces": [kept[name] for name in sorted(kept)]}
+            params.pop("partial")
+            params.pop("removed", None)
+        self.spaces = params
+        return {"generation": p["generation"], "applied": applied, "failed": failed}
 
     async def _info(self, params: dict[str, Any]) -> dict[str, Any]:
         _fields(params, {})

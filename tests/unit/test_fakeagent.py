@@ -18,7 +18,8 @@ from tests.support.fakeagent import FakeAgent, FakeFleet
 URL = "ws://coordinator/v1/agents/connect"
 STATUS_KEYS = {"id", "app", "name", "type", "state", "since", "pid", "ip", "restarts", "size",
                "exit_status", "reason", "command"}
-EVENT_KEYS = {"id", "app", "name", "state", "previous", "reason", "exit_status", "at", "seq"}
+EVENT_KEYS = {"id", "app", "name", "state", "previous", "reason", "exit_status", "ip", "at",
+              "seq"}
 
 
 def spec(n: int, app: str = "demo") -> dict[str, Any]:

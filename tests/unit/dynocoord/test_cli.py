@@ -203,7 +203,9 @@ def test_apps_info(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
     api.answer("GET", "/v1/apps/shop", {
         "name": "shop", "created": created.isoformat(), "release": 4, "stack": "heroku-24",
         "formation": [{"type": "worker", "quantity": 1, "size": "standard-1x"},
-                      {"type": "web", "quantity": 2, "size": "standard-2x"}]})
+                      {"type": "web", "quantity": 2, "size": "standard-2x"}],
+        "space": {"name": "shop", "subnet": "10.64.0.0/18", "vni": 3,
+                  "slices": {"h1": "10.64.0.0/24", "h2": "10.64.1.0/24"}}})
     code, out, err = run_cli(capsys, "apps:info", "-a", "shop")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
@@ -212,6 +214,7 @@ def test_apps_info(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
         "Release: v4",
         "Stack:   heroku-24",
         "Dynos:   web: 2:Standard-2X, worker: 1:Standard-1X",
+        "Space:   10.64.0.0/18 (VNI 3, 2 hosts)",
     ]
     assert only(api).path == "/v1/apps/shop"
 
