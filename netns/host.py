@@ -48,7 +48,7 @@ from netns.namespace import (
     setns,
     write_sysctl_in,
 )
-from netns.netlink import Rtnl, Vxlan
+from netns.netlink import Link, Rtnl, Vxlan
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -510,10 +510,7 @@ class HostNetwork:
         if link is None:  # removed behind our back: make it again
             self._spaces.pop(space_id, None)
             self._ensure_space(space_id)
-            link = rtnl.link(name)
-            if link is None:
-                raise LinkError("VXLAN device missing", operation="set-space-peers",
-                                interface=name, errno=errno.ENODEV)
+            link = _link_or_raise(rtnl, name, "VXLAN device missing", "set-space-peers")
         index = link.index
         local = {a.ip for a in self._book.members(space_id).values()}
         fdb: dict[str, IPv4Address] = {}
@@ -766,10 +763,7 @@ class HostNetwork:
             os.close(fd)
         # veth honours a requested peer ifindex only when the host end's index is given
         # too, so the inside index has to be asked for.
-        link = inner.link(INNER_IFNAME)
-        if link is None:
-            raise LinkError("peer missing after creation", operation="add-veth",
-                            interface=INNER_IFNAME, errno=errno.ENODEV)
+        link = _link_or_raise(inner, INNER_IFNAME, "peer missing after creation", "add-veth")
         inner_index = link.index
         # Up first: the bridge enables the new port only once the kernel's link watcher has
         # seen its carrier (asynchronously), and drops what arrives before. An announcement
@@ -863,3 +857,11 @@ class HostNetwork:
         log.info("sweep done", extra={"LINKS": len(links), "NAMESPACES": len(removed_ns),
                                       "ADDRESSES": len(addresses)})
         return report
+
+
+def _link_or_raise(rtnl: Rtnl, name: str, message: str, operation: str) -> Link:
+    """The link called `name`; LinkError (ENODEV) with `message` if there is none."""
+    link = rtnl.link(name)
+    if link is None:
+        raise LinkError(message, operation=operation, interface=name, errno=errno.ENODEV)
+    return link

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -171,11 +171,7 @@ class AddressBook:
             if fleet == self._fleet:
                 return False
             previous, self._fleet = self._fleet, fleet
-            try:
-                self._save_spaces()
-            except BaseException:
-                self._fleet = previous
-                raise
+            self._save_spaces_or_undo(lambda: setattr(self, "_fleet", previous))
             return True
 
     def configure_space(self, space_id: str, subnet: IPv4Network, slice_: IPv4Network,
@@ -199,12 +195,7 @@ class AddressBook:
             entry = self._spaces.get(space_id)
             if entry is not None and (entry.subnet, entry.slice) == (subnet, slice_):
                 if entry.overlay != overlay:
-                    previous, entry.overlay = entry.overlay, overlay
-                    try:
-                        self._save_spaces()
-                    except BaseException:
-                        entry.overlay = previous
-                        raise
+                    self._set_overlay(entry, overlay)
                 return entry.lease(space_id), False
             if entry is not None and entry.members:
                 raise AddressError(
@@ -230,12 +221,7 @@ class AddressBook:
             entry = self._spaces.get(space_id)
             if entry is None or entry.overlay is None:
                 return False
-            previous, entry.overlay = entry.overlay, None
-            try:
-                self._save_spaces()
-            except BaseException:
-                entry.overlay = previous
-                raise
+            self._set_overlay(entry, None)
             return True
 
     def lease_space(self, space_id: str, *,
@@ -374,6 +360,19 @@ class AddressBook:
             raise AddressError(f"corrupt state: {exc}", operation="load",
                                path=self.root) from exc
         return spaces, fleet
+
+    def _save_spaces_or_undo(self, undo: Callable[[], object]) -> None:
+        """Save the spaces after a change in memory; if that fails, `undo` the change and
+        raise."""
+        try:
+            self._save_spaces()
+        except BaseException:
+            undo()
+            raise
+
+    def _set_overlay(self, entry: _Space, overlay: Overlay | None) -> None:
+        previous, entry.overlay = entry.overlay, overlay
+        self._save_spaces_or_undo(lambda: setattr(entry, "overlay", previous))
 
     def _save_spaces(self) -> None:
         doc: dict[str, Any] = {

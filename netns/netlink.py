@@ -148,25 +148,26 @@ class Rtnl:
     def links(self) -> list[Link]:
         return self._call("list-links", None, lambda: [_to_link(m) for m in self._ipr.get_links()])
 
-    def link(self, name: str) -> Link | None:
-        """The link called `name`, or None."""
+    def _get_link(self, interface: str | None, **query: Any) -> Any | None:
+        """The kernel's message for the link `query` selects (ifname= or index=), or None
+        if there is no such link."""
         try:
-            msgs = self._call("get-link", name, lambda: self._ipr.link("get", ifname=name))
+            msgs = self._call("get-link", interface, lambda: self._ipr.link("get", **query))
         except LinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
             raise
-        return _to_link(msgs[0])
+        return msgs[0]
+
+    def link(self, name: str) -> Link | None:
+        """The link called `name`, or None."""
+        msg = self._get_link(name, ifname=name)
+        return None if msg is None else _to_link(msg)
 
     def link_by_index(self, index: int) -> Link | None:
         """The link with ifindex `index`, or None."""
-        try:
-            msgs = self._call("get-link", None, lambda: self._ipr.link("get", index=index))
-        except LinkError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
-            raise
-        return _to_link(msgs[0])
+        msg = self._get_link(None, index=index)
+        return None if msg is None else _to_link(msg)
 
     def add_bridge(self, name: str, *, address: str) -> int:
         """A bridge with the MAC `address`. Given at creation, the address stays: otherwise
@@ -201,13 +202,8 @@ class Rtnl:
     def vxlan(self, name: str) -> Vxlan | None:
         """The tunnel parameters of the VXLAN device `name`; None if it is missing or not
         a VXLAN device."""
-        try:
-            msgs = self._call("get-link", name, lambda: self._ipr.link("get", ifname=name))
-        except LinkError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
-            raise
-        return _to_vxlan(msgs[0])
+        msg = self._get_link(name, ifname=name)
+        return None if msg is None else _to_vxlan(msg)
 
     def set_mtu(self, index: int, name: str, mtu: int) -> None:
         self._call("set-mtu", name, lambda: self._ipr.link("set", index=index, mtu=mtu))
