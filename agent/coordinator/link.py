@@ -187,6 +187,9 @@ class CoordinatorLink:
         self.connected_since: float | None = None
         self.last_heartbeat_at: float | None = None
         self.last_error: str | None = None
+        # This end's address of the current (or last) connection: the default underlay
+        # address of private spaces (`hello.network`).
+        self.local_address: str | None = None
         self._outbox: deque[Event] = deque(maxlen=buffer_limit)
         self._lost_unreported = 0
         self._seq = itertools.count(1)
@@ -216,9 +219,11 @@ class CoordinatorLink:
             await asyncio.sleep(0)
         self.state = LinkState.CLOSED
 
-    def publish_state(self, change: StateChange) -> None:
-        """The supervisor's state listener; never blocks, never raises."""
-        self._queue(Event("dyno.state", {**to_wire(change), "seq": next(self._seq)}))
+    def publish_state(self, change: StateChange, ip: str | None = None) -> None:
+        """The supervisor's state listener (with the dyno's private address, when it has
+        one); never blocks, never raises."""
+        self._queue(Event("dyno.state", {**to_wire(change), "ip": ip,
+                                         "seq": next(self._seq)}))
 
     def publish_build(self, build: dict[str, Any]) -> None:
         """The build registry's listener: a finished build, buffered and sent in order with
@@ -338,6 +343,9 @@ class CoordinatorLink:
                                               f"{SUBPROTOCOL}")
                 self._ws = ws
                 self._once = _Once()
+                sockname = ws.get_extra_info("sockname")
+                if isinstance(sockname, tuple) and sockname:
+                    self.local_address = str(sockname[0])
                 async with self.connection_scope(self._send):
                     await self._serve(ws)
             finally:

@@ -4,16 +4,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from collections.abc import Mapping
+from ipaddress import IPv4Address
 from typing import Any
 
+import netns
 from agent.coordinator.frames import PROTOCOL_VERSION
 
 
+def network_payload(network: netns.HostNetwork, underlay: str | None) -> dict[str, Any]:
+    """`hello.network`: the underlay address, its link's MTU and the host's own networks
+    (which the coordinator keeps space subnets clear of)."""
+    mtu = None
+    if underlay is not None:
+        with contextlib.suppress(netns.NetnsError, ValueError):
+            mtu = network.underlay_mtu(IPv4Address(underlay))
+    try:
+        networks = [str(n) for n in network.host_networks()]
+    except netns.NetnsError:
+        networks = []
+    return {"underlay": underlay, "mtu": mtu, "networks": networks}
+
+
 def hello_payload(info: Mapping[str, Any], dynos: list[dict[str, Any]],
-                  generation: int | None, draining: bool) -> dict[str, Any]:
+                  generation: int | None, draining: bool,
+                  network: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `hello` params from the daemon's info (docs/protocol.md, "hello")."""
     return {
         "agent_id": info["agent_id"],
@@ -28,6 +46,7 @@ def hello_payload(info: Mapping[str, Any], dynos: list[dict[str, Any]],
         "generation": generation,
         "draining": draining,
         "dynos": dynos,
+        "network": network or {"underlay": None, "mtu": None, "networks": []},
     }
 
 

@@ -69,6 +69,19 @@ def resolv_conf_text(host_text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+def resolv_conf_for_space(gateway: str) -> str:
+    """/etc/resolv.conf of a dyno in a space with DNS discovery: only the space's resolver,
+    the agent listening on the bridge gateway, which answers the space's `.localspace` names
+    and forwards every other name to the host's resolvers.
+
+    No `search` line: the host's search domains are the host's business, and a dyno's
+    `web.shop.app.localspace` must be looked up as written, not first under each of them.
+    """
+    return ("# dynoagent: the space's resolver (*.app.localspace; other names forwarded to "
+            "the host's)\n"
+            f"nameserver {gateway}\n")
+
+
 def read_host_resolv_conf(path: str = HOST_RESOLV_CONF,
                           upstream_path: str = RESOLVED_UPSTREAM) -> str:
     """The host's resolver configuration ("" if it has none).
@@ -94,8 +107,10 @@ def _read(path: str) -> str:
 
 
 def etc_files(hostname: str, private_ip: str | None, aliases: tuple[str, ...],
-              host_resolv_conf: str) -> dict[str, str]:
-    """File name (under /etc) -> content, in FILE_NAMES order."""
+              host_resolv_conf: str, nameserver: str | None = None) -> dict[str, str]:
+    """File name (under /etc) -> content, in FILE_NAMES order. With `nameserver` (the
+    space's resolver) resolv.conf names only it, else it is derived from the host's."""
     return {"hosts": hosts_text(hostname, private_ip, aliases),
             "hostname": hostname_text(hostname),
-            "resolv.conf": resolv_conf_text(host_resolv_conf)}
+            "resolv.conf": (resolv_conf_text(host_resolv_conf) if nameserver is None
+                            else resolv_conf_for_space(nameserver))}

@@ -44,7 +44,8 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
     if req.own_etc:
         # The dyno id as an alias: the hostname is at most 63 characters, an id 64.
         etc_files = etc.etc_files(req.hostname, req.effective_private_ip(), (req.dyno_id,),
-                                  etc.read_host_resolv_conf())
+                                  etc.read_host_resolv_conf() if req.nameserver is None else "",
+                                  req.nameserver)
     plan = rootfs.plan_rootfs(
         stack_dir=req.stack_dir, slug_dir=req.slug_dir, dyno_dir=req.dyno_dir,
         writable_limit_bytes=req.writable_limit_bytes, uid=req.uid, gid=req.gid,

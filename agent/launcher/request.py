@@ -48,6 +48,9 @@ class LaunchRequest:
     private_ip: str | None = None
     # Bind the dyno's own /etc/hosts, /etc/hostname, /etc/resolv.conf over the stack's.
     own_etc: bool = True
+    # The space's resolver (its bridge gateway, where the agent answers `.localspace` names):
+    # the only nameserver of the dyno's resolv.conf. None: the host's nameservers.
+    nameserver: str | None = None
     # RLIMIT_NOFILE (soft = hard) of the app, Heroku's figure; RLIMIT_CORE is always 0.
     nofile_limit: int = DEFAULT_NOFILE
     # The dyno seccomp filter (agent.launcher.seccomp) on the app and all it starts. Always on
@@ -91,6 +94,8 @@ class LaunchRequest:
             raise RequestError("netns_path", self.netns_path, "must be absolute")
         if self.private_ip is not None and not is_address(self.private_ip):
             raise RequestError("private_ip", self.private_ip, "not an IP address")
+        if self.nameserver is not None and not is_address(self.nameserver):
+            raise RequestError("nameserver", self.nameserver, "not an IP address")
         if not MIN_NOFILE <= self.nofile_limit <= MAX_NOFILE:
             raise RequestError("nofile_limit", self.nofile_limit,
                                f"must be within {MIN_NOFILE}..{MAX_NOFILE}")

@@ -145,7 +145,7 @@ async def test_live_events_keep_per_dyno_order(h: Harness) -> None:
         "starting", "up", "crashed", "starting", "up"]
     event = h.coordinator.states("d1")[1]
     assert set(event) == {"id", "app", "name", "state", "previous", "reason",
-                          "exit_status", "at", "seq"}
+                          "exit_status", "ip", "at", "seq"}
 
 
 async def test_a_finished_build_is_an_event_in_order_with_the_state_changes(
