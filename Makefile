@@ -8,7 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
 APT_PACKAGES := nftables iproute2 tini runc crun busybox-static libsystemd-dev pkg-config \
-                gcc procps util-linux systemd mmdebstrap etcd-server etcd-client
+                gcc procps util-linux systemd mmdebstrap etcd-server etcd-client \
+                rsyslog rsyslog-gnutls prometheus
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs linux-image-amd64
 PYTEST := $(BIN)/pytest
 CHECKED := agent cgroups netns dynocoord

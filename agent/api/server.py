@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final, Protocol, TypeVar, cast
 
@@ -53,7 +54,7 @@ from agent.errors import (
     NotFound,
     excerpt,
 )
-from agent.observability.logs import Follower, LogHub, LogLine
+from agent.observability.logs import Follower, LineBlock, LogHub, LogLine
 from agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 from agent.signals import parse_signal
 from agent.supervision.events import EventFollower, WireEvent, concerns, to_wire
@@ -66,6 +67,12 @@ T = TypeVar("T")
 LOGS_TAIL_DEFAULT: Final = 100  # Heroku's `heroku logs` default
 MAX_TAIL: Final = 100_000  # far above any tail buffer; larger is a typo, not a wish
 FOLLOW_BATCH_LINES: Final = 500  # lines per write when a follower has a backlog
+# A log follower's backlog goes out in writes of up to this many lines (blocks stay whole).
+LOG_FOLLOW_BATCH_LINES: Final = 8192
+# The kernel keeps this much of a log follow stream: what one turn of the loop can hand the
+# reader. The default (~200 KiB, some 4,000 short lines) is less than a turn can bring when
+# dynos print fast: a reader that keeps up would still fall behind and lose lines.
+LOG_FOLLOW_SNDBUF_BYTES: Final = 1 << 20
 OPERATIONS_DRAIN_S: Final = 10.0  # how long shutdown waits for lifecycle calls in flight
 JSON_LINES: Final = "application/x-ndjson; charset=utf-8"
 TEXT_LINES: Final = "text/plain; charset=utf-8"
@@ -353,6 +360,33 @@ async def _stream(request: web.Request, items: AsyncIterator[T], encode: Callabl
     return response
 
 
+async def _stream_logs(request: web.Request, follower: Follower,
+                       as_json: bool) -> web.StreamResponse:
+    """A follower's lines as a chunked body: whatever is queued goes out in one write (up to
+    LOG_FOLLOW_BATCH_LINES lines), a block of lines formatted whole."""
+    response = web.StreamResponse(headers={
+        "Content-Type": JSON_LINES if as_json else TEXT_LINES, "Cache-Control": "no-store"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOG_FOLLOW_SNDBUF_BYTES)
+    try:
+        while items := await follower.batch(LOG_FOLLOW_BATCH_LINES):
+            if as_json:
+                text = "".join([item.format_json() if isinstance(item, LineBlock)
+                                else _json_line(item) for item in items])
+            else:
+                text = "".join([item.format_text() if isinstance(item, LineBlock)
+                                else _text_line(item) for item in items])
+            await response.write(text.encode("utf-8", "surrogateescape"))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.debug("follow stream %s ended: client went away", request.path)
+    return response
+
+
 def _text_line(line: LogLine) -> str:
     return line.format() + "\n"
 
@@ -545,8 +579,7 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
                                 headers={"Content-Type": content_type})
         follower = hub.subscribe(app_name, dyno, tail=tail)
         with streams.track(follower):
-            return await _stream(request, follower, encode, content_type,
-                                 drain=follower.get_nowait)
+            return await _stream_logs(request, follower, as_json)
 
     async def events(request: web.Request) -> web.StreamResponse:
         query = _Query(request, frozenset({"app", "follow"}))

@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
+import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from agent.observability.logtail import Origin, TailStore
 
 MAX_LINE_BYTES: Final = 10_000  # Heroku splits longer lines into 10,000-byte chunks
 TAIL_LINES: Final = 1_500  # Heroku's per-app log history
-DEFAULT_FOLLOWER_QUEUE: Final = 10_000
+# A follower holds at most this many lines, and this many bytes of them (their text plus
+# LINE_OVERHEAD_BYTES each, what a queued line costs beyond its text): many short lines absorb
+# a burst, while long lines stay within the byte bound.
+DEFAULT_FOLLOWER_QUEUE: Final = 50_000
+DEFAULT_FOLLOWER_QUEUE_BYTES: Final = 16 << 20
+LINE_OVERHEAD_BYTES: Final = 64
 
 
 class LogError(Exception):
@@ -39,9 +43,17 @@ class LogSource(StrEnum):
 def format_timestamp(at: datetime) -> str:
     """RFC 3339 in UTC with microseconds, as Heroku prints it:
     `2026-11-26T10:00:00.123456+00:00`."""
+    cached = _stamp_cache
+    if at is cached[0]:  # the lines of one pipe read share their time (one object)
+        return str(cached[1])
     if at.tzinfo is None or at.utcoffset() is None:
         raise LogError(f"timestamp {at.isoformat()} has no timezone", at)
-    return at.astimezone(UTC).isoformat(timespec="microseconds")
+    stamp = at.astimezone(UTC).isoformat(timespec="microseconds")
+    cached[:] = (at, stamp)
+    return stamp
+
+
+_stamp_cache: list[Any] = [None, ""]
 
 
 def _seconds(value: float) -> str:
@@ -121,9 +133,9 @@ def l10_buffer_overflow(dropped: int) -> str:
     return f"Error L10 (output buffer overflow): {dropped} messages dropped"
 
 
-@dataclass(frozen=True, slots=True)
-class LogLine:
-    """One line of a dyno's output or one platform message about it."""
+class LogLine(NamedTuple):
+    """One line of a dyno's output or one platform message about it. (A named tuple: made
+    per line at some 100k lines/s, it costs a third of a frozen dataclass.)"""
 
     at: datetime
     source: LogSource
@@ -153,6 +165,75 @@ class LogLine:
         if app is not None and self.app != app:
             return False
         return dyno is None or dyno in (self.dyno, self.dyno_id)
+
+
+_json_str = json.encoder.encode_basestring_ascii
+
+
+class LineBlock:
+    """Consecutive lines of one dyno (one pipe read): one time, one source, one object for
+    all of them, so that a burst costs a few Python objects per read and not per line. The
+    hub keeps, offers and formats blocks as a whole (`format_text`, `format_json`); a reader
+    that wants LogLine objects gets them one by one (`line`, `lines`)."""
+
+    __slots__ = ("_cost", "app", "at", "dyno", "dyno_id", "source", "texts")
+
+    def __init__(self, at: datetime, source: LogSource, dyno: str, app: str, texts: list[str],
+                 dyno_id: str = "") -> None:
+        self.at = at
+        self.source = source
+        self.dyno = dyno
+        self.app = app
+        self.texts = texts
+        self.dyno_id = dyno_id
+        self._cost = -1
+
+    @property
+    def cost(self) -> int:
+        """What its lines cost in a follower's queue: text plus LINE_OVERHEAD_BYTES each."""
+        if self._cost < 0:
+            self._cost = sum(map(len, self.texts)) + LINE_OVERHEAD_BYTES * len(self.texts)
+        return self._cost
+
+    @classmethod
+    def of(cls, line: LogLine) -> LineBlock:
+        return cls(line.at, line.source, line.dyno, line.app, [line.text], line.dyno_id)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def line(self, index: int) -> LogLine:
+        return LogLine(self.at, self.source, self.dyno, self.app, self.texts[index],
+                       self.dyno_id)
+
+    def lines(self, start: int = 0) -> list[LogLine]:
+        at, source, dyno, app, dyno_id = self.at, self.source, self.dyno, self.app, self.dyno_id
+        new = tuple.__new__  # LogLine's own __new__, without its argument handling
+        return [new(LogLine, (at, source, dyno, app, text, dyno_id))
+                for text in self.texts[start:]]
+
+    def head(self, n: int) -> LineBlock:
+        return LineBlock(self.at, self.source, self.dyno, self.app, self.texts[:n],
+                         self.dyno_id)
+
+    def matches(self, app: str | None, dyno: str | None) -> bool:
+        if app is not None and self.app != app:
+            return False
+        return dyno is None or dyno in (self.dyno, self.dyno_id)
+
+    def format_text(self) -> str:
+        """Every line as `LogLine.format()` gives it, each ending in a newline."""
+        prefix = f"{format_timestamp(self.at)} {self.source}[{self.dyno}]: "
+        return prefix + ("\n" + prefix).join(self.texts) + "\n"
+
+    def format_json(self) -> str:
+        """Every line as the compact JSON of `LogLine.as_dict()`, each ending in a newline."""
+        prefix = f"{format_timestamp(self.at)} {self.source}[{self.dyno}]: "
+        head = (f'{{"at":{_json_str(format_timestamp(self.at))},"source":'
+                f'{_json_str(str(self.source))},"app":{_json_str(self.app)},"dyno":'
+                f'{_json_str(self.dyno)},"id":{_json_str(self.dyno_id)},"text":')
+        return "".join([f'{head}{_json_str(text)},"line":{_json_str(prefix + text)}}}\n'
+                        for text in self.texts])
 
 
 def _cut(data: bytes, limit: int) -> int:
@@ -231,26 +312,52 @@ class LineAssembler:
 
 
 class LogBuffer:
-    """The last `capacity` lines of one app (Heroku's `heroku logs` history)."""
+    """The last `capacity` lines of one app (Heroku's `heroku logs` history), kept as the
+    blocks they were published in: LogLine objects are made only when someone reads them."""
 
     def __init__(self, capacity: int = TAIL_LINES) -> None:
         if capacity < 1:
             raise LogError(f"buffer capacity must be positive, got {capacity}", capacity)
-        self._lines: deque[tuple[int, LogLine]] = deque(maxlen=capacity)
+        self._capacity = capacity
+        # [seq of the block's first line, block, index of its first line still kept]
+        self._runs: deque[list[Any]] = deque()
+        self._len = 0
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return self._len
 
     def append(self, line: LogLine, seq: int = 0) -> None:
         """`seq` orders lines across apps when several buffers are merged (see LogHub)."""
-        self._lines.append((seq, line))
+        self.append_block(LineBlock.of(line), seq)
+
+    def append_block(self, block: LineBlock, seq: int = 0) -> None:
+        """The block's lines, numbered from `seq` on."""
+        n = len(block)
+        start = max(0, n - self._capacity)
+        self._runs.append([seq, block, start])
+        self._len += n - start
+        over = self._len - self._capacity
+        while over > 0:
+            run = self._runs[0]
+            kept = len(run[1]) - run[2]
+            if kept <= over:
+                self._runs.popleft()
+                self._len -= kept
+                over -= kept
+            else:
+                run[2] += over
+                self._len -= over
+                over = 0
 
     def entries(self) -> Iterator[tuple[int, LogLine]]:
-        return iter(self._lines)
+        for seq, block, start in list(self._runs):
+            for index in range(start, len(block)):
+                yield seq + index, block.line(index)
 
     def tail(self, n: int | None = None, dyno: str | None = None) -> list[LogLine]:
         """The last `n` lines (all when None), oldest first, optionally of one dyno."""
-        lines = [line for _, line in self._lines if line.matches(None, dyno)]
+        lines = [line for seq, block, start in self._runs if block.matches(None, dyno)
+                 for line in block.lines(start)]
         if n is None:
             return lines
         return lines[-n:] if n > 0 else []
@@ -280,24 +387,28 @@ class Follower:
     """
 
     def __init__(self, hub: LogHub, app: str | None, dyno: str | None, max_queue: int,
-                 clock: Callable[[], datetime]) -> None:
-        if max_queue < 1:
+                 clock: Callable[[], datetime],
+                 max_bytes: int = DEFAULT_FOLLOWER_QUEUE_BYTES) -> None:
+        if max_queue < 1 or max_bytes < 1:
             raise LogError(f"follower queue must hold at least one line, got {max_queue}",
                            max_queue)
         self.app = app
         self.dyno = dyno
         self.max_queue = max_queue
+        self.max_bytes = max_bytes
+        self._bytes = 0  # what the queued lines cost (see LINE_OVERHEAD_BYTES)
         self.dropped = 0  # lines lost by this follower since it subscribed
         self._hub = hub
         self._clock = clock
-        self._queue: deque[LogLine] = deque()
+        self._queue: deque[LogLine | LineBlock] = deque()
+        self._lines = 0  # lines in the queue (a block counts its lines)
         self._gap = 0  # dropped since the last L10 this follower was given
         self._wakeup = asyncio.Event()
         self._closed = False
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self._lines
 
     @property
     def closed(self) -> bool:
@@ -307,20 +418,68 @@ class Follower:
         """Called by the hub; never blocks. Returns whether the line was kept."""
         if self._closed:
             return False
-        if len(self._queue) >= self.max_queue:
+        if self._lines >= self.max_queue or self._bytes >= self.max_bytes:
             self._gap += 1
             self.dropped += 1
+            self._hub.follower_dropped += 1
             return False
         if self._gap:
-            # The gap lies before this line: report it here, so the L10 line sits where the
-            # lines went missing. It may take the queue one over its bound, once per gap.
-            self._queue.append(self._l10())
+            self._push_l10()
         self._queue.append(line)
+        self._lines += 1
+        self._bytes += len(line.text) + LINE_OVERHEAD_BYTES
         self._wakeup.set()
         return True
 
+    def offer_block(self, block: LineBlock) -> int:
+        """`offer` for each line of the block in turn, at once; returns how many were kept
+        (a head of the block: once one line does not fit, the following ones do not either)."""
+        if self._closed:
+            return 0
+        n = len(block)
+        gap = 1 if self._gap else 0
+        if (self._lines + gap + n <= self.max_queue
+                and self._bytes + gap * 256 + block.cost <= self.max_bytes):
+            kept = n  # all of it fits, an L10 line in front included
+            if gap:
+                self._push_l10()
+            self._bytes += block.cost
+        else:
+            # Near a bound: line by line, exactly as `offer` would.
+            kept = 0
+            for text in block.texts:
+                if self._lines >= self.max_queue or self._bytes >= self.max_bytes:
+                    break
+                if self._gap:
+                    self._push_l10()
+                kept += 1
+                self._lines += 1
+                self._bytes += len(text) + LINE_OVERHEAD_BYTES
+            self._lines -= kept  # added below with the block
+            if kept < n:
+                self._gap += n - kept
+                self.dropped += n - kept
+                self._hub.follower_dropped += n - kept
+        if kept:
+            self._queue.append(block if kept == n else block.head(kept))
+            self._lines += kept
+            self._wakeup.set()
+        return kept
+
+    def _push_l10(self) -> None:
+        # The gap lies before the line about to be queued: report it here, so the L10 line
+        # sits where the lines went missing. It may take the queue one over its bounds, once
+        # per gap.
+        line = self._l10()
+        self._queue.append(line)
+        self._lines += 1
+        self._bytes += len(line.text) + LINE_OVERHEAD_BYTES
+
     def _preload(self, lines: Iterable[LogLine]) -> None:
-        self._queue.extend(lines)
+        for line in lines:
+            self._queue.append(line)
+            self._lines += 1
+            self._bytes += len(line.text) + LINE_OVERHEAD_BYTES
         self._wakeup.set()
 
     def _l10(self) -> LogLine:
@@ -332,16 +491,58 @@ class Follower:
         if not self._closed:
             self._closed = True
             self._queue.clear()
+            self._lines = self._bytes = 0
             self._wakeup.set()
             self._hub._forget(self)
 
     def get_nowait(self) -> LogLine | None:
         """The next line if one is ready (including a due L10 line), else None."""
         if self._queue:
-            return self._queue.popleft()
+            item = self._queue.popleft()
+            if isinstance(item, LineBlock):
+                lines = item.lines()
+                self._queue.extendleft(reversed(lines[1:]))
+                item = lines[0]
+            self._lines -= 1
+            self._bytes -= len(item.text) + LINE_OVERHEAD_BYTES
+            return item
         if self._gap and not self._closed:
             return self._l10()
         return None
+
+    def take_nowait(self, max_lines: int) -> list[LogLine | LineBlock]:
+        """What is ready, in order, lines and whole blocks (a due L10 line included): at
+        least one item when any is ready, then items while they add up to `max_lines`."""
+        out: list[LogLine | LineBlock] = []
+        taken = cost = 0
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            if isinstance(item, LineBlock):
+                size, item_cost = len(item), item.cost
+            else:
+                size, item_cost = 1, len(item.text) + LINE_OVERHEAD_BYTES
+            if out and taken + size > max_lines:
+                break
+            queue.popleft()
+            out.append(item)
+            taken += size
+            cost += item_cost
+        self._lines -= taken
+        self._bytes -= cost
+        if not queue and self._gap and not self._closed:
+            out.append(self._l10())
+        return out
+
+    async def batch(self, max_lines: int) -> list[LogLine | LineBlock]:
+        """`take_nowait`, waiting for something to be ready; empty once closed."""
+        while not self._closed:
+            items = self.take_nowait(max_lines)
+            if items:
+                return items
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return []
 
     def __aiter__(self) -> Follower:
         return self
@@ -386,14 +587,15 @@ class LogHub:
         self._clock = clock
         self._buffers: dict[str, LogBuffer] = {}
         self._followers: set[LineSink] = set()
-        self._seq = itertools.count()
+        self._seq = 0  # numbers every line kept in a tail, across apps
         # Each app's tail on disk too (set by the daemon; tests and one-shot tools run
         # without), and per held process the number of the next output line kept there when
         # the agent started: lines the holder sends a new agent again are published once.
         self._store: TailStore | None = None
         self._output_next: dict[tuple[str, int], int] = {}
         self.published = 0
-        self.dropped = 0  # lines lost by all followers together
+        self.dropped = 0  # lines lost by all followers and other sinks together
+        self.follower_dropped = 0  # of those, lines lost by Followers (`subscribe`)
 
     @property
     def followers(self) -> int:
@@ -410,7 +612,8 @@ class LogHub:
             buffer = self._buffers.get(app)
             if buffer is None:
                 buffer = self._buffers[app] = LogBuffer(self._tail_lines)
-            buffer.append(kept.line, next(self._seq))
+            buffer.append(kept.line, self._seq)
+            self._seq += 1
             if kept.origin is not None:
                 dyno_id, pid, seq = kept.origin
                 key = (dyno_id, pid)
@@ -451,11 +654,47 @@ class LogHub:
         buffer = self._buffers.get(line.app)
         if buffer is None:
             buffer = self._buffers[line.app] = LogBuffer(self._tail_lines)
-        buffer.append(line, next(self._seq))
+        buffer.append(line, self._seq)
+        self._seq += 1
         self.published += 1
         for follower in self._followers:
             if line.matches(follower.app, follower.dyno) and not follower.offer(line):
                 self.dropped += 1
+
+    def publish_block(self, block: LineBlock, origin: Origin | None = None) -> None:
+        """`publish` each line of `block` in order, at the cost of a few objects for the
+        block; `origin` is that of its first line (the next lines number on from it). Sinks
+        with an `offer_block` get the block whole, others line by line."""
+        texts = block.texts
+        if not texts:
+            return
+        limit = self._max_line_bytes
+        if sum(map(len, texts)) * 4 > limit and max(map(len, texts)) * 4 > limit and any(
+                len(text.encode("utf-8", "surrogateescape")) > limit for text in texts):
+            # A line to split (rare): line by line, each split as `publish` splits it.
+            for number, line in enumerate(block.lines()):
+                self.publish(line, None if origin is None else
+                             (origin[0], origin[1], origin[2] + number))
+            return
+        if self._store is not None:
+            self._store.append_block(block, origin)
+        buffer = self._buffers.get(block.app)
+        if buffer is None:
+            buffer = self._buffers[block.app] = LogBuffer(self._tail_lines)
+        n = len(texts)
+        buffer.append_block(block, self._seq)
+        self._seq += n
+        self.published += n
+        for follower in self._followers:
+            if not block.matches(follower.app, follower.dyno):
+                continue
+            offer_block = getattr(follower, "offer_block", None)
+            if offer_block is not None:
+                self.dropped += n - offer_block(block)
+            else:
+                for line in block.lines():
+                    if not follower.offer(line):
+                        self.dropped += 1
 
     def tail(self, app: str | None = None, dyno: str | None = None,
              n: int | None = None) -> list[LogLine]:
@@ -472,9 +711,10 @@ class LogHub:
         return lines[-n:] if n > 0 else []
 
     def subscribe(self, app: str | None = None, dyno: str | None = None, tail: int = 0,
-                  max_queue: int = DEFAULT_FOLLOWER_QUEUE) -> Follower:
+                  max_queue: int = DEFAULT_FOLLOWER_QUEUE,
+                  max_bytes: int = DEFAULT_FOLLOWER_QUEUE_BYTES) -> Follower:
         """A follower that first yields the last `tail` matching lines, then new ones."""
-        follower = Follower(self, app, dyno, max_queue, self._clock)
+        follower = Follower(self, app, dyno, max_queue, self._clock, max_bytes)
         if tail > 0:
             follower._preload(self.tail(app, dyno, tail))
         self._followers.add(follower)

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from agent.observability.logs import TAIL_LINES, LogLine, LogSource
+from agent.observability.logs import TAIL_LINES, LineBlock, LogLine, LogSource
 from agent.spec import APP
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,23 @@ def decode_text(field: str) -> str:
 def encode(line: LogLine, origin: Origin | None, stamp: str | None = None) -> bytes:
     """One line of the file. Dyno names and ids never hold a tab or a newline (validated
     specs). `stamp` is the time as written, when the caller has it already."""
+    return _encode_str(line, origin, stamp).encode()
+
+
+def _encode_str(line: LogLine, origin: Origin | None, stamp: str | None = None) -> str:
+    """`encode`, not yet bytes (ASCII: `encode_text` escapes the rest)."""
     pid, seq = ("", "") if origin is None else (origin[1], origin[2])
     if stamp is None:
         stamp = repr(line.at.timestamp())
     return (f"{stamp}\t{line.source}\t{line.dyno}\t{line.dyno_id}\t{pid}\t{seq}\t"
-            f"{encode_text(line.text)}\n").encode()
+            f"{encode_text(line.text)}\n")
+
+
+def _plain(texts: list[str]) -> bool:
+    """Whether every text is written as it is by `encode_text` (checked at C speed)."""
+    joined = "\n".join(texts)
+    return (joined.isascii() and not joined.startswith('"') and '\n"' not in joined
+            and joined.replace("\n", "").isprintable())
 
 
 def decode(app: str, raw: bytes) -> Kept | None:
@@ -122,6 +134,31 @@ def decode(app: str, raw: bytes) -> Kept | None:
     return Kept(line, origin)
 
 
+def _encoded(entries: list[str | tuple[str, int, list[str]]], skip: int) -> list[str]:
+    """The file's lines of `entries`, one str each, without the first `skip` lines."""
+    out: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            if skip:
+                skip -= 1
+            else:
+                out.append(entry)
+            continue
+        prefix, seq, texts = entry
+        if skip >= len(texts):
+            skip -= len(texts)
+            continue
+        if skip:
+            texts, seq, skip = texts[skip:], seq + skip, 0
+        if not _plain(texts):
+            texts = [encode_text(text) for text in texts]
+        if seq < 0:  # platform lines: no pid, no seq
+            out += [f"{prefix}\t{text}\n" for text in texts]
+        else:
+            out += [f"{prefix}{number}\t{text}\n" for number, text in enumerate(texts, seq)]
+    return out
+
+
 class TailStore:
     """Appends published lines to their app's file; reads them back at start. Used from the
     event loop: an append queues the encoded line, a flush is one write per app to the page
@@ -134,8 +171,11 @@ class TailStore:
         self._fds: dict[str, int] = {}
         self._counts: dict[str, int] = {}
         self._failing: set[str] = set()
-        # Encoded lines not yet written, per app; written at the end of the loop's turn.
-        self._pending: dict[str, list[bytes]] = {}
+        # Lines not yet written, per app, written at the end of the loop's turn: one line
+        # encoded, or a block of lines (the prefix up to their seq, the first seq, the texts)
+        # encoded only when written, and only the lines that stay (see `_write`).
+        self._pending: dict[str, list[str | tuple[str, int, list[str]]]] = {}
+        self._pending_lines: dict[str, int] = {}
         self._flush_soon = False
         # Lines of one pipe read share their time (the same object): written once per read.
         self._last_at: datetime | None = None
@@ -151,10 +191,13 @@ class TailStore:
     def load(self) -> dict[str, list[Kept]]:
         """Every app's kept lines, oldest first, at most the tail length each."""
         kept: dict[str, list[Kept]] = {}
-        for path in sorted(self.directory.glob("*.log")):
-            app = path.name.removesuffix(".log")
+        # An app whose newest file was just rotated has only its `.log.1` until its next line.
+        names = {p.name.removesuffix(".1").removesuffix(".log")
+                 for pattern in ("*.log", "*.log.1") for p in self.directory.glob(pattern)}
+        for app in sorted(names):
             if not APP.fullmatch(app):
                 continue
+            path = self._path(app)
             lines: list[Kept] = []
             for part in (self._path(app, older=True), path):
                 try:
@@ -186,7 +229,30 @@ class TailStore:
             pending = self._pending[app] = []
         if line.at is not self._last_at:
             self._last_at, self._last_stamp = line.at, repr(line.at.timestamp())
-        pending.append(encode(line, origin, self._last_stamp))
+        pending.append(_encode_str(line, origin, self._last_stamp))
+        self._pending_lines[app] = self._pending_lines.get(app, 0) + 1
+        self._flush_later()
+
+    def append_block(self, block: LineBlock, origin: Origin | None = None) -> None:
+        """`append` for each line of the block; `origin` is the first line's, the next lines
+        number on from it."""
+        app = block.app
+        if app not in self._valid:
+            if not APP.fullmatch(app):
+                return
+            self._valid.add(app)
+        pending = self._pending.get(app)
+        if pending is None:
+            pending = self._pending[app] = []
+        if block.at is not self._last_at:
+            self._last_at, self._last_stamp = block.at, repr(block.at.timestamp())
+        pid, seq = ("", 0) if origin is None else (origin[1], origin[2])
+        prefix = f"{self._last_stamp}\t{block.source}\t{block.dyno}\t{block.dyno_id}\t{pid}\t"
+        pending.append((prefix, -1 if origin is None else seq, block.texts))
+        self._pending_lines[app] = self._pending_lines.get(app, 0) + len(block.texts)
+        self._flush_later()
+
+    def _flush_later(self) -> None:
         if not self._flush_soon:
             try:
                 loop = asyncio.get_running_loop()
@@ -200,11 +266,28 @@ class TailStore:
         """Write every queued line (to the page cache: a process kill loses none of it)."""
         self._flush_soon = False
         pending, self._pending = self._pending, {}
-        for app, lines in pending.items():
-            self._write(app, lines)
+        counts, self._pending_lines = self._pending_lines, {}
+        for app, entries in pending.items():
+            self._write(app, entries, counts.get(app, 0))
 
-    def _write(self, app: str, lines: list[bytes]) -> None:
+    def _write(self, app: str, entries: list[str | tuple[str, int, list[str]]],
+               total: int) -> None:
         try:
+            # Lines that would only land in a file replaced before this write ends are not
+            # written at all: the files end as if they had been (a burst costs the tail
+            # length, not its own length).
+            count = self._counts.get(app, 0)
+            keep_from = (count + total) // self.tail_lines - 1
+            skip = keep_from * self.tail_lines - count if keep_from > 0 else 0
+            if skip > 0:
+                fd = self._fds.pop(app, None)
+                if fd is not None:
+                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    self._rotate(app)
+                self._torn.discard(app)
+                self._counts[app] = 0
+            lines = _encoded(entries, skip)
             while lines:
                 fd = self._fds.get(app)
                 if fd is None:
@@ -214,14 +297,14 @@ class TailStore:
                 count = self._counts.get(app, 0)
                 room = max(1, self.tail_lines - count)
                 batch, lines = lines[:room], lines[room:]
-                data = b"".join(batch)
+                data = "".join(batch).encode()
                 if app in self._torn:
                     data = b"\n" + data
                 os.write(fd, data)
                 self._torn.discard(app)
                 count += len(batch)
                 if count >= self.tail_lines:
-                    os.replace(self._path(app), self._path(app, older=True))
+                    self._rotate(app)
                     os.close(self._fds.pop(app))
                     count = 0
                 self._counts[app] = count
@@ -233,6 +316,14 @@ class TailStore:
                 log.error("cannot keep the log tail of %s on disk: %s", app, exc)
             return
         self._failing.discard(app)
+
+    def _rotate(self, app: str) -> None:
+        """The newest file (full) becomes the older one. The older one goes first: ext4
+        (auto_da_alloc) writes a file renamed over another out at once, some 0.5 ms a
+        rotation; a kill in between loses only lines the full newest file outnumbers."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(app, older=True))
+        os.rename(self._path(app), self._path(app, older=True))
 
     def files(self) -> list[TailFile]:
         tails: dict[str, TailFile] = {}

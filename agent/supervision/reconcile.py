@@ -8,16 +8,15 @@ when asked, so a restarted agent kills nothing until a fresh desired set arrives
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent import errors
+from agent.atomicfile import write_atomically
 from agent.spec import BUILD_TYPE, DynoSpec, SpecError
 from agent.supervision.states import DynoState
 
@@ -178,20 +177,11 @@ class DesiredStore:
     def save(self, generation: int, specs: Sequence[DynoSpec]) -> None:
         data = json.dumps({"generation": generation, "dynos": [s.to_dict() for s in specs]},
                           separators=(",", ":")).encode()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        # Unlike dyno records, the generation must survive a power loss: a host that came
+        # back with an older generation would accept a stale, replayed sync.
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-                # Unlike dyno records, the generation must survive a power loss: a host that
-                # came back with an older generation would accept a stale, replayed sync.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            write_atomically(self.path, data)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise DesiredStateError(self.path, f"cannot write: {exc.strerror}",
                                     exc.errno) from None
 

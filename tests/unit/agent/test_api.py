@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.api.server import Backend, build_app, signal_name
 from agent.errors import AgentError, BadRequest
-from agent.observability.logs import LogLine
+from agent.observability.logs import LineBlock, LogLine, LogSource
 from agent.supervision.states import DynoState, Reason, StateChange
 from tests.support.wait import async_wait_for
 from tests.unit.agent.fakes import T0, FakeBackend, as_root, sample_backend
@@ -284,6 +284,26 @@ async def test_follow_with_tail_then_a_backlog_in_order(client: Client,
         backend.hub.publish(line("shop", "web.1", f"new {i}"))
     got = [json.loads(x)["text"] for x in await read_lines(resp, 2002)]
     assert got == ["old 1", "old 2"] + [f"new {i}" for i in range(2000)]
+    resp.close()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_follow_writes_blocks_as_their_lines(client: Client, backend: FakeBackend,
+                                                   fmt: str) -> None:
+    resp = await client.get("/v1/logs", params={"follow": "1", "app": "shop", "format": fmt})
+    await async_wait_for(_async(lambda: backend.hub.followers == 1), 5)
+    texts = [f"block {i}" for i in range(20_000)] + ['é "q"\t', ""]
+    first = line("shop", "web.1", "alone", 1)
+    block = LineBlock(first.at, LogSource.APP, "web.1", "shop", texts, "d-1")
+    backend.hub.publish(first)
+    backend.hub.publish_block(block)
+    backend.hub.publish(line("shop", "web.2", "after", 2))
+    got = await read_lines(resp, len(texts) + 2)
+    expected = [first, *block.lines(), line("shop", "web.2", "after", 2)]
+    if fmt == "json":
+        assert [json.loads(raw) for raw in got] == [x.as_dict() for x in expected]
+    else:
+        assert got == [x.format() for x in expected]
     resp.close()
 
 
