@@ -250,6 +250,48 @@ def _seccomp_text(mode: Any) -> str | None:
     return f"{mode} ({_SECCOMP_MODES.get(mode, 'unknown')})"
 
 
+# The phases of a dyno's start in the order they happen (agent/supervision/dyno.py,
+# runtime.py), then its exit; and those of its launch in the holder (agent/launcher/launch.py),
+# which the agent reports as `launch.<phase>`.
+START_PHASES = ("record", "queue", "slug", "uid", "dir", "cgroup", "netns", "prepare", "launch",
+                "up", "run", "exit_event", "exit")
+LAUNCH_PHASES = ("prepare", "fork", "cgroup", "namespaces", "netns", "mounts", "user", "exec",
+                 "total")
+
+
+def _number(value: Any) -> str:
+    """A value as a person reads it: no `None`, floats rounded (at most 2 decimals)."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        return f"{value:.2f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _duration_ms(value: Any) -> str:
+    """`7.9 ms`; `0.42 ms` below a millisecond."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _number(value)
+    return f"{value:.2f} ms" if abs(value) < 1 else f"{value:.1f} ms"
+
+
+def format_timings(timings: Any, order: tuple[str, ...], prefix: str = "") -> str | None:
+    """`slug 0.31 ms, uid 1.2 ms, cgroup 7.9 ms, …`: the phases named `prefix<phase>` (those
+    without a dot when no prefix) in `order`, then any others by name."""
+    if not isinstance(timings, dict):
+        return None
+    phases = {str(k)[len(prefix):]: v for k, v in timings.items()
+              if str(k).startswith(prefix) and (prefix or "." not in str(k))}
+    names = [p for p in order if p in phases] + sorted(p for p in phases if p not in order)
+    return ", ".join(f"{name} {_duration_ms(phases[name])}" for name in names) or None
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None or value == "" else _number(value)
+
+
 def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[str]:
     raw_stats = dyno.get("stats")
     stats: dict[str, Any] = raw_stats if isinstance(raw_stats, dict) else {}
@@ -263,11 +305,10 @@ def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[st
     exit_status = dyno.get("exit_status")
     cpu = stats.get("cpu_seconds")
 
-    def pairs(value: Any, unit: str = "") -> str:
+    def pairs(value: Any) -> str:
         if not isinstance(value, dict) or not value:
             return "-"
-        return " ".join(f"{k}={v:g}{unit}" if isinstance(v, float) else f"{k}={v}{unit}"
-                        for k, v in sorted(value.items()))
+        return " ".join(f"{k}={_number(v)}" for k, v in sorted(value.items()))
 
     rows = [
         ("App", dyno.get("app")),
@@ -287,12 +328,13 @@ def format_inspect(dyno: dict[str, Any], now: datetime | None = None) -> list[st
         ("CPU time", f"{cpu:.2f}s" if isinstance(cpu, (int, float)) else None),
         ("Processes", stats.get("pids")),
         ("Limits", pairs(dyno.get("limits"))),
-        ("Timings", pairs(dyno.get("timings_ms"), "ms")),
+        ("Timings", format_timings(dyno.get("timings_ms"), START_PHASES)),
+        ("Launch", format_timings(dyno.get("timings_ms"), LAUNCH_PHASES, "launch.")),
     ]
     width = max(len(k) for k, _ in rows) + 1
     out = [f"=== {dyno.get('name', '?')} ({dyno.get('id', '?')})"]
     for key, value in rows:
-        out.append(f"{key + ':':<{width}} {'-' if value is None or value == '' else value}")
+        out.append(f"{key + ':':<{width}} {_shown(value)}")
     return out
 
 

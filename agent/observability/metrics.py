@@ -4,6 +4,7 @@ load-average EWMA behind them, and the Prometheus text exposition of `GET /metri
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,12 +101,15 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 class MetricType(StrEnum):
     GAUGE = "gauge"
     COUNTER = "counter"
+    HISTOGRAM = "histogram"
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
     labels: Mapping[str, str]
     value: float
+    # Appended to the family's name: a histogram's `_bucket`, `_sum` and `_count` lines.
+    suffix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +162,54 @@ def render(families: Iterable[MetricFamily]) -> str:
                 _check_name(_LABEL_NAME, "label", key)
                 labels.append(f'{key}="{escape_label_value(value)}"')
             label_text = "{" + ",".join(labels) + "}" if labels else ""
-            out.append(f"{family.name}{label_text} {format_value(sample.value)}")
+            out.append(f"{family.name}{sample.suffix}{label_text} "
+                       f"{format_value(sample.value)}")
     return "\n".join(out) + "\n" if out else ""
+
+
+# Upper bounds (s) of the buckets of a start phase: from a fraction of a millisecond (a record
+# write, a uid) to seconds (a web dyno's boot, a slug download).
+PHASE_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                          1.0, 2.5, 5.0, 10.0)
+
+
+class PhaseHistogram:
+    """A Prometheus histogram by phase (the `phase` label): observe() is a bisect and two
+    additions; the cumulative bucket counts are made when rendered."""
+
+    def __init__(self, name: str, help_text: str,
+                 buckets: Sequence[float] = PHASE_BUCKETS_S) -> None:
+        _check_name(_METRIC_NAME, "metric", name)
+        if list(buckets) != sorted(set(buckets)) or not buckets:
+            raise MetricsError(f"the buckets of {name!r} must be distinct and sorted", name)
+        self.name = name
+        self.help = help_text
+        self.buckets = tuple(float(bound) for bound in buckets)
+        # phase → [count per bucket (not cumulative), then those above the last], sum
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+
+    def observe(self, phase: str, seconds: float) -> None:
+        counts = self._counts.get(phase)
+        if counts is None:
+            counts = self._counts[phase] = [0] * (len(self.buckets) + 1)
+            self._sums[phase] = 0.0
+        counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self._sums[phase] += seconds
+
+    def family(self) -> MetricFamily:
+        samples: list[Sample] = []
+        for phase, counts in self._counts.items():
+            cumulative = 0
+            for bound, count in zip(self.buckets, counts, strict=False):
+                cumulative += count
+                samples.append(Sample({"phase": phase, "le": format_value(bound)}, cumulative,
+                                      "_bucket"))
+            total = cumulative + counts[-1]
+            samples.append(Sample({"phase": phase, "le": "+Inf"}, total, "_bucket"))
+            samples.append(Sample({"phase": phase}, self._sums[phase], "_sum"))
+            samples.append(Sample({"phase": phase}, total, "_count"))
+        return MetricFamily(self.name, self.help, MetricType.HISTOGRAM, samples)
 
 
 @dataclass(frozen=True, slots=True)

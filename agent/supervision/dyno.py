@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -83,6 +84,10 @@ class Sink(Protocol):
 
     def save(self, dyno: Dyno) -> None: ...
 
+    def timed(self, dyno: Dyno, phases: dict[str, float]) -> None:
+        """Phases of a start (or exit) of the dyno have been timed (ms)."""
+        ...
+
     async def persisted(self, dyno: Dyno) -> None:
         """Return once everything saved of the dyno's record is on disk."""
         ...
@@ -132,7 +137,22 @@ class Dyno:
             spec.id, spec.app, spec.name, at=record.since, state=record.state,
             reason=record.reason,
             exit_status=record.exit_status)
+        # The wall time (ms) of each phase of the last start, in order (record, queue, slug,
+        # uid, dir, cgroup, netns, prepare, launch), then those of its launch in the holder
+        # ("launch.fork", …); "up" once it happened; at its exit "run" (launched → reaped by
+        # the holder), "exit_event" (reaped → heard here) and "exit" (heard → its outcome,
+        # complete, crashed or down, visible).
         self.timings_ms: dict[str, float] = {}
+        # The phases of the start under way, and the end of the last one timed (perf_counter;
+        # None: nothing is being timed). A created dyno's start begins with its record write.
+        self._phases: dict[str, float] = {}
+        self._mark: float | None = None
+        self._created: tuple[dict[str, float], float] | None = None
+        self._exit_at: float | None = None
+        # Wall clock (the holder's exit events carry its time of the reap): when the process
+        # was launched, and (heard, reaped) of its exit.
+        self._launched_wall: float | None = None
+        self._exit_wall: tuple[float, float] | None = None
         self.last_stats: Any = None
         # Output lines the holder had to drop before this agent read them (reported as L10).
         self.output_dropped = 0
@@ -190,7 +210,25 @@ class Dyno:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def on_exit(self, pid: int, status: int) -> None:
+    def saved_at_create(self, began: float) -> None:
+        """Its first record was written from `began` (perf_counter) until now: the first
+        phase of its first start."""
+        now = time.perf_counter()
+        self._created = ({"record": (now - began) * 1e3}, now)
+
+    def _lap(self, phase: str) -> float | None:
+        """Time `phase` as what happened since the last phase ended; its ms."""
+        now = time.perf_counter()
+        if self._mark is None:
+            return None
+        ms = self._phases[phase] = (now - self._mark) * 1e3
+        self._mark = now
+        return ms
+
+    def on_exit(self, pid: int, status: int, exited_at: float | None = None) -> None:
+        """The process has exited (`exited_at`: when the holder reaped it, wall clock)."""
+        self._exit_at = time.perf_counter()
+        self._exit_wall = None if exited_at is None else (time.time(), exited_at)
         self._exits[pid] = status
         self._wakeup.set()
 
@@ -334,12 +372,15 @@ class Dyno:
                 next_start = now()
 
     async def _start_and_supervise(self) -> ExitInfo:
+        self._phases, self._mark = self._created or ({}, time.perf_counter())
+        self._created = None
         self.update(restart_at=None)
         if self.state is not DynoState.STARTING:
             reason = Reason.RESTART if self.state is DynoState.CRASHED else Reason.START
             self._transition(DynoState.STARTING, reason)
         try:
             async with self.start_slots:
+                self._lap("queue")
                 placement = self.record.placement
                 if placement is not None and not await self.runtime.placement_intact_async(
                         placement):
@@ -354,7 +395,10 @@ class Dyno:
                     self.update(placement=None)
                     placement = None
                 if placement is None:
-                    placement = await self.runtime.place(self.spec)
+                    placed: dict[str, float] = {}
+                    placement = await self.runtime.place(self.spec, placed)
+                    self._phases.update(placed)
+                    self._mark = time.perf_counter()
                     self.update(placement=placement)
                 elif await self.runtime.populated_async(placement):
                     # Processes no holder follows (launched by one that died before this
@@ -366,8 +410,12 @@ class Dyno:
                     await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
                 env = dyno_env(self.spec, placement.ip, DEFAULT_PORT)
                 self._say(logs.starting_process(self.spec.command))
+                self._lap("prepare")
                 launched: Launch = await self.runtime.launch(self.spec, placement, env)
+                self._lap("launch")
+                self._launched_wall = time.time()
         except HolderUnavailable as exc:
+            self.timings_ms, self._mark = self._phases, None
             self._say(exc.line)
             self._holder_wait = (self.holder_gate.generation,
                                  self.clock.monotonic() + HOLDER_WAIT_S)
@@ -377,10 +425,13 @@ class Dyno:
             return ExitInfo(1 if last is None else last, Intent.HOLDER_LOST, False, None,
                             launched=False)
         except DynoStartError as exc:
+            self.timings_ms, self._mark = self._phases, None
             self._say(exc.line)
             return ExitInfo(1, Intent.NONE, False, None)
         self.update(pid=launched.pid, start_time=launched.start_time)
-        self.timings_ms = dict(launched.timings_ms)
+        self.sink.timed(self, self._phases)
+        self._phases.update({f"launch.{phase}": ms for phase, ms in launched.timings_ms.items()})
+        self.timings_ms = self._phases
         return await self._supervise(adopted=False)
 
     async def _supervise(self, adopted: bool) -> ExitInfo:
@@ -569,12 +620,32 @@ class Dyno:
         self._up_mono = self.clock.monotonic()
         self.update(up_since=self.clock.wall())
         self._transition(DynoState.UP, Reason.BOOTED)
+        up_ms = self._lap("up")
+        if up_ms is not None:
+            self._mark = None
+            self.sink.timed(self, {"up": up_ms})
+
+    def _time_exit(self, heard: float) -> None:
+        """The exit heard until its outcome (complete, crashed, down) is visible; and before
+        it, from the holder's time of the reap, the process's run and the exit's way here."""
+        phases: dict[str, float] = {}
+        if self._exit_wall is not None:
+            heard_wall, reaped_wall = self._exit_wall
+            if self._launched_wall is not None:
+                phases["run"] = max(0.0, reaped_wall - self._launched_wall) * 1e3
+            phases["exit_event"] = max(0.0, heard_wall - reaped_wall) * 1e3
+        phases["exit"] = (time.perf_counter() - heard) * 1e3
+        self._exit_at = self._exit_wall = self._launched_wall = None
+        self.timings_ms.update(phases)
+        self.sink.timed(self, phases)
 
     async def _finish(self, info: ExitInfo) -> float | None:
         """Apply the exit; a dyno that has completed frees its cgroup, address and user at
         once (its record stays, for `ps` and its exit status, until it is deleted)."""
         async with self.exit_slots:
             next_start = self._after_exit(info)
+            if self._exit_at is not None:
+                self._time_exit(self._exit_at)
             placement = self.record.placement
             if self.state is DynoState.COMPLETE and placement is not None:
                 await self.runtime.unplace(placement)

@@ -76,7 +76,11 @@ class FakeRuntime:
     oom_watchers: dict[str, Callable[[int], None]] = field(default_factory=dict)
     _pids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
 
-    async def place(self, spec: DynoSpec) -> Placement:
+    async def place(self, spec: DynoSpec,
+                    timings: dict[str, float] | None = None) -> Placement:
+        if timings is not None:
+            timings.update({"slug": 0.5, "uid": 0.25, "dir": 0.125, "cgroup": 2.0,
+                            "netns": 4.0})
         return Placement(cgroup=f"app-{spec.app}.slice/dyno-{spec.id}.scope",
                          netns=f"dyno-{spec.id}", netns_path=f"/run/netns/dyno-{spec.id}",
                          space=spec.space, ip="10.1.2.3", uid=100000, gid=100000,

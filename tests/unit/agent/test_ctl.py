@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -243,7 +244,41 @@ def test_format_inspect_tolerates_a_bare_status() -> None:
                                 "timings_ms": {"launch": 5.523456, "slug": 12}})
     assert lines[0] == "=== web.1 (x)"
     assert "State:     down" in lines and "Memory:    -" in lines
-    assert "Timings:   launch=5.52346ms slug=12ms" in lines
+    assert "Timings:   slug 12.0 ms, launch 5.5 ms" in lines
+    assert "Launch:    -" in lines
+
+
+def test_inspect_shows_the_phases_in_order_with_units() -> None:
+    timings = {"launch.exec": 6.123456, "up": 0.3333, "netns": 11.71, "launch": 27.049,
+               "exit": 3.0, "exit_event": 2.0, "run": 1.25, "record": 0.25, "cgroup": 7.94,
+               "slug": 0.31, "queue": 1.5,
+               "uid": 1.2, "dir": 0.1, "prepare": 0.02, "launch.fork": 7.0,
+               "launch.total": 18.5, "launch.prepare": 1.04, "launch.mounts": 2.5}
+    lines = ctl.format_inspect({"id": "x", "name": "run.1", "state": "complete",
+                                "timings_ms": timings})
+    assert ("Timings:   record 0.25 ms, queue 1.5 ms, slug 0.31 ms, uid 1.2 ms, dir 0.10 ms, "
+            "cgroup 7.9 ms, netns 11.7 ms, prepare 0.02 ms, launch 27.0 ms, up 0.33 ms, "
+            "run 1.2 ms, exit_event 2.0 ms, exit 3.0 ms") in lines
+    assert ("Launch:    prepare 1.0 ms, fork 7.0 ms, mounts 2.5 ms, exec 6.1 ms, "
+            "total 18.5 ms") in lines
+
+
+def test_inspect_prints_no_none_nor_unrounded_float() -> None:
+    """Every field of a dyno as the agent describes it (nulls where it has no value, floats
+    in limits and counters) reads as text: no `None`, no float past 2 decimals."""
+    dyno = {"id": "x", "app": None, "name": "web.1", "type": None, "state": "crashed",
+            "since": None, "reason": None, "command": None, "size": None, "pid": None,
+            "ip": None, "restarts": 0, "exit_status": None, "cgroup": None, "netns": None,
+            "seccomp": None, "stats": {"memory_bytes": 1234567.891, "memory_quota_bytes": 3e8,
+                                       "cpu_seconds": 0.123456789, "pids": None},
+            "limits": {"memory_quota_bytes": 536870912, "cpu_max_cpus": None,
+                       "cpu_weight": 100, "share": 0.333333333},
+            "timings_ms": {"launch": 5.523456, "weird": None, "launch.fork": 0.123456}}
+    out = "\n".join(ctl.format_inspect(dyno))
+    assert "None" not in out
+    assert not re.search(r"\d\.\d{3,}", out), out
+    assert "cpu_max_cpus=none" in out and "share=0.33" in out
+    assert "Timings:   launch 5.5 ms, weird none" in out
 
 
 @pytest.mark.parametrize(("argv", "code"), [(("inspect", "nope"), "not_found"),

@@ -632,3 +632,25 @@ async def test_a_restored_dyno_whose_placement_is_gone_is_placed_again(tmp_path:
         assert status["pid"] is not None
     finally:
         await second.supervisor.detach_all()
+
+
+async def test_a_start_and_its_exit_are_timed_phase_by_phase(h: Harness) -> None:
+    """timings_ms has each phase of the start in the order they happen (the record write at
+    creation, the wait for a start slot, the placement's steps, the launch and its own steps
+    in the holder, the state up), then the exit until `complete` is visible; each phase is
+    counted once in the start-phase histogram of /metrics."""
+    dyno_id = await h.create("run.1")
+    await h.state(dyno_id, "up")
+    h.runtime.exit(dyno_id, 0)
+    await h.state(dyno_id, "complete")
+    timings = h.supervisor.get_dyno(dyno_id)["timings_ms"]
+    phases = ["record", "queue", "slug", "uid", "dir", "cgroup", "netns", "prepare", "launch",
+              "launch.total", "up", "run", "exit_event", "exit"]
+    assert list(timings) == phases
+    assert all(isinstance(ms, float) and ms >= 0 for ms in timings.values())
+    assert timings["netns"] == 4.0  # the runtime's own measure, as it gave it
+    text = h.supervisor.metrics_text()
+    for phase in phases:
+        if "." not in phase:
+            assert f'dynoagent_start_phase_seconds_count{{phase="{phase}"}} 1\n' in text
+    assert "launch.total" not in text

@@ -4,6 +4,9 @@ checked with prometheus_client's own parser."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +18,7 @@ from agent.observability.metrics import (
     MetricFamily,
     MetricsError,
     MetricType,
+    PhaseHistogram,
     Sample,
     format_value,
     load_metrics_line,
@@ -154,3 +158,42 @@ def test_a_family_is_rendered_once() -> None:
     with pytest.raises(MetricsError) as caught:
         render([twice, twice])
     assert caught.value.value == "dup"
+
+
+def _phase_histogram() -> PhaseHistogram:
+    histogram = PhaseHistogram("dynoagent_start_phase_seconds", "Wall time of each phase.")
+    for phase, seconds in (("cgroup", 0.0079), ("cgroup", 0.004), ("netns", 0.0117),
+                           ("netns", 0.001), ("launch", 0.027), ("exit", 42.0)):
+        histogram.observe(phase, seconds)
+    return histogram
+
+
+def test_phase_histogram_has_cumulative_buckets_sum_and_count() -> None:
+    text = render([_phase_histogram().family()])
+    assert "# TYPE dynoagent_start_phase_seconds histogram\n" in text
+    assert 'dynoagent_start_phase_seconds_bucket{phase="cgroup",le="0.0025"} 0\n' in text
+    assert 'dynoagent_start_phase_seconds_bucket{phase="cgroup",le="0.005"} 1\n' in text
+    assert 'dynoagent_start_phase_seconds_bucket{phase="cgroup",le="0.01"} 2\n' in text
+    assert 'dynoagent_start_phase_seconds_bucket{phase="netns",le="0.001"} 1\n' in text
+    assert 'dynoagent_start_phase_seconds_bucket{phase="exit",le="10"} 0\n' in text
+    assert 'dynoagent_start_phase_seconds_bucket{phase="exit",le="+Inf"} 1\n' in text
+    assert 'dynoagent_start_phase_seconds_count{phase="cgroup"} 2\n' in text
+    assert 'dynoagent_start_phase_seconds_sum{phase="exit"} 42\n' in text
+    [family] = text_string_to_metric_families(text)
+    assert family.type == "histogram"
+    count = {s.labels["phase"]: s.value for s in family.samples if s.name.endswith("_count")}
+    assert count == {"cgroup": 2, "netns": 2, "launch": 1, "exit": 1}
+
+
+def test_metrics_with_phase_histograms_pass_promtool() -> None:
+    promtool = shutil.which("promtool") or (
+        "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None)
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    dynos = [DynoMetrics(id="d1", app="shop", name="web.1", type="web", size="standard-1x",
+                         state="up", state_since_s=1_700_000_000.5, restarts=1)]
+    text = render_dynos(dynos, [str(s) for s in DynoState], [_phase_histogram().family()])
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                             capture_output=True, timeout=30, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == "", checked.stdout + checked.stderr
