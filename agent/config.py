@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.decoding import TooDeep, check_depth
+from agent.drainurl import DrainUrl, DrainUrlError, parse_drain_list
 from agent.errors import ConfigError, excerpt
 from agent.heroku import (
     BOOT_TIMEOUT_S,
@@ -54,6 +55,13 @@ class Config:
     # A client certificate (PEM) and its key for wss:// coordinators that require mutual TLS.
     coordinator_client_cert_file: Path | None = None
     coordinator_client_key_file: Path | None = None
+    # The host's address on the network between hosts: private spaces' VXLAN tunnels end
+    # there. None: the local address of the connection to the coordinator.
+    overlay_address: str | None = None
+    # Host-wide log drains: every app's lines (DESIGN §5 `log_drains`); their TLS is verified
+    # against `log_drains_ca_file`, or the system's CAs.
+    log_drains: tuple[DrainUrl, ...] = ()
+    log_drains_ca_file: Path | None = None
     # Empty tuple means "none": every restart is immediate (private spaces).
     # Heroku's timings by default (agent/supervision/policy.py).
     restart_schedule_s: tuple[float, ...] = HEROKU_SCHEDULE_S
@@ -158,6 +166,24 @@ def _coordinator_url(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _overlay_address(key: str, value: Any) -> str:
+    _require(key, value, str, "an IPv4 address")
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ConfigError(key, f"must be an IPv4 address, got {excerpt(value)}") from None
+    if address.is_loopback or address.is_multicast or address.is_unspecified:
+        raise ConfigError(key, f"must be a unicast address other hosts can reach, got {address}")
+    return str(address)
+
+
+def _log_drains(key: str, value: Any) -> tuple[DrainUrl, ...]:
+    try:
+        return parse_drain_list(value)
+    except DrainUrlError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 def _sizes(key: str, value: Any) -> Mapping[str, Size]:
     _require(key, value, dict, "a table of [sizes.NAME] tables")
     try:
@@ -198,6 +224,9 @@ _PARSERS: dict[str, Any] = {
     "coordinator_token_file": _path,
     "coordinator_ca_file": _path,
     "coordinator_client_cert_file": _path,
+    "overlay_address": _overlay_address,
+    "log_drains": _log_drains,
+    "log_drains_ca_file": _path,
     "coordinator_client_key_file": _path,
     "restart_schedule_s": _schedule,
     "boot_timeout_s": _seconds,

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from agent.drainurl import DrainUrlError, parse_drain_list
 from agent.errors import excerpt
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, Size
 
@@ -40,11 +41,13 @@ BUILD_TYPE = "build"
 ONE_SHOT_TYPES = frozenset({"run", "release", BUILD_TYPE})
 WEB_TYPE = "web"
 DEFAULT_PATH = "/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Heroku's DNS service discovery zone in a space: `<app>.app.localspace` and below.
+DNS_APPS_ZONE = "app.localspace"
 
 Restart = Literal["always", "never"]
 
 _KEYS = ("id", "app", "name", "command", "env", "release", "size", "space", "restart",
-         "boot_timeout_s", "stop_timeout_s")
+         "boot_timeout_s", "stop_timeout_s", "log_drains")
 _RELEASE_KEYS = ("version", "slug", "stack")
 
 
@@ -134,6 +137,9 @@ class DynoSpec:
     # when used, so the same body stays the same spec when the agent's defaults change.
     boot_timeout_s: int | None
     stop_timeout_s: int | None
+    # The app's log drains (URLs as given, validated); a spec that names other drains is
+    # another spec (the dyno is replaced, as for any field).
+    log_drains: tuple[str, ...] = ()
 
     @property
     def type(self) -> str:
@@ -165,6 +171,8 @@ class DynoSpec:
             data["boot_timeout_s"] = self.boot_timeout_s
         if self.stop_timeout_s is not None:
             data["stop_timeout_s"] = self.stop_timeout_s
+        if self.log_drains:
+            data["log_drains"] = list(self.log_drains)
         return data
 
 
@@ -336,10 +344,14 @@ def parse_spec(data: Any, sizes: Mapping[str, Size] = DEFAULT_SIZES) -> DynoSpec
             else _int("boot_timeout_s", data["boot_timeout_s"], 1, TIMEOUT_MAX_S))
     stop = (None if data.get("stop_timeout_s") is None
             else _int("stop_timeout_s", data["stop_timeout_s"], 1, TIMEOUT_MAX_S))
+    try:
+        drains = tuple(d.url for d in parse_drain_list(data.get("log_drains", [])))
+    except DrainUrlError as exc:
+        raise SpecError("log_drains", str(exc), exc.value) from None
     return DynoSpec(id=spec_id, app=app, name=name, command=command, env=env,
                     release=release, size=size, space=space,
                     restart="always" if restart == "always" else "never",
-                    boot_timeout_s=boot, stop_timeout_s=stop)
+                    boot_timeout_s=boot, stop_timeout_s=stop, log_drains=drains)
 
 
 def dyno_env(spec: DynoSpec, private_ip: str, port: int = DEFAULT_PORT) -> dict[str, str]:
@@ -355,10 +367,24 @@ def dyno_env(spec: DynoSpec, private_ip: str, port: int = DEFAULT_PORT) -> dict[
         "HOME": "/app",
         "DYNOAGENT_DYNO_ID": spec.id,
         "DYNOAGENT_PRIVATE_IP": private_ip,
+        "HEROKU_PRIVATE_IP": private_ip,
     })
+    formation, dyno, app = dns_names(spec.app, spec.name)
+    env.update({"HEROKU_DNS_FORMATION_NAME": formation, "HEROKU_DNS_DYNO_NAME": dyno,
+                "HEROKU_DNS_APP_NAME": app})
     if spec.is_web:
         env["PORT"] = str(port)
     else:
         # A config var named PORT must not make a worker look like it should bind.
         env.pop("PORT", None)
     return env
+
+
+def dns_names(app: str, name: str) -> tuple[str, str, str]:
+    """A dyno's names in its space's DNS (Heroku's service discovery), lowercase, no final
+    dot: (formation `web.shop.app.localspace`, dyno `1.web.shop.app.localspace`, app
+    `shop.app.localspace`) for dyno `web.1` of app `shop`."""
+    process_type, _, number = name.lower().partition(".")
+    app_name = f"{app.lower()}.{DNS_APPS_ZONE}"
+    formation = f"{process_type}.{app_name}"
+    return formation, f"{number}.{formation}", app_name

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from agent.cli.dynoctl import drop_stdout, dyno_order, dyno_type, since_text, text_lines
+from agent.drainurl import DrainUrlError, parse_drain_url
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, display_name
 from agent.spec import (
     ENV_KEY,
@@ -857,6 +858,45 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     return 0  # Ctrl-C is how a followed log ends
 
 
+def cmd_drains(client: Client, args: argparse.Namespace) -> int:
+    drains = _dicts(client.request("GET", _app_path(args.app_name, "log-drains")),
+                    "a drain listing")
+    if args.json:
+        _print_json(drains)
+    elif not drains:
+        print(f"{args.app_name} has no drains.")
+    else:
+        print("\n".join(["=== Drains", *(str(d.get("url", "?")) for d in drains)]))
+    return 0
+
+
+def cmd_drains_add(client: Client, args: argparse.Namespace) -> int:
+    result = client.request("POST", _app_path(args.app_name, "log-drains"), {"url": args.url})
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Successfully added drain {args.url}")
+    return 0
+
+
+def cmd_drains_remove(client: Client, args: argparse.Namespace) -> int:
+    result = client.request("DELETE", _app_path(args.app_name, "log-drains"),
+                            query={"url": args.url})
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Successfully removed drain {args.url}")
+    return 0
+
+
+def drain_url(text: str) -> str:
+    """A log drain URL (syslog://, syslog+tls://, https://, http://), checked here first."""
+    try:
+        return parse_drain_url(text).url
+    except DrainUrlError as exc:
+        raise argparse.ArgumentTypeError(f"drain URL {exc}") from None
+
+
 def cmd_hosts(client: Client, args: argparse.Namespace) -> int:
     hosts = _dicts(client.request("GET", "/v1/hosts"), "a host listing")
     if args.json:
@@ -991,6 +1031,14 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"how many recent lines (default {LOGS_TAIL_DEFAULT})")
     logs.add_argument("-d", "--dyno", type=dyno_ref, default=None,
                       help="only this dyno (web.1), process type (web) or dyno id")
+    command("drains", cmd_drains, "list an app's log drains")
+    drains_add = command("drains:add", cmd_drains_add,
+                         "add a log drain to an app (no dyno restarts)")
+    drains_add.add_argument("url", type=drain_url, metavar="URL",
+                            help="syslog://HOST:PORT, syslog+tls://HOST:PORT or https://…")
+    drains_remove = command("drains:remove", cmd_drains_remove,
+                            "remove a log drain from an app")
+    drains_remove.add_argument("url", metavar="URL", help="the drain's URL, as listed")
     command("hosts", cmd_hosts, "list the hosts and their state", app_flag=False)
     drain = command("hosts:drain", cmd_hosts_drain,
                     "move a host's dynos elsewhere and place nothing new there",

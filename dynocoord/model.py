@@ -29,6 +29,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Self
 
+from agent.drainurl import DrainUrlError, parse_drain_list, parse_drain_url
 from agent.errors import excerpt
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES, Size
 from agent.spec import (
@@ -161,6 +162,23 @@ def _time(field: str, value: Any) -> str:
     return text
 
 
+def _drain_list(field: str, value: Any) -> tuple[str, ...]:
+    try:
+        return tuple(d.url for d in parse_drain_list(value))
+    except DrainUrlError as exc:
+        raise Invalid(str(exc), field, exc.value) from None
+
+
+def parse_drain_add(body: Any) -> str:
+    """`POST /v1/apps/{app}/log-drains` body: `{"url"}`, a drain URL (agent/drainurl.py)."""
+    data = _mapping("body", body)
+    _keys("", data, ("url",))
+    try:
+        return parse_drain_url(data["url"]).url
+    except DrainUrlError as exc:
+        raise Invalid(str(exc), "url", exc.value) from None
+
+
 def _env(field: str, value: Any) -> Env:
     try:
         return parse_env(value, field)
@@ -264,20 +282,28 @@ class _Record:
 class App(_Record):
     name: str
     created: str
+    # The app's log drains (`drains:add`), sent to its hosts with `drains.sync`, never in its
+    # dynos' specs: adding one restarts no dyno. Records from before drains have none.
+    log_drains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _text("name", self.name, APP_NAME, APP_SHAPE)
         _time("created", self.created)
+        _drain_list("log_drains", self.log_drains)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "created": self.created}
+        data: dict[str, Any] = {"name": self.name, "created": self.created}
+        if self.log_drains:
+            data["log_drains"] = list(self.log_drains)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Self:
         data = _mapping("app", data)
-        _keys("", data, ("name", "created"))
-        return cls(_text("name", data["name"], APP_NAME, APP_SHAPE), _time("created",
-                                                                            data["created"]))
+        _keys("", data, ("name", "created"), ("log_drains",))
+        return cls(_text("name", data["name"], APP_NAME, APP_SHAPE),
+                   _time("created", data["created"]),
+                   _drain_list("log_drains", data.get("log_drains", [])))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,12 @@ always before the `dynos.sync` that would start a dyno of a space it has not hea
 `spaces.sync` generations are microseconds of the wall clock (at least the last + 1), so they
 grow across a leader's life and, clocks agreeing, across leaders. An agent that answers
 `unknown_method` (older than spaces) is not asked again on that connection.
+
+Log drains set per app (`drains:add`, the app record's `log_drains`) reach its hosts with
+`drains.sync`, never in the dynos' specs (a spec change replaces dynos): each host gets the map
+of the apps placed on it (or still running there), when it connects, before each `dynos.sync`
+and when an app's drains change, only when its map differs from the last it took. An agent
+that answers `unknown_method` (older than such drains) is not asked again on that connection.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from agent.coordinator.frames import (
     decode,
     encode,
 )
+from agent.drainurl import MAX_DRAINS
 from agent.sizes import DEFAULT_SIZE, DEFAULT_SIZES
 from dynocoord import keys as keyspace
 from dynocoord import model, placement, spaces
@@ -182,6 +189,11 @@ class Session:
         self.spaces_sent: dict[str, Any] | None = None
         self.spaces_generation = 0
         self.spaces_supported = True
+        # drains.sync: the last map the agent took, and whether it knows the method at all.
+        self.drains_wanted = asyncio.Event()
+        self.drains_lock = asyncio.Lock()
+        self.drains_sent: dict[str, list[str]] | None = None
+        self.drains_supported = True
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._send_lock = asyncio.Lock()
@@ -577,6 +589,13 @@ class Leader:
             sent = session.spaces_sent or {}
             known = {e["space"] for e in sent.get("spaces", ())}
             desired = self.desired(session.host_id)
+            # The drains of the apps it runs, so that a new dyno's first lines reach them.
+            try:
+                await self.send_drains(session)
+            except (ApiError, TimeoutError, ConnectionError) as exc:
+                log.warning("host %s: drains.sync failed before dynos.sync: %s",
+                            session.host_id, exc)
+                session.drains_wanted.set()
             if session.spaces_supported and not {d["app"] for d in desired} <= known:
                 try:
                     await self.send_spaces(session, known)
@@ -606,6 +625,44 @@ class Leader:
                 log.warning("host %s: sync failures: %s", session.host_id, failed[:5])
             if session.spaces_supported:
                 session.spaces_wanted.set()
+
+    # -- log drains ---------------------------------------------------------------------
+    def drains_for(self, session: Session) -> dict[str, list[str]]:
+        """`drains.sync`'s map for the host: the drains of each app placed on it, or with a
+        dyno still running there (its last lines go to them too)."""
+        apps = {p.app for p in self.fleet.placements.get(session.host_id, {}).values()}
+        apps.update(str(d.get("app")) for d in session.dynos.values()
+                    if d.get("state") in LIVE_STATES)
+        found = (self.fleet.apps.get(name) for name in sorted(apps))
+        return {app.name: list(app.log_drains) for app in found
+                if app is not None and app.log_drains}
+
+    def drains_changed(self) -> None:
+        """An app's drains changed: every host whose map that changes is told."""
+        for session in self.sessions.values():
+            if session.drains_supported:
+                session.drains_wanted.set()
+
+    async def drains_loop(self, session: Session) -> None:
+        await _resend_loop(session, "drains.sync", session.drains_wanted,
+                           lambda: session.drains_supported, self.send_drains)
+
+    async def send_drains(self, session: Session) -> None:
+        """`drains.sync` to the host, unless it has this map already (or does not know the
+        method). Errors other than `unknown_method` are the caller's."""
+        if not session.drains_supported:
+            return
+        async with session.drains_lock:
+            wanted = self.drains_for(session)
+            if wanted == session.drains_sent:
+                return
+            known, _ = await _request_if_known(
+                session, "drains.sync", {"apps": wanted}, REQUEST_TIMEOUT_S,
+                "app log drains", "its apps' lines reach only the drains of their specs")
+            if not known:
+                session.drains_supported = False
+                return
+            session.drains_sent = wanted
 
     # -- private spaces -----------------------------------------------------------------
     def host_networks(self) -> list[model.IPNetwork]:
@@ -682,15 +739,8 @@ class Leader:
 
     async def spaces_loop(self, session: Session) -> None:
         """Tell one host its spaces whenever its view changed (the latest only)."""
-        while session.spaces_supported:
-            await session.spaces_wanted.wait()
-            session.spaces_wanted.clear()
-            try:
-                await self.send_spaces(session)
-            except (ApiError, TimeoutError, ConnectionError) as exc:
-                log.warning("host %s: spaces.sync failed (retrying): %s", session.host_id, exc)
-                await asyncio.sleep(1)
-                session.spaces_wanted.set()
+        await _resend_loop(session, "spaces.sync", session.spaces_wanted,
+                           lambda: session.spaces_supported, self.send_spaces)
 
     async def send_spaces(self, session: Session, keep: Iterable[str] = ()) -> None:
         """`spaces.sync` to the host, unless it has this view already (or does not know
@@ -707,18 +757,13 @@ class Leader:
                 return
             generation = max(session.spaces_generation + 1, time.time_ns() // 1000)
             session.spaces_generation = generation
-            try:
-                result = await session.request("spaces.sync",
-                                                {"generation": generation,
-                                                 **_spaces_change(session.spaces_sent, view)},
-                                                SPACES_TIMEOUT_S)
-            except ApiError as exc:
-                if exc.code != "unknown_method":
-                    raise
+            known, result = await _request_if_known(
+                session, "spaces.sync",
+                {"generation": generation, **_spaces_change(session.spaces_sent, view)},
+                SPACES_TIMEOUT_S,
+                "private spaces", "its dynos get no private network across hosts")
+            if not known:
                 session.spaces_supported = False
-                log.warning("host %s: its agent does not know spaces.sync (older than "
-                            "private spaces): its dynos get no private network across hosts",
-                            session.host_id)
                 return
             session.spaces_sent = view
             failed = result.get("failed") if isinstance(result, dict) else None
@@ -1014,6 +1059,36 @@ class Leader:
         return release.process_types.get(p.type) if release else None
 
 
+async def _resend_loop(session: Session, method: str, wanted: asyncio.Event,
+                       supported: Callable[[], bool],
+                       send: Callable[[Session], Awaitable[None]]) -> None:
+    """While the host knows `method`: `send` it each time `wanted` is set (the latest state
+    only), again a second later when it failed."""
+    while supported():
+        await wanted.wait()
+        wanted.clear()
+        try:
+            await send(session)
+        except (ApiError, TimeoutError, ConnectionError) as exc:
+            log.warning("host %s: %s failed (retrying): %s", session.host_id, method, exc)
+            await asyncio.sleep(1)
+            wanted.set()
+
+
+async def _request_if_known(session: Session, method: str, params: dict[str, Any],
+                            timeout_s: float, feature: str, without: str) -> tuple[bool, Any]:
+    """(True, the answer) to `method`; (False, None) if the host's agent does not know it
+    (older than `feature`: logged, with what the host goes `without`). Other errors raise."""
+    try:
+        return True, await session.request(method, params, timeout_s)
+    except ApiError as exc:
+        if exc.code != "unknown_method":
+            raise
+        log.warning("host %s: its agent does not know %s (older than %s): %s",
+                    session.host_id, method, feature, without)
+        return False, None
+
+
 def _spaces_change(sent: dict[str, Any] | None, view: dict[str, Any]) -> dict[str, Any]:
     """What `spaces.sync` carries: the whole view on a connection's first, then only the
     spaces whose entry changed (`partial`) and the names of those gone (`removed`), so that a
@@ -1148,6 +1223,9 @@ class Coordinator:
         r.add_get("/v1/apps/{app}/dynos", self.api(self.dynos))
         r.add_post("/v1/apps/{app}/dynos", self.api(self.one_off))
         r.add_get("/v1/apps/{app}/logs", self.logs)
+        r.add_get("/v1/apps/{app}/log-drains", self.api(self.log_drains))
+        r.add_post("/v1/apps/{app}/log-drains", self.api(self.log_drain_add))
+        r.add_delete("/v1/apps/{app}/log-drains", self.api(self.log_drain_remove))
         r.add_get("/v1/spaces", self.api(self.space_list))
         r.add_get("/v1/leader", self.leader_info)
 
@@ -1261,6 +1339,45 @@ class Coordinator:
             leader.fleet.slices.pop(app.name, None)
             leader.spaces_changed()
         return {"name": app.name, "deleted": True}
+
+    async def log_drains(self, request: web.Request, leader: Leader) -> Any:
+        """`GET /v1/apps/{app}/log-drains`: `[{"url"}]`, in the order they were added."""
+        return [{"url": url} for url in self._app(leader, request).log_drains]
+
+    async def _set_drains(self, leader: Leader, app: model.App,
+                          drains: tuple[str, ...]) -> None:
+        updated = replace(app, log_drains=drains)
+        await leader.commit([Put(self.keys.app(app.name).encode(), updated.to_json())])
+        leader.fleet.apps[app.name] = updated
+        leader.drains_changed()
+
+    async def log_drain_add(self, request: web.Request, leader: Leader) -> Any:
+        """`POST /v1/apps/{app}/log-drains` `{"url"}`: 201; 409 if the app has it, 422 if the
+        URL is not a drain or the app has MAX_DRAINS already."""
+        url = model.parse_drain_add(await self._body(request))
+        async with leader.lock:
+            app = self._app(leader, request)
+            if url in app.log_drains:
+                raise ApiError(409, "conflict", f"app {app.name!r} has this drain already")
+            if len(app.log_drains) >= MAX_DRAINS:
+                raise ApiError(422, "invalid", f"app {app.name!r} has {MAX_DRAINS} drains "
+                               "already, the most an app may have", field="url")
+            await self._set_drains(leader, app, (*app.log_drains, url))
+        return {"url": url}
+
+    async def log_drain_remove(self, request: web.Request, leader: Leader) -> Any:
+        """`DELETE /v1/apps/{app}/log-drains?url=URL`: 200, or 404 if the app has no such
+        drain."""
+        url = request.query.get("url")
+        if not url:
+            raise ApiError(400, "bad_request", "the drain to remove is ?url=URL "
+                                               "(URL-encoded)")
+        async with leader.lock:
+            app = self._app(leader, request)
+            if url not in app.log_drains:
+                raise ApiError(404, "not_found", f"app {app.name!r} has no such drain")
+            await self._set_drains(leader, app, tuple(u for u in app.log_drains if u != url))
+        return {"url": url, "removed": True}
 
     async def releases(self, request: web.Request, leader: Leader) -> Any:
         app = self._app(leader, request)
@@ -1443,6 +1560,7 @@ class Coordinator:
             await session.send(Response(frame.id, result={"coordinator": self.settings.node_id}))
             tasks.append(asyncio.create_task(leader.sync_loop(session)))
             tasks.append(asyncio.create_task(leader.spaces_loop(session)))
+            tasks.append(asyncio.create_task(leader.drains_loop(session)))
             tasks.append(asyncio.create_task(self._pinger(session)))
             log.info("host %s (%s) connected", host_id, frame.params.get("host"))
             async for message in ws:

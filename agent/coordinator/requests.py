@@ -103,7 +103,9 @@ class Requests:
 
     def __init__(self, dynos: DynoHost, engine: Engine,
                  info: Callable[[], dict[str, Any]], *,
-                 builds: BuildHost | None = None, logs: LogFeed | None = None) -> None:
+                 builds: BuildHost | None = None, logs: LogFeed | None = None,
+                 spaces: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+                 drains: Callable[[dict[str, Any]], Awaitable[Any]] | None = None) -> None:
         self.dynos = dynos
         self.engine = engine
         self.info = info
@@ -121,6 +123,10 @@ class Requests:
         if builds is not None:
             self._methods.update({"build.start": self.build_start, "build.get": self.build_get,
                                   "build.list": self.build_list})
+        if spaces is not None:
+            self._methods["spaces.sync"] = spaces
+        if drains is not None:
+            self._methods["drains.sync"] = drains
         if logs is not None:
             self._methods.update({"logs.tail": self.logs_tail, "logs.follow": self.logs_follow,
                                   "logs.unfollow": self.logs_unfollow})

@@ -36,12 +36,18 @@ from agent.api.server import HTTP_LAYER_LOG, build_app
 from agent.builds import Builder
 from agent.builds.service import Builds
 from agent.config import Config
+from agent.coordinator.appdrains import FILE_NAME as APP_DRAINS_FILE
+from agent.coordinator.appdrains import AppDrains
 from agent.coordinator.link import CoordinatorLink
 from agent.coordinator.logfeed import LogFeed
-from agent.coordinator.payloads import dyno_metrics, hello_payload
+from agent.coordinator.payloads import dyno_metrics, hello_payload, network_payload
 from agent.coordinator.requests import Requests
+from agent.coordinator.spaces import SpaceSync
 from agent.daemon import dynoscope
 from agent.daemon import sdnotify as notify
+from agent.daemon.spacenames import SpaceNames
+from agent.discovery import SpaceResolver
+from agent.drains.manager import DrainManager
 from agent.errors import AgentError, ConfigError, Conflict, NotReady
 from agent.holder import ConnectionLost, HolderClient, HolderError
 from agent.launcher import UidAllocationError, UidAllocator
@@ -55,6 +61,7 @@ from agent.supervision.events import EventBus, EventFollower
 from agent.supervision.reconcile import DesiredStore, Engine, SupervisorFleet
 from agent.supervision.records import RecordStore, RecordWriter
 from agent.supervision.runtime import HostRuntime
+from agent.supervision.states import StateChange
 from agent.supervision.supervisor import Supervisor
 from agent.tasks import OwnedTasks
 from agent.unixsocket import UnixListener, listen, live_peer
@@ -148,8 +155,11 @@ class Daemon:
         self._tasks = OwnedTasks()
         self.hub = LogHub()
         self.bus = EventBus()
+        self.drains: DrainManager | None = None  # log drains (agent/drains)
+        self.app_drains: AppDrains | None = None  # the coordinator's drains (drains.sync)
         self.tree: cgroups.Tree | None = None
         self.network: netns.HostNetwork | None = None
+        self.space_names: SpaceNames | None = None
         self.holder: HolderClient | None = None
         # Under systemd (pure v2): the scope the holder and the dynos live in (dynoscope).
         self.scope: dynoscope.ScopePlan | None = None
@@ -510,6 +520,44 @@ class Daemon:
         except (StartupError, cgroups.CgroupError) as exc:
             log.error("the dyno holder stays outside %s: %s", plan.cgroup, exc)
 
+    @contextlib.asynccontextmanager
+    async def _log_drains(self) -> AsyncIterator[None]:
+        """Log drains take lines from the hub before the supervisor publishes any (so a
+        restored dyno's first lines reach them too); an app's drains are those its dynos'
+        specs name and those the coordinator set (`drains.sync`, kept on disk), looked up
+        when its first line comes, at each state change and at each sync that changes them."""
+        coordinator_drains = AppDrains(self.config.state_dir / APP_DRAINS_FILE)
+        self.app_drains = coordinator_drains
+
+        def app_drains(app: str) -> list[str] | None:
+            supervisor = self.supervisor
+            if supervisor is None:
+                return None
+            return coordinator_drains.merged(
+                app, [url for spec in supervisor.specs(app) for url in spec.log_drains])
+
+        drains = DrainManager(self.config.state_dir / "drains", self.config.log_drains,
+                              app_drains, ca_file=self.config.log_drains_ca_file)
+        await drains.start(self.hub)
+        self.drains = drains
+        coordinator_drains.on_change = drains.refresh
+        events = self.bus.subscribe()
+
+        async def follow_changes() -> None:
+            async for change in events:
+                app = getattr(change, "app", None)
+                if app is None:
+                    drains.refresh_all()  # changes were lost: look at every app again
+                else:
+                    drains.refresh(app)
+
+        self._tasks.spawn(follow_changes(), "drains-refresh")
+        try:
+            yield
+        finally:
+            events.close()
+            await drains.aclose()
+
     async def _sweep_log_tails(self) -> None:
         """The log tails of apps gone from this host are kept a while, then removed (see
         agent.observability.logtail); an app with a dyno here, even an unparsable record, keeps
@@ -561,6 +609,12 @@ class Daemon:
                                 sample_interval_s=config.sample_interval_s,
                                 record_writer=RecordWriter(records))
         supervisor.warn_host_stack = self.warn_host_stack
+        # DNS for the spaces' dynos: bound on a space's gateway before its first launch.
+        names = SpaceNames(SpaceResolver(), self.network, supervisor)
+        await names.resolver.start()
+        runtime.space_ready = names.space_ready
+        supervisor.state_listeners.append(names.on_state)
+        self.space_names = names
         # With the pidfds of the running dynos' PID 1s: the runtime holds them from now on.
         held = await self.holder.list_processes(pidfds=True)
         runtime.adopt_processes(held)
@@ -573,6 +627,7 @@ class Daemon:
                         len(swept))
         restored = supervisor.restore(held, moved_uids)
         await self._sweep(restored)
+        await names.start()
         self._tasks.spawn(self._pump_holder_events(), "holder-events")
         # Build dynos of an agent that died mid-build: nobody waits for their slug any more.
         orphans = [d.id for d in supervisor.dynos.values() if d.spec.type == BUILD_TYPE]
@@ -595,6 +650,8 @@ class Daemon:
                 log.warning("deleted dynos' cgroups still being freed after %gs; the next "
                             "start sweeps what is left", UNPLACE_AT_EXIT_S)
             await slugs.aclose()
+            supervisor.state_listeners.remove(names.on_state)
+            await names.close()
             self.idle_at_exit = not supervisor.dynos
 
     async def _remove_dynos(self, ids: list[str]) -> None:
@@ -662,24 +719,41 @@ class Daemon:
             yield
             return
 
+        network = self.network
+        assert network is not None
+
+        def underlay() -> str | None:
+            return self.config.overlay_address or link.local_address
+
         def hello() -> dict[str, Any]:
+            spaces.new_connection()
             return hello_payload(self.info(), supervisor.list_dynos(), engine.generation,
-                                 supervisor.draining)
+                                 supervisor.draining,
+                                 network=network_payload(network, underlay()))
 
         def heartbeat() -> dict[str, Any]:
             return {"dynos": supervisor.counts(), "generation": engine.generation,
                     "draining": supervisor.draining}
 
         logs = LogFeed(self.hub)
+        spaces = SpaceSync(network, underlay, self.space_names)
         link = CoordinatorLink(
-            url, Requests(supervisor, engine, self.info, builds=self.builds, logs=logs).handle,
+            url, Requests(supervisor, engine, self.info, builds=self.builds, logs=logs,
+                          spaces=spaces.handle,
+                          drains=self.app_drains.handle if self.app_drains is not None
+                          else None).handle,
             hello, lambda: dyno_metrics(supervisor), heartbeat=heartbeat,
             connection_scope=logs.connection,
             token_file=self.config.coordinator_token_file,
             ca_file=self.config.coordinator_ca_file,
             client_cert_file=self.config.coordinator_client_cert_file,
             client_key_file=self.config.coordinator_client_key_file)
-        supervisor.state_listeners.append(link.publish_state)
+        def publish_state(change: StateChange) -> None:
+            dyno = supervisor.dynos.get(change.id)
+            placement = dyno.record.placement if dyno is not None else None
+            link.publish_state(change, ip=placement.ip if placement is not None else None)
+
+        supervisor.state_listeners.append(publish_state)
         if self.builds is not None:
             self.builds.listeners.append(link.publish_build)
         self.coordinator = link
@@ -687,7 +761,7 @@ class Daemon:
         try:
             yield
         finally:
-            supervisor.state_listeners.remove(link.publish_state)
+            supervisor.state_listeners.remove(publish_state)
             if self.builds is not None:
                 self.builds.listeners.remove(link.publish_build)
             await link.close()
@@ -752,6 +826,7 @@ class Daemon:
             Step("cgroups", self._cgroups, START_STEP_TIMEOUT_S + HOLDER_START_TIMEOUT_S),
             Step("network", self._network),
             Step("dyno holder", self._holder, START_STEP_TIMEOUT_S + HOLDER_START_TIMEOUT_S),
+            Step("log drains", self._log_drains),
             Step("supervisor", self._supervisor),
             Step("builds", self._builds),
             Step("coordinator", self._coordinator),
@@ -911,7 +986,11 @@ class Operator:
         return await self._formation().scale(app, items)
 
     def metrics_text(self) -> str:
-        return self._sup.metrics_text()
+        names = self._daemon.space_names
+        extra = [] if names is None else [names.metrics_family()]
+        if self._daemon.drains is not None:
+            extra += self._daemon.drains.metrics_families()
+        return self._sup.metrics_text(extra)
 
     @property
     def _builds(self) -> Builds:

@@ -56,13 +56,40 @@ ACK_EVERY_EVENTS = 16
 FRAMES_PER_WRITE = 64
 
 
-@dataclass(frozen=True)
 class OutputEvent:
-    dyno_id: str
-    pid: int
-    seq: int
-    dropped: int
-    lines: tuple[tuple[float, bytes], ...]
+    """Lines of one held process from `seq` on, after `dropped` lost ones. `blocks` are as the
+    holder sent them, (read time, line count, the lines joined by b"\\n"); `lines`, one
+    (time, bytes) per line, is made from them on first use. Made from `lines` alone, each
+    line is a block of one."""
+
+    __slots__ = ("_lines", "blocks", "count", "dropped", "dyno_id", "pid", "seq")
+
+    def __init__(self, dyno_id: str, pid: int, seq: int, dropped: int,
+                 lines: tuple[tuple[float, bytes], ...] = (),
+                 blocks: tuple[tuple[float, int, bytes], ...] | None = None) -> None:
+        self.dyno_id = dyno_id
+        self.pid = pid
+        self.seq = seq
+        self.dropped = dropped
+        self._lines: tuple[tuple[float, bytes], ...] | None
+        if blocks is None:
+            self._lines = tuple(lines)
+            blocks = tuple((ts, 1, data) for ts, data in self._lines)
+        else:
+            self._lines = None
+        self.blocks = blocks
+        self.count = sum(block[1] for block in blocks)
+
+    @property
+    def lines(self) -> tuple[tuple[float, bytes], ...]:
+        if self._lines is None:
+            self._lines = tuple(chain.from_iterable(
+                zip(repeat(ts), data.split(b"\n")) for ts, _count, data in self.blocks))
+        return self._lines
+
+    def __repr__(self) -> str:
+        return (f"OutputEvent({self.dyno_id!r}, {self.pid}, seq={self.seq}, "
+                f"dropped={self.dropped}, count={self.count})")
 
 
 @dataclass(frozen=True)
@@ -91,13 +118,12 @@ class ReceivedOutput:
     pid: int
     seq: int
     dropped: int
-    blocks: tuple[tuple[float, bytes], ...]
+    blocks: tuple[tuple[float, int, bytes], ...]
     size: int
 
     def event(self) -> OutputEvent:
-        lines = tuple(chain.from_iterable(
-            zip(repeat(ts), data.split(b"\n")) for ts, data in self.blocks))
-        return OutputEvent(self.dyno_id, self.pid, self.seq, self.dropped, lines)
+        return OutputEvent(self.dyno_id, self.pid, self.seq, self.dropped,
+                           blocks=self.blocks)
 
 
 @dataclass(frozen=True)
@@ -393,7 +419,7 @@ class HolderClient:
         if event is None:
             return
         self._unacked = None
-        self._acks[(event.dyno_id, event.pid)] = event.seq + len(event.lines)
+        self._acks[(event.dyno_id, event.pid)] = event.seq + event.count
 
     def _send_acks(self) -> None:
         if not self._acks or self._closed:
@@ -553,32 +579,33 @@ def _output_of(p: dict[str, Any]) -> ReceivedOutput:
     if not (isinstance(dyno_id, str) and isinstance(pid, int) and isinstance(seq, int)
             and isinstance(dropped, int)):
         raise TypeError("dyno_id must be a string, pid, seq and dropped integers")
-    blocks: list[tuple[float, bytes]] = []
+    blocks: list[tuple[float, int, bytes]] = []
     size = 0
     if "blocks" in p:
         for ts, count, data in p["blocks"]:
             if not isinstance(data, bytes) or not isinstance(count, int) or (
                     data.count(b"\n") != count - 1 or count < 1):
                 raise ValueError(f"block of {count!r} lines does not match its data")
-            blocks.append((float(ts), data))
+            blocks.append((float(ts), count, data))
             size += len(data)
     else:
         # Protocol 1 (a holder started by an older agent): one [ts, bytes] per line.
         for ts, data in p["lines"]:
             if not isinstance(data, bytes) or b"\n" in data:
                 raise ValueError("a line must be bytes without a newline")
-            blocks.append((float(ts), data))
+            blocks.append((float(ts), 1, data))
             size += len(data)
     return ReceivedOutput(dyno_id, pid, seq, dropped, tuple(blocks), size)
 
 
-_BUILD_ONLY_FIELDS = ("app_dir", "binds")
+# Newer fields (build dynos' app_dir and binds, a space's nameserver) go only when set.
+_BUILD_ONLY_FIELDS = ("app_dir", "binds", "nameserver")
 
 
 def _fields(request: Mapping[str, Any] | Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(request) and not isinstance(request, type):
         fields = dataclasses.asdict(request)
-        # Fields only build dynos use go only when set: a holder started by an older agent
+        # Fields only some dynos use go only when set: a holder started by an older agent
         # then still takes every other launch.
         for key in _BUILD_ONLY_FIELDS:
             if fields.get(key) in (None, ()):

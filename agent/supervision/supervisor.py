@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
@@ -17,7 +18,13 @@ from agent import errors
 from agent.config import Config
 from agent.holder import ExitEvent, HeldProcess, OutputEvent
 from agent.observability import metrics
-from agent.observability.logs import LogHub, LogLine, l10_buffer_overflow
+from agent.observability.logs import (
+    LineBlock,
+    LogHub,
+    LogLine,
+    LogSource,
+    l10_buffer_overflow,
+)
 from agent.signals import parse_signal
 from agent.slugs.roots import SlugPathRefused, SlugRoots
 from agent.spec import HOST_STACK, DynoSpec, SpecError, parse_spec
@@ -58,6 +65,14 @@ class Supervisor:
         self.writer = record_writer or RecordWriter(records, background=False)
         self.hub = hub
         self.bus = bus
+        # Lines the holder dropped (its buffer full) before this agent read them, all dynos.
+        self.output_dropped = 0
+        # How long each phase of the dynos' starts and exits took (the dynos' timings_ms).
+        self.start_phases = metrics.PhaseHistogram(
+            "dynoagent_start_phase_seconds",
+            "Wall time of each phase of a dyno's start (record write, queue, slug, uid, dir, "
+            "cgroup, netns, prepare, launch, up), of its process (run) and of its exit (the "
+            "holder's reap until heard: exit_event, then until its outcome is visible: exit).")
         self.dynos: dict[str, Dyno] = {}
         self.draining = False
         self.accepting = True
@@ -109,6 +124,10 @@ class Supervisor:
         for listener in self.state_listeners:
             listener(change)
 
+    def timed(self, dyno: Dyno, phases: dict[str, float]) -> None:
+        for phase, ms in phases.items():
+            self.start_phases.observe(phase, ms / 1e3)
+
     def save(self, dyno: Dyno) -> None:
         if dyno.id not in self.dynos:
             return
@@ -138,7 +157,7 @@ class Supervisor:
                 return
             dyno = self.dynos.get(event.dyno_id)
             if dyno is not None:
-                dyno.on_exit(event.pid, event.status)
+                dyno.on_exit(event.pid, event.status, event.exited_at)
 
     def _on_output(self, event: OutputEvent) -> None:
         dyno = self.dynos.get(event.dyno_id)
@@ -151,24 +170,34 @@ class Supervisor:
         if seen_up_to is None:
             # What an earlier agent published already (its tail is kept on disk).
             seen_up_to = self.hub.output_seen(*key)
-        end = event.seq + len(event.lines)
-        if end <= seen_up_to and event.lines:
+        end = event.seq + event.count
+        if end <= seen_up_to and event.count:
             return
         self._next_seq[key] = max(end, seen_up_to)
-        first = event.seq + max(0, seen_up_to - event.seq)
-        lines = event.lines[first - event.seq:]
+        skip = max(0, seen_up_to - event.seq)
         app, name = dyno.spec.app, dyno.spec.name
         if event.dropped and event.seq >= seen_up_to:
             dyno.output_dropped += event.dropped
+            self.output_dropped += event.dropped
             self.hub.publish(LogLine.agent(_now(), app, name, l10_buffer_overflow(event.dropped),
                                            dyno.id))
-        last_stamp, at = -1.0, _now()
-        for number, (stamp, data) in enumerate(lines, first):
-            if stamp != last_stamp:  # lines of one pipe read share their time
-                last_stamp, at = stamp, datetime.fromtimestamp(stamp, UTC)
-            text = data.decode("utf-8", errors="replace").rstrip("\n")
-            self.hub.publish(LogLine.output(at, app, name, text, dyno.id),
-                             origin=(dyno.id, event.pid, number))
+        # A block per pipe read: its lines share their time, and travel as one object.
+        number = event.seq
+        for stamp, count, data in event.blocks:
+            if skip >= count:
+                skip -= count
+                number += count
+                continue
+            # Decoding the lines joined replaces what decoding each would: b"\n" never
+            # continues a UTF-8 sequence.
+            text = data.decode("utf-8", errors="replace")
+            texts = [text.rstrip("\n")] if count == 1 else text.split("\n")
+            if skip:
+                texts, number, skip = texts[skip:], number + skip, 0
+            self.hub.publish_block(
+                LineBlock(datetime.fromtimestamp(stamp, UTC), LogSource.APP, name, app, texts,
+                          dyno.id), origin=(dyno.id, event.pid, number))
+            number += len(texts)
         # On disk before the holder hears that these lines were handled (its ack).
         self.hub.flush()
 
@@ -424,7 +453,9 @@ class Supervisor:
                                  reason=Reason.START))
         self.dynos[spec.id] = dyno
         # On disk before the caller hears of it: a dyno it was told exists survives a crash.
+        began = time.perf_counter()
         self.writer.save_now(dyno.record)
+        dyno.saved_at_create(began)
         self.changed(dyno, dyno.machine.current())
         dyno.start(adopt=False)
         return dyno.status()
@@ -524,7 +555,22 @@ class Supervisor:
                 memory_quota_bytes=dyno.spec.size.memory_quota_bytes,
                 cpu_seconds=((stats.cpu_usage_usec or 0) / 1e6) if stats else 0.0,
                 pids=(stats.pids_current or 0) if stats else 0))
-        return metrics.render_dynos(rows, [str(state) for state in DynoState], extra)
+        return metrics.render_dynos(rows, [str(state) for state in DynoState],
+                                    [self.log_drops_family(), self.start_phases.family(),
+                                     *extra])
+
+    def log_drops_family(self) -> metrics.MetricFamily:
+        """Lines lost on the log path, by where: the holder's buffer (a dyno printed faster
+        than the agent read; each gap an L10 line in the log) and the queues of log followers
+        (`/v1/logs?follow=1` readers that read slower than lines came; an L10 line in their
+        stream). Drains count theirs in dynoagent_drain_lines_dropped_total."""
+        return metrics.MetricFamily(
+            "dynoagent_log_lines_dropped_total",
+            "Log lines dropped (reported in the log as Error L10), by where: the holder's "
+            "buffer before the agent read them, or a log follower's queue.",
+            metrics.MetricType.COUNTER,
+            (metrics.Sample({"reason": "holder_buffer"}, float(self.output_dropped)),
+             metrics.Sample({"reason": "follower_queue"}, float(self.hub.follower_dropped))))
 
 
 def _ordinal(name: str) -> int:

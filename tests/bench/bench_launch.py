@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent.launcher import LaunchRequest, launch, seccomp
 from agent.launcher import syscalls as sc
+from tests.support.bench import launch_bench_skipped
 
 RUNS = int(os.environ.get("BENCH_LAUNCH_RUNS", "100"))
 WARMUP = 5
@@ -236,12 +237,7 @@ def _seccomp_cost(results: dict[str, list[float]], filtered: dict[str, list[floa
 
 
 def main() -> None:
-    if os.geteuid() != 0:
-        print("skipped: needs root (namespaces, cgroups, netns)")
-        return
-    missing = [t for t in ("runc", "busybox", "tini-static", "ip") if shutil.which(t) is None]
-    if missing:
-        print(f"skipped: missing {', '.join(missing)}")
+    if launch_bench_skipped():
         return
     # The launcher's caller contract: single-threaded and a child subreaper.
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)

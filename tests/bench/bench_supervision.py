@@ -7,18 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from tests.support.agentproc import AgentProcess
+from tests.support.bench import InfoProbe, close_stream, seq_pipe_rate, temp_slug
 from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
 
@@ -73,34 +71,7 @@ class UpCounter:
                     self.up_at.setdefault(event["id"], time.monotonic())
 
     def close(self) -> None:
-        sock = self.stream.conn.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(2)
-        self._thread.join(10)
-        self.stream.close()
-
-
-class InfoProbe:
-    """GET /v1/info every 50 ms on a thread: how responsive the event loop stays."""
-
-    def __init__(self, agent: AgentProcess) -> None:
-        self.agent = agent
-        self.latencies_ms: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            t0 = time.monotonic()
-            self.agent.api("GET", "/v1/info", timeout_s=60)
-            self.latencies_ms.append((time.monotonic() - t0) * 1e3)
-
-    def stop(self) -> list[float]:
-        self._stop.set()
-        self._thread.join(70)
-        return self.latencies_ms
+        close_stream(self.stream, self._thread)
 
 
 def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, float]]:
@@ -126,7 +97,7 @@ def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, fl
         all_up_s = max(counter.up_at[i] for i in ids) - started
         ups = sorted(counter.up_at[i] - started for i in ids)
     finally:
-        info_ms = probe.stop()
+        info_ms = [ms for _, ms in probe.stop()]
         counter.close()
     return ids, {"accepted_s": accepted_s, "all_up_s": all_up_s,
                  "info_median_ms": statistics.median(info_ms), "info_max_ms": max(info_ms),
@@ -238,28 +209,8 @@ def _log_throughput(agent: AgentProcess, slug: Path) -> dict[str, float]:
             "peak_rss_mib": _status_kib(pid, "VmHWM") / 1024}
 
 
-def _peer_pipe() -> float:
-    """The ceiling: the same `seq` read line by line from a plain pipe by this process."""
-    started = time.monotonic()
-    with subprocess.Popen(["seq", "1", str(LOG_LINES)], stdout=subprocess.PIPE) as proc:
-        assert proc.stdout is not None
-        count = sum(1 for _ in proc.stdout)
-    assert count == LOG_LINES
-    return LOG_LINES / (time.monotonic() - started)
-
-
-@contextlib.contextmanager
-def _slug() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dtslug", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def main() -> None:
-    with _slug() as slug, new_test_host("dt") as host:
+    with temp_slug() as slug, new_test_host("dt") as host:
         agent = AgentProcess(extra={"log_level": "info"}, netns=host.name)
         try:
             agent.start()
@@ -273,7 +224,7 @@ def main() -> None:
         finally:
             agent.cleanup()
     peer_start_s = _peer_unshare_200()
-    peer_lines_per_s = _peer_pipe()
+    peer_lines_per_s = seq_pipe_rate(LOG_LINES)  # the ceiling
     print(f"{DYNOS} simultaneous starts (worker dynos running sleep), 1 run:")
     print(f"  all requests answered 201       {start['accepted_s']:7.2f} s  "
           f"(median request {start['median_request_ms']:.0f} ms)")

@@ -24,6 +24,7 @@ import pytest
 
 from tests.e2e.conftest import COORDINATED_SETTINGS
 from tests.e2e.test_chaos import holder_pids
+from tests.e2e.test_log_drains import receiver
 from tests.e2e.test_supervision import make_slug
 from tests.support.agentproc import AgentProcess, ApiError
 from tests.support.dynocoord import OPENER, Replica, request
@@ -140,45 +141,58 @@ def total(up: dict[str, list[str]]) -> list[str]:
     return sorted(name for names in up.values() for name in names)
 
 
+def start_fleet(stack: contextlib.ExitStack, base: Path, slug: Path, name: str,
+                ports: tuple[int, ...] = PORTS) -> Fleet:
+    """etcd and the coordinator replica c1 in a hub test host, and an agent in each of three
+    test hosts (given the URLs of `ports`), all on one LAN; undone by `stack`, the slug too."""
+    (base / "token").write_text(TOKEN + "\n")
+    stack.callback(shutil.rmtree, slug, ignore_errors=True)
+    hub = stack.enter_context(new_test_host(f"{name}c"))
+    hosts = [stack.enter_context(new_test_host(f"{name}h")) for _ in range(3)]
+    lan = stack.enter_context(new_lan([hub, *hosts]))
+    etcd = EtcdProcess(netns=hub)
+    stack.callback(etcd.close)
+    etcd.start()
+    client = stack.enter_context(NetnsThread(hub))
+    fleet = Fleet(hub, lan, etcd, base, client, slug)
+    stack.callback(_teardown, fleet)
+    c1 = fleet.replica("c1", PORTS[0])
+    wait_for(lambda: fleet.leads(c1), 20, interval_s=0.1, what="c1 leading")
+    urls = [agent_url(fleet.address, port) for port in ports]
+    for host in hosts:
+        agent = AgentProcess(netns=host.name, extra={
+            **AGENT_SETTINGS, "coordinator_url": urls,
+            "coordinator_token_file": str(fleet.token_file)})
+        member = Member(host, agent)
+        fleet.members.append(member)
+        agent.start()
+        member.host_id = agent.api("GET", "/v1/info")["agent_id"]
+    return fleet
+
+
+@contextlib.contextmanager
+def logs_on_failure(fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every agent connected; the replicas' and agents' logs printed if a test failed."""
+    failed_before = request.session.testsfailed
+    try:
+        wait_for(lambda: all(m.link()["state"] == "connected" for m in fleet.members),
+                 20, interval_s=0.1, what="agents connected")
+        yield
+    except BaseException:
+        print_logs(fleet)
+        raise
+    if request.session.testsfailed > failed_before:
+        print_logs(fleet)
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory,
           request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    base = tmp_path_factory.mktemp("fleet")
-    (base / "token").write_text(TOKEN + "\n")
-    slug = make_slug()
-    failed_before = request.session.testsfailed
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, slug, ignore_errors=True)
-        hub = stack.enter_context(new_test_host("dtc"))
-        hosts = [stack.enter_context(new_test_host("dth")) for _ in range(3)]
-        lan = stack.enter_context(new_lan([hub, *hosts]))
-        etcd = EtcdProcess(netns=hub)
-        stack.callback(etcd.close)
-        etcd.start()
-        client = stack.enter_context(NetnsThread(hub))
-        fleet = Fleet(hub, lan, etcd, base, client, slug)
-        stack.callback(_teardown, fleet)
-        c1 = fleet.replica("c1", PORTS[0])
-        wait_for(lambda: fleet.leads(c1), 20, interval_s=0.1, what="c1 leading")
         # Both replicas' URLs from the start: c2 only runs for the failover test.
-        urls = [agent_url(fleet.address, port) for port in PORTS]
-        for host in hosts:
-            agent = AgentProcess(netns=host.name, extra={
-                **AGENT_SETTINGS, "coordinator_url": urls,
-                "coordinator_token_file": str(fleet.token_file)})
-            member = Member(host, agent)
-            fleet.members.append(member)
-            agent.start()
-            member.host_id = agent.api("GET", "/v1/info")["agent_id"]
-        try:
-            wait_for(lambda: all(m.link()["state"] == "connected" for m in fleet.members),
-                     20, interval_s=0.1, what="agents connected")
+        fleet = start_fleet(stack, tmp_path_factory.mktemp("fleet"), make_slug(), "dt")
+        with logs_on_failure(fleet, request):
             yield fleet
-        except BaseException:
-            print_logs(fleet)
-            raise
-        if request.session.testsfailed > failed_before:
-            print_logs(fleet)
 
 
 def print_logs(fleet: Fleet) -> None:
@@ -335,7 +349,11 @@ def test_a_dead_hosts_dynos_are_up_elsewhere_within_10s_and_never_doubled_on_its
         link = victim.link()
         after_sync = link["state"] == "connected" and (link["generation"] or 0) > generation
         counts.append((after_sync, total(fleet.up())))
-        return after_sync and not victim.dynos()
+        try:  # not `victim.dynos()`: an unanswered request must not pass for "no dynos"
+            left = victim.agent.api("GET", "/v1/dynos", timeout_s=10)
+        except (OSError, ApiError):
+            return False
+        return after_sync and not left
     wait_for(synced, 20, interval_s=0.05, what="the returning host synced, its dynos removed")
     # And it stays so: polled for a while, six formation dynos, each once.
     deadline = time.monotonic() + 2
@@ -494,3 +512,34 @@ def test_a_one_offs_output_streams_from_the_coordinator(fleet: Fleet) -> None:
         return any(d["id"] == created["id"] and d["state"] == "complete"
                    and d["exit_status"] == 0 for d in listed(fleet, c2))
     wait_for(complete, 20, interval_s=0.2, what="the one-off complete with status 0")
+
+
+def test_a_drain_added_on_the_coordinator_gets_the_apps_lines_and_restarts_nothing(
+        fleet: Fleet) -> None:
+    """`drains:add` (the app's record, `drains.sync` to its hosts, never its specs): a
+    one-off's output reaches the drain from whichever host runs it, and no dyno restarts.
+    Each host has its own receiver at the drain's address, 127.0.0.1 in its namespace."""
+    c2 = fleet.replicas["c2"]
+    outs = [fleet.base / f"drain-{n}.log" for n in range(len(fleet.members))]
+    receivers = [receiver(m.host, "syslog", 6514, out)
+                 for m, out in zip(fleet.members, outs, strict=True)]
+    try:
+        before = {i: p for i, p in fleet.pids().items() if p[0] == "up"}
+        fleet.call(c2, "POST", f"/v1/apps/{APP}/log-drains",
+                   {"url": "syslog://127.0.0.1:6514"}, expect=201)
+        time.sleep(2.0)  # drains.sync has reached every host
+        after = fleet.pids()
+        assert {i: after.get(i) for i in before} == before
+        marker = f"fleet-drain-{unique('m', 6)}"
+        fleet.call(c2, "POST", f"/v1/apps/{APP}/dynos", {"command": f"echo {marker}"},
+                   expect=201)
+        wait_for(lambda: any(marker.encode() in out.read_bytes() for out in outs
+                             if out.exists()), 30, interval_s=0.2,
+                 what="the one-off's line at the drain")
+        received = b"".join(out.read_bytes() for out in outs if out.exists())
+        assert b" app run." in received and b"State changed from" in received
+        fleet.call(c2, "DELETE", f"/v1/apps/{APP}/log-drains?url=syslog%3A%2F%2F127.0.0.1"
+                   "%3A6514", expect=200)
+    finally:
+        for process in receivers:
+            process.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.e2e.test_supervision import (
 )
 from tests.support.agentproc import AgentProcess
 from tests.support.names import unique
+from tests.support.poller import Poller
 from tests.support.testhost import new_test_host
 from tests.support.wait import wait_for
 
@@ -28,7 +28,7 @@ API_ANSWER_S = 1.0
 UP_AGAIN_S = 5.0
 
 
-class ApiWatch:
+class ApiWatch(Poller):
     """Polls the operator API on a thread: the slowest answer, and every state seen."""
 
     def __init__(self, agent: AgentProcess, app: str) -> None:
@@ -37,27 +37,19 @@ class ApiWatch:
         self.slowest_s = 0.0
         self.failures: list[str] = []
         self.states: dict[str, set[str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                listed = self.agent.api("GET", f"/v1/dynos?app={self.app}",
-                                        timeout_s=API_ANSWER_S * 5)
-            except Exception as exc:  # recorded, asserted on below
-                self.failures.append(repr(exc))
-                listed = []
-            self.slowest_s = max(self.slowest_s, time.monotonic() - started)
-            for status in listed:
-                self.states.setdefault(status["id"], set()).add(status["state"])
-            self._stop.wait(0.02)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def poll(self) -> None:
+        started = time.monotonic()
+        try:
+            listed = self.agent.api("GET", f"/v1/dynos?app={self.app}",
+                                    timeout_s=API_ANSWER_S * 5)
+        except Exception as exc:  # recorded, asserted on below
+            self.failures.append(repr(exc))
+            listed = []
+        self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+        for status in listed:
+            self.states.setdefault(status["id"], set()).add(status["state"])
 
 
 def _holder_pids(agent: AgentProcess) -> list[int]:

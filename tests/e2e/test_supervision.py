@@ -572,7 +572,7 @@ def test_100k_lines_keep_the_tail_and_a_slow_follower_gets_l10_not_a_blocked_dyn
     assert re.search(r" agent\[logs\]: Error L10 \(output buffer overflow\): "
                      r"\d+ messages dropped$", follower_l10[0]), follower_l10
     assert received == sorted(set(received)), "lines arrive once and in order"
-    # Its queue (10,000 lines) was full when it stalled; a few of those are platform lines.
+    # Its queue (50,000 lines) was full when it stalled; a few of those are platform lines.
     assert len(received) >= 9_900
     print(f"received {len(received)}, follower dropped {dropped}, holder dropped "
           f"{holder_dropped} of {LOG_LINES}")

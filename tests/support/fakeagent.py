@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from agent import errors
+from agent.coordinator import appdrains
 from agent.coordinator.frames import (
     HARD_FRAME_BYTES,
     MAX_FRAME_BYTES,
@@ -245,7 +246,7 @@ class FakeAgent:
                  connect_slots: asyncio.Semaphore | None = None,
                  rng: random.Random | None = None,
                  network: Mapping[str, Any] | None = None,
-                 spaces_sync: bool = True) -> None:
+                 spaces_sync: bool = True, drains_sync: bool = True) -> None:
         # Several URLs are replicas, tried in turn as the real link does.
         self.urls = (url,) if isinstance(url, str) else tuple(url)
         self._url_index = 0
@@ -279,6 +280,12 @@ class FakeAgent:
         # The last spaces.sync applied (its params), and every one received (params).
         self.spaces: dict[str, Any] | None = None
         self.spaces_received: list[dict[str, Any]] = []
+        # drains.sync (drains_sync=False: unknown_method, as an agent older than it): the last
+        # map taken (kept across agent restarts, as the agent keeps app-drains.json), and
+        # every request's params.
+        self.drains_sync = drains_sync
+        self.drains: dict[str, list[str]] | None = None
+        self.drains_received: list[dict[str, Any]] = []
         self._space_ips: dict[str, Iterator[int]] = {}
         self._session = session
         self._own_session = session is None
@@ -650,6 +657,8 @@ class FakeAgent:
                 "agent.info": self._info, "logs.tail": self._logs_tail}.get(method)
         if method == "spaces.sync" and self.spaces_sync:
             call = self._spaces_sync
+        if method == "drains.sync" and self.drains_sync:
+            call = self._drains_sync
         if call is None:
             raise FakeError("unknown_method", f"unknown method {excerpt(method)}")
         return await call(params)
@@ -832,6 +841,20 @@ class FakeAgent:
             params.pop("removed", None)
         self.spaces = params
         return {"generation": p["generation"], "applied": applied, "failed": failed}
+
+    async def _drains_sync(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Checked and kept as the agent does (agent/coordinator/appdrains.py)."""
+        try:
+            apps = appdrains.parse(params)
+        except errors.AgentError as exc:
+            raise FakeError(exc.code, exc.message) from None
+        self.drains_received.append(params)
+        self._notify()
+        before = self.drains or {}
+        after = {app: list(urls) for app, urls in apps.items()}
+        self.drains = after
+        return {"apps": sorted(after), "changed": sorted(
+            a for a in {*before, *after} if before.get(a) != after.get(a))}
 
     async def _info(self, params: dict[str, Any]) -> dict[str, Any]:
         _fields(params, {})

@@ -94,7 +94,8 @@ def test_conffile_documents_every_key_with_its_default() -> None:
     parsed = config_mod.from_mapping(values)
     defaults = config_mod.Config()
     examples = {"coordinator_url", "coordinator_token_file", "coordinator_ca_file",
-                "coordinator_client_cert_file", "coordinator_client_key_file"}
+                "coordinator_client_cert_file", "coordinator_client_key_file",
+                "overlay_address", "log_drains_ca_file"}
     for key in set(values) - examples - {"socket", "slug_roots", "sizes"}:
         assert getattr(parsed, key) == getattr(defaults, key), key
     assert parsed.socket_path == defaults.socket_path

@@ -7,6 +7,7 @@ and bad input refused without a write."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -91,11 +92,12 @@ class Cluster:
         self.replicas.append(replica)
         return replica
 
-    def agent(self, n: int, urls: list[str]) -> FakeAgent:
+    def agent(self, n: int, urls: list[str], **options: Any) -> FakeAgent:
+        """A started fake agent `agent-n` on `host-n`; `options` go to FakeAgent as well."""
         agent = FakeAgent(urls, TOKEN, f"agent-{n}", f"host-{n}",
                           capacity={"cpus": 4, "memory_bytes": 8 * GIB},
                           boot_delay_s=0.2, ping_interval_s=1.0, backoff_min_s=0.1,
-                          backoff_max_s=0.5, heartbeat_interval_s=1.0)
+                          backoff_max_s=0.5, heartbeat_interval_s=1.0, **options)
         agent.start()
         self.agents.append(agent)
         return agent
@@ -109,9 +111,10 @@ class Cluster:
         return "\n".join(f"--- {r.log.name}\n{r.log_tail()}" for r in self.replicas)
 
 
-@pytest.fixture
-async def cluster(own_etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[Cluster]:
-    fleet = Cluster(own_etcd, tmp_path)
+@contextlib.asynccontextmanager
+async def running_cluster(etcd: EtcdProcess, tmp: Path) -> AsyncIterator[Cluster]:
+    """A Cluster whose agents are closed and replicas stopped after."""
+    fleet = Cluster(etcd, tmp)
     try:
         yield fleet
     finally:
@@ -119,6 +122,26 @@ async def cluster(own_etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[Cluste
             await agent.close()
         for replica in fleet.replicas:
             replica.stop()
+
+
+@pytest.fixture
+async def cluster(own_etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with running_cluster(own_etcd, tmp_path) as fleet:
+        yield fleet
+
+
+async def deploy_web(url: str, app: str, web: int) -> None:
+    """Create `app` with a `web` process type and scale it to `web` dynos."""
+    await call(url, "POST", "/v1/apps", {"name": app}, expect=201)
+    await call(url, "POST", f"/v1/apps/{app}/releases",
+               {"slug": {"path": f"/var/lib/dynoagent/slugs/{app}"}, "stack": "host",
+                "process_types": {"web": "python3 server.py"}}, expect=201)
+    await scale_web(url, app, web)
+
+
+async def scale_web(url: str, app: str, web: int) -> None:
+    await call(url, "PATCH", f"/v1/apps/{app}/formation", {"web": {"quantity": web}},
+               expect=200)
 
 
 async def deploy(url: str, app: str = "shop", web: int = 3, worker: int = 3) -> None:

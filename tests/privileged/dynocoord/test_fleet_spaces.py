@@ -16,12 +16,17 @@ import pytest
 
 from dynocoord.etcd import EtcdClient
 from tests.privileged.dynocoord.test_fleet_coordinator import (
-    GIB,
-    TOKEN,
     Cluster,
     call,
     leading_replica,
+    running_cluster,
     until,
+)
+from tests.privileged.dynocoord.test_fleet_coordinator import (
+    deploy_web as deploy,
+)
+from tests.privileged.dynocoord.test_fleet_coordinator import (
+    scale_web as scale,
 )
 from tests.support.etcd import EtcdProcess
 from tests.support.fakeagent import FakeAgent
@@ -29,41 +34,16 @@ from tests.support.fakeagent import FakeAgent
 
 @pytest.fixture
 async def fleet(own_etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[Cluster]:
-    cluster = Cluster(own_etcd, tmp_path)
-    try:
+    async with running_cluster(own_etcd, tmp_path) as cluster:
         yield cluster
-    finally:
-        for agent in cluster.agents:
-            await agent.close()
-        for replica in cluster.replicas:
-            replica.stop()
 
 
 def agent(cluster: Cluster, n: int, url: str, *, spaces_sync: bool = True,
           mtu: int = 1500, stop_delay_s: float = 0.01) -> FakeAgent:
     network = {"underlay": f"192.0.2.{n + 1}", "mtu": mtu,
                "networks": [f"192.0.2.{n + 1}/24"]} if spaces_sync else None
-    fake = FakeAgent([url], TOKEN, f"agent-{n}", f"host-{n}",
-                     capacity={"cpus": 4, "memory_bytes": 8 * GIB}, boot_delay_s=0.2,
-                     ping_interval_s=1.0, backoff_min_s=0.1, backoff_max_s=0.5,
-                     heartbeat_interval_s=1.0, network=network, spaces_sync=spaces_sync,
-                     stop_delay_s=stop_delay_s)
-    fake.start()
-    cluster.agents.append(fake)
-    return fake
-
-
-async def deploy(url: str, app: str, web: int) -> None:
-    await call(url, "POST", "/v1/apps", {"name": app}, expect=201)
-    await call(url, "POST", f"/v1/apps/{app}/releases",
-               {"slug": {"path": f"/var/lib/dynoagent/slugs/{app}"}, "stack": "host",
-                "process_types": {"web": "python3 server.py"}}, expect=201)
-    await scale(url, app, web)
-
-
-async def scale(url: str, app: str, web: int) -> None:
-    await call(url, "PATCH", f"/v1/apps/{app}/formation", {"web": {"quantity": web}},
-               expect=200)
+    return cluster.agent(n, [url], network=network, spaces_sync=spaces_sync,
+                         stop_delay_s=stop_delay_s)
 
 
 def entry(fake: FakeAgent, space: str) -> dict[str, Any] | None:

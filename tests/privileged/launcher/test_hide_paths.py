@@ -3,8 +3,6 @@ one another are empty inside the dyno, whatever their modes, in whichever order 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,17 +10,14 @@ from typing import Any
 import pytest
 
 from tests.privileged.launcher.harness import Holder, run
+from tests.support.tempdirs import readable_temp_dir
 
 
 @pytest.fixture
 def host_dir() -> Iterator[Path]:
     # Outside /tmp: a dyno's /tmp is its own and would hide the directory anyway.
-    path = Path(tempfile.mkdtemp(prefix="dthide", dir="/var/tmp"))
-    path.chmod(0o755)
-    try:
+    with readable_temp_dir("dthide", "/var/tmp") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("order", ["outer-first", "inner-first"])

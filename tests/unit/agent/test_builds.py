@@ -16,6 +16,7 @@ from agent import errors
 from agent.builds import buildpacks as bp
 from agent.builds.builder import BuildFailed, BuildRequest, cache_key, check_tree, pack
 from agent.builds.release import ReleaseError, ReleaseInfo, merge_releases, parse_release
+from tests.support.httpserve import start_local
 
 
 def test_release_yaml_gives_process_types_and_config_vars() -> None:
@@ -77,11 +78,7 @@ async def test_buildpack_urls_need_a_sha256_and_are_checked(tmp_path: Path) -> N
 
     app = web.Application()
     app.router.add_get("/bp.tgz", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_local(app)
     try:
         url = f"http://127.0.0.1:{port}/bp.tgz"
         digest = hashlib.sha256(body).hexdigest()

@@ -211,6 +211,10 @@ def test_dyno_env_for_web() -> None:
         "HOME": "/app",
         "DYNOAGENT_DYNO_ID": "d1",
         "DYNOAGENT_PRIVATE_IP": "10.1.0.5",
+        "HEROKU_PRIVATE_IP": "10.1.0.5",
+        "HEROKU_DNS_FORMATION_NAME": "web.shop.app.localspace",
+        "HEROKU_DNS_DYNO_NAME": "1.web.shop.app.localspace",
+        "HEROKU_DNS_APP_NAME": "shop.app.localspace",
     }
 
 
@@ -220,6 +224,18 @@ def test_dyno_env_for_worker_has_no_port_and_default_path() -> None:
     assert "PORT" not in env
     assert env["PATH"] == DEFAULT_PATH
     assert env["DYNO"] == "worker.2"
+    assert env["HEROKU_DNS_DYNO_NAME"] == "2.worker.shop.app.localspace"
+
+
+def test_dyno_env_dns_names_of_a_one_off_and_config_vars_cannot_spoof_them() -> None:
+    spec = parse_spec(minimal(id="d3", name="run.3",
+                              env={"HEROKU_PRIVATE_IP": "1.2.3.4",
+                                   "HEROKU_DNS_APP_NAME": "other.app.localspace"}))
+    env = dyno_env(spec, "10.1.0.7")
+    assert env["HEROKU_PRIVATE_IP"] == "10.1.0.7"
+    assert env["HEROKU_DNS_FORMATION_NAME"] == "run.shop.app.localspace"
+    assert env["HEROKU_DNS_DYNO_NAME"] == "3.run.shop.app.localspace"
+    assert env["HEROKU_DNS_APP_NAME"] == "shop.app.localspace"
 
 
 # ---------------------------------------------------------------- properties
