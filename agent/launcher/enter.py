@@ -7,12 +7,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from agent.launcher import privileges, process, terminal
+from agent.launcher import cgroupjoin, privileges, process, terminal
 from agent.launcher import report as rep
 from agent.launcher import seccomp as syscall_filter
 from agent.launcher import syscalls as sc
 from agent.launcher.errors import LaunchError, SeccompError
-from agent.launcher.launch import _join_cgroup
 from agent.launcher.request import DEFAULT_NOFILE
 
 # The pid namespace is entered by the parent for the fork; the child joins the rest.
@@ -78,11 +77,15 @@ def _enter(target_pid: int, argv: Sequence[str],
             channel = terminal.channel()
         tty = None if pty is None or channel is None else (pty, channel[1])
 
+        join = cgroupjoin.plan(cgroup_procs)
+
         def child(write_fd: int) -> NoReturn:
-            _child(pidfd, args, env_map, uid, gid, cwd, stdio, cgroup_procs, last_cap,
+            _child(pidfd, args, env_map, uid, gid, cwd, stdio, join.writes, last_cap,
                    nofile_limit, write_fd, program, tty)
 
-        pid, _ = process.fork_into(lambda: sc.setns(pidfd, sc.CLONE_NEWPID), child, timeout_s)
+        pid, _ = process.fork_into(
+            lambda: sc.setns(pidfd, sc.CLONE_NEWPID), child, timeout_s,
+            join.clone_into)
         master = None
         if channel is not None:
             try:
@@ -99,14 +102,13 @@ def _enter(target_pid: int, argv: Sequence[str],
 
 
 def _child(pidfd: int, argv: list[str], env: dict[str, str], uid: int, gid: int, cwd: str,
-           stdio: tuple[int, int, int] | None, cgroup_procs: tuple[str, ...], last_cap: int,
+           stdio: tuple[int, int, int] | None, cgroup_writes: tuple[str, ...], last_cap: int,
            nofile_limit: int, write_fd: int, program: sc.BpfProgram | None,
            pty: tuple[terminal.PtyRequest, int] | None) -> NoReturn:
     phase = "cgroup"
     try:
         # Host paths: must be written before we switch to the dyno's mount namespace.
-        for path in cgroup_procs:
-            _join_cgroup(path)
+        cgroupjoin.join(cgroup_writes)
         phase = "namespaces"
         sc.setns(pidfd, _CHILD_NAMESPACES)
         if pty is not None:

@@ -8,7 +8,7 @@ import socket
 import time
 from typing import NoReturn
 
-from agent.launcher import etc, idmap, privileges, process, rootfs, seccomp, terminal
+from agent.launcher import cgroupjoin, etc, idmap, privileges, process, rootfs, seccomp, terminal
 from agent.launcher import report as rep
 from agent.launcher import syscalls as sc
 from agent.launcher.errors import LaunchError, SeccompError
@@ -79,13 +79,17 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
                                   f"user namespace for the idmapped slug: {e.strerror}") from e
             fds.append(userns_fd)
 
+        join = cgroupjoin.plan(req.cgroup_procs)
+
         def child(write_fd: int) -> NoReturn:
-            _child(req, plan, argv, env, reaper_fd, netns_fd, userns_fd, last_cap,
-                   (stdin_fd, stdout_fd, stderr_fd), write_fd,
+            _child(req, plan, join.writes, argv, env, reaper_fd, netns_fd, userns_fd,
+                   last_cap, (stdin_fd, stdout_fd, stderr_fd), write_fd,
                    None if pty is None or channel is None else (pty, channel[1]))
 
         prepared_ns = time.monotonic_ns()
-        pid, report = process.fork_into(lambda: sc.unshare(sc.CLONE_NEWPID), child, timeout_s)
+        pid, report = process.fork_into(
+            lambda: sc.unshare(sc.CLONE_NEWPID), child, timeout_s,
+            join.clone_into)
         report.marks["prepare"] = prepared_ns
         master = None if channel is None else _pty_master(pid, channel[0])
     finally:
@@ -115,17 +119,17 @@ def _open(path: str, flags: int, phase: str, fds: list[int]) -> int:
     return fd
 
 
-def _child(req: LaunchRequest, plan: list[rootfs.Op], argv: list[str], env: dict[str, str],
-           reaper_fd: int, netns_fd: int | None, userns_fd: int | None, last_cap: int,
-           stdio: tuple[int, int, int], write_fd: int,
+def _child(req: LaunchRequest, plan: list[rootfs.Op], cgroup_writes: tuple[str, ...],
+           argv: list[str], env: dict[str, str], reaper_fd: int, netns_fd: int | None,
+           userns_fd: int | None, last_cap: int, stdio: tuple[int, int, int], write_fd: int,
            pty: tuple[terminal.PtyRequest, int] | None) -> NoReturn:
-    # We are PID 1 of a fresh pid namespace. Nothing of the app may run before the cgroup
-    # join, so that every byte and fork the app ever makes is accounted to the dyno.
+    # We are PID 1 of a fresh pid namespace, born in the dyno's cgroup v2 group if there is
+    # one. Nothing of the app may run before the other cgroup joins, so that every byte and
+    # fork the app ever makes is accounted to the dyno.
     marks: dict[str, int] = {"fork": process.mark()}
     phase = "cgroup"
     try:
-        for path in req.cgroup_procs:
-            _join_cgroup(path)
+        cgroupjoin.join(cgroup_writes)
         marks["cgroup"] = process.mark()
         phase = "namespaces"
         # The cgroup namespace is created after the join so its root is the dyno's cgroup.
@@ -177,15 +181,6 @@ def _build_seccomp_filter() -> None:
         seccomp.dyno_filter()
     except SeccompError as e:
         raise LaunchError("seccomp", 0, str(e)) from e
-
-
-def _join_cgroup(path: str) -> None:
-    # "0" means the writing task itself, whatever pid namespace it sits in.
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, b"0")
-    finally:
-        os.close(fd)
 
 
 def proc_start_time(pid: int) -> int:

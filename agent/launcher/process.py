@@ -6,11 +6,13 @@ target namespace for exactly one fork, then points it back, so no double fork is
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from agent.launcher import cgroupjoin
 from agent.launcher import report as rep
 from agent.launcher import syscalls as sc
 from agent.launcher.errors import LaunchError
@@ -27,10 +29,13 @@ def own_pidns_fd() -> int:
 
 
 def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
-              timeout_s: float) -> tuple[int, rep.Report]:
+              timeout_s: float, into_cgroup: tuple[str, str] | None = None,
+              ) -> tuple[int, rep.Report]:
     """Fork with `enter_pidns()` in effect, run `child(report_fd)` in the child, and wait for
-    its report (EOF = exec done). Returns (host pid, report); raises LaunchError on failure
-    after reaping the child."""
+    its report (EOF = exec done). With `into_cgroup` (a cgroup v2 directory and its
+    cgroup.procs) the child is born in that cgroup, or joins it first thing on a kernel
+    without clone3. Returns (host pid, report); raises LaunchError on failure after reaping
+    the child."""
     home = own_pidns_fd()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -40,14 +45,19 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
             raise LaunchError("fork", e.errno or 0, f"entering pid namespace: {e.strerror}",
                               e.filename) from e
         try:
-            pid = os.fork()
-        except OSError as e:
+            pid, must_join = _fork(into_cgroup)
+        except LaunchError:
             sc.setns(home, sc.CLONE_NEWPID)
-            raise LaunchError("fork", e.errno or 0, f"fork: {e.strerror}") from e
+            raise
         if pid == 0:
             # Never let the child return into the caller's stack, whatever happens.
             try:
                 os.close(read_fd)
+                if must_join is not None:
+                    try:
+                        cgroupjoin.join((must_join,))
+                    except BaseException as e:
+                        fail(write_fd, "cgroup", e)
                 child(write_fd)
             finally:
                 os._exit(127)
@@ -66,6 +76,34 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
         _reap(pid, kill=False)
         raise report.error
     return pid, report
+
+
+_clone3_missing = False
+
+
+def _fork(into_cgroup: tuple[str, str] | None) -> tuple[int, str | None]:
+    """(pid as os.fork returns it, the cgroup.procs the child must still write itself)."""
+    global _clone3_missing
+    if into_cgroup is not None and not _clone3_missing:
+        directory = into_cgroup[0]
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LaunchError("cgroup", e.errno or 0, f"cannot open: {e.strerror}",
+                              directory) from e
+        try:
+            return sc.fork_into_cgroup(fd), None
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise LaunchError("cgroup", e.errno or 0, f"clone into cgroup: {e.strerror}",
+                                  directory) from e
+            _clone3_missing = True
+        finally:
+            os.close(fd)
+    try:
+        return os.fork(), None if into_cgroup is None else into_cgroup[1]
+    except OSError as e:
+        raise LaunchError("fork", e.errno or 0, f"fork: {e.strerror}") from e
 
 
 def kill_and_reap(pid: int) -> None:
