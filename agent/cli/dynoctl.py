@@ -1,7 +1,9 @@
 """`dynoctl`: the operator client of the agent's Unix socket (Heroku CLI vocabulary).
 
 It imports no aiohttp and nothing of the daemon: a CLI that operators type all day must start
-fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX.
+fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX. What only some
+commands need (http.client, which `run` and `exec` never use, and the size and spec modules,
+which bring dataclasses) is imported when first used: `dynoctl run` is a start path too.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import http.client
 import json
 import os
 import select
@@ -22,12 +23,13 @@ import time
 import tty
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from agent.api import attachwire as wire
-from agent.sizes import display_name
-from agent.spec import ENV_KEY
+
+if TYPE_CHECKING:
+    import http.client
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
 TOP_INTERVAL_S = 2.0
@@ -47,20 +49,27 @@ class CtlError(Exception):
         self.code = code
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout_s: float) -> None:
-        super().__init__("dynoagent", timeout=timeout_s)
-        self.socket_path = path
+def _connection(path: str, timeout_s: float) -> http.client.HTTPConnection:
+    import http.client
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return UnixHTTPConnection("dynoagent", timeout=timeout_s)
+
+
+def display_name(size: str) -> str:
+    from agent.sizes import display_name as spelled
+
+    return spelled(size)
 
 
 def _url(path: str, query: dict[str, Any] | None) -> str:
@@ -92,7 +101,9 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, Any] | None = None) -> Any:
-        conn = UnixHTTPConnection(self.socket_path, self.timeout_s)
+        import http.client
+
+        conn = _connection(self.socket_path, self.timeout_s)
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -117,7 +128,9 @@ class Client:
                follow: bool = False) -> Iterator[bytes]:
         """The body of a GET, piece by piece as the agent writes it (a follow stream has no
         end until the agent closes it, so then there is no read timeout)."""
-        conn = UnixHTTPConnection(self.socket_path, self.timeout_s)
+        import http.client
+
+        conn = _connection(self.socket_path, self.timeout_s)
         try:
             try:
                 conn.request("GET", _url(path, query))
@@ -856,6 +869,8 @@ def _non_negative(text: str) -> int:
 
 
 def _config_var(text: str) -> tuple[str, str]:
+    from agent.spec import ENV_KEY
+
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")

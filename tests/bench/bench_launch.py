@@ -304,6 +304,10 @@ def main() -> None:
     ours = statistics.median(results["ours (busybox stack)"])
     print(f"goal ours <= 0.5x runc median: {ours / runc_median:.2f}x "
           f"({'met' if ours <= 0.5 * runc_median else 'NOT met'})")
+    if "crun run (private mnt ns)" in results:
+        crun_median = statistics.median(results["crun run (private mnt ns)"])
+        print(f"goal ours <= 1.0x crun median: {ours / crun_median:.2f}x "
+              f"({'met' if ours <= crun_median else 'NOT met'})")
 
 
 if __name__ == "__main__":
