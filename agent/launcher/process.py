@@ -33,9 +33,38 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
               ) -> tuple[int, rep.Report]:
     """Fork with `enter_pidns()` in effect, run `child(report_fd)` in the child, and wait for
     its report (EOF = exec done). With `into_cgroup` (a cgroup v2 directory and its
-    cgroup.procs) the child is born in that cgroup, or joins it first thing on a kernel
-    without clone3. Returns (host pid, report); raises LaunchError on failure after reaping
-    the child."""
+    cgroup.procs) the child is born in that cgroup, or joins it first thing where it cannot
+    be (no clone3, or a group once killed). Returns (host pid, report); raises LaunchError
+    on failure after reaping the child."""
+    clone = into_cgroup is not None and into_cgroup[0] not in _killed_groups
+    pid, report = _attempt(enter_pidns, child, timeout_s, into_cgroup, clone)
+    if clone and report is not None and report.messages == 0 and report.error is None:
+        # Born dead, before running a line: the kernel (6.18) SIGKILLs every child cloned
+        # into a cgroup v2 group that was ever written cgroup.kill (a restart after a
+        # kill), while a migration into it is fine. That group is joined the slow way now.
+        assert into_cgroup is not None
+        _reap(pid, kill=True)
+        _killed_groups[into_cgroup[0]] = None
+        if len(_killed_groups) > _KILLED_GROUPS_KEPT:
+            del _killed_groups[next(iter(_killed_groups))]
+        pid, report = _attempt(enter_pidns, child, timeout_s, into_cgroup, False)
+    if report is None:
+        _reap(pid, kill=True)
+        raise LaunchError("timeout", 0, f"child {pid} did not exec within {timeout_s}s")
+    if report.error is not None:
+        _reap(pid, kill=False)
+        raise report.error
+    return pid, report
+
+
+# cgroup v2 directories not to clone into (insertion-ordered, oldest forgotten first).
+_killed_groups: dict[str, None] = {}
+_KILLED_GROUPS_KEPT = 4096
+
+
+def _attempt(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
+             timeout_s: float, into_cgroup: tuple[str, str] | None,
+             clone: bool) -> tuple[int, rep.Report | None]:
     home = own_pidns_fd()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -45,7 +74,7 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
             raise LaunchError("fork", e.errno or 0, f"entering pid namespace: {e.strerror}",
                               e.filename) from e
         try:
-            pid, must_join = _fork(into_cgroup)
+            pid, must_join = _fork(into_cgroup, clone)
         except LaunchError:
             sc.setns(home, sc.CLONE_NEWPID)
             raise
@@ -64,27 +93,20 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
         sc.setns(home, sc.CLONE_NEWPID)
         os.close(write_fd)
         write_fd = -1
-        report = rep.read_until_eof(read_fd, timeout_s)
+        return pid, rep.read_until_eof(read_fd, timeout_s)
     finally:
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
-    if report is None:
-        _reap(pid, kill=True)
-        raise LaunchError("timeout", 0, f"child {pid} did not exec within {timeout_s}s")
-    if report.error is not None:
-        _reap(pid, kill=False)
-        raise report.error
-    return pid, report
 
 
 _clone3_missing = False
 
 
-def _fork(into_cgroup: tuple[str, str] | None) -> tuple[int, str | None]:
+def _fork(into_cgroup: tuple[str, str] | None, clone: bool) -> tuple[int, str | None]:
     """(pid as os.fork returns it, the cgroup.procs the child must still write itself)."""
     global _clone3_missing
-    if into_cgroup is not None and not _clone3_missing:
+    if into_cgroup is not None and clone and not _clone3_missing:
         directory = into_cgroup[0]
         try:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

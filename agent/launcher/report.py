@@ -39,11 +39,13 @@ class Report:
     marks: dict[str, int] = field(default_factory=dict)
     error: LaunchError | None = None
     eof_ns: int = 0
+    messages: int = 0  # lines the child wrote; every child writes one before it execs
 
 
 def decode(data: bytes) -> Report:
     report = Report()
     for line in data.splitlines():
+        report.messages += 1
         try:
             msg = json.loads(line)
         except ValueError:

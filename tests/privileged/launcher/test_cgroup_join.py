@@ -5,6 +5,7 @@ not moved there), and still joins it on a kernel without clone3; the v1 groups i
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import NoReturn
 
@@ -57,3 +58,27 @@ def test_a_missing_v2_group_fails_the_fork_as_a_cgroup_error(cgroups: Cgroups) -
     with pytest.raises(process.LaunchError) as caught:
         _cgroups_seen_by_child(plan)
     assert caught.value.phase == "cgroup" and caught.value.errno == 2
+
+
+def test_a_group_once_killed_is_still_joined(cgroups: Cgroups,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A restart after cgroup.kill: the kernel kills any child cloned into such a group
+    # before it runs, so the launcher must notice and join it by migration instead.
+    monkeypatch.setattr(process, "_killed_groups", {})
+    procs = cgroups.make()
+    name = Path(procs[0]).parent.name
+    plan = cgroupjoin.plan(procs)
+    assert plan.clone_into is not None
+    victim = os.fork()
+    if victim == 0:
+        try:
+            cgroupjoin.join(procs)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            os._exit(0)
+    os.waitpid(victim, os.WSTOPPED)
+    Path(plan.clone_into[0], "cgroup.kill").write_text("1")
+    os.waitpid(victim, 0)
+    for _ in range(2):  # the first finds out, the second knows
+        assert f"0::/{name}\n" in _cgroups_seen_by_child(plan)
+    assert plan.clone_into[0] in process._killed_groups
