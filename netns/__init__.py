@@ -29,7 +29,8 @@ namespace (`host_netns`, default: the constructing thread's), so asyncio callers
   masqueraded, host services rejected except `allowed_*_ports`, 169.254.0.0/16 unreachable.
 
 Lower layers, usable on their own: `NamespaceDir` and `entered()` (namespaces),
-`AddressBook` (addresses), `render`/`Nft` (firewall), `Rtnl` (typed pyroute2).
+`AddressBook` (addresses), `render`/`Nft` (firewall), `Rtnl` (typed pyroute2), and
+`netns.rtnlbatch` (raw rtnetlink requests in batches: the hot path of an attach).
 Every error is a `NetnsError` carrying `operation`, `interface`, `path`, `errno`.
 """
 

@@ -177,18 +177,6 @@ class Rtnl:
             "add", ifname=name, kind="bridge", address=address))
         return self._index(name)
 
-    def add_veth(self, name: str, *, master: int, peer_name: str, peer_netns_fd: int,
-                 mtu: int | None = None) -> None:
-        """A veth pair whose host end `name` is up on bridge `master` and whose other end is
-        created directly inside the namespace behind `peer_netns_fd` (no rename, no move);
-        `mtu` applies to both ends."""
-        peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": peer_netns_fd}
-        extra: dict[str, Any] = {}
-        if mtu is not None:
-            peer["mtu"] = extra["mtu"] = mtu
-        self._call("add-veth", name, lambda: self._ipr.link(
-            "add", ifname=name, kind="veth", master=master, state="up", peer=peer, **extra))
-
     def add_vxlan(self, name: str, *, vni: int, local: IPv4Address, port: int,
                   master: int, mtu: int) -> int:
         """A VXLAN device on bridge `master` that never learns (`nolearning`) and answers
@@ -215,9 +203,6 @@ class Rtnl:
     def set_alias(self, name: str, alias: str) -> None:
         # The kernel ignores IFLA_IFALIAS when it creates a link, so this is a second request.
         self._call("set-alias", name, lambda: self._ipr.link("set", ifname=name, ifalias=alias))
-
-    def set_mac(self, index: int, name: str, address: str) -> None:
-        self._call("set-mac", name, lambda: self._ipr.link("set", index=index, address=address))
 
     def set_up(self, index: int, name: str) -> None:
         self._call("link-up", name, lambda: self._ipr.link("set", index=index, state="up"))
@@ -271,10 +256,6 @@ class Rtnl:
             dst = m.get_attr("RTA_DST") or "0.0.0.0"
             routes.append(Route(IPv4Network(f"{dst}/{m['dst_len']}", strict=False), int(oif)))
         return routes
-
-    def add_default_route(self, gateway: IPv4Address, name: str) -> None:
-        self._call("add-route", name, lambda: self._ipr.route(
-            "add", dst="0.0.0.0/0", gateway=str(gateway)))
 
     # --- neighbours ----------------------------------------------------------------------
 

@@ -3,15 +3,17 @@ within a space, isolation between spaces, masquerade, host services, teardown an
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import struct
 import subprocess
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 
-from netns import HostNetwork, LinkError, Rtnl, render
+from netns import HostNetwork, LinkError, render, rtnlbatch
 from netns.firewall import FirewallSpec, SpaceRules
 from tests.privileged.netns.helpers import (
     ALLOWED_TCP_PORT,
@@ -183,20 +185,30 @@ def test_rendered_ruleset_passes_nft_check(host: TestHost) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("step", ["add_veth", "set_alias", "set_up", "add_address",
-                                  "add_default_route", "set_mac"])
+@pytest.mark.parametrize(("step", "operation"), [
+    ("add_veth", "add-veth"), ("set_alias", "set-alias"), ("set_up", "link-up"),
+    ("add_address", "add-address"), ("add_default_route", "add-route"),
+    ("set_mac", "set-mac")])
 def test_failed_attach_undoes_every_step(net: HostNetwork, host: TestHost, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+                                         monkeypatch: pytest.MonkeyPatch, step: str,
+                                         operation: str) -> None:
     net.ensure_space("alpha")
     name = unique("dt", 8)
+    encode = getattr(rtnlbatch, step)
 
-    def refuse(self: Rtnl, *args: object, **kwargs: object) -> None:
-        raise LinkError("injected", operation=step, interface="x", errno=errno.EPERM)
+    def refused(*args: object, **kwargs: object) -> rtnlbatch.Request:
+        # The kernel refuses the step (ENODEV: a link index nobody has) and, as it does for
+        # any refusal, goes on with the rest of the batch.
+        return dataclasses.replace(
+            encode(*args, **kwargs), type=rtnlbatch.RTM_NEWLINK,
+            flags=rtnlbatch.NLM_F_REQUEST | rtnlbatch.NLM_F_ACK,
+            body=struct.pack("=BxHiII", 0, 0, 0x7FFFFFF0, 0, 0))
 
-    monkeypatch.setattr(Rtnl, step, refuse)
-    with pytest.raises(LinkError, match="injected"):
+    monkeypatch.setattr(rtnlbatch, step, refused)
+    with pytest.raises(LinkError) as refusal:
         net.create_attached("alpha", name)
     monkeypatch.undo()
+    assert (refusal.value.operation, refusal.value.errno) == (operation, errno.ENODEV)
     assert not Netns(name).path.exists()
     assert net.namespaces() == []
     assert host.run("ip", "-o", "link", "show", "master",
