@@ -389,6 +389,15 @@ def sha256_file(path: Path | str) -> str:
     return hasher.hexdigest()
 
 
+def stat_local(path: str) -> os.stat_result:
+    """The stat of a local slug (`SlugSource.path`; blocks), for materialize()."""
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        raise SlugNotFoundError(f"slug path {Path(path)}: {exc.strerror}", path=str(Path(path)),
+                                errno_=exc.errno) from None
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -465,12 +474,16 @@ class SlugStore:
         self.slugs_dir.mkdir(mode=0o755, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
 
-    async def resolve(self, source: SlugSource) -> Path:
+    async def resolve(self, source: SlugSource, info: os.stat_result | None = None) -> Path:
         """The directory to mount read-only at /app for `source`."""
-        return (await self.materialize(source)).path
+        return (await self.materialize(source, info)).path
 
-    async def materialize(self, source: SlugSource) -> Slug:
-        """Like resolve(), also returning the cache digest (to pass to prune()'s keep set)."""
+    async def materialize(self, source: SlugSource,
+                          info: os.stat_result | None = None) -> Slug:
+        """Like resolve(), also returning the cache digest (to pass to prune()'s keep set).
+
+        `info`: the stat_local() of a local slug, made just before on a thread that had other
+        blocking work to do (saves this one a trip to a thread of its own)."""
         if source.url is not None:
             assert source.sha256 is not None
             digest = source.sha256.lower()
@@ -478,11 +491,8 @@ class SlugStore:
             return await self._cached(digest, lambda work: self._download(url, digest, work))
         assert source.path is not None
         local = Path(source.path)
-        try:
-            info = await asyncio.to_thread(os.stat, local)
-        except OSError as exc:
-            raise SlugNotFoundError(f"slug path {local}: {exc.strerror}", path=str(local),
-                                    errno_=exc.errno) from None
+        if info is None:
+            info = await asyncio.to_thread(stat_local, source.path)
         if stat.S_ISDIR(info.st_mode):
             return Slug(local, None)
         if not stat.S_ISREG(info.st_mode):

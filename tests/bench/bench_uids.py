@@ -1,5 +1,6 @@
-"""uid registry: the cost of `allocate()` (a new dyno's uid: lock, read, one remnants probe of
-/proc and /proc/key-users, atomic rewrite), of `allocate()` for a dyno that already holds one
+"""uid registry: the cost of `allocate()` (a new dyno's uid: lock, read, a remnants probe of
+/proc and /proc/key-users — one per PROBE_REUSE_S while no other agent writes the registry,
+so mostly none here — atomic rewrite), of `allocate()` for a dyno that already holds one
 (lock and read only), of `release()`, and of the remnants probe alone, with registries of
 increasing size. A private registry in a temp dir under /run (where production keeps it) and
 the real probe. Prints medians and p99; asserts nothing.

@@ -145,6 +145,28 @@ def test_a_process_of_a_freed_uid_keeps_it_out_of_use(
     assert beta.allocate("beta.1") == (uid, uid)
 
 
+def test_a_process_started_after_the_last_probe_keeps_its_freed_uid_out_of_use(
+        registry: Path, tmp_path: Path, clock: Clock) -> None:
+    # One allocator, no quarantine, the clock standing still: the allocation after the
+    # release may reuse the probe made before the process existed, but not for its uid.
+    uid = spare_uid()
+    alloc = UidAllocator(str(tmp_path / "alpha"), quarantine_s=0, path=str(registry),
+                         first=uid, last=uid, clock=lambda: clock.now)
+    assert alloc.allocate("alpha.1") == (uid, uid)
+    lingering = subprocess.Popen(["sleep", "600"], user=uid, group=uid, extra_groups=[],
+                                 cwd="/")
+    try:
+        wait_for(lambda: uid in host_remnants(uid, uid), 10, what=f"a process of {uid}")
+        alloc.release("alpha.1")
+        with pytest.raises(UidAllocationError) as info:
+            alloc.allocate("alpha.2")
+        assert "1 still owning processes or keys" in str(info.value)
+    finally:
+        lingering.kill()
+        lingering.wait(10)
+    assert alloc.allocate("alpha.2") == (uid, uid)
+
+
 HIDE_PY = """\
 import ctypes, sys
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0

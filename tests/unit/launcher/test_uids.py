@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from agent.launcher import UidAllocationError, UidAllocator
-from agent.launcher.uids import forget_legacy_table, host_remnants
+from agent.launcher import uids as uid_registry
+from agent.launcher.uids import PROBE_REUSE_S, forget_legacy_table, host_remnants
 
 
 @dataclass
@@ -117,6 +119,98 @@ def test_the_remnants_are_probed_once_per_new_allocation_and_not_for_a_held_uid(
     assert host.probes == 1
     assert alloc.allocate("x") == (550, 550)
     assert host.probes == 1
+
+
+# -- one probe for several allocations ---------------------------------------------------------
+
+def test_one_probe_serves_the_allocations_that_follow_it_closely(host: Host) -> None:
+    alloc = host.agent("a", last=599)
+    host.left = {501}
+    assert [alloc.allocate(d)[0] for d in ("x", "y", "z")] == [500, 502, 503]
+    assert host.probes == 1
+    host.now += PROBE_REUSE_S + 0.1
+    host.left = {504}  # root gave it a process meanwhile: a probe this old is not taken
+    assert alloc.allocate("w") == (505, 505)
+    assert host.probes == 2
+
+
+def test_a_uid_in_use_since_the_probe_is_probed_again_once_freed(host: Host) -> None:
+    alloc = host.agent("a", quarantine_s=0, last=501)
+    assert alloc.allocate("x") == (500, 500)
+    assert alloc.allocate("y") == (501, 501)
+    assert host.probes == 1
+    alloc.release("x")
+    alloc.release("y")
+    host.left = {500}  # x's process, started after the probe, outlived its dyno
+    assert alloc.allocate("z") == (501, 501)
+    assert host.probes == 2
+
+
+def test_a_uid_in_use_at_the_probe_is_probed_again_once_freed(host: Host) -> None:
+    gone = host.agent("gone", last=501)
+    assert gone.allocate("g") == (500, 500)
+    shutil.rmtree(host.root / "gone")
+    alloc = host.agent("a", quarantine_s=0, last=501)
+    assert alloc.allocate("x") == (501, 501)  # probes while g holds 500, and frees it
+    host.left = {500}  # g's process, started after the probe
+    alloc.release("x")
+    probes = host.probes
+    assert alloc.allocate("y") == (501, 501)
+    assert host.probes == probes + 1
+
+
+def test_a_write_by_another_agent_makes_the_next_allocation_probe_again(host: Host) -> None:
+    # b puts 501 in use and frees it, and no trace of that is left in the registry: a cannot
+    # tell what b did between its own looks, so it must not trust its probe for any uid.
+    a, b = host.agent("a", quarantine_s=0, last=501), host.agent("b", quarantine_s=0, last=501)
+    assert a.allocate("x") == (500, 500)
+    assert b.allocate("y") == (501, 501)
+    b.release("y")
+    host.left = {501}  # y's process outlived its dyno
+    with pytest.raises(UidAllocationError):
+        b.allocate("w")  # ... and this write forgets y's entry
+    assert "501" not in json.loads(host.registry.read_text())["uids"]
+    probes = host.probes
+    with pytest.raises(UidAllocationError) as info:
+        a.allocate("z")
+    assert "1 still owning processes or keys" in str(info.value)
+    assert host.probes == probes + 1
+
+
+def test_the_registry_is_parsed_again_only_after_someone_else_wrote_it(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = host.agent("a"), host.agent("b")
+    parsed: list[bytes] = []
+    real = uid_registry.parse
+
+    def parse(raw: bytes, first: int, last: int) -> uid_registry.Table:
+        parsed.append(raw)
+        return real(raw, first, last)
+
+    monkeypatch.setattr(uid_registry, "parse", parse)
+    a.allocate("x")
+    a.allocate("y")
+    a.release("x")
+    assert a.allocations() == {"y": 501}
+    assert parsed == []
+    b.allocate("z")
+    assert b.allocations() == {"z": 502}
+    assert a.allocations() == {"y": 501}
+    assert len(parsed) == 2  # b's first look, a's look after b's write
+
+
+def test_a_dump_from_kept_fragments_is_the_whole_dump(host: Host) -> None:
+    Entry, Table, dump = uid_registry.Entry, uid_registry.Table, uid_registry.dump
+    fragments: dict[int, tuple[uid_registry.Entry, bytes]] = {}
+    tables = [Table("b", 501, {500: Entry("/a", "x"), 502: Entry("/a", "y\u00e9\"", 70.5)}),
+              Table("b", 503, {500: Entry("/a", "x", 80.0), 502: Entry("/a", "y\u00e9\"", 70.5),
+                               501: Entry("/b", "z")}),
+              Table("b", 500, {501: Entry("/b", "z")})]
+    for table in tables:
+        whole = dump(table, "w-1")
+        assert dump(table, "w-1", fragments) == whole
+        assert uid_registry.parse(whole, 500, 509) == table
+        assert sorted(fragments) == sorted(table.entries)
 
 
 def test_entries_of_a_removed_agent_are_quarantined_then_freed(host: Host) -> None:
