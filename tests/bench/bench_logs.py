@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.agentproc import AgentProcess
-from tests.support.bench import InfoProbe, seq_pipe_rate, temp_slug
+from tests.support.bench import ApiProbe, seq_pipe_rate, temp_slug
 from tests.support.testhost import new_test_host
 
 LINES = int(os.environ.get("LOGS_BENCH_LINES", "1000000"))
@@ -140,7 +140,7 @@ def main() -> None:
         with sampled_agent(agent) as (sampler, rss_idle):
             for i in range(RUNS):
                 sampler.reset()
-                probe = InfoProbe(agent)
+                probe = ApiProbe(agent)
                 try:
                     result = _follow_once(agent, slug, f"logs{i}")
                 finally:

@@ -1,9 +1,11 @@
 """Small pieces the benches share: the bare-pipe peer, a throwaway slug directory, the
-root/tools check of the launch benches, and closing a followed event stream."""
+root/tools check of the launch benches, closing a followed event stream, probing the operator
+API's latency, and the kernel's memory from /proc/meminfo."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.agentproc import ApiError, UnixHTTPConnection
 from tests.support.tempdirs import readable_temp_dir
 
 
@@ -52,20 +55,31 @@ def close_stream(stream: Any, thread: threading.Thread) -> None:
     stream.close()
 
 
-class InfoProbe:
-    """GET /v1/info every 50 ms on a thread: how responsive the agent stays meanwhile."""
+class ApiProbe:
+    """GET `path` every `interval_s` on a thread: how responsive the agent stays meanwhile.
+    Times the request until its whole answer is read, not the decoding of the JSON."""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: Any, path: str = "/v1/info", interval_s: float = 0.05) -> None:
         self.agent = agent
+        self.path = path
+        self.interval_s = interval_s
         self.latencies_ms: list[tuple[float, float]] = []  # (sent at, ms)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(self.interval_s):
             t0 = time.monotonic()
-            self.agent.api("GET", "/v1/info", timeout_s=60)
+            conn = UnixHTTPConnection(self.agent.socket, 60)
+            try:
+                conn.request("GET", self.path)
+                response = conn.getresponse()
+                body = response.read()
+            finally:
+                conn.close()
+            if response.status != 200:
+                raise ApiError("GET", self.path, response.status, body)
             self.latencies_ms.append((t0, (time.monotonic() - t0) * 1e3))
 
     def stop(self) -> list[tuple[float, float]]:
@@ -73,3 +87,54 @@ class InfoProbe:
         self._stop.set()
         self._thread.join(70)
         return self.latencies_ms
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    """The `pct` percentile (nearest rank) of `samples`."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
+
+
+# The kernel's own memory in /proc/meminfo (KiB); AnonPages and MemAvailable come along to
+# show what the processes themselves add and what the host has left.
+KERNEL_FIELDS = ("SUnreclaim", "SReclaimable", "KernelStack", "PageTables", "Percpu")
+MEMINFO_FIELDS = (*KERNEL_FIELDS, "AnonPages", "Shmem", "MemAvailable")
+
+
+def meminfo_kib() -> dict[str, int]:
+    """MEMINFO_FIELDS from /proc/meminfo, in KiB."""
+    values: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in MEMINFO_FIELDS:
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def kernel_kib(values: dict[str, int]) -> int:
+    return sum(values[k] for k in KERNEL_FIELDS)
+
+
+def shrink_slabs() -> None:
+    """Give the slab caches' empty slabs back (SLUB's `shrink`), so what a bench creates is
+    counted afresh rather than fitted into free objects that an earlier step left behind."""
+    for cache in Path("/sys/kernel/slab").iterdir():
+        if not cache.is_symlink():
+            with contextlib.suppress(OSError):
+                (cache / "shrink").write_text("1")
+
+
+def settled_meminfo(timeout_s: float = 20.0) -> dict[str, int]:
+    """meminfo_kib() once the kernel's memory stops moving (deleted namespaces and cgroups
+    are freed after RCU grace periods, by workqueues): two readings 0.5 s apart within
+    256 KiB, or the last reading after `timeout_s` on a host that never settles."""
+    shrink_slabs()
+    deadline = time.monotonic() + timeout_s
+    last = meminfo_kib()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)  # a sampling period, not a wait for a condition
+        now = meminfo_kib()
+        if abs(kernel_kib(now) - kernel_kib(last)) < 256:
+            return now
+        last = now
+    return last
