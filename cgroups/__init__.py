@@ -6,6 +6,7 @@
                               Limits(memory_high_bytes=..., memory_max_bytes=..., pids_max=256))
     group.procs_paths()   # cgroup.procs files a forked child writes "0" into before exec
     group.attach(pid); group.stats(); group.freeze(); group.thaw(); group.kill()
+    group.counters()     # the OOM-kill count and memory peak alone: cheap, no stats flush
     async with group.watch() as w: await w.wait_for(EventKind.EMPTY, timeout_s=5)
     group.remove(timeout_s=5)                  # refuses while tasks remain, retries EBUSY
     await group.destroy(timeout_s=10)          # kill, await EMPTY, final stats, remove

@@ -5,12 +5,14 @@ The mount path is a parameter, so unit tests point it at a temporary directory.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from cgroups.errors import CgroupError, InvalidValue, from_os_error
 
 
+@functools.lru_cache(maxsize=8192)  # pure; every read of a control file asks
 def normalise(rel: str) -> str:
     """Canonical relative group path ("" is the mount root); refuses anything that could escape."""
     parts = [p for p in rel.strip("/").split("/") if p]
@@ -31,6 +33,7 @@ class CgroupFS:
 
     def __init__(self, mount: Path) -> None:
         self.mount = Path(mount)
+        self._mount_str = str(self.mount).rstrip("/")
 
     def __repr__(self) -> str:
         return f"CgroupFS({str(self.mount)!r})"
@@ -44,11 +47,17 @@ class CgroupFS:
     def _dir(self, rel: str) -> str:
         return str(self.path(rel))
 
+    def _file(self, rel: str, file: str) -> str:
+        """str(self.path(rel, file)) without pathlib's objects: a few microseconds less per
+        read, and an agent reads thousands of control files a minute (samples)."""
+        norm = normalise(rel)
+        return f"{self._mount_str}/{norm}/{file}" if norm else f"{self._mount_str}/{file}"
+
     # -- operations ---------------------------------------------------------------------------
 
     def read(self, rel: str, file: str) -> str:
         try:
-            data = self._raw_read(str(self.path(rel, file)))
+            data = self._raw_read(self._file(rel, file))
         except OSError as exc:
             raise from_os_error(exc, "read", path=self._dir(rel), file=file) from exc
         return data.decode("utf-8", "replace")

@@ -24,8 +24,13 @@ from cgroups.limits import Limits, Mode, plan_writes
 from cgroups.notify import EventKind, GroupEvent, GroupWatch
 from cgroups.stats import (
     PRESSURE_FILES,
+    V1_COUNTER_FILES,
     V1_FILES,
+    V1_SAMPLE_FILES,
+    V1_SAMPLE_UNIFIED_FILES,
+    V2_COUNTER_FILES,
     V2_FILES,
+    V2_SAMPLE_FILES,
     Stats,
     parse_flat,
     stats_v1,
@@ -127,18 +132,33 @@ class Group:
 
     def stats(self) -> Stats:
         """Current statistics; files this kernel lacks leave their fields None."""
+        return self._stats(V2_FILES, V1_FILES, ("cpu.stat", *PRESSURE_FILES))
+
+    def counters(self) -> Stats:
+        """The OOM-kill count and the memory peak alone (every other field None): counters
+        read without a lock or a statistics flush, cheap enough for an event loop."""
+        return self._stats(V2_COUNTER_FILES, V1_COUNTER_FILES, ())
+
+    def sample(self) -> Stats:
+        """What a periodic sample needs: memory use (current, peak, rss, cache, swap), the
+        OOM-kill count, CPU time and pids; limits and pressure stay None (about half the reads
+        of stats())."""
+        return self._stats(V2_SAMPLE_FILES, V1_SAMPLE_FILES, V1_SAMPLE_UNIFIED_FILES)
+
+    def _stats(self, v2_files: tuple[str, ...], v1_files: tuple[str, ...],
+               v1_unified_files: tuple[str, ...]) -> Stats:
         if not self.exists():
             raise NotFound("group does not exist", path=str(self._unified.fs.path(self.rel)))
         if self.layout.mode is Mode.V2:
-            return stats_v2(self._read_present(self._unified, V2_FILES))
+            return stats_v2(self._read_present(self._unified, v2_files))
         by_hierarchy: dict[str, str] = {}
-        for file in V1_FILES:
+        for file in v1_files:
             try:
                 hierarchy = self.layout.hierarchy_for(file.split(".", 1)[0])
             except ControllerMissing:
                 continue
             by_hierarchy.update(self._read_present(hierarchy, (file,)))
-        unified = self._read_present(self._unified, ("cpu.stat", *PRESSURE_FILES))
+        unified = self._read_present(self._unified, v1_unified_files)
         return stats_v1(by_hierarchy, unified)
 
     def _read_present(self, hierarchy: Hierarchy, files: tuple[str, ...]) -> dict[str, str]:

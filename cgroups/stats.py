@@ -119,6 +119,14 @@ def _flat(files: Mapping[str, str], name: str) -> dict[str, int]:
 
 V2_FILES = ("memory.current", "memory.peak", "memory.max", "memory.stat", "memory.swap.current",
             "memory.events", "cpu.stat", "pids.current", "pids.max", *PRESSURE_FILES)
+# What an exit needs (the OOM-kill count, the memory peak): counters the kernel formats without
+# a lock or a flush of per-CPU statistics (reading memory.stat flushes them, which can take
+# milliseconds on a busy host), so cheap enough to read on an event loop.
+V2_COUNTER_FILES = ("memory.peak", "memory.events")
+# What a periodic sample needs (memory use and quota checks, OOM kills, CPU time, pids): no
+# limits (memory.max, pids.max) and no pressure files; roughly half the reads of V2_FILES.
+V2_SAMPLE_FILES = ("memory.current", "memory.peak", "memory.stat", "memory.swap.current",
+                   "memory.events", "cpu.stat", "pids.current")
 
 
 def stats_v2(files: Mapping[str, str]) -> Stats:
@@ -151,6 +159,12 @@ def stats_v2(files: Mapping[str, str]) -> Stats:
 V1_FILES = ("memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.limit_in_bytes",
             "memory.stat", "memory.memsw.usage_in_bytes", "memory.oom_control", "cpu.stat",
             "cpuacct.usage", "pids.current", "pids.max")
+V1_COUNTER_FILES = ("memory.max_usage_in_bytes", "memory.oom_control")
+# As V2_SAMPLE_FILES, plus the tracking group's cpu.stat (V1_SAMPLE_UNIFIED_FILES); cpuacct.usage
+# only serves where that one is absent, so it is left to stats().
+V1_SAMPLE_FILES = ("memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.stat",
+                   "memory.memsw.usage_in_bytes", "memory.oom_control", "pids.current")
+V1_SAMPLE_UNIFIED_FILES = ("cpu.stat",)
 
 
 def stats_v1(v1: Mapping[str, str], unified: Mapping[str, str]) -> Stats:

@@ -102,6 +102,9 @@ class Backend(Protocol):
 
     def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]: ...
 
+    # Optional: `list_dynos_json(app) -> str`, `list_dynos(app)` already encoded as compact
+    # JSON (the daemon keeps each dyno's encoding); the API encodes `list_dynos()` without it.
+
     def get_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
         """Status plus detail: spec, cgroup, netns, limits, last exit, stats, launch timings."""
         ...
@@ -523,7 +526,11 @@ def build_app(backend: Backend, peer_of: PeerReader = transport_peer) -> web.App
 
     async def list_dynos(request: web.Request) -> web.Response:
         query = _Query(request, frozenset({"app"}))
-        return json_response(backend.list_dynos(query.text("app")))
+        encoded = getattr(backend, "list_dynos_json", None)
+        if encoded is None:
+            return json_response(backend.list_dynos(query.text("app")))
+        return web.Response(text=encoded(query.text("app")) + "\n",
+                            content_type="application/json")
 
     async def create_dyno(request: web.Request) -> web.Response:
         _Query(request, frozenset())

@@ -943,6 +943,9 @@ class Operator:
     def list_dynos(self, app: str | None = None) -> list[dict[str, Any]]:
         return self._sup.list_dynos(app)
 
+    def list_dynos_json(self, app: str | None = None) -> str:
+        return self._sup.list_dynos_json(app)
+
     def get_dyno(self, ref: str, app: str | None = None) -> dict[str, Any]:
         return self._sup.get_dyno(ref, app)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -171,6 +172,12 @@ class Dyno:
         # once it is set (what follows the exit is the agent's own work).
         self.process_ended = asyncio.Event()
         self.process_ended.set()
+        # `status()` as last built, and its JSON once asked for: [record, state, since, reason,
+        # status, json]. Kept until the record (a new one on every change) or the state moves:
+        # `GET /v1/dynos` over a thousand idle dynos then builds and encodes nothing.
+        self._status_cache: list[Any] | None = None
+        # Where the dyno comes in `GET /v1/dynos` (the supervisor's key), for its spec.
+        self.list_key: tuple[DynoSpec, tuple[str, str, int]] | None = None
 
     # -- what the owner calls ----------------------------------------------------------------
     @property
@@ -573,7 +580,7 @@ class Dyno:
                     await self._act(w, watch.step(w, watch.Probed(accepting), asked_at),
                                     placement)
                 case watch.Sample():
-                    stats = await self.runtime.stats_async(placement)
+                    stats = await self.runtime.sample_async(placement)
                     self.last_stats = stats
                     await self._act(w, watch.step(w, watch.Sampled(stats),
                                                   self.clock.monotonic()), placement)
@@ -598,11 +605,16 @@ class Dyno:
         the cgroup to empty (a dyno is `down` only then), SIGKILL stragglers if need be."""
         self._commands[:0] = self._deferred
         self._deferred = []
-        if not await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S):
+        # cgroup.events, then the OOM-kill count and memory peak, read on the loop: each is a
+        # counter read without a lock or a statistics flush, and a thread hop costs about a
+        # millisecond before the exit is visible. PID 1 of a pid namespace is reaped only once
+        # the rest is gone, so the cgroup is empty already but for processes that left it (or
+        # a kill of the agent's is still under way).
+        if not self.runtime.emptied(placement) and not await self.runtime.wait_empty(
+                placement, EMPTY_AFTER_EXIT_TIMEOUT_S):
             self.runtime.kill(placement)
             await self.runtime.wait_empty(placement, EMPTY_AFTER_EXIT_TIMEOUT_S)
-        # Read off the loop: a mass delete reads a thousand cgroups' counters at once.
-        stats = await self.runtime.stats_async(placement)
+        stats = self.runtime.counters(placement)
         outcome = watch.conclude(w, stats.oom_kill_events if stats is not None else None,
                                  stats.memory_peak_bytes if stats is not None else None)
         self._say(*outcome.lines)
@@ -648,6 +660,10 @@ class Dyno:
                 self._time_exit(self._exit_at)
             placement = self.record.placement
             if self.state is DynoState.COMPLETE and placement is not None:
+                # A turn of the loop first: the tasks the event woke (the API's event streams,
+                # the coordinator link) send it before the teardown's threads contend with
+                # them for the GIL.
+                await asyncio.sleep(0)
                 await self.runtime.unplace(placement)
                 self.update(placement=None)
         return next_start
@@ -687,7 +703,28 @@ class Dyno:
         self._settle_commands()
 
     # -- status ------------------------------------------------------------------------------
+    def _status_entry(self) -> list[Any]:
+        """The cache entry of the status as the record and the state are now."""
+        record, machine = self.record, self.machine
+        cached = self._status_cache
+        if (cached is None or cached[0] is not record or cached[1] is not machine.state
+                or cached[2] is not machine.since or cached[3] is not machine.reason):
+            cached = self._status_cache = [record, machine.state, machine.since,
+                                           machine.reason, self._build_status(), None]
+        return cached
+
     def status(self) -> dict[str, Any]:
+        """The dyno's status (DESIGN §7), a new dict the caller may change."""
+        return dict(self._status_entry()[4])
+
+    def status_json(self) -> str:
+        """`status()` as compact JSON (`json.dumps(status(), separators=(",", ":"))`)."""
+        cached = self._status_entry()
+        if cached[5] is None:
+            cached[5] = json.dumps(cached[4], separators=(",", ":"))
+        return str(cached[5])
+
+    def _build_status(self) -> dict[str, Any]:
         placement = self.record.placement
         return {
             "id": self.id,

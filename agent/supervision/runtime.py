@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import cgroups
 import netns
@@ -31,7 +31,7 @@ from agent.launcher.seccomp import process_mode as seccomp_process_mode
 from agent.launcher.uids import forget_legacy_table
 from agent.sizes import Size
 from agent.slugs.roots import SlugPathRefused, SlugRoots
-from agent.slugs.store import SlugError, SlugStore
+from agent.slugs.store import SlugError, SlugStore, stat_local
 from agent.spec import BUILD_TYPE, HOST_STACK, DynoSpec, SlugSource
 from agent.startup import command_argv
 from agent.supervision.pidfds import Pidfds
@@ -48,6 +48,11 @@ TEARDOWN_THREADS = 4
 # the GIL held throughout; freed uids stay in it for their quarantine): a mass delete frees
 # its uids in two passes a second, not one per dyno.
 UID_RELEASE_INTERVAL_S = 0.5
+# Periodic samples (sample_async) asked for within this of the first are read together, in one
+# trip to a thread: 1,000 dynos sampled every 20 s would otherwise cost 50 thread hops a
+# second, each worth more agent CPU than the reads it carries. The watch puts samples on a
+# grid (watch.SAMPLE_TICK_S), so the dynos due in the same tick wake and ask together.
+SAMPLE_BATCH_WINDOW_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,10 @@ class Runtime(Protocol):
     def kill(self, placement: Placement) -> None:
         """Start killing the dyno (never blocks); wait_empty says when it is done."""
 
+    def emptied(self, placement: Placement) -> bool:
+        """Whether the dyno's cgroup is empty and no kill of it is under way (one read of
+        cgroup.events: cheap enough for the loop); else wait_empty says when it is."""
+
     async def populated_async(self, placement: Placement) -> bool: ...
 
     async def placement_intact_async(self, placement: Placement) -> bool:
@@ -133,6 +142,15 @@ class Runtime(Protocol):
     def stats(self, placement: Placement) -> cgroups.Stats | None: ...
 
     async def stats_async(self, placement: Placement) -> cgroups.Stats | None: ...
+
+    async def sample_async(self, placement: Placement) -> cgroups.Stats | None:
+        """A periodic sample (`cgroups.Group.sample`: no limits, no pressure); may wait up to
+        SAMPLE_BATCH_WINDOW_S to be read along with other dynos' samples. None when the group
+        is gone."""
+
+    def counters(self, placement: Placement) -> cgroups.Stats | None:
+        """The OOM-kill count and memory peak alone (`cgroups.Group.counters`): cheap
+        enough for the loop; None when the group is gone."""
 
     def watch_oom_kills(self, placement: Placement,
                         on_kill: Callable[[int], None]) -> Closable | None: ...
@@ -210,6 +228,9 @@ class HostRuntime:
         self._uid_releases = BatchedCalls(self.uids.release_many if uids is not None
                                           else _no_uids, self._teardown_pool,
                                           UID_RELEASE_INTERVAL_S)
+        # Dynos' periodic samples, read a batch at a time on one thread.
+        self._samples: BatchedReads[Placement, cgroups.Stats | None] = BatchedReads(
+            self._sample_many, SAMPLE_BATCH_WINDOW_S)
         # The pidfd of every running dyno's PID 1 (launched, or adopted at start).
         self.pidfds = Pidfds()
         # Cgroup kills under way on a thread (the freeze fallback may take seconds): a launch
@@ -246,6 +267,14 @@ class HostRuntime:
         except SlugPathRefused as exc:
             raise DynoStartError(f"Error: slug refused: {exc}") from None
 
+    def _slug_and_stack(self, spec: DynoSpec) -> tuple[SlugSource, os.stat_result | None]:
+        """_slug_source(), the stat of a local slug (for SlugStore.resolve) and _stack_dir():
+        what a start checks before the slug is resolved, in one trip to a thread (blocks)."""
+        source = self._slug_source(spec)
+        info = None if source.path is None else stat_local(source.path)
+        self._stack_dir(spec)
+        return source, info
+
     async def place(self, spec: DynoSpec,
                     timings: dict[str, float] | None = None) -> Placement:
         """Create everything the dyno needs before its process; undo it all on failure.
@@ -278,11 +307,10 @@ class HostRuntime:
         await self.unplaced(spec.id)
         async with contextlib.AsyncExitStack() as undo:
             try:
-                source = await asyncio.to_thread(self._slug_source, spec)
-                slug_dir = await self.slugs.resolve(source)
+                source, info = await asyncio.to_thread(self._slug_and_stack, spec)
+                slug_dir = await self.slugs.resolve(source, info)
             except SlugError as exc:
                 raise DynoStartError(str(exc)) from None
-            await asyncio.to_thread(self._stack_dir, spec)
             lap("slug")
             try:
                 uid, gid = await asyncio.to_thread(self.uids.allocate, spec.id)
@@ -487,7 +515,14 @@ class HostRuntime:
     async def placement_intact_async(self, placement: Placement) -> bool:
         return await asyncio.to_thread(self.placement_intact, placement)
 
+    def emptied(self, placement: Placement) -> bool:
+        pending = self._kills.get(placement.cgroup)
+        return (pending is None or pending.done()) and not self.populated(placement)
+
     async def wait_empty(self, placement: Placement, timeout_s: float) -> bool:
+        # A kill under way (its thread may still write cgroup.kill, or signal pid by pid)
+        # ends first: it would end the next process launched into the group too.
+        await self._kills_done(placement)
         if not await self.populated_async(placement):
             return True  # the common case after an exit: no watch to make and close
         group = self.group(placement)
@@ -510,6 +545,24 @@ class HostRuntime:
 
     async def stats_async(self, placement: Placement) -> cgroups.Stats | None:
         return await asyncio.to_thread(self.stats, placement)
+
+    async def sample_async(self, placement: Placement) -> cgroups.Stats | None:
+        return await self._samples.read(placement)
+
+    def _sample_many(self, placements: list[Placement]) -> list[cgroups.Stats | None]:
+        out: list[cgroups.Stats | None] = []
+        for placement in placements:
+            try:
+                out.append(self.group(placement).sample())
+            except cgroups.CgroupError:
+                out.append(None)
+        return out
+
+    def counters(self, placement: Placement) -> cgroups.Stats | None:
+        try:
+            return self.group(placement).counters()
+        except cgroups.CgroupError:
+            return None
 
     def watch_oom_kills(self, placement: Placement,
                         on_kill: Callable[[int], None]) -> Closable | None:
@@ -616,6 +669,10 @@ class HostRuntime:
         return moved
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
 class BatchedCalls:
     """Calls of a blocking `fn(items)` on `executor`, one batch at a time: whatever is asked
     for while a batch runs goes in the next one. `call` returns once its item's batch has."""
@@ -662,6 +719,51 @@ class BatchedCalls:
             for _item, future in batch + self._queued:
                 future.cancel()  # a no-op once done; a cancelled drain leaves no one waiting
             self._queued = []
+
+
+class BatchedReads(Generic[K, V]):
+    """Blocking reads `fn(keys) -> values` (one value per key, in order) made in batches: a
+    read waits `window_s`, and every read asked for meanwhile goes in the same call, on one
+    thread (asyncio.to_thread), not one thread hop each."""
+
+    def __init__(self, fn: Callable[[list[K]], list[V]], window_s: float) -> None:
+        self._fn = fn
+        self._window_s = window_s
+        self._queued: list[tuple[K, asyncio.Future[V]]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def read(self, key: K) -> V:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[V] = loop.create_future()
+        if self._reader is not None and self._reader.get_loop() is not loop:
+            self._reader, self._queued = None, []  # left behind by a loop that ended
+        self._queued.append((key, future))
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_batch())
+        return await future
+
+    async def _read_batch(self) -> None:
+        batch: list[tuple[K, asyncio.Future[V]]] = []
+        try:
+            await asyncio.sleep(self._window_s)
+            batch, self._queued = self._queued, []
+            self._reader = None  # reads asked for from here on go in the next batch
+            try:
+                values = await asyncio.to_thread(self._fn, [key for key, _future in batch])
+            except Exception as exc:
+                for _key, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for (_key, future), value in zip(batch, values, strict=True):
+                    if not future.done():
+                        future.set_result(value)
+        finally:
+            if not batch:  # cancelled while waiting for the window to close
+                batch, self._queued = self._queued, []
+                self._reader = None
+            for _key, future in batch:
+                future.cancel()  # a no-op once done; a cancelled read leaves no one waiting
 
 
 def _no_uids(_dyno_ids: list[str]) -> None:

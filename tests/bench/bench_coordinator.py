@@ -1,6 +1,9 @@
 """Benchmark of the coordinator link: msgpack encode+send of `hello` with 1,000 dynos (JSON
 of the same payload as the peer), and the latency from a dyno's exit to the coordinator
-receiving its `dyno.state` (the operator API's event stream, same run, as the peer).
+receiving its `dyno.state` (the operator API's event stream, same run, as the peer): a worker's
+`crashed`, and a one-off's `complete`. The clock starts as the bench sends SIGKILL to the
+dyno's PID 1 (its exit: the kernel ends the pid namespace, the holder reaps PID 1, the agent
+hears of it, decides, saves and publishes) and stops when the event is read.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -30,6 +34,11 @@ from tests.support.wait import wait_for
 DYNOS = 1000
 ROUNDS = 100
 LATENCY_ROUNDS = 100
+# Issue 18's goals (medians): exit → the coordinator has `dyno.state`; exit → `complete` on
+# the operator API's event stream.
+GOAL_COORDINATOR_MS = 10.0
+GOAL_COMPLETE_MS = 5.0
+_STATE = re.compile(rb'"state": ?"([a-z]+)"')
 
 
 def _status(n: int) -> dict[str, Any]:
@@ -101,14 +110,18 @@ async def _hello_send() -> None:
 
 
 class _EventTap(threading.Thread):
-    """Reads the operator API's `/v1/events?follow=1` and timestamps chunks naming a crash."""
+    """Reads the operator API's `/v1/events?follow=1` and timestamps the events that reach
+    `crashed` and `complete` (any dyno's: one dyno is measured at a time)."""
 
     def __init__(self, socket_path: Path) -> None:
         super().__init__(daemon=True, name="event-tap")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(socket_path))
         self.sock.sendall(b"GET /v1/events?follow=1 HTTP/1.1\r\nHost: agent\r\n\r\n")
-        self.crashes: list[float] = []
+        self.seen: dict[bytes, list[float]] = {b"crashed": [], b"complete": []}
+
+    def times(self, state: str) -> list[float]:
+        return self.seen[state.encode()]
 
     def run(self) -> None:
         while True:
@@ -119,9 +132,9 @@ class _EventTap(threading.Thread):
             if not data:
                 return
             now = time.monotonic()
-            self.crashes.extend(now for _ in range(data.count(b'"crashed"')
-                                                   - data.count(b'"previous": "crashed"')
-                                                   - data.count(b'"previous":"crashed"')))
+            for state in _STATE.findall(data):
+                if state in self.seen:
+                    self.seen[state].append(now)
 
 
 def _latency() -> None:
@@ -150,21 +163,32 @@ def _latency() -> None:
             to_coordinator: list[float] = []
             to_api: list[float] = []
             for _ in range(LATENCY_ROUNDS):
-                pid = wait_for(lambda: _up_pid(agent, dyno_id), 30, interval_s=0.005,
-                               what="dyno up")
-                crashes = coordinator.snapshot(lambda c: len(_crashes(c, dyno_id)))
-                api_crashes = len(tap.crashes)
-                t0 = time.monotonic()
-                os.kill(pid, signal.SIGKILL)
-                got = coordinator.wait(lambda c, n=crashes: _crashes(c, dyno_id)[n:], 30,
-                                       what="crash event")
-                to_coordinator.append(got[0].at - t0)
-                wait_for(lambda n=api_crashes: len(tap.crashes) > n, 10, interval_s=0.001)
-                to_api.append(tap.crashes[api_crashes] - t0)
-            print(f"dyno exit (SIGKILL of its PID 1) → event, {LATENCY_ROUNDS} crashes:")
+                coordinator_s, api_s = _exit_to_event(agent, coordinator, tap, dyno_id,
+                                                      "crashed")
+                to_coordinator.append(coordinator_s)
+                to_api.append(api_s)
+            complete_coordinator: list[float] = []
+            complete_api: list[float] = []
+            for n in range(LATENCY_ROUNDS):
+                one_off = unique("dtb", 6)
+                coordinator.request("dyno.start", {
+                    **spec, "id": one_off, "name": f"run.{n + 1}", "stop_timeout_s": 1})
+                coordinator_s, api_s = _exit_to_event(agent, coordinator, tap, one_off,
+                                                      "complete")
+                complete_coordinator.append(coordinator_s)
+                complete_api.append(api_s)
+                agent.api("DELETE", f"/v1/dynos/{one_off}", expect=204)
+            print(f"dyno exit (the bench's SIGKILL of its PID 1) → event, {LATENCY_ROUNDS} "
+                  f"crashes of a worker:")
             print(f"  coordinator receives dyno.state  {_ms(to_coordinator)}")
             print(f"  operator /v1/events line (peer)  {_ms(to_api)}   ratio "
                   f"{statistics.median(to_coordinator) / statistics.median(to_api):.2f}")
+            print(f"… and → complete, {LATENCY_ROUNDS} one-offs (`run.N`):")
+            print(f"  operator /v1/events line         {_ms(complete_api)}")
+            print(f"  coordinator receives dyno.state  {_ms(complete_coordinator)}")
+            print(_goal("dyno exit → coordinator receives dyno.state (crashed)",
+                        to_coordinator, GOAL_COORDINATOR_MS))
+            print(_goal("dyno exit → complete on /v1/events", complete_api, GOAL_COMPLETE_MS))
         finally:
             if tap is not None:
                 tap.sock.close()
@@ -178,6 +202,27 @@ def _latency() -> None:
                 token.parent.rmdir()
 
 
+def _exit_to_event(agent: AgentProcess, coordinator: CoordinatorThread, tap: _EventTap,
+                   dyno_id: str, state: str) -> tuple[float, float]:
+    """SIGKILL the dyno's PID 1 once it is up; the seconds until the coordinator received
+    its `dyno.state` of `state`, and until the operator API's event stream carried it."""
+    pid = wait_for(lambda: _up_pid(agent, dyno_id), 30, interval_s=0.005, what="dyno up")
+    before = coordinator.snapshot(lambda c: len(_events(c, dyno_id, state)))
+    on_api = len(tap.times(state))
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    got = coordinator.wait(lambda c: _events(c, dyno_id, state)[before:], 30,
+                           what=f"{state} event")
+    wait_for(lambda: len(tap.times(state)) > on_api, 10, interval_s=0.001)
+    return got[0].at - t0, tap.times(state)[on_api] - t0
+
+
+def _goal(what: str, samples: list[float], goal_ms: float) -> str:
+    median_ms = statistics.median(samples) * 1000
+    return (f"  goal {what} <= {goal_ms:g} ms: {median_ms:.1f} ms "
+            f"({'met' if median_ms <= goal_ms else 'NOT met'})")
+
+
 def _up_pid(agent: AgentProcess, dyno_id: str) -> int | None:
     for dyno in agent.ctl_json("ps"):
         if dyno["id"] == dyno_id and dyno["state"] == "up" and dyno["pid"]:
@@ -185,9 +230,9 @@ def _up_pid(agent: AgentProcess, dyno_id: str) -> int | None:
     return None
 
 
-def _crashes(c: TestCoordinator, dyno_id: str) -> list[Any]:
+def _events(c: TestCoordinator, dyno_id: str, state: str) -> list[Any]:
     return [r for r in c.events("dyno.state")
-            if r.params.get("id") == dyno_id and r.params.get("state") == "crashed"]
+            if r.params.get("id") == dyno_id and r.params.get("state") == state]
 
 
 def main() -> None:

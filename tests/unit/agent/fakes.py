@@ -159,6 +159,9 @@ class FakeRuntime:
         proc = self.procs.get(self._id_of(placement))
         return proc is not None and not proc.exited
 
+    def emptied(self, placement: Placement) -> bool:
+        return not self.populated(placement)
+
     async def populated_async(self, placement: Placement) -> bool:
         return self.populated(placement)
 
@@ -172,6 +175,12 @@ class FakeRuntime:
         return self.stats_value
 
     async def stats_async(self, placement: Placement) -> cgroups.Stats | None:
+        return self.stats_value
+
+    async def sample_async(self, placement: Placement) -> cgroups.Stats | None:
+        return self.stats_value
+
+    def counters(self, placement: Placement) -> cgroups.Stats | None:
         return self.stats_value
 
     async def accepting(self, ip: str, port: int) -> bool:

@@ -205,6 +205,25 @@ async def test_kernel_oom_kill_is_reported_as_r15_and_oom(h: Harness) -> None:
                           "State changed from up to crashed"]
 
 
+async def test_an_exit_is_decided_without_waiting_for_a_thread(h: Harness) -> None:
+    """Whether the cgroup is empty and its OOM-kill count are read at once (counters, cheap
+    on the loop): the exit's state change waits for no thread, whose hop costs about a
+    millisecond before the exit is visible."""
+    dyno_id = await h.create("worker.1")
+    await h.state(dyno_id, "up")
+    never = asyncio.Event()
+
+    async def thread_hop(*_args: object) -> Any:
+        await never.wait()
+
+    h.runtime.stats_async = thread_hop  # type: ignore[method-assign,assignment]
+    h.runtime.populated_async = thread_hop  # type: ignore[method-assign,assignment]
+    h.runtime.wait_empty = thread_hop  # type: ignore[method-assign,assignment]
+    h.runtime.exit(dyno_id, 1)
+    crashed = await h.event(dyno_id, "crashed")
+    assert (crashed["reason"], crashed["exit_status"]) == ("crash", 1)
+
+
 def _agent_texts(h: Harness, name: str) -> list[str]:
     """The agent's lines about a dyno including `Process running mem=`, without metrics."""
     return [line.text for line in h.hub.tail(dyno=name)

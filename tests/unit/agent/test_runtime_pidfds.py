@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,3 +165,22 @@ async def test_the_sync_kill_never_blocks_and_a_launch_waits_for_it(tmp_path: Pa
     assert not waiting.done()
     release.set()
     await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_dyno_is_not_empty_while_a_kill_of_its_cgroup_is_under_way(
+        tmp_path: Path) -> None:
+    """A kill's thread may still be writing cgroup.kill (or signalling pid by pid) after
+    the cgroup emptied: until it is done, the next process launched there would go too."""
+    release = threading.Event()
+    group = SimpleNamespace(procs_paths=lambda: ("/procs",), exists=lambda: True,
+                            populated=lambda: False, kill=lambda: release.wait(5))
+    runtime = runtime_on(None, tmp_path)
+    runtime.tree = cast(Any, SimpleNamespace(group=lambda rel: group))
+    runtime.kill(placement("k1"))
+    assert not runtime.emptied(placement("k1"))
+    waiting = asyncio.create_task(runtime.wait_empty(placement("k1"), 5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    release.set()
+    assert await asyncio.wait_for(waiting, 5)
+    assert runtime.emptied(placement("k1"))

@@ -262,3 +262,14 @@ def test_a_kill_the_last_agent_began_is_sent_again_at_once() -> None:
     assert watch.step(w, OomKilled(1), 5.0) == []  # R15 was said by the last agent
     watch.step(w, Exited(0), 5.1)
     assert watch.conclude(w, 1, None).exit_status == 137
+
+
+def test_samples_fall_due_on_the_tick_grid() -> None:
+    """Dynos started at any time are sampled on multiples of SAMPLE_TICK_S: those due in
+    the same tick wake together, and their cgroups are read in one trip to a thread."""
+    w, _ = watch.begin(WORKER, now=3.1, started_at=3.1, cycle_at=DAY, oom_base=0,
+                       oom_kills=0, state=DynoState.UP)
+    assert w.deadline() == 23.25
+    assert watch.step(w, Tick(), 23.27) == [watch.Sample()]
+    assert w.next_sample == 43.5
+    assert w.next_sample % watch.SAMPLE_TICK_S == 0

@@ -9,7 +9,9 @@ import asyncio
 import itertools
 import json
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,6 +166,59 @@ async def test_persisted_returns_once_the_newest_version_is_on_disk(tmp_path: Pa
         assert list(store.load_all()) == []
         # Nothing pending: at once.
         await asyncio.wait_for(writer.persisted("other"), 0.01)
+    finally:
+        await asyncio.to_thread(writer.close)
+        await h.supervisor.detach_all()
+
+
+class _NotedExecutor:
+    """The writer's thread, whose start is noted in `order`."""
+
+    def __init__(self, order: list[tuple[str, int]]) -> None:
+        self.order = order
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.order.append(("start", 0))
+        thread = threading.Thread(target=fn)
+        self.threads.append(thread)
+        thread.start()
+
+    def shutdown(self, wait: bool = True) -> None:
+        for thread in self.threads:
+            thread.join()
+
+
+async def test_a_turns_saves_are_one_write_after_what_the_turn_woke(tmp_path: Path) -> None:
+    """The saves of one turn of the loop are written together, once the tasks that turn woke
+    (the event streams a state change wakes) have run: the write never contends with them."""
+    order: list[tuple[str, int]] = []
+
+    class Store(RecordStore):
+        def write(self, dyno_id: str, data: bytes) -> None:
+            order.append(("write", json.loads(data)["restarts"]))
+            super().write(dyno_id, data)
+
+    writer = RecordWriter(Store(tmp_path))
+    writer._executor = _NotedExecutor(order)  # type: ignore[assignment]
+    h = await make_harness(tmp_path / "h")
+    try:
+        dyno_id = await h.create("worker.1")
+        record: Record = h.supervisor.dynos[dyno_id].record
+        woken = asyncio.Event()
+
+        async def follower() -> None:
+            await woken.wait()
+            order.append(("event", 0))
+
+        task = asyncio.create_task(follower())
+        await asyncio.sleep(0)
+        for restarts in range(1, 4):
+            writer.save(replace(record, restarts=restarts))
+        woken.set()
+        await asyncio.wait_for(writer.persisted(dyno_id), 5)
+        await task
+        assert order == [("event", 0), ("start", 0), ("write", 3)]
     finally:
         await asyncio.to_thread(writer.close)
         await h.supervisor.detach_all()

@@ -7,6 +7,7 @@ import errno
 
 import pytest
 
+import cgroups
 import cgroups.group as group_mod
 from cgroups.errors import (
     AlreadyExists,
@@ -323,6 +324,53 @@ def test_stats_reads_both_modes(host: FakeHost) -> None:
     assert s.pids_limit == 20
     assert s.high_events == (2 if host.mode == "v2" else None)
     assert set(s.pressure) == {"cpu", "memory", "io"}
+
+
+def test_counters_read_the_oom_kills_and_peak_alone(host: FakeHost) -> None:
+    """What an exit needs, read on the agent's loop: never memory.stat (its read flushes
+    every CPU's statistics) or any other file of `stats`."""
+    g = _tree(host).create_group(NAME, FULL)
+    if host.mode == "v2":
+        host.set("unified", g.rel, "memory.events", "high 0\nmax 0\noom 1\noom_kill 1\n")
+        host.set("unified", g.rel, "memory.peak", "8192\n")
+        memory = "unified"
+    else:
+        host.set("memory", g.rel, "memory.oom_control",
+                 "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+        host.set("memory", g.rel, "memory.max_usage_in_bytes", "8192\n")
+        memory = "memory"
+    for file in ("memory.stat", "memory.current", "cpu.stat", "pids.current"):
+        host.faults.add("read", file, errno.EIO, times=2)
+    c = g.counters()
+    assert (c.oom_kill_events, c.memory_peak_bytes) == (1, 8192)
+    assert c == cgroups.Stats(oom_kill_events=1, memory_peak_bytes=8192,
+                              oom_events=1 if memory == "unified" else None,
+                              high_events=0 if memory == "unified" else None)
+    with pytest.raises(NotFound):
+        _tree(host).group("nope.scope").counters()
+
+
+def test_sample_reads_no_limits_or_pressure(host: FakeHost) -> None:
+    """A periodic sample (every dyno, every 20 s) reads what its runtime-metrics line, the
+    memory checks and the per-dyno metrics need, and none of the limits or pressure files."""
+    g = _tree(host).create_group(NAME, FULL)
+    if host.mode == "v2":
+        host.set("unified", g.rel, "memory.current", "4096\n")
+        host.set("unified", g.rel, "memory.events", "high 0\nmax 0\noom 1\noom_kill 1\n")
+    else:
+        host.set("memory", g.rel, "memory.usage_in_bytes", "4096\n")
+        host.set("memory", g.rel, "memory.oom_control",
+                 "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    for file in ("memory.max", "memory.limit_in_bytes", "pids.max", "cpu.pressure",
+                 "memory.pressure", "io.pressure"):
+        host.faults.add("read", file, errno.EIO, times=2)
+    s = g.sample()
+    assert (s.memory_current_bytes, s.oom_kill_events) == (4096, 1)
+    assert s.memory_limit_bytes is None and s.pids_limit is None and not s.pressure
+    with pytest.raises(cgroups.CgroupError):
+        g.stats()  # the faults are real: stats() would have read those files
+    with pytest.raises(NotFound):
+        _tree(host).group("nope.scope").sample()
 
 
 def test_stats_of_missing_group(host: FakeHost) -> None:
