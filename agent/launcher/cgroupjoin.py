@@ -23,21 +23,15 @@ _PROCS = "cgroup.procs"
 
 @dataclass(frozen=True)
 class JoinPlan:
-    """`into`: the cgroup v2 directory to clone the child into, with its `cgroup.procs` for a
-    kernel without clone3; `writes`: files the child writes "0" into, in the given order."""
+    """`clone_into`: the cgroup v2 directory to clone the child into, with its cgroup.procs
+    for a kernel without clone3; `writes`: files the child writes "0" into, in order."""
 
-    into: str | None
-    into_procs: str | None
+    clone_into: tuple[str, str] | None
     writes: tuple[str, ...]
-
-    @property
-    def clone_into(self) -> tuple[str, str] | None:
-        return None if self.into is None or self.into_procs is None \
-            else (self.into, self.into_procs)
 
 
 def plan(procs_paths: tuple[str, ...]) -> JoinPlan:
-    into = into_procs = None
+    clone_into = None
     writes: list[str] = []
     for path in procs_paths:
         directory, name = os.path.split(path)
@@ -45,11 +39,11 @@ def plan(procs_paths: tuple[str, ...]) -> JoinPlan:
             writes.append(path)
         elif os.path.exists(os.path.join(directory, "tasks")):
             writes.append(os.path.join(directory, "tasks"))
-        elif into is None:
-            into, into_procs = directory, path
+        elif clone_into is None:
+            clone_into = (directory, path)
         else:
             writes.append(path)  # a second v2 hierarchy: cannot be cloned into as well
-    return JoinPlan(into, into_procs, tuple(writes))
+    return JoinPlan(clone_into, tuple(writes))
 
 
 def join(paths: tuple[str, ...]) -> None:
