@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from agent.holder.errors import BadRequest, EnterFailed, LaunchFailed, RequestFailed
 from agent.launcher.launch import proc_start_time
+from agent.launcher.report import Steps, run_to_end
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ TtySize = tuple[int, int]
 
 
 class Backend(Protocol):
+    """`launch` may come with `launch_steps`, the same launch as report.Steps, which the
+    holder prefers: it forks before its first wait, so launches overlap while children set
+    themselves up."""
+
     name: str
 
     def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
@@ -97,11 +102,16 @@ class IsolatedBackend:
 
     def launch(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
                stderr_fd: int, tty: TtySize | None = None) -> LaunchOutcome:
+        return run_to_end(self.launch_steps(params, stdin_fd, stdout_fd, stderr_fd, tty))
+
+    def launch_steps(self, params: Mapping[str, Any], stdin_fd: int, stdout_fd: int,
+                     stderr_fd: int, tty: TtySize | None = None) -> Steps[LaunchOutcome]:
         launcher = self._launcher()
         request = self._request(launcher.LaunchRequest, params)
         pty = None if tty is None else launcher.PtyRequest(*tty)
         try:
-            result = launcher.launch(request, stdin_fd, stdout_fd, stderr_fd, pty=pty)
+            result = yield from launcher.launch_steps(request, stdin_fd, stdout_fd, stderr_fd,
+                                                      pty=pty)
         except Exception as exc:
             raise _launcher_failure(LaunchFailed, exc) from exc
         return LaunchOutcome(int(result.pid), int(result.start_time),

@@ -24,7 +24,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import excerpt
-from agent.holder.backend import Backend
+from agent.holder.backend import Backend, LaunchOutcome
 from agent.holder.errors import (
     BadRequest,
     Conflict,
@@ -48,6 +48,7 @@ from agent.holder.protocol import (
     rights,
 )
 from agent.launcher.launch import proc_start_time
+from agent.launcher.report import Steps, Wait
 from agent.peercred import PeerCredError, peer_credentials
 from agent.signals import exit_status_from_wait
 from agent.unixsocket import UnixListener, listen, live_peer
@@ -114,6 +115,32 @@ class Held:
                 "buffered_bytes": self.buffer.bytes, "dropped": self.buffer.dropped_total}
 
 
+@dataclass
+class Deferred:
+    """A request answered later, from the loop: a launch whose child is still setting itself
+    up, or a `list` waiting for the launches under way to end."""
+
+    client: Client
+    request_id: int = -1
+
+
+@dataclass
+class PendingLaunch(Deferred):
+    """A launch forked and waiting for its child's report (`steps` resumes it)."""
+
+    dyno_id: str = ""
+    steps: Steps[LaunchOutcome] | None = None
+    wait: Wait | None = None
+    pipe_r: int | None = None  # the dyno's output pipe, once it runs
+    pidfd: int = -1  # on wait.pid, opened before anything could reap it
+    reaped: dict[int, int] = field(default_factory=dict)  # pid → wait status, reaped meanwhile
+
+
+@dataclass
+class ListRequest(Deferred):
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 class Client:
     """One connection: incoming frame decoder and an outgoing queue of (bytes, fds to pass)."""
 
@@ -160,6 +187,9 @@ class Holder:
         self._tally = ByteTally()
         self._running_by_pid: dict[int, Held] = {}
         self._by_pipe: dict[int, Held] = {}
+        self._launches: dict[int, PendingLaunch] = {}  # by the fd its wait is on
+        self._launching_pids: dict[int, PendingLaunch] = {}
+        self._lists: list[ListRequest] = []  # waiting for self._launches to empty
         self._handle_seq = 0
         self._stop = False
         self._started_at = clock()
@@ -223,8 +253,9 @@ class Holder:
         try:
             self._reap()  # children that exited before the handler was installed
             while not self._stop:
-                for key, mask in self._sel.select():
+                for key, mask in self._sel.select(self._launch_timeout()):
                     key.data(key, mask)
+                self._expire_launches()
                 self._pump()
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -241,7 +272,15 @@ class Holder:
             self._stop = True
 
     def _shutdown(self) -> None:
-        log.info("holder stopping", extra={"HELD": len(self._running_by_pid)})
+        log.info("holder stopping", extra={"HELD": len(self._running_by_pid),
+                                           "LAUNCHING": len(self._launches)})
+        # A launch half way through is abandoned: its child is killed (closing the steps).
+        for pending in list(self._launches.values()):
+            self._end_launch(pending)
+            if pending.steps is not None:
+                pending.steps.close()
+            _close_all([fd for fd in (pending.pidfd, pending.pipe_r)
+                        if fd is not None and fd >= 0])
         for client in list(self._clients.values()):
             self._close_client(client)
         with contextlib.suppress(KeyError, ValueError):
@@ -365,21 +404,37 @@ class Holder:
             if len(fds) > MAX_FDS_PER_FRAME:
                 raise BadRequest(f"at most {MAX_FDS_PER_FRAME} fds per request")
             result, out_fds = handler(self, client, params, fds)
-        except RequestFailed as exc:
-            client.queue({"t": "res", "id": request_id,
-                          "e": {"code": exc.code, "message": exc.message, "errno": exc.errno}})
-        except Exception as exc:  # task root: a bug in one request must not end the holder
-            log.exception("request failed", extra={"METHOD": method})
-            client.queue({"t": "res", "id": request_id,
-                          "e": {"code": "internal", "message": repr(exc), "errno": None}})
+        except Exception as exc:
+            self._answer(client, request_id, method, exc)
         else:
+            if isinstance(result, Deferred):
+                result.request_id = request_id
+            else:
+                self._answer(client, request_id, method, (result, out_fds))
+        finally:
+            _close_all(fds)
+        self._flush(client)
+
+    def _answer(self, client: Client, request_id: int, method: str,
+                outcome: tuple[dict[str, Any], list[int]] | Exception) -> None:
+        if client.closed:
+            if not isinstance(outcome, Exception):
+                _close_all(outcome[1])
+            return
+        if isinstance(outcome, RequestFailed):
+            client.queue({"t": "res", "id": request_id, "e": {
+                "code": outcome.code, "message": outcome.message, "errno": outcome.errno}})
+        elif isinstance(outcome, Exception):
+            # Task root: a bug in one request must not end the holder.
+            log.error("request failed", exc_info=outcome, extra={"METHOD": method})
+            client.queue({"t": "res", "id": request_id,
+                          "e": {"code": "internal", "message": repr(outcome), "errno": None}})
+        else:
+            result, out_fds = outcome
             response: Message = {"t": "res", "id": request_id, "p": result}
             if out_fds:
                 response["nfd"] = len(out_fds)
             client.queue(response, out_fds)
-        finally:
-            _close_all(fds)
-        self._flush(client)
 
     def _close_client(self, client: Client) -> None:
         if client.closed:
@@ -448,13 +503,15 @@ class Holder:
         return {"superseded": previous is not None and previous is not client}, []
 
     def _m_launch(self, client: Client, p: dict[str, Any],
-                  fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+                  fds: list[int]) -> tuple[dict[str, Any] | Deferred, list[int]]:
         dyno_id = p.get("dyno_id")
         if not isinstance(dyno_id, str) or not dyno_id:
             raise BadRequest("dyno_id: a non-empty string is required")
         for held in self._running_by_pid.values():
             if held.dyno_id == dyno_id and held.kind == "launch":
                 raise Conflict(f"dyno {dyno_id} is already running as pid {held.pid}")
+        if any(pending.dyno_id == dyno_id for pending in self._launches.values()):
+            raise Conflict(f"dyno {dyno_id} is being launched")
         tty = _tty_of(p.pop("tty", None), fds)
         if len(fds) not in (0, 1, 3):
             raise BadRequest(f"launch takes 0, 1 or 3 fds, got {len(fds)}")
@@ -471,16 +528,39 @@ class Holder:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_BYTES)
             stdio = (fds[0] if fds else self._devnull, pipe_w, pipe_w)
+        steps_of = getattr(self._backend, "launch_steps", None)
+        steps: Steps[LaunchOutcome] | None = None
+        wait: Wait | None = None
         try:
-            outcome = self._backend.launch(p, *stdio, tty=tty)
+            if steps_of is None:
+                outcome = self._backend.launch(p, *stdio, tty=tty)
+            else:
+                # Up to the fork now; the child sets itself up while the loop serves others.
+                steps = steps_of(p, *stdio, tty=tty)
+                try:
+                    wait = next(steps)
+                except StopIteration as stop:
+                    outcome = stop.value
         except BaseException:
             if pipe_r is not None:
                 os.close(pipe_r)
             raise
         finally:
+            # The child has its own copies of the stdio by now.
             if pipe_w is not None:
                 os.close(pipe_w)
-        held = self._track(dyno_id, "launch", outcome.pid, outcome.start_time)
+        if wait is not None:
+            assert steps is not None
+            pending = PendingLaunch(client, dyno_id=dyno_id, steps=steps, pipe_r=pipe_r)
+            self._await_launch(pending, wait)
+            return pending, []
+        return self._launched(dyno_id, outcome, pipe_r)
+
+    def _launched(self, dyno_id: str, outcome: LaunchOutcome, pipe_r: int | None,
+                  pidfd: int | None = None, reaped: int | None = None,
+                  ) -> tuple[dict[str, Any], list[int]]:
+        """Hold a launched dyno (`reaped`: its wait status, if it was reaped already)."""
+        held = self._track(dyno_id, "launch", outcome.pid, outcome.start_time, pidfd)
         if pipe_r is not None:
             os.set_blocking(pipe_r, False)
             held.pipe_fd = pipe_r
@@ -489,6 +569,9 @@ class Holder:
             self._sel.register(pipe_r, selectors.EVENT_READ, self._on_pipe)
         log.info("launched", extra={"DYNO_ID": dyno_id, "PID": outcome.pid,
                                     "TIMINGS_MS": dict(outcome.timings_ms)})
+        if reaped is not None:
+            del self._running_by_pid[held.pid]
+            self._exited(held, reaped)
         out_fds = [os.dup(held.pidfd)]
         if outcome.pty_master is not None:
             out_fds.append(outcome.pty_master)  # closed here once sent
@@ -520,8 +603,17 @@ class Holder:
             out_fds.append(outcome.pty_master)  # closed here once sent
         return {"pid": pid, "start_time": held.start_time}, out_fds
 
-    def _m_list(self, _client: Client, p: dict[str, Any],
-                _fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def _m_list(self, client: Client, p: dict[str, Any],
+                _fds: list[int]) -> tuple[dict[str, Any] | Deferred, list[int]]:
+        if self._launches:
+            # Every launch asked for before the list is in it: a daemon that lists to learn
+            # what runs must not miss a dyno that was still setting itself up.
+            waiting = ListRequest(client, params=p)
+            self._lists.append(waiting)
+            return waiting, []
+        return self._list(p)
+
+    def _list(self, p: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         procs: list[dict[str, Any]] = []
         out_fds: list[int] = []
         for held in self._held.values():
@@ -553,7 +645,7 @@ class Holder:
         return {"released": released, "running": running}, []
 
     _methods: Mapping[str, Callable[[Holder, Client, dict[str, Any], list[int]],
-                                    tuple[dict[str, Any], list[int]]]] = {
+                                    tuple[dict[str, Any] | Deferred, list[int]]]] = {
         "ping": _m_ping, "subscribe": _m_subscribe, "launch": _m_launch,
         "enter": _m_enter, "list": _m_list, "release": _m_release,
     }
@@ -572,15 +664,104 @@ class Holder:
             if held is not None and isinstance(next_seq, int):
                 held.buffer.ack(next_seq)
 
+    # -- launches under way -----------------------------------------------------------
+
+    def _await_launch(self, pending: PendingLaunch, wait: Wait) -> None:
+        if pending.wait is None or wait.pid != pending.wait.pid:
+            # A new child (the first, or a second attempt): a pidfd on it before this loop
+            # can reap it, so the dyno is held through one even if it has exited by then.
+            if pending.pidfd >= 0:
+                os.close(pending.pidfd)
+            self._launching_pids.pop(pending.wait.pid if pending.wait else -1, None)
+            pending.pidfd = os.pidfd_open(wait.pid)
+            self._launching_pids[wait.pid] = pending
+        pending.wait = wait
+        self._launches[wait.fd] = pending
+        self._sel.register(wait.fd, selectors.EVENT_READ, self._on_launch_ready)
+
+    def _end_launch(self, pending: PendingLaunch) -> None:
+        """No longer waiting on anything (its fd may be closed by the next step)."""
+        if pending.wait is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(pending.wait.fd)
+            self._launches.pop(pending.wait.fd, None)
+
+    def _on_launch_ready(self, key: selectors.SelectorKey, _mask: int) -> None:
+        pending = self._launches.get(key.fd)
+        if pending is not None:
+            self._step_launch(pending)
+
+    def _launch_timeout(self) -> float | None:
+        if not self._launches:
+            return None
+        soonest = min(p.wait.deadline for p in self._launches.values() if p.wait is not None)
+        return max(0.0, soonest - time.monotonic())
+
+    def _expire_launches(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self._launches.values()
+                        if p.wait is not None and p.wait.deadline <= now]:
+            self._step_launch(pending)  # the steps see their deadline passed
+
+    def _step_launch(self, pending: PendingLaunch) -> None:
+        assert pending.steps is not None and pending.wait is not None
+        self._end_launch(pending)
+        outcome: tuple[dict[str, Any], list[int]] | Exception
+        try:
+            wait = pending.steps.send(None)
+        except StopIteration as stop:
+            launched: LaunchOutcome = stop.value
+            self._launching_pids.pop(pending.wait.pid, None)
+            pidfd, pending.pidfd = pending.pidfd, -1
+            if launched.pid != pending.wait.pid:
+                os.close(pidfd)  # not the child this launch ended with: cannot be
+                outcome = RequestFailed(f"launch returned pid {launched.pid}, "
+                                        f"not its child {pending.wait.pid}")
+            else:
+                try:
+                    outcome = self._launched(pending.dyno_id, launched, pending.pipe_r, pidfd,
+                                             pending.reaped.get(launched.pid))
+                    pending.pipe_r = None
+                except Exception as exc:
+                    os.close(pidfd)
+                    outcome = exc
+        except Exception as exc:
+            self._launching_pids.pop(pending.wait.pid, None)
+            outcome = exc
+        else:
+            self._await_launch(pending, wait)
+            return
+        if pending.pidfd >= 0:
+            os.close(pending.pidfd)
+            pending.pidfd = -1
+        if pending.pipe_r is not None:
+            os.close(pending.pipe_r)
+            pending.pipe_r = None
+        self._answer(pending.client, pending.request_id, "launch", outcome)
+        self._flush(pending.client)
+        if not self._launches:
+            lists, self._lists = self._lists, []
+            for waiting in lists:
+                try:
+                    listed: tuple[dict[str, Any], list[int]] | Exception = \
+                        self._list(waiting.params)
+                except Exception as exc:
+                    listed = exc
+                self._answer(waiting.client, waiting.request_id, "list", listed)
+                self._flush(waiting.client)
+
     # -- processes ---------------------------------------------------------------------
 
-    def _track(self, dyno_id: str, kind: str, pid: int, start_time: int) -> Held:
-        try:
-            # Only this loop reaps, so a child that already exited is still a zombie here and
-            # pidfd_open succeeds; failure means the backend returned a pid that is not ours.
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise RequestFailed(f"pid {pid} is not a child the holder can hold") from None
+    def _track(self, dyno_id: str, kind: str, pid: int, start_time: int,
+               pidfd: int | None = None) -> Held:
+        if pidfd is None:
+            try:
+                # Only this loop reaps, and it has not had a turn since the backend forked, so
+                # a child that already exited is still a zombie here and pidfd_open succeeds;
+                # failure means the backend returned a pid that is not ours.
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                raise RequestFailed(f"pid {pid} is not a child the holder can hold") from None
         self._handle_seq += 1
         held = Held(self._handle_seq, dyno_id, kind, pid, start_time, pidfd,
                     OutputBuffer(self._config.limits, self._tally))
@@ -616,19 +797,28 @@ class Holder:
                 return
             held = self._running_by_pid.pop(pid, None)
             if held is None:
+                pending = self._launching_pids.get(pid)
+                if pending is not None:
+                    # Its launch has not ended yet; that settles what the status means.
+                    pending.reaped[pid] = wait_status
+                    continue
                 # An orphan re-parented to us (we are a subreaper); reaping it is the point.
                 log.debug("reaped orphan", extra={"PID": pid})
                 continue
-            held.status = exit_status_from_wait(wait_status)
-            held.signal = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
-            held.exited_at = self._clock()
-            # Everything the dyno wrote before its PID 1 was reaped is in the pipe now (a pid
-            # namespace's init is reapable only after its other processes are gone): read it
-            # so the exit event follows the last line.
-            if held.pipe_fd is not None:
-                self._read_pipe(held, drain=True)
-            log.info("process exited", extra={"DYNO_ID": held.dyno_id, "PID": pid,
-                                              "KIND": held.kind, "STATUS": held.status})
+            self._exited(held, wait_status)
+
+    def _exited(self, held: Held, wait_status: int) -> None:
+        """A held process was reaped (no longer in _running_by_pid)."""
+        held.status = exit_status_from_wait(wait_status)
+        held.signal = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
+        held.exited_at = self._clock()
+        # Everything the dyno wrote before its PID 1 was reaped is in the pipe now (a pid
+        # namespace's init is reapable only after its other processes are gone): read it
+        # so the exit event follows the last line.
+        if held.pipe_fd is not None:
+            self._read_pipe(held, drain=True)
+        log.info("process exited", extra={"DYNO_ID": held.dyno_id, "PID": held.pid,
+                                          "KIND": held.kind, "STATUS": held.status})
 
     def _on_pipe(self, key: selectors.SelectorKey, _mask: int) -> None:
         held = self._by_pipe.get(key.fd)

@@ -3,7 +3,7 @@ an unprivileged user under a reaping PID 1; enter running dynos; allocate per-dy
 
 from agent.launcher.enter import enter, enter_pty
 from agent.launcher.errors import LauncherError, LaunchError, RequestError, UidAllocationError
-from agent.launcher.launch import launch
+from agent.launcher.launch import launch, launch_steps
 from agent.launcher.request import LaunchRequest, LaunchResult
 from agent.launcher.terminal import PtyRequest
 from agent.launcher.uids import UidAllocator
@@ -20,4 +20,5 @@ __all__ = [
     "enter",
     "enter_pty",
     "launch",
+    "launch_steps",
 ]

@@ -22,11 +22,22 @@ _last_cap: int | None = None
 
 def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
            timeout_s: float = 10.0, pty: terminal.PtyRequest | None = None) -> LaunchResult:
-    """Start `req.reaper -- *req.argv` isolated; return once it has exec'd.
+    """Start `req.reaper -- *req.argv` isolated; return once it has exec'd (`launch_steps`,
+    run to its end)."""
+    return rep.run_to_end(launch_steps(req, stdin_fd, stdout_fd, stderr_fd,
+                                       timeout_s=timeout_s, pty=pty))
 
-    stdio fds stay owned by the caller (they are duplicated into the child). With `pty`, the
-    dyno's PID 1 gets a new pty of the dyno's own devpts as controlling terminal and stdio
-    instead (the stdio fds are ignored) and the result carries its master. The reaper is
+
+def launch_steps(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
+                 timeout_s: float = 10.0, pty: terminal.PtyRequest | None = None,
+                 ) -> rep.Steps[LaunchResult]:
+    """Start `req.reaper -- *req.argv` isolated, in steps (report.Steps): everything up to
+    the fork happens before the first wait; the result comes once the child has exec'd.
+
+    stdio fds stay owned by the caller (the child has its own copies once the first wait is
+    yielded). With `pty`, the dyno's PID 1 gets a new pty of the dyno's own devpts as
+    controlling terminal and stdio instead (the stdio fds are ignored) and the result
+    carries its master. The reaper is
     opened on the host and exec'd by fd, so a stack need not contain it (use a static build
     for stacks without the host's libc). Raises LaunchError(phase, errno, message).
     """
@@ -87,9 +98,10 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
                    None if pty is None or channel is None else (pty, channel[1]))
 
         prepared_ns = time.monotonic_ns()
-        pid, report = process.fork_into(
+        start_times: list[int] = []
+        pid, report = yield from process.fork_into_steps(
             lambda: sc.unshare(sc.CLONE_NEWPID), child, timeout_s,
-            join.clone_into)
+            join.clone_into, lambda pid: start_times.append(read_start_time(pid)))
         report.marks["prepare"] = prepared_ns
         master = None if channel is None else _pty_master(pid, channel[0])
     finally:
@@ -97,7 +109,8 @@ def launch(req: LaunchRequest, stdin_fd: int, stdout_fd: int, stderr_fd: int, *,
             os.close(fd)
         idmap.reap_helpers()
     timings = rep.durations_ms(start_ns, report.marks, report.eof_ns, PHASES)
-    return LaunchResult(pid=pid, start_time=read_start_time(pid), timings_ms=timings,
+    # Read right after the fork: the dyno may have exited, and been reaped, by now.
+    return LaunchResult(pid=pid, start_time=start_times[-1], timings_ms=timings,
                         pty_master=master)
 
 

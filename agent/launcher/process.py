@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -36,24 +37,40 @@ def fork_into(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
     cgroup.procs) the child is born in that cgroup, or joins it first thing where it cannot
     be (no clone3, or a group once killed). Returns (host pid, report); raises LaunchError
     on failure after reaping the child."""
+    return rep.run_to_end(fork_into_steps(enter_pidns, child, timeout_s, into_cgroup))
+
+
+def fork_into_steps(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
+                    timeout_s: float, into_cgroup: tuple[str, str] | None = None,
+                    forked: Callable[[int], None] = lambda pid: None,
+                    ) -> rep.Steps[tuple[int, rep.Report]]:
+    """`fork_into` as steps (report.Steps): the fork happens before the first wait, the
+    report is read as it comes. `forked(pid)` runs in the parent right after each fork,
+    while the child cannot have been reaped by anyone (a failure kills it)."""
     clone = into_cgroup is not None and into_cgroup[0] not in _killed_groups
-    pid, report = _attempt(enter_pidns, child, timeout_s, into_cgroup, clone)
+    pid, pidfd, report = yield from _attempt(enter_pidns, child, timeout_s, into_cgroup, clone,
+                                             forked)
     if clone and report is not None and report.messages == 0 and report.error is None:
         # Born dead, before running a line: the kernel (6.18) SIGKILLs every child cloned
         # into a cgroup v2 group that was ever written cgroup.kill (a restart after a
         # kill), while a migration into it is fine. That group is joined the slow way now.
         assert into_cgroup is not None
-        _reap(pid, kill=True)
+        _reap(pidfd, kill=True)
+        os.close(pidfd)
         _killed_groups[into_cgroup[0]] = None
         if len(_killed_groups) > _KILLED_GROUPS_KEPT:
             del _killed_groups[next(iter(_killed_groups))]
-        pid, report = _attempt(enter_pidns, child, timeout_s, into_cgroup, False)
-    if report is None:
-        _reap(pid, kill=True)
-        raise LaunchError("timeout", 0, f"child {pid} did not exec within {timeout_s}s")
-    if report.error is not None:
-        _reap(pid, kill=False)
-        raise report.error
+        pid, pidfd, report = yield from _attempt(enter_pidns, child, timeout_s, into_cgroup,
+                                                 False, forked)
+    try:
+        if report is None:
+            _reap(pidfd, kill=True)
+            raise LaunchError("timeout", 0, f"child {pid} did not exec within {timeout_s}s")
+        if report.error is not None:
+            _reap(pidfd, kill=False)
+            raise report.error
+    finally:
+        os.close(pidfd)
     return pid, report
 
 
@@ -64,7 +81,11 @@ _KILLED_GROUPS_KEPT = 4096
 
 def _attempt(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
              timeout_s: float, into_cgroup: tuple[str, str] | None,
-             clone: bool) -> tuple[int, rep.Report | None]:
+             clone: bool, forked: Callable[[int], None],
+             ) -> rep.Steps[tuple[int, int, rep.Report | None]]:
+    """(pid, a pidfd on it, its report or None on timeout). The pidfd is what the child is
+    killed through: a holder that reaps every child may have reaped it while this waited,
+    and its pid may be someone else's by then."""
     home = own_pidns_fd()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -93,7 +114,16 @@ def _attempt(enter_pidns: Callable[[], None], child: Callable[[int], NoReturn],
         sc.setns(home, sc.CLONE_NEWPID)
         os.close(write_fd)
         write_fd = -1
-        return pid, rep.read_until_eof(read_fd, timeout_s)
+        # Not reaped yet (nothing reaps between the fork and here), so this cannot fail.
+        pidfd = os.pidfd_open(pid)
+        try:
+            forked(pid)
+            report = yield from rep.read_steps(read_fd, timeout_s, pid)
+        except BaseException:
+            _reap(pidfd, kill=True)  # failed, or abandoned half way (the holder stopping)
+            os.close(pidfd)
+            raise
+        return pid, pidfd, report
     finally:
         os.close(read_fd)
         if write_fd >= 0:
@@ -129,15 +159,20 @@ def _fork(into_cgroup: tuple[str, str] | None, clone: bool) -> tuple[int, str | 
 
 
 def kill_and_reap(pid: int) -> None:
-    """For a child that exec'd but whose launch failed after all."""
-    _reap(pid, kill=True)
+    """For a child that exec'd but whose launch failed after all (not yet reaped by anyone
+    else: the caller has not given its loop a turn since the launch)."""
+    try:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass
 
 
-def _reap(pid: int, *, kill: bool) -> None:
+def _reap(pidfd: int, *, kill: bool) -> None:
     try:
         if kill:
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
     except (ChildProcessError, ProcessLookupError):
         pass  # a caller's own SIGCHLD reaping may have beaten us to it
 

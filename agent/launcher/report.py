@@ -7,13 +7,17 @@ Messages are single JSON lines, each well under PIPE_BUF so a write is atomic.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 from agent.launcher.errors import LaunchError
+
+T = TypeVar("T")
 
 _MAX_MESSAGE = 4000  # < PIPE_BUF (4096): one write(2) is never interleaved or split
 
@@ -60,25 +64,65 @@ def decode(data: bytes) -> Report:
     return report
 
 
-def read_until_eof(fd: int, timeout_s: float) -> Report | None:
-    """Read the whole report; None if the deadline passed first (the child is stuck)."""
+class Wait(NamedTuple):
+    """What a launch waits for between its steps: `fd` readable, or the monotonic `deadline`
+    passing; `pid` is the child it is waiting on (its holder may reap it meanwhile)."""
+
+    fd: int
+    deadline: float
+    pid: int
+
+
+Steps = Generator[Wait, None, T]
+"""A launch as steps: each `Wait` it yields is resumed (send(None)) once its fd is readable
+or its deadline has passed; its return value is the result. Closing it kills and reaps a
+child it started. The holder interleaves many launches this way; `run_to_end` runs one."""
+
+
+def run_to_end(steps: Steps[T]) -> T:
+    """Run `steps`, blocking in poll(2) at each wait."""
+    poller = select.poll()
+    try:
+        wait = next(steps)
+        while True:
+            poller.register(wait.fd, select.POLLIN)
+            try:
+                poller.poll(max(0, math.ceil((wait.deadline - time.monotonic()) * 1000)))
+            finally:
+                poller.unregister(wait.fd)
+            wait = steps.send(None)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    finally:
+        steps.close()
+
+
+def read_steps(fd: int, timeout_s: float, pid: int) -> Steps[Report | None]:
+    """Read the whole report of child `pid` from `fd`, waiting in steps; None if the
+    deadline passed first (the child is stuck)."""
     deadline = time.monotonic() + timeout_s
     chunks: list[bytes] = []
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    os.set_blocking(fd, False)
     while True:
-        left_ms = int((deadline - time.monotonic()) * 1000)
-        if left_ms <= 0:
-            return None
-        if not poller.poll(left_ms):
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return None
+            yield Wait(fd, deadline, pid)
             continue
-        chunk = os.read(fd, 65536)
         if not chunk:
             break
         chunks.append(chunk)
     report = decode(b"".join(chunks))
     report.eof_ns = time.monotonic_ns()
     return report
+
+
+def read_until_eof(fd: int, timeout_s: float) -> Report | None:
+    """Read the whole report; None if the deadline passed first (the child is stuck)."""
+    return run_to_end(read_steps(fd, timeout_s, 0))
 
 
 def durations_ms(start_ns: int, marks: Mapping[str, int], end_ns: int,
