@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -283,6 +284,16 @@ def forget_legacy_table(state_dir: str) -> None:
 
 # -- the registry file ------------------------------------------------------------------------
 
+class _Ask:
+    """One thread's allocation, served by whichever thread serves the batch it is in."""
+
+    def __init__(self, dyno_id: str) -> None:
+        self.dyno_id = dyno_id
+        self.uid = -1
+        self.error: Exception | None = None
+        self.done = threading.Event()
+
+
 class UidAllocator:
     """One agent's view of the host-wide registry: it allocates, looks up and frees the uids
     of its own dynos, and never touches an entry of another live agent."""
@@ -312,6 +323,10 @@ class UidAllocator:
         self._known: tuple[bytes, Table] | None = None
         self._probe: _Probe | None = None
         self._fragments: dict[int, tuple[Entry, bytes]] = {}
+        # Allocations asked for and not yet served, and whether a thread is serving them.
+        self._asking = threading.Lock()
+        self._asks: list[_Ask] = []
+        self._serving = False
         self._writes = (f"{os.urandom(8).hex()}-{n}" for n in itertools.count())
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.owner = os.path.realpath(state_dir)
@@ -332,23 +347,66 @@ class UidAllocator:
                                      "this user, writable by no one else", directory)
 
     def allocate(self, dyno_id: str) -> tuple[int, int]:
-        """(uid, gid) of `dyno_id`: the one it holds, or a fresh one."""
+        """(uid, gid) of `dyno_id`: the one it holds, or a fresh one.
+
+        Threads that ask at the same time are served together: the first reads and writes
+        the registry once for all of them (a burst of starts would otherwise read, encode
+        and write the whole registry once per dyno, one thread after another)."""
+        ask = _Ask(dyno_id)
+        with self._asking:
+            self._asks.append(ask)
+            lead = not self._serving
+            self._serving = True
+        if lead:
+            self._serve_asks()
+        ask.done.wait()
+        if ask.error is not None:
+            raise ask.error
+        return ask.uid, ask.uid
+
+    def _serve_asks(self) -> None:
+        while True:
+            with self._asking:
+                batch, self._asks = self._asks, []
+                if not batch:
+                    self._serving = False
+                    return
+            try:
+                self._allocate_batch(batch)
+            except Exception as exc:  # the registry unreadable, unwritable or locked out
+                for ask in batch:
+                    if ask.error is None and ask.uid < 0:
+                        ask.error = exc
+            finally:
+                for ask in batch:
+                    ask.done.set()
+
+    def _allocate_batch(self, batch: list[_Ask]) -> None:
         with self._locked():
             table = self._load()
-            uid = held_by(table, self.owner, dyno_id)
-            if uid is not None:
-                return uid, uid
+            held: dict[str, int] = {}
+            for number, (owner, dyno, free_at) in table.entries.items():
+                if free_at is None and owner == self.owner:
+                    held.setdefault(dyno, number)
             now = self._clock()
             collected = collect(table, now, self.quarantine_s, self._owner_alive)
-            try:
-                uid = self._choose(table, collected, now)
-            except UidAllocationError:
-                if collected != table:
-                    # What was collected stays so: a stale owner's quarantine starts once.
-                    self._store(collected)
-                raise
-            self._store(take(collected, uid, self.owner, dyno_id, self.first, self.last))
-            return uid, uid
+            current, failed = collected, False
+            for ask in batch:
+                uid = held.get(ask.dyno_id)
+                if uid is None:
+                    try:
+                        uid = self._choose(table, current, now)
+                    except UidAllocationError as exc:
+                        ask.error, failed = exc, True
+                        continue
+                    current = take(current, uid, self.owner, ask.dyno_id, self.first,
+                                   self.last)
+                    held[ask.dyno_id] = uid
+                ask.uid = uid
+            # Nothing new taken: the registry stays as read, except that what a failed
+            # allocation collected stays so (a stale owner's quarantine starts once).
+            if current is not collected or (failed and collected != table):
+                self._store(current)
 
     def _choose(self, loaded: Table, table: Table, now: float) -> int:
         """choose() with the last probe while it may stand in for a new one (see _Probe), else

@@ -4,6 +4,7 @@ registry refused without change, and parallel allocators that never collide."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -13,12 +14,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.launcher import UidAllocationError, UidAllocator
 from agent.launcher import uids as uid_registry
 from agent.launcher.uids import PROBE_REUSE_S, forget_legacy_table, host_remnants
+from tests.support.wait import wait_for
 
 
 @dataclass
@@ -380,6 +383,46 @@ def test_threads_of_two_allocators_on_one_registry_never_collide(host: Host) -> 
     for thread in threads:
         thread.join(60)
     assert len(got) == 160 and len(set(got)) == 160, sorted(got)
+
+
+def test_threads_asking_at_once_are_served_with_one_registry_write(host: Host) -> None:
+    alloc = host.agent("a", first=500, last=507)  # 8 uids for 10 dynos
+    writes: list[int] = []
+    store = alloc._store
+
+    def counting(table: Any) -> None:
+        writes.append(len(table.entries))
+        store(table)
+
+    alloc._store = counting  # type: ignore[method-assign]
+    results: dict[str, tuple[int, int] | Exception] = {}
+
+    def ask(dyno: str) -> None:
+        try:
+            results[dyno] = alloc.allocate(dyno)
+        except UidAllocationError as exc:
+            results[dyno] = exc
+
+    # The registry locked (as by another agent) while ten threads ask.
+    lock_fd = os.open(alloc._lock_path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    threads = [threading.Thread(target=ask, args=(f"d{n}",)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(alloc._asks) == 9, 10, what="nine threads waiting behind the first")
+    os.close(lock_fd)
+    for thread in threads:
+        thread.join(30)
+    # The first thread's ask alone, then the nine others' together.
+    assert writes == [1, 8]
+    uids = [r[0] for r in results.values() if isinstance(r, tuple)]
+    assert sorted(uids) == list(range(500, 508))
+    refused = [r for r in results.values() if isinstance(r, UidAllocationError)]
+    assert len(refused) == 2 and all("exhausted" in str(r) for r in refused)
+    # Each held uid is the dyno's own: asked again, one by one, the same answers.
+    for dyno, got in results.items():
+        if isinstance(got, tuple):
+            assert alloc.allocate(dyno) == got
 
 
 ALLOCATE_PY = """\
