@@ -7,9 +7,12 @@ decode, before any other code walks the document; and, for the coordinator's fra
 from __future__ import annotations
 
 import json
-from typing import Any, Final
 
-import msgpack
+# dynoctl reads its control frames with json_loads: neither typing nor msgpack (a few ms to
+# import) is needed for that. mypy takes any constant of this name as typing's.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 # Far above anything the protocols define (a coordinator frame holding a desired set is 6
 # levels deep), far below Python's recursion limit (about 1,000 frames), which any repr,
@@ -100,6 +103,8 @@ def msgpack_loads(data: bytes, max_values: int = MAX_VALUES) -> Any:
     def on_map(items: dict[str, Any]) -> dict[str, Any]:
         spend(1 + 2 * len(items))
         return items
+
+    import msgpack
 
     try:
         # strict_map_key: only string (or binary) keys, so no map can hash an attacker's

@@ -10,6 +10,10 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+# Here as it always was; in its own module so that dynoctl can spell sizes without importing
+# this one.
+from agent.sizenames import display_name as display_name
+
 MIB = 1024 * 1024
 
 # cgroup v2 cpu.weight accepts 1..10000; the v1 cpu.shares mapping is done by the cgroup
@@ -40,9 +44,6 @@ NOFILE_PERFORMANCE = 10_000
 
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,29}")
 _OVERRIDE_KEYS = ("memory_mb", "pids_max", "cpu_weight", "cpu_max", "kill_at", "nofile")
-# Display words that Heroku spells in capitals although they contain no digit.
-_ACRONYMS = frozenset({"ram"})
-
 
 class SizeError(ValueError):
     """A `[sizes.NAME]` table is unusable; `key` is the dotted config path (sizes.NAME.key)."""
@@ -87,17 +88,6 @@ class Size:
         add at most `nofile` more: the kernel caps them per user, and each dyno has its
         own.) Its memory bounds it too: the kernel charges each open file to the dyno."""
         return self.nofile * self.pids_max
-
-
-def display_name(name: str) -> str:
-    """Heroku's spelling of a size name: "standard-1x" -> "Standard-1X", "eco" -> "Eco"."""
-    words = []
-    for word in name.split("-"):
-        if any(c.isdigit() for c in word) or len(word) <= 2 or word in _ACRONYMS:
-            words.append(word.upper())
-        else:
-            words.append(word.capitalize())
-    return "-".join(words)
 
 
 def _shared(name: str, memory_mib: int, pids_max: int, cpu_weight: int) -> Size:

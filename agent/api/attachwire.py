@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
 
 from agent.decoding import json_loads
+
+TYPE_CHECKING = False  # not typing's: dynoctl would import typing for it
+if TYPE_CHECKING:
+    from typing import Any
 
 HEADER = struct.Struct(">cI")
 MAX_PAYLOAD = 64 * 1024

@@ -2,34 +2,36 @@
 
 It imports no aiohttp and nothing of the daemon: a CLI that operators type all day must start
 fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX. What only some
-commands need (http.client, which `run` and `exec` never use, and the size and spec modules,
-which bring dataclasses) is imported when first used: `dynoctl run` is a start path too.
+commands need (http.client, which `run` and `exec` never use: they go straight to the attach
+socket; urllib, datetime, shlex, termios, and the spec module, which brings dataclasses) is
+imported when first used, and typing not at all; the usual forms of `run` are read without
+argparse (`_quick_run_args`): `dynoctl run` is a start path too. Run as a command, it leaves
+without the interpreter's teardown (`leave`).
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import contextlib
 import json
 import os
 import select
-import shlex
 import signal
 import socket
 import sys
-import termios
 import time
-import tty
-from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode
 
 from agent.api import attachwire as wire
 
+# Not typing.TYPE_CHECKING: typing alone takes a few ms to import, and nothing else `dynoctl
+# run` needs imports it (mypy takes any constant of this name as typing's).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     import http.client
+    from collections.abc import Callable, Iterable, Iterator
+    from datetime import datetime
+    from typing import Any
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
 TOP_INTERVAL_S = 2.0
@@ -67,12 +69,14 @@ def _connection(path: str, timeout_s: float) -> http.client.HTTPConnection:
 
 
 def display_name(size: str) -> str:
-    from agent.sizes import display_name as spelled
+    from agent.sizenames import display_name as spelled
 
     return spelled(size)
 
 
 def _url(path: str, query: dict[str, Any] | None) -> str:
+    from urllib.parse import urlencode
+
     params = {k: v for k, v in (query or {}).items() if v is not None and v is not False}
     params = {k: (1 if v is True else v) for k, v in params.items()}
     return f"{path}?{urlencode(params)}" if params else path
@@ -163,6 +167,8 @@ def _print_json(data: Any) -> None:
 
 
 def _parse_time(value: Any) -> datetime | None:
+    from datetime import UTC, datetime
+
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -186,6 +192,8 @@ def ago(elapsed_s: float) -> str:
 
 def since_text(value: Any, now: datetime | None = None) -> str:
     """`2026/11/26 10:00:00 +0000 (~ 5m ago)` in the local time zone, as Heroku prints it."""
+    from datetime import UTC, datetime
+
     since = _parse_time(value)
     if since is None:
         return ""
@@ -414,6 +422,8 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
 
 
 def _dyno_path(ref: str, verb: str = "") -> str:
+    from urllib.parse import quote
+
     return f"/v1/dynos/{quote(ref, safe='')}" + (f"/{verb}" if verb else "")
 
 
@@ -551,6 +561,8 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(rows, sort_keys=True), flush=True)
             else:
+                from datetime import datetime
+
                 stamp = datetime.now().astimezone().strftime("%H:%M:%S")
                 lines = [f"dynoctl top - {stamp} - {len(rows)} dynos", *format_top(rows)]
                 print((_CLEAR_SCREEN if clear else "") + "\n".join(lines), flush=True)
@@ -597,24 +609,51 @@ def _attach_socket(client: Client) -> str:
     return path
 
 
+def attach_path_of(socket_path: str) -> str:
+    """Where the agent binds its attach socket: next to the operator socket, `x.sock` →
+    `x.attach.sock` (agent.api.attach.attach_path, without pathlib, which is slow to import)."""
+    directory, name = os.path.split(socket_path)
+    stem, suffix = os.path.splitext(name)
+    if suffix == ".":  # pathlib's suffix of `x.` is empty
+        stem, suffix = name, ""
+    return os.path.join(directory, f"{stem}.attach{suffix or '.sock'}")
+
+
+def _attach_connect(client: Client) -> tuple[socket.socket, str]:
+    """A connection to the agent's attach socket: the one next to the operator socket, with
+    no request to the operator API first (`dynoctl run` is a start path). When that fails,
+    the one GET /v1/info names, as before: every failure is then reported as it always was
+    (the operator socket's, or the attach socket's)."""
+    path = attach_path_of(client.socket_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        return sock, path
+    except OSError:
+        sock.close()
+    path = _attach_socket(client)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise CtlError(f"cannot reach dynoagent at {path}: {exc.strerror or exc}") from None
+    return sock, path
+
+
 def attach(client: Client, request: dict[str, Any],
            on_started: Callable[[dict[str, Any]], None], *, detached: bool = False) -> int:
     """Send `request` over the agent's attach socket and relay our stdio to the command it
     starts (our own fds stay here); the command's exit status, or 0 once a detached one has
     started."""
-    path = _attach_socket(client)
-    tty_session = not detached and _wants_tty()
-    request = {**request, "v": wire.VERSION, "tty": tty_session, "detached": detached,
-               "env": _terminal_env(tty_session)}
-    if tty_session:
-        size = os.get_terminal_size(1)
-        request["window"] = [size.lines, size.columns]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock, path = _attach_connect(client)
     try:
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise CtlError(f"cannot reach dynoagent at {path}: {exc.strerror or exc}") from None
+        tty_session = not detached and _wants_tty()
+        request = {**request, "v": wire.VERSION, "tty": tty_session, "detached": detached,
+                   "env": _terminal_env(tty_session)}
+        if tty_session:
+            size = os.get_terminal_size(1)
+            request["window"] = [size.lines, size.columns]
         # Whatever we buffered must reach the terminal before the command's output.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -753,6 +792,9 @@ class _Session:
                 return 0
             self.started = True
             if self.tty:
+                import termios
+                import tty
+
                 self.saved_terminal = termios.tcgetattr(0)
                 tty.setraw(0, termios.TCSADRAIN)
         elif event == "exit":
@@ -781,6 +823,8 @@ class _Session:
 
     def _restore_terminal(self) -> None:
         if self.saved_terminal is not None:
+            import termios
+
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(0, termios.TCSADRAIN, self.saved_terminal)
             self.saved_terminal = None
@@ -792,7 +836,11 @@ def _command_text(argv: list[str]) -> str:
         raise CtlError("no command given: dynoctl run [OPTIONS] -- COMMAND")
     # One argument is a shell command line as written (`run "python3 -V"`); several are
     # words, quoted so that the dyno's /bin/sh -c sees them as given.
-    return args[0] if len(args) == 1 else shlex.join(args)
+    if len(args) == 1:
+        return args[0]
+    import shlex
+
+    return shlex.join(args)
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
@@ -862,6 +910,8 @@ def cmd_scale(client: Client, args: argparse.Namespace) -> int:
 # -- the command line -------------------------------------------------------------------------
 
 def _non_negative(text: str) -> int:
+    import argparse
+
     # ASCII digits only, as the agent takes them: int() also reads other scripts' digits.
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise argparse.ArgumentTypeError(f"not a number of 0 or more: {text!r}")
@@ -869,6 +919,8 @@ def _non_negative(text: str) -> int:
 
 
 def _config_var(text: str) -> tuple[str, str]:
+    import argparse
+
     from agent.spec import ENV_KEY
 
     key, sep, value = text.partition("=")
@@ -882,6 +934,8 @@ def _config_var(text: str) -> tuple[str, str]:
 
 
 def _positive_s(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -892,10 +946,15 @@ def _positive_s(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="dynoctl", description="Drive the local dynoagent.")
     parser.add_argument("--socket", default=None,
                         help=f"agent socket (default: $DYNOAGENT_SOCKET or {DEFAULT_SOCKET})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # prog given, as argparse would make it: else it builds a help formatter to make it, and
+    # that imports shutil (and bz2, lzma) on every start.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                prog=parser.prog)
 
     def command(name: str, func: Callable[[Client, argparse.Namespace], int], text: str,
                 json_flag: bool = True, app_flag: bool = True) -> argparse.ArgumentParser:
@@ -948,10 +1007,80 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:
+        leave(code)
+    return code
+
+
+def leave(code: int) -> None:
+    """As the process's own command (no argv given): flush our output and exit at once,
+    without the interpreter's teardown (a few ms of freeing modules that `dynoctl run` would
+    add to every command it runs). Returns only when the output cannot be flushed, so that
+    Python's normal exit reports that as it always does."""
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
-        return exc.code if isinstance(exc.code, int) else 2
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the fd was closed when we started
+                stream.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code & 0xFF)  # as sys.exit(code) would
+
+
+# `dynoctl run`'s options that take a value, read without argparse (_quick_run_args).
+_RUN_VALUES = {"--app": "app", "-a": "app", "--size": "size", "-s": "size"}
+
+
+def _quick_run_args(argv: list[str]) -> argparse.Namespace | None:
+    """`[--socket PATH] run [-a APP] [-s SIZE] [-d] -- COMMAND...`, each option at most once,
+    read without argparse (its import and the parser it builds take a few ms of every
+    `dynoctl run`) into the namespace argparse would make of it; None for anything else,
+    which argparse reads."""
+    from types import SimpleNamespace
+
+    def value(i: int) -> str | None:
+        # argparse takes a word that starts with "-" for an option, not a value.
+        return argv[i] if i < len(argv) and not argv[i].startswith("-") else None
+
+    found: dict[str, str | bool | None] = {"socket": None, "app": None, "size": None,
+                                           "detached": False}
+    i = 0
+    if argv[:1] == ["--socket"]:
+        found["socket"] = value(1)
+        if found["socket"] is None:
+            return None
+        i = 2
+    if argv[i:i + 1] != ["run"]:
+        return None
+    i += 1
+    seen = set()
+    while i < len(argv) and argv[i] != "--":
+        arg = argv[i]
+        key = "detached" if arg in ("--detached", "-d") else _RUN_VALUES.get(arg)
+        if key is None or key in seen:
+            return None
+        seen.add(key)
+        if key == "detached":
+            found[key] = True
+            i += 1
+            continue
+        found[key] = value(i + 1)
+        if found[key] is None:
+            return None
+        i += 2
+    if i + 1 >= len(argv):  # no "--", or no command after it: argparse says what is wrong
+        return None
+    args = SimpleNamespace(**found, command=argv[i:], env=[], func=cmd_run)
+    return args  # type: ignore[return-value]  # what cmd_run reads of a Namespace
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _quick_run_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+            return exc.code if isinstance(exc.code, int) else 2
     path = args.socket or os.environ.get("DYNOAGENT_SOCKET") or DEFAULT_SOCKET
     try:
         code: int = args.func(Client(path), args)

@@ -405,6 +405,17 @@ def test_ctl_does_not_import_aiohttp() -> None:
     assert result.stdout.strip() == "False"
 
 
+def test_ctl_imports_only_what_run_needs() -> None:
+    """What only other commands need is imported when they run: not at dynoctl's start (-S:
+    no site-packages, no site's own imports; msgpack is not even on the path)."""
+    probe = ("import sys; sys.path.insert(0, '.'); import agent.cli.dynoctl; print(sorted("
+             "{'typing', 'datetime', 'msgpack', 'http.client', 'urllib.parse', 'shlex', "
+             "'termios', 'pathlib', 'dataclasses'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).resolve().parents[3])
+    assert result.stdout.strip() == "[]"
+
+
 def test_fake_backend_is_shared() -> None:
     assert isinstance(sample_backend(), FakeBackend)
 
