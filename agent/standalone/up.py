@@ -160,7 +160,14 @@ class FormationFleet(SupervisorFleet):
 
     def observe(self) -> dict[str, Observed]:
         return {dyno_id: seen for dyno_id, seen in super().observe().items()
-                if seen.spec.app == self.app and seen.spec.type not in ONE_SHOT_TYPES}
+                if self._formations(seen)}
+
+    def observe_one(self, dyno_id: str) -> Observed | None:
+        seen = super().observe_one(dyno_id)
+        return seen if seen is not None and self._formations(seen) else None
+
+    def _formations(self, seen: Observed) -> bool:
+        return seen.spec.app == self.app and seen.spec.type not in ONE_SHOT_TYPES
 
 
 class FormationController:

@@ -75,6 +75,10 @@ class Fleet(Protocol):
 
     def observe(self) -> Mapping[str, Observed]: ...
 
+    def observe_one(self, dyno_id: str) -> Observed | None:
+        """`observe().get(dyno_id)`, without looking at every other dyno."""
+        ...
+
     async def start(self, spec: DynoSpec) -> None: ...
 
     async def resume(self, dyno_id: str) -> None: ...
@@ -287,7 +291,7 @@ class Engine:
         except SpecError as exc:
             raise errors.InvalidSpec(str(exc), exc.field) from None
         async with self._lock:
-            current = self.fleet.observe().get(spec.id)
+            current = self.fleet.observe_one(spec.id)
             if current is not None and current.spec != spec:
                 raise errors.Conflict(f"dyno {spec.id} exists with a different spec")
             if current is None:
@@ -352,8 +356,16 @@ class SupervisorFleet:
                 for dyno_id, dyno in self.supervisor.dynos.items()
                 if dyno.spec.type not in ("run", BUILD_TYPE)}
 
+    def observe_one(self, dyno_id: str) -> Observed | None:
+        dyno = self.supervisor.dynos.get(dyno_id)
+        if dyno is None or dyno.spec.type in ("run", BUILD_TYPE):
+            return None
+        return Observed(dyno.spec, dyno.record.desired == "running",
+                        dyno.state is DynoState.COMPLETE)
+
     async def start(self, spec: DynoSpec) -> None:
-        await self.supervisor.create_dyno(spec.to_dict())
+        # Parsed by self.parse (the supervisor's) already: not parsed again.
+        self.supervisor.create_parsed(spec)
 
     async def resume(self, dyno_id: str) -> None:
         await self.supervisor.restart_dyno(dyno_id)

@@ -440,14 +440,23 @@ class Supervisor:
         return None
 
     async def create_dyno(self, body: Any) -> dict[str, Any]:
-        if not self.accepting:
-            raise errors.NotReady("the agent is shutting down")
-        if self.draining:
-            raise errors.Draining("the agent is draining and starts no new dynos")
+        self._check_accepting()
         try:
             spec = self.parse(body)
         except SpecError as exc:
             raise errors.InvalidSpec(str(exc), exc.field) from None
+        return self.create_parsed(spec)
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise errors.NotReady("the agent is shutting down")
+        if self.draining:
+            raise errors.Draining("the agent is draining and starts no new dynos")
+
+    def create_parsed(self, spec: DynoSpec) -> dict[str, Any]:
+        """`create_dyno` of a spec that `parse` returned (the convergence engine parses
+        before it decides, and a second parse would check the slug path again)."""
+        self._check_accepting()
         existing = self.dynos.get(spec.id)
         if existing is not None:
             if existing.spec != spec:

@@ -489,6 +489,9 @@ class FakeSupervisor:
     def observe(self) -> Mapping[str, Observed]:
         return {i: Observed(s, self.state[i] != "down", False) for i, s in self.specs.items()}
 
+    def observe_one(self, dyno_id: str) -> Observed | None:
+        return self.observe().get(dyno_id)
+
     async def start(self, spec: DynoSpec) -> None:
         if self.draining:
             raise errors.Draining("draining")

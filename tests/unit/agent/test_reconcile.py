@@ -44,6 +44,9 @@ class FakeFleet:
     def observe(self) -> Mapping[str, Observed]:
         return dict(self.dynos)
 
+    def observe_one(self, dyno_id: str) -> Observed | None:
+        return self.dynos.get(dyno_id)
+
     def _maybe_fail(self, dyno_id: str) -> None:
         exc = self.fail.pop(dyno_id, None)
         if exc is not None:

@@ -41,6 +41,9 @@ class Fleet:
     def observe(self) -> dict[str, Observed]:
         return dict(self.dynos)
 
+    def observe_one(self, dyno_id: str) -> Observed | None:
+        return self.dynos.get(dyno_id)
+
     async def start(self, spec: DynoSpec) -> None:
         self.calls.append(("start", spec.name))
         self.dynos[spec.id] = Observed(spec, True, False)

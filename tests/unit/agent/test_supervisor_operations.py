@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent.daemon.service import Daemon
+from agent.spec import DynoSpec
 from agent.supervision.policy import STOP_TIMEOUT_S
 from agent.supervision.reconcile import Engine, SupervisorFleet
 from agent.supervision.records import Placement, Record, RecordStore
@@ -300,3 +301,25 @@ async def test_commands_racing_a_delete_are_answered(h: Harness) -> None:
     assert first.result() is None and second.result() is None
     assert stop.exception() is None or isinstance(stop.exception(), errors.NotFound)
     assert dyno_id not in h.supervisor.dynos
+
+
+# A start through the convergence engine (the operator API's, the coordinator's dyno.start)
+# checked the spec, and the slug path on the host, twice: once to decide, once to create.
+async def test_a_start_through_the_engine_parses_its_spec_once(h: Harness) -> None:
+    engine = Engine(SupervisorFleet(h.supervisor))
+    parsed: list[str] = []
+    parse = h.supervisor.parse
+
+    def counting(body: Any) -> DynoSpec:
+        spec = parse(body)
+        parsed.append(spec.id)
+        return spec
+
+    h.supervisor.parse = counting  # type: ignore[method-assign]
+    spec = await engine.start(_body())
+    assert parsed == [spec.id]
+    await h.state(spec.id, "up")
+    # The same start again (idempotent by id): parsed, and nothing else started.
+    await engine.start(_body())
+    assert parsed == [spec.id, spec.id]
+    assert len(h.runtime.launches) == 1
