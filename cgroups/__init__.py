@@ -42,8 +42,9 @@ from cgroups.errors import (
     Timeout,
 )
 from cgroups.fs import CgroupFS
-from cgroups.group import Group
+from cgroups.group import Group, SampleFiles
 from cgroups.limits import Limits, Mode, Write, plan_writes
+from cgroups.listens import ListenWatch, ListenWatchUnavailable
 from cgroups.notify import EventKind, GroupEvent, GroupWatch
 from cgroups.stats import Pressure, Stats
 from cgroups.tree import Tree
@@ -66,6 +67,8 @@ __all__ = [
     "InvalidValue",
     "Layout",
     "Limits",
+    "ListenWatch",
+    "ListenWatchUnavailable",
     "Mode",
     "NoSpace",
     "NotEmpty",
@@ -73,6 +76,7 @@ __all__ = [
     "NotSupported",
     "PermissionDenied",
     "Pressure",
+    "SampleFiles",
     "Stats",
     "Timeout",
     "Tree",

@@ -5,11 +5,15 @@ The mount path is a parameter, so unit tests point it at a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
 
 from cgroups.errors import CgroupError, InvalidValue, from_os_error
+
+# What `pread` asks for first: more than any control file a sample reads.
+_PREAD_FIRST = 8192
 
 
 @functools.lru_cache(maxsize=8192)  # pure; every read of a control file asks
@@ -70,7 +74,10 @@ class CgroupFS:
                                 value=value) from exc
 
     def exists(self, rel: str, file: str | None = None) -> bool:
-        return os.path.exists(self.path(rel, file))
+        if file:
+            return os.path.exists(self._file(rel, file))
+        norm = normalise(rel)
+        return os.path.exists(f"{self._mount_str}/{norm}" if norm else self.mount)
 
     def mkdir(self, rel: str) -> None:
         try:
@@ -102,11 +109,28 @@ class CgroupFS:
                               file="cgroup.procs", value=text) from exc
 
     def open_fd(self, rel: str, file: str) -> int:
-        """A read-only fd on a control file, for the v1 event_control registration."""
+        """A read-only fd on a control file (the v1 event_control registration; control
+        files kept open for `pread`)."""
         try:
-            return self._raw_open(str(self.path(rel, file)))
+            return self._raw_open(self._file(rel, file))
         except OSError as exc:
             raise from_os_error(exc, "open", path=self._dir(rel), file=file) from exc
+
+    def pread(self, fd: int, rel: str, file: str) -> str:
+        """The whole of control file `file` of group `rel` through `fd` (from open_fd), kept
+        open: a read from offset 0 has the kernel format the file afresh, as after an open,
+        without the open's path walk and the close. A group removed since answers NotFound
+        (ENODEV)."""
+        try:
+            data = self._raw_pread(fd, self._file(rel, file))
+        except OSError as exc:
+            raise from_os_error(exc, "read", path=self._dir(rel), file=file) from exc
+        return data.decode("utf-8", "replace")
+
+    def close_fd(self, fd: int) -> None:
+        """Close an fd from open_fd (errors ignored: there is nothing left to do with it)."""
+        with contextlib.suppress(OSError):
+            self._raw_close(fd)
 
     # -- the only OS calls --------------------------------------------------------------------
 
@@ -121,6 +145,24 @@ class CgroupFS:
                 chunks.append(chunk)
         finally:
             os.close(fd)
+
+    def _raw_pread(self, fd: int, path: str) -> bytes:
+        # One call for any control file a sample reads (memory.stat is some 1-2 KiB), and no
+        # 64 KiB buffer to allocate and shrink for it.
+        data = os.pread(fd, _PREAD_FIRST, 0)
+        if len(data) < _PREAD_FIRST:
+            return data
+        chunks = [data]
+        offset = len(data)
+        while True:
+            chunk = os.pread(fd, 65536, offset)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            offset += len(chunk)
+
+    def _raw_close(self, fd: int) -> None:
+        os.close(fd)
 
     def _raw_write(self, path: str, data: bytes) -> None:
         # No O_CREAT/O_TRUNC: a control file that does not exist means a missing controller

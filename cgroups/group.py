@@ -161,6 +161,11 @@ class Group:
         unified = self._read_present(self._unified, v1_unified_files)
         return stats_v1(by_hierarchy, unified)
 
+    def sample_files(self) -> SampleFiles:
+        """sample()'s control files opened once, for samples read through them (see
+        SampleFiles); NotFound when the group does not exist."""
+        return SampleFiles(self)
+
     def _read_present(self, hierarchy: Hierarchy, files: tuple[str, ...]) -> dict[str, str]:
         out = {}
         for file in files:
@@ -326,3 +331,80 @@ class Group:
         """Async notifications for this group; use as `async with group.watch() as w:`.
         `on_event` is called with each event as well (see GroupWatch)."""
         return GroupWatch(self, on_event=on_event)
+
+
+class SampleFiles:
+    """Group.sample() through the group's control files kept open: a sample is then one
+    pread(2) per file, with no path walk, open, second read or close, nor the check that the
+    group exists (1,000 dynos sampled every 20 s read some 350 files a second).
+
+    The same Stats as Group.sample(). A file the kernel lacks (or a v1 controller not
+    mounted) is left out when opened, as sample() leaves it out of every read. Once the group
+    is removed its files answer ENODEV: read() raises NotFound, as sample() does, and a group
+    made again under the same path is not followed (open another SampleFiles). Holds up to
+    seven fds until close(); not for concurrent use from several threads (an fd closed under
+    a read could be another file's by then)."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        # (hierarchy, file, fd): the files of the mode's sample, then (hybrid) those of the
+        # tracking group.
+        self._main: list[tuple[Hierarchy, str, int]] = []
+        self._unified: list[tuple[Hierarchy, str, int]] = []
+        self._v2 = group.layout.mode is Mode.V2
+        self._closed = False
+        if not group.exists():
+            raise NotFound("group does not exist",
+                           path=str(group.layout.unified.fs.path(group.rel)))
+        try:
+            if self._v2:
+                self._open(self._main, group.layout.unified, V2_SAMPLE_FILES)
+            else:
+                for file in V1_SAMPLE_FILES:
+                    try:
+                        hierarchy = group.layout.hierarchy_for(file.split(".", 1)[0])
+                    except ControllerMissing:
+                        continue
+                    self._open(self._main, hierarchy, (file,))
+                self._open(self._unified, group.layout.unified, V1_SAMPLE_UNIFIED_FILES)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, into: list[tuple[Hierarchy, str, int]], hierarchy: Hierarchy,
+              files: tuple[str, ...]) -> None:
+        for file in files:
+            try:
+                into.append((hierarchy, file, hierarchy.fs.open_fd(self.group.rel, file)))
+            except (NotFound, NotSupported):
+                continue
+
+    @property
+    def fds(self) -> int:
+        """How many fds it holds (none once closed)."""
+        return len(self._main) + len(self._unified)
+
+    def read(self) -> Stats:
+        """The group's sample now; NotFound once the group is gone."""
+        if self._closed:
+            raise CgroupError("sample files closed", path=self.group.rel)
+        if self._v2:
+            return stats_v2(self._read(self._main))
+        return stats_v1(self._read(self._main), self._read(self._unified))
+
+    def _read(self, files: list[tuple[Hierarchy, str, int]]) -> dict[str, str]:
+        out = {}
+        rel = self.group.rel
+        for hierarchy, file, fd in files:
+            try:
+                out[file] = hierarchy.fs.pread(fd, rel, file)
+            except NotSupported:
+                continue
+        return out
+
+    def close(self) -> None:
+        """Close the files (idempotent)."""
+        self._closed = True
+        files, self._main, self._unified = self._main + self._unified, [], []
+        for hierarchy, _file, fd in files:
+            hierarchy.fs.close_fd(fd)

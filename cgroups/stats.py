@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from cgroups.errors import CgroupError
@@ -65,6 +65,28 @@ def parse_flat(text: str, *, file: str = "") -> dict[str, int]:
     return out
 
 
+def parse_flat_fields(text: str, keys: Collection[str], *, file: str = "") -> dict[str, int]:
+    """parse_flat(text), of the `keys` alone: only their values are converted. memory.stat
+    has some 40 to 60 lines and a sample uses two of them (converting every value was most of
+    a sample's parsing). A file whose word count is not two per line goes to parse_flat (and
+    its errors); a non-integer value of a key not asked for is not looked at."""
+    words = text.split()
+    if not words or len(words) != 2 * (text.count("\n") + (not text.endswith("\n"))):
+        return {key: value for key, value in parse_flat(text, file=file).items()
+                if key in keys}
+    values = dict(zip(words[::2], words[1::2], strict=True))
+    out: dict[str, int] = {}
+    for key in keys:
+        value = values.get(key)
+        if value is not None:
+            try:
+                out[key] = int(value)
+            except ValueError as exc:
+                raise CgroupError("non-integer value", file=file,
+                                  value=f"{key} {value}") from exc
+    return out
+
+
 def parse_single(text: str, *, file: str = "") -> int | None:
     """A one-value file: an integer, or None for "max"."""
     value = text.strip()
@@ -117,6 +139,16 @@ def _flat(files: Mapping[str, str], name: str) -> dict[str, int]:
     return parse_flat(files[name], file=name) if name in files else {}
 
 
+# The memory.stat fields the stats use.
+_V2_MEMORY_STAT_KEYS = frozenset({"anon", "file"})
+_V1_MEMORY_STAT_KEYS = frozenset({"total_rss", "rss", "total_cache", "cache"})
+
+
+def _memory_stat(files: Mapping[str, str], keys: frozenset[str]) -> dict[str, int]:
+    text = files.get("memory.stat")
+    return {} if text is None else parse_flat_fields(text, keys, file="memory.stat")
+
+
 V2_FILES = ("memory.current", "memory.peak", "memory.max", "memory.stat", "memory.swap.current",
             "memory.events", "cpu.stat", "pids.current", "pids.max", *PRESSURE_FILES)
 # What an exit needs (the OOM-kill count, the memory peak): counters the kernel formats without
@@ -131,7 +163,7 @@ V2_SAMPLE_FILES = ("memory.current", "memory.peak", "memory.stat", "memory.swap.
 
 def stats_v2(files: Mapping[str, str]) -> Stats:
     """Stats from the unified group's files (name -> text; absent files are simply missing)."""
-    mem = _flat(files, "memory.stat")
+    mem = _memory_stat(files, _V2_MEMORY_STAT_KEYS)
     events = _flat(files, "memory.events")
     cpu = _flat(files, "cpu.stat")
     return Stats(
@@ -170,7 +202,7 @@ V1_SAMPLE_UNIFIED_FILES = ("cpu.stat",)
 def stats_v1(v1: Mapping[str, str], unified: Mapping[str, str]) -> Stats:
     """Stats on a hybrid host: limits and memory from the v1 groups; CPU usage and PSI from the
     tracking group, whose cpu.stat and *.pressure work without any controller bound to v2."""
-    mem = _flat(v1, "memory.stat")
+    mem = _memory_stat(v1, _V1_MEMORY_STAT_KEYS)
     oom = _flat(v1, "memory.oom_control")
     throttling = _flat(v1, "cpu.stat")
     core_cpu = _flat(unified, "cpu.stat")

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -456,20 +457,37 @@ class Dyno:
             self._wakeup.set()
 
         stop_watch = self.runtime.watch_oom_kills(placement, on_oom_kill)
+        # A web dyno is up once its $PORT accepts: the kernel says when a process of the
+        # dyno listens on it (the probes remain, for what the kernel cannot tell). Watched
+        # from before the first probe, so that a listen is either probed or heard.
+        listens: list[int] = []
+        stop_listens = None
+        if policy.needs_port_check(self.spec.type) and self.state is not DynoState.UP:
+
+            def on_listen(port: int) -> None:
+                if port == DEFAULT_PORT:
+                    listens.append(port)
+                    self._wakeup.set()
+
+            stop_listens = self.runtime.watch_listens(placement, on_listen)
         self.process_ended.clear()
         try:
             w = await self._begin_watch(placement, adopted)
             while True:
+                if stop_listens is not None and not w.boot_pending:
+                    stop_listens.close()  # up (or stopping): nothing more to hear
+                    stop_listens = None
                 event = await self._next_event(pid, oom_heard, placement)
+                if event is None and listens:
+                    listens.clear()
+                    event = watch.Listening()
                 if event is None:
                     now = self.clock.monotonic()
                     if now < w.deadline():
                         self._wakeup.clear()
-                        if pid in self._exits or self._commands or oom_heard:
+                        if pid in self._exits or self._commands or oom_heard or listens:
                             continue
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(w.deadline() - now):
-                                await self._wakeup.wait()
+                        await _alarms().wait(self._wakeup, w.deadline())
                         continue
                     event = watch.Tick()
                 await self._act(w, watch.step(w, event, self.clock.monotonic()), placement)
@@ -479,6 +497,8 @@ class Dyno:
             self.process_ended.set()
             if stop_watch is not None:
                 stop_watch.close()
+            if stop_listens is not None:
+                stop_listens.close()
         async with self.exit_slots:
             return await self._after_process(w, placement)
 
@@ -741,6 +761,53 @@ class Dyno:
             "reason": str(self.machine.reason),
             "command": self.spec.command,
         }
+
+
+class Alarms:
+    """Events set at deadlines of the loop's clock, one timer per distinct deadline: the
+    running dynos' samples fall due on the same SAMPLE_TICK_S multiples, so the dozen a tick
+    wakes share a timer. A dyno's wait then costs no timer of its own, nor, once its deadline
+    comes, the cancellation an expiring `asyncio.timeout` throws through its task."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: dict[float, tuple[asyncio.TimerHandle, set[asyncio.Event]]] = {}
+
+    async def wait(self, event: asyncio.Event, deadline: float) -> None:
+        """Until `event` is set, at the latest at `deadline` (then set by the alarm; the
+        caller clears it before it waits again)."""
+        entry = self._due.get(deadline)
+        if entry is None:
+            entry = self._due[deadline] = (self._loop.call_at(deadline, self._ring, deadline),
+                                           set())
+        entry[1].add(event)
+        try:
+            await event.wait()
+        finally:
+            waiting = entry[1]
+            waiting.discard(event)
+            if not waiting and self._due.get(deadline) is entry:
+                entry[0].cancel()
+                del self._due[deadline]
+
+    def _ring(self, deadline: float) -> None:
+        entry = self._due.pop(deadline, None)
+        if entry is not None:
+            for event in entry[1]:
+                event.set()
+
+
+_LOOP_ALARMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Alarms] = (
+    weakref.WeakKeyDictionary())
+
+
+def _alarms() -> Alarms:
+    """The running loop's Alarms."""
+    loop = asyncio.get_running_loop()
+    alarms = _LOOP_ALARMS.get(loop)
+    if alarms is None:
+        alarms = _LOOP_ALARMS[loop] = Alarms(loop)
+    return alarms
 
 
 async def _first_set(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:

@@ -13,13 +13,14 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
 import cgroups
 import netns
@@ -48,11 +49,12 @@ TEARDOWN_THREADS = 4
 # the GIL held throughout; freed uids stay in it for their quarantine): a mass delete frees
 # its uids in two passes a second, not one per dyno.
 UID_RELEASE_INTERVAL_S = 0.5
-# Periodic samples (sample_async) asked for within this of the first are read together, in one
-# trip to a thread: 1,000 dynos sampled every 20 s would otherwise cost 50 thread hops a
-# second, each worth more agent CPU than the reads it carries. The watch puts samples on a
-# grid (watch.SAMPLE_TICK_S), so the dynos due in the same tick wake and ask together.
-SAMPLE_BATCH_WINDOW_S = 0.01
+
+# Dynos' sample files kept open (HostRuntime.sample) take at most this share of the agent's
+# open-file limit (the systemd unit's 1,048,576: any number of dynos; a shell's 1,024: 73 of
+# them), SAMPLE_FILES_MAX fds a dyno; the others' samples open, read and close each file.
+SAMPLE_FDS_SHARE = 0.5
+SAMPLE_FILES_MAX = 7
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,8 @@ class Runtime(Protocol):
     async def stats_async(self, placement: Placement) -> cgroups.Stats | None: ...
 
     async def sample_async(self, placement: Placement) -> cgroups.Stats | None:
-        """A periodic sample (`cgroups.Group.sample`: no limits, no pressure); may wait up to
-        SAMPLE_BATCH_WINDOW_S to be read along with other dynos' samples. None when the group
-        is gone."""
+        """A periodic sample (`cgroups.Group.sample`: no limits, no pressure). None when the
+        group is gone."""
 
     def counters(self, placement: Placement) -> cgroups.Stats | None:
         """The OOM-kill count and memory peak alone (`cgroups.Group.counters`): cheap
@@ -154,6 +155,12 @@ class Runtime(Protocol):
 
     def watch_oom_kills(self, placement: Placement,
                         on_kill: Callable[[int], None]) -> Closable | None: ...
+
+    def watch_listens(self, placement: Placement,
+                      on_listen: Callable[[int], None]) -> Closable | None:
+        """Call `on_listen(port)` on the loop whenever a process of the dyno starts to listen
+        on a TCP port, until closed; None when the kernel cannot tell (then only probes
+        do)."""
 
     async def accepting(self, ip: str, port: int) -> bool: ...
 
@@ -228,9 +235,17 @@ class HostRuntime:
         self._uid_releases = BatchedCalls(self.uids.release_many if uids is not None
                                           else _no_uids, self._teardown_pool,
                                           UID_RELEASE_INTERVAL_S)
-        # Dynos' periodic samples, read a batch at a time on one thread.
-        self._samples: BatchedReads[Placement, cgroups.Stats | None] = BatchedReads(
-            self._sample_many, SAMPLE_BATCH_WINDOW_S)
+        # Listens of web dynos while they boot; None once the kernel refused (no BPF), or
+        # with DYNOAGENT_LISTEN_EVENTS=0 (probes only: how `make bench` compares the two).
+        self._listens: cgroups.ListenWatch | None = (
+            None if os.environ.get("DYNOAGENT_LISTEN_EVENTS") == "0" else cgroups.ListenWatch())
+        # The control files of every dyno sampled, open from its first sample until it is
+        # unplaced (by cgroup): a sample reads them again, with one pread(2) each.
+        self._sample_files: dict[str, cgroups.SampleFiles] = {}
+        # The fds they hold, and how many they may: a share of the open-file limit, the rest
+        # left to what must not fail for want of an fd (launches, pidfds, watches, sockets).
+        self._sample_fds = 0
+        self._sample_fd_budget = _sample_fd_budget()
         # The pidfd of every running dyno's PID 1 (launched, or adopted at start).
         self.pidfds = Pidfds()
         # Cgroup kills under way on a thread (the freeze fallback may take seconds): a launch
@@ -547,16 +562,43 @@ class HostRuntime:
         return await asyncio.to_thread(self.stats, placement)
 
     async def sample_async(self, placement: Placement) -> cgroups.Stats | None:
-        return await self._samples.read(placement)
+        return self.sample(placement)
 
-    def _sample_many(self, placements: list[Placement]) -> list[cgroups.Stats | None]:
-        out: list[cgroups.Stats | None] = []
-        for placement in placements:
+    def sample(self, placement: Placement) -> cgroups.Stats | None:
+        """A periodic sample, read on the loop through the dyno's control files kept open
+        (opened at its first sample, closed when it is unplaced): seven pread(2)s, some 50 us
+        in all, where a trip to a thread cost more agent CPU than the reads it carried (1,000
+        dynos sampled every 20 s: 1.1 % of a core in the threads, batched a tick at a time).
+        None when its group is gone."""
+        cgroup = placement.cgroup
+        files = self._sample_files.get(cgroup)
+        try:
+            if files is not None:
+                try:
+                    return files.read()
+                except cgroups.NotFound:
+                    # Removed; perhaps made again since, which the files opened next follow.
+                    self._forget_samples(placement)
+            group = self.group(placement)
+            if self._sample_fds + SAMPLE_FILES_MAX > self._sample_fd_budget:
+                return group.sample()  # past the budget: open, read and close each file
             try:
-                out.append(self.group(placement).sample())
-            except cgroups.CgroupError:
-                out.append(None)
-        return out
+                files = group.sample_files()
+            except cgroups.CgroupError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return group.sample()  # no fd to spare
+                raise
+            self._sample_files[cgroup] = files
+            self._sample_fds += files.fds
+            return files.read()
+        except cgroups.CgroupError:
+            return None
+
+    def _forget_samples(self, placement: Placement) -> None:
+        files = self._sample_files.pop(placement.cgroup, None)
+        if files is not None:
+            self._sample_fds -= files.fds
+            files.close()
 
     def counters(self, placement: Placement) -> cgroups.Stats | None:
         try:
@@ -583,6 +625,23 @@ class HostRuntime:
             return None
         return watch
 
+    def watch_listens(self, placement: Placement,
+                      on_listen: Callable[[int], None]) -> Closable | None:
+        # A sock_ops program on the dyno's cgroup v2 group (cgroups.listens).
+        if self._listens is None:
+            return None
+        group = self.group(placement)
+        try:
+            return self._listens.watch(str(group.layout.unified.fs.path(group.rel)),
+                                       on_listen)
+        except cgroups.ListenWatchUnavailable as exc:
+            log.warning("listens are not heard from the kernel here (%s): web dynos are up "
+                        "at the first probe that connects", exc)
+            self._listens = None
+        except OSError as exc:
+            log.error("cannot hear %s listen: %s", placement.cgroup, exc)
+        return None
+
     async def accepting(self, ip: str, port: int) -> bool:
         try:
             async with asyncio.timeout(BOOT_PROBE_TIMEOUT_S):
@@ -600,6 +659,7 @@ class HostRuntime:
         must leave the loop free to answer), the namespace later still, on the network's
         own teardown thread."""
         self.pidfds.forget(_dyno_id(placement))
+        self._forget_samples(placement)
         await self._kills_done(placement)
         await asyncio.wrap_future(self._teardown_pool.submit(self._unplace_blocking,
                                                              placement))
@@ -669,10 +729,6 @@ class HostRuntime:
         return moved
 
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
 class BatchedCalls:
     """Calls of a blocking `fn(items)` on `executor`, one batch at a time: whatever is asked
     for while a batch runs goes in the next one. `call` returns once its item's batch has."""
@@ -721,49 +777,11 @@ class BatchedCalls:
             self._queued = []
 
 
-class BatchedReads(Generic[K, V]):
-    """Blocking reads `fn(keys) -> values` (one value per key, in order) made in batches: a
-    read waits `window_s`, and every read asked for meanwhile goes in the same call, on one
-    thread (asyncio.to_thread), not one thread hop each."""
-
-    def __init__(self, fn: Callable[[list[K]], list[V]], window_s: float) -> None:
-        self._fn = fn
-        self._window_s = window_s
-        self._queued: list[tuple[K, asyncio.Future[V]]] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def read(self, key: K) -> V:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[V] = loop.create_future()
-        if self._reader is not None and self._reader.get_loop() is not loop:
-            self._reader, self._queued = None, []  # left behind by a loop that ended
-        self._queued.append((key, future))
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read_batch())
-        return await future
-
-    async def _read_batch(self) -> None:
-        batch: list[tuple[K, asyncio.Future[V]]] = []
-        try:
-            await asyncio.sleep(self._window_s)
-            batch, self._queued = self._queued, []
-            self._reader = None  # reads asked for from here on go in the next batch
-            try:
-                values = await asyncio.to_thread(self._fn, [key for key, _future in batch])
-            except Exception as exc:
-                for _key, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                for (_key, future), value in zip(batch, values, strict=True):
-                    if not future.done():
-                        future.set_result(value)
-        finally:
-            if not batch:  # cancelled while waiting for the window to close
-                batch, self._queued = self._queued, []
-                self._reader = None
-            for _key, future in batch:
-                future.cancel()  # a no-op once done; a cancelled read leaves no one waiting
+def _sample_fd_budget() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return int(soft * SAMPLE_FDS_SHARE)
 
 
 def _no_uids(_dyno_ids: list[str]) -> None:

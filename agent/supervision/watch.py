@@ -28,7 +28,7 @@ from cgroups import Stats
 
 BOOT_PROBE_INTERVAL_S = 0.05
 # Samples fall due on multiples of this (the clock's seconds): the dynos due in the same
-# tick wake together, and the runtime reads their cgroups in one trip to a thread.
+# tick wake together, on one timer (agent.supervision.dyno.Alarms).
 SAMPLE_TICK_S = 0.25
 
 
@@ -74,6 +74,12 @@ class Probed:
 
 
 @dataclass(frozen=True, slots=True)
+class Listening:
+    """The kernel saw a process of the dyno start to listen on its $PORT: probe now, not at
+    the next interval."""
+
+
+@dataclass(frozen=True, slots=True)
 class Sampled:
     """The cgroup's counters (answer to `Sample`); None when the cgroup could not be read."""
 
@@ -85,7 +91,7 @@ class Tick:
     """Time has passed: do what is due."""
 
 
-Event = Exited | Asked | OomKilled | Probed | Sampled | Tick
+Event = Exited | Asked | OomKilled | Probed | Listening | Sampled | Tick
 
 
 # --- actions -----------------------------------------------------------------------------------
@@ -243,6 +249,11 @@ def step(watch: Watch, event: Event, now: float) -> list[Action]:
             return _oom_kill(watch, peak, now)
         case Probed(accepting=accepting):
             return _probed(watch, accepting, now)
+        case Listening():
+            if not watch.boot_pending or watch.stop_started is not None:
+                return []
+            watch.next_probe = now + BOOT_PROBE_INTERVAL_S
+            return [Probe()]
         case Sampled(stats=stats):
             return _sampled(watch, stats, now)
         case Tick():

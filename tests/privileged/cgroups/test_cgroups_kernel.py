@@ -23,6 +23,7 @@ from cgroups import (
     Limits,
     Mode,
     NotEmpty,
+    NotFound,
     Tree,
     detect,
 )
@@ -358,3 +359,34 @@ async def test_destroy_of_a_running_group_of_20(tree: Tree) -> None:
     assert final is not None and final.memory_limit_bytes == 64 * MiB
     assert not group.exists()
     assert all(not h.fs.exists(group.rel) for h in tree.layout.hierarchies)
+
+
+def test_sample_files_follow_the_kernel_and_answer_not_found_once_removed(tree: Tree) -> None:
+    """SampleFiles (a sample through fds kept open, one pread each) reads what sample() reads,
+    sees memory charged after it was opened, and answers NotFound (ENODEV) once the group is
+    removed: the kernel formats a control file afresh on each read from offset 0."""
+    group = tree.create_group("app-t.slice/sampled.scope", Limits(memory_max_bytes=256 * MiB))
+    files = group.sample_files()
+    try:
+        idle = files.read()
+        assert idle.memory_current_bytes == group.sample().memory_current_bytes
+        proc = spawn(group, [PY, "-c", "import time; b = b\"x\" * (48 << 20); "
+                             "print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"\n"
+            busy = files.read()
+            plain = group.sample()
+            assert busy.pids_current == plain.pids_current == 1
+            assert busy.memory_rss_bytes is not None and busy.memory_rss_bytes >= 40 * MiB
+            assert abs(busy.memory_rss_bytes - (plain.memory_rss_bytes or 0)) < 8 * MiB
+            assert busy.cpu_usage_usec is not None
+        finally:
+            _reap(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        wait_for(lambda: not group.populated(), timeout_s=5, what="group empty")
+        group.remove(timeout_s=5)
+        with pytest.raises(NotFound):
+            files.read()
+    finally:
+        files.close()

@@ -58,6 +58,7 @@ class FakeRuntime:
 
     supervisor: Supervisor | None = None
     accepting_port: bool = True
+    probes: int = 0
     ignores_term: bool = False
     fail_launch: str | None = None
     stats_value: cgroups.Stats | None = field(default_factory=cgroups.Stats)
@@ -74,6 +75,7 @@ class FakeRuntime:
     max_concurrent: int = 0
     procs: dict[str, Proc] = field(default_factory=dict)
     oom_watchers: dict[str, Callable[[int], None]] = field(default_factory=dict)
+    listen_watchers: dict[str, Callable[[int], None]] = field(default_factory=dict)
     _pids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
 
     async def place(self, spec: DynoSpec,
@@ -135,6 +137,12 @@ class FakeRuntime:
         self.oom_watchers[dyno_id] = on_kill
         return _Unwatch(lambda: self.oom_watchers.pop(dyno_id, None))
 
+    def watch_listens(self, placement: Placement,
+                      on_listen: Callable[[int], None]) -> _Unwatch:
+        dyno_id = self._id_of(placement)
+        self.listen_watchers[dyno_id] = on_listen
+        return _Unwatch(lambda: self.listen_watchers.pop(dyno_id, None))
+
     def _id_of(self, placement: Placement) -> str:
         return placement.netns.removeprefix("dyno-")
 
@@ -185,6 +193,7 @@ class FakeRuntime:
 
     async def accepting(self, ip: str, port: int) -> bool:
         assert (ip, port) == ("10.1.2.3", 5000)
+        self.probes += 1
         return self.accepting_port
 
     async def unplace(self, placement: Placement) -> None:

@@ -27,7 +27,7 @@ from agent.supervision.policy import (
 )
 from agent.supervision.states import DynoState, StateChange
 from agent.supervision.supervisor import MAX_CONCURRENT_STARTS
-from agent.supervision.watch import Command
+from agent.supervision.watch import BOOT_PROBE_INTERVAL_S, Command
 from tests.support.virtualtime import VirtualClock
 from tests.unit.agent.conftest import VIRTUAL_TIME
 from tests.unit.agent.fakes import METRICS, FakeRuntime, Harness, Proc, virtual_harness
@@ -163,6 +163,36 @@ async def test_web_is_up_only_once_it_accepts(h: Harness) -> None:
     assert h.supervisor.dynos[dyno_id].state == "starting"
     h.runtime.accepting_port = True
     await h.state(dyno_id, "up")
+
+
+async def test_web_is_up_as_soon_as_the_kernel_hears_it_listen(h: Harness) -> None:
+    h.runtime.accepting_port = False
+    dyno_id = await h.create("web.1")
+    await h.until(lambda: dyno_id in h.runtime.listen_watchers, what="its listens watched")
+    await asyncio.sleep(1.0 + BOOT_PROBE_INTERVAL_S * 0.4)  # between two probes
+    probes = h.runtime.probes
+    # Listening (it accepts from now on): probed at once, not at the next interval.
+    h.runtime.accepting_port = True
+    loop = asyncio.get_running_loop()
+    heard_at = loop.time()
+    h.runtime.listen_watchers[dyno_id](5000)
+    await h.state(dyno_id, "up")
+    assert loop.time() - heard_at < BOOT_PROBE_INTERVAL_S / 10
+    assert h.runtime.probes == probes + 1
+    # Up: the watch is closed; a listen on another port meanwhile was no reason to probe.
+    assert dyno_id not in h.runtime.listen_watchers
+
+
+async def test_a_listen_on_another_port_is_no_reason_to_probe(h: Harness) -> None:
+    h.runtime.accepting_port = False
+    dyno_id = await h.create("web.1")
+    await h.until(lambda: dyno_id in h.runtime.listen_watchers, what="its listens watched")
+    await asyncio.sleep(1.0 + BOOT_PROBE_INTERVAL_S * 0.4)  # between two probes
+    probes = h.runtime.probes
+    h.runtime.listen_watchers[dyno_id](5001)
+    await asyncio.sleep(BOOT_PROBE_INTERVAL_S / 10)
+    assert h.runtime.probes == probes
+    assert h.supervisor.dynos[dyno_id].state == "starting"
 
 
 async def test_r14_over_quota_keeps_running_r15_at_kill_point_kills(tmp_path: Path) -> None:

@@ -266,7 +266,7 @@ def test_a_kill_the_last_agent_began_is_sent_again_at_once() -> None:
 
 def test_samples_fall_due_on_the_tick_grid() -> None:
     """Dynos started at any time are sampled on multiples of SAMPLE_TICK_S: those due in
-    the same tick wake together, and their cgroups are read in one trip to a thread."""
+    the same tick wake together, on one timer."""
     w, _ = watch.begin(WORKER, now=3.1, started_at=3.1, cycle_at=DAY, oom_base=0,
                        oom_kills=0, state=DynoState.UP)
     assert w.deadline() == 23.25

@@ -160,6 +160,13 @@ class FakeKernelFS(CgroupFS):
         self.faults.check("read", path)
         return super()._raw_read(path)
 
+    def _raw_pread(self, fd: int, path: str) -> bytes:
+        self.faults.check("read", path)
+        if not os.path.exists(path):
+            # The kernel's answer to a read of a removed group's file through an open fd.
+            raise OSError(errno.ENODEV, "No such device", path)
+        return super()._raw_pread(fd, path)
+
     def _raw_write(self, path: str, data: bytes) -> None:
         self.faults.check("write", path)
         value = data.decode()
