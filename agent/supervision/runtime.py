@@ -227,6 +227,7 @@ class HostRuntime:
         self._teardowns: dict[str, concurrent.futures.Future[None]] = {}
         # Dynos being unplaced in the background (unplace_later), by id.
         self._unplacing: dict[str, asyncio.Future[None]] = {}
+        self._uid_releasing: dict[str, asyncio.Future[None]] = {}
         self._teardown_pool = concurrent.futures.ThreadPoolExecutor(
             TEARDOWN_THREADS, thread_name_prefix="teardown")
         # One read and rewrite of the host's uid registry for all the dynos freed meanwhile,
@@ -658,13 +659,38 @@ class HostRuntime:
         teardown threads (a few at a time, however many dynos go at once: a mass delete
         must leave the loop free to answer), the namespace later still, on the network's
         own teardown thread."""
-        self.pidfds.forget(_dyno_id(placement))
+        dyno_id = _dyno_id(placement)
+        self.pidfds.forget(dyno_id)
         self._forget_samples(placement)
         await self._kills_done(placement)
         await asyncio.wrap_future(self._teardown_pool.submit(self._unplace_blocking,
                                                              placement))
-        await self._uid_releases.call(_dyno_id(placement))
+        self._release_uid_later(dyno_id)
         self._destroy_netns_later(placement.space, placement.netns)
+
+    def _release_uid_later(self, dyno_id: str) -> None:
+        """The uid goes back with the next batch of releases (UID_RELEASE_INTERVAL_S apart).
+        Nothing waits for that but a place of the same id (`unplaced`): a completed one-off
+        waited for it with one of the agent's few exit slots (MAX_CONCURRENT_EXITS) held, so
+        in a run of `dynoctl run`s every other one's exit waited up to half a second."""
+        previous = self._uid_releasing.get(dyno_id)
+
+        async def release() -> None:
+            if previous is not None:
+                await _quietly(previous)
+            try:
+                await self._uid_releases.call(dyno_id)
+            except Exception as exc:
+                # Left to the reconcile at the next start (no record names the uid any more).
+                log.error("freeing the uid of dyno %s failed: %s", dyno_id, exc)
+
+        task = asyncio.ensure_future(release())
+        self._uid_releasing[dyno_id] = task
+
+        def done(_task: asyncio.Future[None]) -> None:
+            if self._uid_releasing.get(dyno_id) is task:
+                del self._uid_releasing[dyno_id]
+        task.add_done_callback(done)
 
     def unplace_later(self, placement: Placement) -> None:
         dyno_id = _dyno_id(placement)
@@ -690,11 +716,12 @@ class HostRuntime:
     async def unplaced(self, dyno_id: str | None = None) -> None:
         """Once the background unplacing of `dyno_id` (of every dyno: None) is over."""
         if dyno_id is not None:
-            pending = self._unplacing.get(dyno_id)
-            if pending is not None:
-                await _quietly(pending)
+            for waiting in (self._unplacing, self._uid_releasing):
+                pending = waiting.get(dyno_id)
+                if pending is not None:
+                    await _quietly(pending)
             return
-        for future in list(self._unplacing.values()):
+        for future in [*self._unplacing.values(), *self._uid_releasing.values()]:
             await _quietly(future)
 
     def _unplace_blocking(self, placement: Placement) -> None:

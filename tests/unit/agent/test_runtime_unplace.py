@@ -16,7 +16,7 @@ import pytest
 from agent.daemon.service import _remove_dirs, _stale_dyno_dirs
 from agent.spec import parse_spec
 from agent.supervision.records import Placement
-from agent.supervision.runtime import BatchedCalls, HostRuntime
+from agent.supervision.runtime import UID_RELEASE_INTERVAL_S, BatchedCalls, HostRuntime
 
 
 def _placement(dyno_id: str) -> Placement:
@@ -119,6 +119,41 @@ async def test_uid_releases_asked_for_within_the_interval_go_in_one_pass() -> No
             await asyncio.sleep(0.03)
         await asyncio.wait_for(asyncio.gather(*later), 5)
     assert batches == [["a"], ["b", "c", "d"]]
+
+
+class _Uids:
+    def __init__(self) -> None:
+        self.released: list[list[str]] = []
+
+    def release_many(self, dyno_ids: list[str]) -> None:
+        self.released.append(list(dyno_ids))
+
+
+async def test_unplacing_does_not_wait_for_the_next_batch_of_uid_releases(
+        tmp_path: Path) -> None:
+    # Before its fix: unplace() returned once the dyno's uid was written free, in the next
+    # batch of releases, up to UID_RELEASE_INTERVAL_S later; a completed one-off waits for
+    # its unplace with an exit slot held, so in a run of `dynoctl run`s every other one's
+    # exit waited for that batch (~0.4 s).
+    uids = _Uids()
+    runtime = HostRuntime(tree=cast(Any, None), network=cast(Any, None), uids=cast(Any, uids),
+                          slugs=cast(Any, None), holder=cast(Any, None),
+                          state_dir=tmp_path / "state", run_dir=tmp_path / "run",
+                          hide_paths=(), slug_roots=cast(Any, None))
+    runtime._unplace_blocking = lambda placement: None  # type: ignore[method-assign]
+    runtime._destroy_netns_later = lambda space, name: None  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    await runtime.unplace(_placement("w0"))
+    await runtime.unplaced("w0")
+    assert uids.released == [["w0"]]
+    began = loop.time()
+    await runtime.unplace(_placement("w1"))
+    assert loop.time() - began < UID_RELEASE_INTERVAL_S / 2
+    assert uids.released == [["w0"]]
+    # A place of the same id waits for it (the daemon too, before it exits).
+    await asyncio.wait_for(runtime.unplaced("w1"), 5)
+    assert uids.released == [["w0"], ["w1"]]
+    assert loop.time() - began >= UID_RELEASE_INTERVAL_S * 0.9
 
 
 def test_the_start_sweeps_runtime_dirs_no_record_places(tmp_path: Path) -> None:
