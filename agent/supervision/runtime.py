@@ -673,45 +673,15 @@ class HostRuntime:
         Nothing waits for that but a place of the same id (`unplaced`): a completed one-off
         waited for it with one of the agent's few exit slots (MAX_CONCURRENT_EXITS) held, so
         in a run of `dynoctl run`s every other one's exit waited up to half a second."""
-        previous = self._uid_releasing.get(dyno_id)
-
-        async def release() -> None:
-            if previous is not None:
-                await _quietly(previous)
-            try:
-                await self._uid_releases.call(dyno_id)
-            except Exception as exc:
-                # Left to the reconcile at the next start (no record names the uid any more).
-                log.error("freeing the uid of dyno %s failed: %s", dyno_id, exc)
-
-        task = asyncio.ensure_future(release())
-        self._uid_releasing[dyno_id] = task
-
-        def done(_task: asyncio.Future[None]) -> None:
-            if self._uid_releasing.get(dyno_id) is task:
-                del self._uid_releasing[dyno_id]
-        task.add_done_callback(done)
+        _after_previous(self._uid_releasing, dyno_id, lambda: self._uid_releases.call(dyno_id),
+                        # Left to the reconcile at the next start (no record names it).
+                        f"freeing the uid of dyno {dyno_id} failed")
 
     def unplace_later(self, placement: Placement) -> None:
         dyno_id = _dyno_id(placement)
-        previous = self._unplacing.get(dyno_id)
-
-        async def run() -> None:
-            if previous is not None:
-                await _quietly(previous)
-            try:
-                await self.unplace(placement)
-            except Exception as exc:
-                # Left to the sweep at the next start (no record owns them any more).
-                log.error("freeing what dyno %s used failed: %s", dyno_id, exc)
-
-        task = asyncio.ensure_future(run())
-        self._unplacing[dyno_id] = task
-
-        def done(_task: asyncio.Future[None]) -> None:
-            if self._unplacing.get(dyno_id) is task:
-                del self._unplacing[dyno_id]
-        task.add_done_callback(done)
+        _after_previous(self._unplacing, dyno_id, lambda: self.unplace(placement),
+                        # Left to the sweep at the next start (no record owns them any more).
+                        f"freeing what dyno {dyno_id} used failed")
 
     async def unplaced(self, dyno_id: str | None = None) -> None:
         """Once the background unplacing of `dyno_id` (of every dyno: None) is over."""
@@ -754,6 +724,29 @@ class HostRuntime:
             log.warning("dyno %s: uid %d is another dyno's; it gets uid %d from its next start",
                         dyno_id, placed[dyno_id].uid, uid)
         return moved
+
+
+def _after_previous(running: dict[str, asyncio.Future[None]], key: str,
+                    work: Callable[[], Awaitable[None]], failure: str) -> None:
+    """Run `work()` in the background once the task `running[key]` (if any) is over, as
+    `running[key]` until it is; a failure is logged as `failure: <error>`."""
+    previous = running.get(key)
+
+    async def run() -> None:
+        if previous is not None:
+            await _quietly(previous)
+        try:
+            await work()
+        except Exception as exc:
+            log.error("%s: %s", failure, exc)
+
+    task = asyncio.ensure_future(run())
+    running[key] = task
+
+    def done(_task: asyncio.Future[None]) -> None:
+        if running.get(key) is task:
+            del running[key]
+    task.add_done_callback(done)
 
 
 class BatchedCalls:
