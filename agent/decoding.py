@@ -6,7 +6,7 @@ decode, before any other code walks the document; and, for the coordinator's fra
 
 from __future__ import annotations
 
-import json
+from agent import cjson
 
 # dynoctl reads its control frames with json_loads: neither typing nor msgpack (a few ms to
 # import) is needed for that. mypy takes any constant of this name as typing's.
@@ -69,10 +69,11 @@ def check_depth(value: Any, limit: int = MAX_DEPTH) -> Any:
 
 
 def json_loads(raw: bytes | str, limit: int = MAX_DEPTH) -> Any:
-    """json.loads with the nesting bound. Raises ValueError (TooDeep for depth; json's own
-    decoder recurses and would raise RecursionError on a thousand brackets)."""
+    """json.loads (of UTF-8, through agent.cjson) with the nesting bound. Raises ValueError
+    (TooDeep for depth; json's own decoder recurses and would raise RecursionError on a
+    thousand brackets)."""
     try:
-        value = json.loads(raw)
+        value = cjson.loads(raw)
     except RecursionError:
         raise TooDeep(limit) from None
     return check_depth(value, limit)

@@ -8,9 +8,9 @@ ever buffers more than a window of it; everything else is small or bounded by th
 
 from __future__ import annotations
 
-import json
 import struct
 
+from agent import cjson
 from agent.decoding import json_loads
 
 TYPE_CHECKING = False  # not typing's: dynoctl would import typing for it
@@ -73,7 +73,7 @@ def parse_credit(payload: bytes) -> int:
 
 
 def control(message: dict[str, Any]) -> bytes:
-    return encode(CONTROL, json.dumps(message, separators=(",", ":")).encode())
+    return encode(CONTROL, cjson.dumps(message).encode())
 
 
 def parse_control(payload: bytes) -> dict[str, Any]:

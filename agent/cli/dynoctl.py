@@ -11,16 +11,14 @@ without the interpreter's teardown (`leave`).
 
 from __future__ import annotations
 
+import _socket
 import codecs
-import contextlib
-import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
+from agent import cjson
 from agent.api import attachwire as wire
 
 # Not typing.TYPE_CHECKING: typing alone takes a few ms to import, and nothing else `dynoctl
@@ -29,9 +27,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     import http.client
+    import signal as _signal
     from collections.abc import Callable, Iterable, Iterator
     from datetime import datetime
     from typing import Any
+else:
+    # The C modules under signal and socket: the Python ones wrap their constants in enums,
+    # some 10 ms of imports each at a `dynoctl run`'s start. `_socket` has stubs of its own.
+    import _signal
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
 TOP_INTERVAL_S = 2.0
@@ -53,6 +56,7 @@ class CtlError(Exception):
 
 def _connection(path: str, timeout_s: float) -> http.client.HTTPConnection:
     import http.client
+    import socket
 
     class UnixHTTPConnection(http.client.HTTPConnection):
         def connect(self) -> None:
@@ -84,7 +88,7 @@ def _url(path: str, query: dict[str, Any] | None) -> str:
 
 def _error_of(status: int, reason: str, raw: bytes) -> CtlError:
     try:
-        data = json.loads(raw) if raw else None
+        data = cjson.loads(raw) if raw else None
     except ValueError:
         data = None
     error = data.get("error") if isinstance(data, dict) else None
@@ -109,7 +113,7 @@ class Client:
 
         conn = _connection(self.socket_path, self.timeout_s)
         try:
-            payload = None if body is None else json.dumps(body).encode()
+            payload = None if body is None else cjson.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
             try:
                 conn.request(method, _url(path, query), body=payload, headers=headers)
@@ -124,7 +128,7 @@ class Client:
         if response.status >= 400:
             raise _error_of(response.status, response.reason, raw)
         try:
-            return json.loads(raw) if raw else None
+            return cjson.loads(raw) if raw else None
         except ValueError:
             raise CtlError(f"dynoagent answered {response.status} with non-JSON data") from None
 
@@ -163,6 +167,8 @@ class Client:
 # -- formatting -------------------------------------------------------------------------------
 
 def _print_json(data: Any) -> None:
+    import json
+
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
@@ -559,6 +565,8 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
         while True:
             rows = sampler.frame()
             if args.json:
+                import json
+
                 print(json.dumps(rows, sort_keys=True), flush=True)
             else:
                 from datetime import datetime
@@ -581,7 +589,7 @@ TERMINAL_ENV = ("TERM", "COLORTERM")
 # Ctrl-\\ in a TTY session (the terminal is raw, so it arrives as this byte): leave and end
 # the session, as SIGQUIT does for a session on pipes.
 LEAVE_BYTE = b"\x1c"
-LEAVE_STATUS = 128 + signal.SIGQUIT
+LEAVE_STATUS = 128 + _signal.SIGQUIT
 SOCKET_READ_BYTES = 256 * 1024
 
 
@@ -619,20 +627,20 @@ def attach_path_of(socket_path: str) -> str:
     return os.path.join(directory, f"{stem}.attach{suffix or '.sock'}")
 
 
-def _attach_connect(client: Client) -> tuple[socket.socket, str]:
+def _attach_connect(client: Client) -> tuple[_socket.socket, str]:
     """A connection to the agent's attach socket: the one next to the operator socket, with
     no request to the operator API first (`dynoctl run` is a start path). When that fails,
     the one GET /v1/info names, as before: every failure is then reported as it always was
     (the operator socket's, or the attach socket's)."""
     path = attach_path_of(client.socket_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
         return sock, path
     except OSError:
         sock.close()
     path = _attach_socket(client)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError as exc:
@@ -658,7 +666,7 @@ def attach(client: Client, request: dict[str, Any],
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            sock.sendall((json.dumps(request) + "\n").encode())
+            sock.sendall((cjson.dumps(request) + "\n").encode())
         except OSError as exc:
             raise CtlError(f"cannot send the request to {path}: {exc.strerror or exc}") from None
         return _Session(sock, tty_session, detached).run(on_started)
@@ -693,7 +701,7 @@ class _Session:
     leave). In a TTY session our terminal is raw from the start of the command to the end,
     restored on every way out."""
 
-    def __init__(self, sock: socket.socket, tty_session: bool, detached: bool) -> None:
+    def __init__(self, sock: _socket.socket, tty_session: bool, detached: bool) -> None:
         self.sock = sock
         self.tty = tty_session
         self.detached = detached
@@ -704,13 +712,13 @@ class _Session:
         self.saved_terminal: list[Any] | None = None
 
     def run(self, on_started: Callable[[dict[str, Any]], None]) -> int:
-        wake_r, wake_w = socket.socketpair()
+        wake_r, wake_w = _socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        handled = () if self.detached else (signal.SIGINT, signal.SIGWINCH, signal.SIGTERM,
-                                            signal.SIGHUP)
-        previous = {signum: signal.signal(signum, _ignore) for signum in handled}
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        handled = () if self.detached else (_signal.SIGINT, _signal.SIGWINCH, _signal.SIGTERM,
+                                            _signal.SIGHUP)
+        previous = {signum: _signal.signal(signum, _ignore) for signum in handled}
+        old_wakeup = _signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         try:
             while True:
                 readers: list[Any] = [self.sock, wake_r]
@@ -732,9 +740,9 @@ class _Session:
                         return status
         finally:
             self._restore_terminal()
-            signal.set_wakeup_fd(old_wakeup)
+            _signal.set_wakeup_fd(old_wakeup)
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                _signal.signal(signum, handler)
             wake_r.close()
             wake_w.close()
 
@@ -745,13 +753,15 @@ class _Session:
             raise CtlError(f"the connection to dynoagent broke: {exc.strerror or exc}") from None
 
     def _on_signal(self, signum: int) -> int | None:
-        if signum == signal.SIGINT:
+        if signum == _signal.SIGINT:
             self._send(wire.encode(wire.SIGNAL, b"INT"))
-        elif signum == signal.SIGWINCH and self.tty:
-            with contextlib.suppress(OSError):
+        elif signum == _signal.SIGWINCH and self.tty:
+            try:
                 size = os.get_terminal_size(1)
-                self._send(wire.window(size.lines, size.columns))
-        elif signum in (signal.SIGTERM, signal.SIGHUP):
+            except OSError:
+                return None
+            self._send(wire.window(size.lines, size.columns))
+        elif signum in (_signal.SIGTERM, _signal.SIGHUP):
             return 128 + signum  # we leave; the agent ends the command
         return None
 
@@ -823,6 +833,7 @@ class _Session:
 
     def _restore_terminal(self) -> None:
         if self.saved_terminal is not None:
+            import contextlib
             import termios
 
             with contextlib.suppress(termios.error):

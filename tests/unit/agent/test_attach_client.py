@@ -178,12 +178,14 @@ def test_the_attach_path_is_the_agents(tmp_path: Path) -> None:
 def test_run_needs_no_request_to_the_operator_api(tmp_path: Path) -> None:
     """Nothing listens on the operator socket: `run` goes straight to the attach socket
     next to it, and imports neither http.client, nor argparse for its usual options, nor
-    what agent.sizes brings (dataclasses, typing) to spell the size."""
+    what agent.sizes brings (dataclasses, typing) to spell the size, nor json (and re), nor
+    the enums of socket and signal, nor contextlib."""
     agent = _scripted_attach_agent(tmp_path / "api.attach.sock", 7)
     probe = ("import sys\nfrom agent.cli import dynoctl\n"
              f"code = dynoctl.main(['--socket', {str(tmp_path / 'api.sock')!r}, 'run', '--',"
              " 'true'])\n"
-             "print(sorted({'http.client', 'agent.sizes', 'dataclasses', 'typing', 'argparse'}"
+             "print(sorted({'http.client', 'agent.sizes', 'dataclasses', 'typing', 'argparse',"
+             " 'json', 're', 'socket', 'signal', 'contextlib', 'enum'}"
              " & set(sys.modules)), file=sys.stderr)\nsys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                           stdin=subprocess.DEVNULL, timeout=30, check=False)
