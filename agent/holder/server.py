@@ -134,6 +134,7 @@ class PendingLaunch(Deferred):
     pipe_r: int | None = None  # the dyno's output pipe, once it runs
     pidfd: int = -1  # on wait.pid, opened before anything could reap it
     reaped: dict[int, int] = field(default_factory=dict)  # pid → wait status, reaped meanwhile
+    keep: list[int] = field(default_factory=list)  # the child's stdio: closed once it ends
 
 
 @dataclass
@@ -279,8 +280,8 @@ class Holder:
             self._end_launch(pending)
             if pending.steps is not None:
                 pending.steps.close()
-            _close_all([fd for fd in (pending.pidfd, pending.pipe_r)
-                        if fd is not None and fd >= 0])
+            _close_all([*pending.keep, *(fd for fd in (pending.pidfd, pending.pipe_r)
+                                         if fd is not None and fd >= 0)])
         for client in list(self._clients.values()):
             self._close_client(client)
         with contextlib.suppress(KeyError, ValueError):
@@ -409,6 +410,9 @@ class Holder:
         else:
             if isinstance(result, Deferred):
                 result.request_id = request_id
+                if isinstance(result, PendingLaunch):
+                    result.keep += fds  # the caller's stdio, until the launch ends
+                    fds = []
             else:
                 self._answer(client, request_id, method, (result, out_fds))
         finally:
@@ -542,18 +546,18 @@ class Holder:
                 except StopIteration as stop:
                     outcome = stop.value
         except BaseException:
-            if pipe_r is not None:
-                os.close(pipe_r)
+            _close_all([fd for fd in (pipe_r, pipe_w) if fd is not None])
             raise
-        finally:
-            # The child has its own copies of the stdio by now.
-            if pipe_w is not None:
-                os.close(pipe_w)
         if wait is not None:
             assert steps is not None
-            pending = PendingLaunch(client, dyno_id=dyno_id, steps=steps, pipe_r=pipe_r)
+            # The stdio stays open until the launch ends: a child the kernel kills at birth
+            # (see launcher.process) is forked again, in a later step, with the same fds.
+            pending = PendingLaunch(client, dyno_id=dyno_id, steps=steps, pipe_r=pipe_r,
+                                    keep=[] if pipe_w is None else [pipe_w])
             self._await_launch(pending, wait)
             return pending, []
+        if pipe_w is not None:
+            os.close(pipe_w)
         return self._launched(dyno_id, outcome, pipe_r)
 
     def _launched(self, dyno_id: str, outcome: LaunchOutcome, pipe_r: int | None,
@@ -731,6 +735,8 @@ class Holder:
         else:
             self._await_launch(pending, wait)
             return
+        _close_all(pending.keep)
+        pending.keep = []
         if pending.pidfd >= 0:
             os.close(pending.pidfd)
             pending.pidfd = -1

@@ -5,11 +5,14 @@ Launch params: argv, env as the plain backend, and
 - gate: a FIFO the child reads one byte from before it execs (its setup, held up);
 - resume: a FIFO the holder's steps wait on once the child has exec'd, before the launch
   ends (so the test decides what the holder sees first: the report or the exit);
-- timeout_s: the launch's deadline (default 10).
+- timeout_s: the launch's deadline (default 10);
+- refork: a first child that dies at once is waited for in a step of its own, and the
+  command forked after it (as the launcher does when the kernel kills a child at birth).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -33,6 +36,8 @@ class GatedBackend(PlainBackend):
         env = {str(k): str(v) for k, v in params.get("env", [])}
         gate = params.get("gate")
         deadline = time.monotonic() + float(params.get("timeout_s", 10))
+        if params.get("refork"):
+            yield from _born_dead(deadline)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -71,6 +76,21 @@ class GatedBackend(PlainBackend):
             os.close(pidfd)
             os.close(read_fd)
         return LaunchOutcome(pid, start_time, {"gated": 0.0})
+
+
+def _born_dead(deadline: float) -> Steps[None]:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.close(write_fd)
+    try:
+        os.set_blocking(read_fd, False)
+        yield from _until_eof(read_fd, deadline, pid)
+    finally:
+        os.close(read_fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _until_eof(fd: int, deadline: float, pid: int) -> Steps[None]:

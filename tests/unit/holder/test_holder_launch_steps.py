@@ -1,6 +1,7 @@
 """Launches in steps: while one launch's child sets itself up, the holder serves the others;
 a launch that never finishes times out with its child killed; an exit reaped before its
-launch ended is still reported; a `list` includes every launch asked for before it."""
+launch ended is still reported; a `list` includes every launch asked for before it; a
+child forked in a later step still has its stdio."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ import pytest
 from agent.holder.client import HolderClient
 from agent.holder.errors import LaunchFailed
 from tests.support.wait import async_wait_for
-from tests.unit.holder.harness import ENV, HolderProc, collect, exits_of, start_holder, stop_holder
+from tests.unit.holder.harness import (
+    ENV,
+    HolderProc,
+    collect,
+    exits_of,
+    lines_of,
+    start_holder,
+    stop_holder,
+)
 
 
 class GatedHolder(HolderProc):
@@ -140,3 +149,27 @@ async def test_a_list_waits_for_the_launches_asked_for_before_it(
     procs = await asyncio.wait_for(listing, 5)
     assert [(p.dyno_id, p.running) for p in procs] == [("d-late", True)]
     os.close((await launching).pidfd)
+
+
+async def test_a_child_forked_in_a_later_step_still_has_its_stdio(
+        gated: tuple[HolderClient, Path]) -> None:
+    # Before its fix: the holder closed the output pipe's write end (and the caller's stdin)
+    # right after the first step, so a child forked again later (the launcher does, when the
+    # kernel kills a child cloned into a once-killed cgroup at birth) had no stdout: its
+    # first line failed and a Python app exited 120.
+    client, _tmp = gated
+    stdin_r, stdin_w = os.pipe()
+    try:
+        os.write(stdin_w, b"from stdin\n")
+        os.close(stdin_w)
+        stdin_w = -1
+        launched = await client.launch(_params("d-refork", "read line; echo \"got $line\"",
+                                               refork=True), stdin=stdin_r)
+    finally:
+        os.close(stdin_r)
+        if stdin_w >= 0:
+            os.close(stdin_w)
+    os.close(launched.pidfd)
+    events = await collect(client, lambda got: bool(exits_of(got)))
+    assert lines_of(events, "d-refork") == [b"got from stdin"]
+    assert [e.status for e in exits_of(events)] == [0]
