@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024
 REQUEST_TIMEOUT_S = 10.0
+# A signal from the caller of a one-off the agent does not know to run yet (the holder's
+# answer to its launch is on its way) is tried again this often, for this long.
+SIGNAL_RETRY_S = 0.01
+SIGNAL_WAIT_S = 5.0
 # Exits of entered processes that arrived before anyone waited for them (a command that ends
 # before `enter` has even returned); bounded, as nobody may ever claim some of them.
 MAX_UNCLAIMED_EXITS = 1024
@@ -418,6 +422,21 @@ class AttachServer:
                                   "release from")
         return min(candidates, key=lambda spec: (spec.is_one_shot, spec.name))
 
+    async def _signal_once_running(self, dyno_id: str, sig: signal.Signals) -> None:
+        """Signal the one-off's processes once the agent knows them: they may have started
+        and written before the holder's answer came; not at all if it has ended by then."""
+        deadline = asyncio.get_running_loop().time() + SIGNAL_WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(SIGNAL_RETRY_S)
+            try:
+                _, placement = self.dynos.running(dyno_id)
+            except errors.NotFound:
+                return  # gone
+            except errors.AgentError:
+                continue  # not running yet, or ended (then the session ends meanwhile)
+            self.processes.signal_all(placement, sig)
+            return
+
     def _one_off_name(self, app: str) -> str:
         used = {spec.name for spec in self.dynos.specs(app)}
         while True:
@@ -472,7 +491,11 @@ class AttachServer:
                 try:
                     _, placement = self.dynos.running(dyno_id)
                 except errors.AgentError:
-                    return  # not running (yet, or any more): nothing to signal
+                    # The command can write (and its caller press Ctrl-C) before the agent
+                    # has heard back from the holder that it runs: the signal goes then.
+                    self._tasks.spawn(self._signal_once_running(dyno_id, sig),
+                                      f"attach-signal-{dyno_id}")
+                    return
                 self.processes.signal_all(placement, sig)
 
             relay = Relay(conn, forward, rest)

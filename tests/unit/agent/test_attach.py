@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,3 +252,33 @@ def test_a_one_offs_config_vars_override_the_apps_and_the_terminals() -> None:
                        ({"A": 1}, "must be a string"), ({"A": "a\x00"}, "without NUL")]:
         with pytest.raises(errors.BadRequest, match=words):
             one_off_env(template, {"config_vars": bad})
+
+
+async def test_a_signal_before_the_agent_knows_the_one_off_runs_goes_once_it_does() -> None:
+    # Before its fix: a caller's Ctrl-C that came while the agent had not yet heard back from
+    # the holder (the command had already written its first line) was dropped; the command
+    # never got it and `dynoctl run` waited for ever.
+    placement = cast(Any, "the-placement")
+    known: list[bool] = [False]
+
+    class Starting(FakeDynos):
+        def running(self, ref: str, app: str | None = None) -> tuple[DynoSpec, Placement]:
+            if not known[0]:
+                raise errors.Conflict(f"{ref} has no running process to enter")
+            return named("shop", "run.1"), placement
+
+    signalled: list[tuple[Any, signal.Signals]] = []
+
+    class Processes:
+        def signal_all(self, where: Any, sig: signal.Signals) -> int:
+            signalled.append((where, sig))
+            return 1
+
+    server = AttachServer(Starting(), cast(Any, Processes()), cast(Any, None), StdioRegistry(),
+                          None)
+    task = asyncio.ensure_future(server._signal_once_running("d1", signal.SIGINT))
+    await asyncio.sleep(0.05)
+    assert signalled == []
+    known[0] = True
+    await asyncio.wait_for(task, 5)
+    assert signalled == [(placement, signal.SIGINT)]
