@@ -3,13 +3,13 @@
 # only when pyproject.toml changed since it was last built.
 
 SHELL := /bin/bash
-PYTHON ?= python3
+PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
-APT_PACKAGES := nftables iproute2 tini runc crun busybox-static libsystemd-dev pkg-config \
-                gcc procps util-linux systemd mmdebstrap etcd-server etcd-client \
-                rsyslog rsyslog-gnutls prometheus
+APT_PACKAGES := python3 python3-venv python3-dev nftables iproute2 tini runc crun busybox-static \
+                libsystemd-dev pkg-config gcc procps util-linux systemd mmdebstrap etcd-server \
+                etcd-client rsyslog rsyslog-gnutls prometheus
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs linux-image-amd64
 PYTEST := $(BIN)/pytest
 CHECKED := agent cgroups netns dynocoord
@@ -62,11 +62,22 @@ setup-vm: setup
 
 # The editable install as a plain path in a .pth (compat mode), not setuptools' import hook:
 # the hook imports pathlib and walks a finder on every start of dynoctl and dynoagent, some
-# 10 ms of each `dynoctl run`.
-$(BIN)/.installed: pyproject.toml Makefile | $(STAMPS)/apt
+# 10 ms of each `dynoctl run`. dynoctl is then the package's own launcher, pointed at this
+# venv and tree: pip's console script would start the site module first.
+# The venv's interpreter is the one the package runs on (Debian's python3, built with PGO and
+# LTO); a venv made by another interpreter is made again.
+$(BIN)/.installed: pyproject.toml Makefile packaging/bin/dynoctl | $(STAMPS)/apt
+	@if [ -x $(BIN)/python3 ] && [ "$$(readlink -f $(BIN)/python3)" != "$$(readlink -f $(PYTHON))" ]; then \
+	  echo "$(VENV) was made by $$(readlink -f $(BIN)/python3), not $(PYTHON): making it again"; \
+	  rm -rf $(VENV); \
+	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	sed -e '1s|^#!.*|#!$(abspath $(BIN))/python3 -IS|' \
+	    -e 's|^VENV = .*|VENV = "$(abspath $(VENV))"|' -e 's|^ROOT = .*|ROOT = "$(CURDIR)"|' \
+	    packaging/bin/dynoctl > $(BIN)/dynoctl.new
+	chmod 755 $(BIN)/dynoctl.new && mv $(BIN)/dynoctl.new $(BIN)/dynoctl
 	@touch $@
 
 lint: setup

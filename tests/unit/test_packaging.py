@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -60,7 +61,11 @@ def test_every_entry_point_has_a_launcher() -> None:
         assert set(tomllib.load(f)["project"]["scripts"]) == set(COMMANDS)
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+# dynoctl's launcher is a Python script (see test_dynoctl_launcher_starts_python_directly).
+SHELL_LAUNCHED = sorted(set(COMMANDS) - {"dynoctl"})
+
+
+@pytest.mark.parametrize("command", SHELL_LAUNCHED)
 def test_launcher_runs_the_entry_point_in_the_venv(command: str) -> None:
     module = COMMANDS[command]
     assert _installs()[f"/usr/bin/{command}"] == f"packaging/bin/{command}"
@@ -69,12 +74,45 @@ def test_launcher_runs_the_entry_point_in_the_venv(command: str) -> None:
     # -I: no PYTHONPATH, user site or current directory in a root process.
     assert shlex.split(exec_line) == ["exec", f"{VENV}/bin/python3", "-I", "-m", module, "$@"]
     assert os.access(PKG / "bin" / command, os.X_OK)
-    # The launcher's module is the pyproject entry point's, run as __main__.
+    _assert_entry_point(command, module)
+    source = (TOP / f"{module.replace('.', '/')}.py").read_text()
+    assert 'if __name__ == "__main__":\n    sys.exit(main())' in source
+
+
+def _assert_entry_point(command: str, module: str) -> None:
+    """The launcher's module is the pyproject entry point's."""
     with (TOP / "pyproject.toml").open("rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert scripts[command] == f"{module}:main"
-    source = (TOP / f"{module.replace('.', '/')}.py").read_text()
-    assert 'if __name__ == "__main__":\n    sys.exit(main())' in source
+
+
+def test_dynoctl_launcher_starts_python_directly(tmp_path: Path) -> None:
+    """The interpreter of the venv, isolated (-I) and without the site module (-S), with the
+    venv's site-packages on its path; run as a script, it runs the entry point's main."""
+    assert _installs()["/usr/bin/dynoctl"] == "packaging/bin/dynoctl"
+    launcher = PKG / "bin" / "dynoctl"
+    assert os.access(launcher, os.X_OK)
+    text = launcher.read_text()
+    assert text.splitlines()[0] == f"#!{VENV}/bin/python3 -IS"
+    _assert_entry_point("dynoctl", "agent.cli.dynoctl")
+    # Run by this interpreter as the package would run it, with VENV pointing at a venv
+    # whose site-packages holds a stand-in `agent.cli.dynoctl` that reports what it sees.
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    site = tmp_path / "venv" / "lib" / version / "site-packages"
+    (site / "agent" / "cli").mkdir(parents=True)
+    (site / "agent" / "__init__.py").write_text("")
+    (site / "agent" / "cli" / "__init__.py").write_text("")
+    (site / "agent" / "cli" / "dynoctl.py").write_text(
+        "import sys\n"
+        "def main():\n"
+        "    print(sys.flags.isolated, sys.flags.no_site, 'site' in sys.modules, sys.argv[1:])\n"
+        "    return 3\n")
+    script = tmp_path / "dynoctl"
+    script.write_text(text.replace(f'VENV = "{VENV}"', f'VENV = "{tmp_path / "venv"}"'))
+    done = subprocess.run([sys.executable, "-IS", str(script), "ps", "--json"],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": "/nonexistent"})
+    assert (done.returncode, done.stdout) == (3, "1 1 False ['ps', '--json']\n"), done.stderr
 
 
 def _conffile_values() -> dict[str, object]:
