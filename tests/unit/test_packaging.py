@@ -87,13 +87,14 @@ def _assert_entry_point(command: str, module: str) -> None:
 
 
 def test_dynoctl_launcher_starts_python_directly(tmp_path: Path) -> None:
-    """The interpreter of the venv, isolated (-I) and without the site module (-S), with the
-    venv's site-packages on its path; run as a script, it runs the entry point's main."""
+    """Debian's python3 (the venv's interpreter; lintian wants its own path), isolated (-I)
+    and without the site module (-S), with the venv's site-packages on its path; run as a
+    script, it runs the entry point's main."""
     assert _installs()["/usr/bin/dynoctl"] == "packaging/bin/dynoctl"
     launcher = PKG / "bin" / "dynoctl"
     assert os.access(launcher, os.X_OK)
     text = launcher.read_text()
-    assert text.splitlines()[0] == f"#!{VENV}/bin/python3 -IS"
+    assert text.splitlines()[0] == "#!/usr/bin/python3 -IS"
     _assert_entry_point("dynoctl", "agent.cli.dynoctl")
     # Run by this interpreter as the package would run it, with VENV pointing at a venv
     # whose site-packages holds a stand-in `agent.cli.dynoctl` that reports what it sees.
