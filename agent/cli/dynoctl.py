@@ -4,16 +4,16 @@ It imports no aiohttp and nothing of the daemon: a CLI that operators type all d
 fast, so it speaks HTTP/1.1 with the standard library's http.client over AF_UNIX. What only some
 commands need (http.client, which `run` and `exec` never use: they go straight to the attach
 socket; urllib, datetime, shlex, termios, and the spec module, which brings dataclasses) is
-imported when first used, and typing not at all; the usual forms of `run` are read without
-argparse (`_quick_run_args`): `dynoctl run` is a start path too. Run as a command, it leaves
-without the interpreter's teardown (`leave`).
+imported when first used, and typing and os not at all (posix has what it needs); the usual
+forms of `run` are read without argparse (`_quick_run_args`): `dynoctl run` is a start path
+too. Run as a command, it leaves without the interpreter's teardown (`leave`).
 """
 
 from __future__ import annotations
 
 import _socket
 import codecs
-import os
+import posix
 import select
 import sys
 import time
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 else:
     # The C modules under signal and socket: the Python ones wrap their constants in enums,
     # some 10 ms of imports each at a `dynoctl run`'s start. `_socket` has stubs of its own.
+    # Likewise posix for os, which would bring collections.abc and posixpath (~2.5 ms).
     import _signal
 
 DEFAULT_SOCKET = "/run/dynoagent/dynoagent.sock"
@@ -41,6 +42,12 @@ TOP_INTERVAL_S = 2.0
 STREAM_READ_BYTES = 256 * 1024
 ONE_OFF_TYPES = ("run", "release")  # shown apart, as `heroku ps` shows one-off dynos
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def getenv(name: str) -> str | None:
+    """os.environ.get(name) without os: posix.environ holds bytes, decoded as os decodes them."""
+    value = posix.environ.get(name.encode())
+    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
 
 
 class CtlError(Exception):
@@ -594,11 +601,11 @@ SOCKET_READ_BYTES = 256 * 1024
 
 
 def _terminal_env(tty_session: bool) -> dict[str, str]:
-    env = {key: os.environ[key] for key in TERMINAL_ENV if key in os.environ}
-    if os.isatty(1) and not tty_session:
+    env = {key: value for key in TERMINAL_ENV if (value := getenv(key)) is not None}
+    if posix.isatty(1) and not tty_session:
         # A pty in the dyno knows its size (and follows the terminal's); fixed COLUMNS and
         # LINES would override it in most programs.
-        size = os.get_terminal_size(1)
+        size = posix.get_terminal_size(1)
         env.update(COLUMNS=str(size.columns), LINES=str(size.lines))
     return env
 
@@ -606,7 +613,7 @@ def _terminal_env(tty_session: bool) -> dict[str, str]:
 def _wants_tty() -> bool:
     """A pty in the dyno when we talk to a terminal both ways (as `docker exec -it`); with a
     pipe or file on either side, bytes pass unchanged through pipes."""
-    return os.isatty(0) and os.isatty(1)
+    return posix.isatty(0) and posix.isatty(1)
 
 
 def _attach_socket(client: Client) -> str:
@@ -619,12 +626,14 @@ def _attach_socket(client: Client) -> str:
 
 def attach_path_of(socket_path: str) -> str:
     """Where the agent binds its attach socket: next to the operator socket, `x.sock` →
-    `x.attach.sock` (agent.api.attach.attach_path, without pathlib, which is slow to import)."""
-    directory, name = os.path.split(socket_path)
-    stem, suffix = os.path.splitext(name)
-    if suffix == ".":  # pathlib's suffix of `x.` is empty
-        stem, suffix = name, ""
-    return os.path.join(directory, f"{stem}.attach{suffix or '.sock'}")
+    `x.attach.sock` (agent.api.attach.attach_path, without pathlib or os.path, which are slow
+    to import)."""
+    directory, slash, name = socket_path.rpartition("/")
+    dot = name.rfind(".")
+    # The suffix as pathlib reads it: none for a name that starts with its only dot, nor for
+    # one that ends with a dot.
+    stem, suffix = (name[:dot], name[dot:]) if 0 < dot < len(name) - 1 else (name, "")
+    return f"{directory}{slash}{stem}.attach{suffix or '.sock'}"
 
 
 def _attach_connect(client: Client) -> tuple[_socket.socket, str]:
@@ -660,7 +669,7 @@ def attach(client: Client, request: dict[str, Any],
         request = {**request, "v": wire.VERSION, "tty": tty_session, "detached": detached,
                    "env": _terminal_env(tty_session)}
         if tty_session:
-            size = os.get_terminal_size(1)
+            size = posix.get_terminal_size(1)
             request["window"] = [size.lines, size.columns]
         # Whatever we buffered must reach the terminal before the command's output.
         sys.stdout.flush()
@@ -680,7 +689,7 @@ def _ignore(_signum: int, _frame: object) -> None:
 
 def _stdin_open() -> bool:
     try:
-        os.fstat(0)
+        posix.fstat(0)
     except OSError:
         return False
     return True
@@ -690,7 +699,7 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(fd, view):]
+            view = view[posix.write(fd, view):]
         except BlockingIOError:
             select.select([], [fd], [])  # a terminal someone left non-blocking
 
@@ -757,7 +766,7 @@ class _Session:
             self._send(wire.encode(wire.SIGNAL, b"INT"))
         elif signum == _signal.SIGWINCH and self.tty:
             try:
-                size = os.get_terminal_size(1)
+                size = posix.get_terminal_size(1)
             except OSError:
                 return None
             self._send(wire.window(size.lines, size.columns))
@@ -815,7 +824,7 @@ class _Session:
 
     def _on_stdin(self) -> int | None:
         try:
-            data = os.read(0, min(self.credit, wire.MAX_PAYLOAD))
+            data = posix.read(0, min(self.credit, wire.MAX_PAYLOAD))
         except OSError:
             data = b""  # a terminal that hung up: as good as the end of input
         if self.tty and LEAVE_BYTE in data:
@@ -868,7 +877,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         if args.detached:
             print(line)
             print(f"Run dynoctl logs -t -d {message.get('name')} to view the output.")
-        elif os.isatty(2):
+        elif posix.isatty(2):
             print(line, file=sys.stderr, flush=True)
 
     return attach(client, request, started, detached=args.detached)
@@ -879,7 +888,7 @@ def cmd_exec(client: Client, args: argparse.Namespace) -> int:
     request = {"op": "exec", "dyno": args.dyno, "app": args.app, "argv": argv or ["/bin/sh"]}
 
     def started(message: dict[str, Any]) -> None:
-        if os.isatty(2):
+        if posix.isatty(2):
             print(f"Entering {message.get('name')}...", file=sys.stderr, flush=True)
 
     return attach(client, request, started)
@@ -1035,7 +1044,7 @@ def leave(code: int) -> None:
                 stream.flush()
     except (OSError, ValueError):
         return
-    os._exit(code & 0xFF)  # as sys.exit(code) would
+    posix._exit(code & 0xFF)  # as sys.exit(code) would
 
 
 # `dynoctl run`'s options that take a value, read without argparse (_quick_run_args).
@@ -1092,7 +1101,7 @@ def _main(argv: list[str] | None) -> int:
             args = _parser().parse_args(argv)
         except SystemExit as exc:  # argparse: usage error (2) or --help (0)
             return exc.code if isinstance(exc.code, int) else 2
-    path = args.socket or os.environ.get("DYNOAGENT_SOCKET") or DEFAULT_SOCKET
+    path = args.socket or getenv("DYNOAGENT_SOCKET") or DEFAULT_SOCKET
     try:
         code: int = args.func(Client(path), args)
     except CtlError as exc:
@@ -1122,6 +1131,8 @@ def text_lines(chunks: Iterable[bytes]) -> Iterator[str]:
 def drop_stdout() -> None:
     """Point stdout at /dev/null once its reader has gone, so that Python does not complain
     at exit about output it cannot flush."""
+    import os
+
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

@@ -171,23 +171,26 @@ def _scripted_attach_agent(path: Path, status: int) -> threading.Thread:
 
 def test_the_attach_path_is_the_agents(tmp_path: Path) -> None:
     for name in ("/run/dynoagent/dynoagent.sock", "api.sock", "a/b.c.sock", "/x", "/a/x.",
-                 ".sock", "rel/api"):
-        assert ctl.attach_path_of(name) == str(attach_path(Path(name))), name
+                 ".sock", "rel/api", "..sock", "/a/..b.", "a//b.sock", "/x.sock", "/.d/x.y.",
+                 "./a.sock"):
+        # The same file (pathlib drops doubled slashes and `.` parts).
+        assert Path(ctl.attach_path_of(name)) == attach_path(Path(name)), name
 
 
 def test_run_needs_no_request_to_the_operator_api(tmp_path: Path) -> None:
     """Nothing listens on the operator socket: `run` goes straight to the attach socket
     next to it, and imports neither http.client, nor argparse for its usual options, nor
     what agent.sizes brings (dataclasses, typing) to spell the size, nor json (and re), nor
-    the enums of socket and signal, nor contextlib."""
+    the enums of socket and signal, nor contextlib, nor os. Started as its launcher starts
+    it: without the site module, which would import os itself."""
     agent = _scripted_attach_agent(tmp_path / "api.attach.sock", 7)
-    probe = ("import sys\nfrom agent.cli import dynoctl\n"
+    probe = (f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom agent.cli import dynoctl\n"
              f"code = dynoctl.main(['--socket', {str(tmp_path / 'api.sock')!r}, 'run', '--',"
              " 'true'])\n"
              "print(sorted({'http.client', 'agent.sizes', 'dataclasses', 'typing', 'argparse',"
-             " 'json', 're', 'socket', 'signal', 'contextlib', 'enum'}"
+             " 'json', 're', 'socket', 'signal', 'contextlib', 'enum', 'os', 'posixpath'}"
              " & set(sys.modules)), file=sys.stderr)\nsys.exit(code)\n")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-IS", "-c", probe], cwd=REPO, capture_output=True,
                           stdin=subprocess.DEVNULL, timeout=30, check=False)
     agent.join(10)
     assert (done.returncode, done.stdout, done.stderr) == (7, b"out\n", b"[]\n")
