@@ -307,6 +307,13 @@ class HostNetwork:
         """The space's bridge with its gateway address, created on first use."""
         return self._run("ensure-space", lambda: self._ensure_space(space_id)[0])
 
+    def known_space(self, space_id: str) -> Space | None:
+        """The space as `ensure_space` last made or found it, without the trip to the network
+        thread (one dict read, safe from any thread); None when it is not known (never
+        ensured, or dropped since): ask `ensure_space` then."""
+        cached = self._spaces.get(space_id)
+        return None if cached is None else cached[0]
+
     def spaces(self) -> list[Space]:
         """Every space that holds a subnet (whether or not its bridge exists right now)."""
         result = []

@@ -305,3 +305,19 @@ def test_rendered_overlay_ruleset_passes_nft_check(fleet: Fleet) -> None:
     lonely = FirewallSpec(table="dt_check", spaces=spec.spaces, overlay_port=PORT)
     done = fleet.hosts[0].run("nft", "-c", "-f", "-", input=render(lonely), check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_known_space_follows_the_gateway(fleet: Fleet) -> None:
+    """known_space (read without the network thread) never names a gateway the space has
+    left: the one ensure_space gives, nothing once the coordinator moved the space or it
+    was removed, until ensure_space has looked again."""
+    net = fleet.nets[0]
+    assert net.known_space("alpha") is None
+    local = net.ensure_space("alpha")
+    assert net.known_space("alpha") == local
+    moved = _configure(fleet, 0, "alpha", ALPHA, 17)
+    assert moved.gateway != local.gateway
+    assert net.known_space("alpha") in (None, moved)
+    assert net.ensure_space("alpha") == moved and net.known_space("alpha") == moved
+    net.remove_space("alpha")
+    assert net.known_space("alpha") is None
