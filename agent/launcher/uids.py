@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from agent.atomicfile import exchange_in
 from agent.launcher.errors import UidAllocationError
 
 log = logging.getLogger(__name__)
@@ -542,27 +543,19 @@ class UidAllocator:
         return table
 
     def _store(self, table: Table) -> None:
-        # One name for every writer: only the holder of the registry's lock writes it, and an
-        # agent killed mid-write leaves a file the next writer truncates, not one per pid
-        # piling up in /run.
-        tmp = f"{self.path}.tmp"
+        # One spare for every writer: only the holder of the registry's lock writes it, and
+        # an agent killed mid-write leaves a spare the next writer truncates, not one file per
+        # pid piling up in /run. Written over and exchanged with the registry, it holds the
+        # previous version (atomicfile.exchange_in: no inode allocated or freed per write).
+        # No fsync: the exchange keeps a crashed writer from leaving half a registry, and
+        # after a power loss the registry is of an earlier boot, hence ignored.
+        spare = f"{self.path}.tmp"
         # Kept as parse() would read it back: in the file's order.
         table = replace(table, entries=dict(sorted(table.entries.items())))
         data = dump(table, next(self._writes), self._fragments)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                left = memoryview(data)
-                while left:
-                    left = left[os.write(fd, left):]
-                # No fsync: the rename keeps a crashed writer from leaving half a registry,
-                # and after a power loss the registry is of an earlier boot, hence ignored.
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            exchange_in(self.path, spare, data)
         except OSError as e:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
             raise UidAllocationError(f"cannot write the uid registry: {e.strerror}", self.path,
                                      e.errno) from e
         self._known = data, table

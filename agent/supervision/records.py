@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent.atomicfile import exchange_in
 from agent.sizes import Size
 from agent.spec import DynoSpec, parse_spec
 from agent.supervision.policy import Intent
@@ -157,18 +158,19 @@ class RecordStore:
         self.write(record.id, encode(record))
 
     def write(self, dyno_id: str, data: bytes) -> None:
-        """`save` of a record already encoded."""
+        """`save` of a record already encoded: a spare copy beside it (`.<id>.json.tmp`, the
+        previous version) is overwritten and exchanged with it (atomicfile.exchange_in)."""
         path = self._path(dyno_id)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        exchange_in(str(path), str(self._spare(path)), data)
 
     def delete(self, dyno_id: str) -> None:
-        self._path(dyno_id).unlink(missing_ok=True)
+        path = self._path(dyno_id)
+        path.unlink(missing_ok=True)
+        self._spare(path).unlink(missing_ok=True)
+
+    @staticmethod
+    def _spare(path: Path) -> Path:
+        return path.with_name(f".{path.name}.tmp")
 
     def load_all(self) -> Iterator[Stored]:
         for path in sorted(self.dir.glob("*.json")):

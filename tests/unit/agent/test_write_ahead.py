@@ -258,3 +258,25 @@ async def test_a_stop_asked_during_a_restart_is_a_stop_on_disk_too(tmp_path: Pat
         assert h.supervisor.dynos[dyno_id].state is DynoState.DOWN
     finally:
         await h.supervisor.detach_all()
+
+
+def test_a_record_is_rewritten_over_its_spare_and_deleted_with_it(tmp_path: Path) -> None:
+    """A record is written over its spare copy and exchanged with it: from the second write
+    on the same two inodes, the spare holding the version before, which a restarted agent
+    never loads; a delete removes both."""
+    store = RecordStore(tmp_path)
+    path, spare = store.dir / "w1.json", store.dir / ".w1.json.tmp"
+    record = {"spec": {"id": "w1", "app": "a", "name": "worker.1"}, "state": "starting"}
+    store.write("w1", json.dumps(record).encode())
+    store.write("w1", json.dumps({**record, "state": "up"}).encode())
+    inodes = {path.stat().st_ino, spare.stat().st_ino}
+    for state in ("down", "starting", "up"):
+        before = path.read_bytes()
+        store.write("w1", json.dumps({**record, "state": state}).encode())
+        assert {path.stat().st_ino, spare.stat().st_ino} == inodes
+        assert spare.read_bytes() == before
+        assert json.loads(path.read_bytes())["state"] == state
+    assert spare.stat().st_mode & 0o777 == 0o600
+    assert [(s.id, s.state) for s in store.load_all()] == [("w1", "up")]
+    store.delete("w1")
+    assert sorted(p.name for p in store.dir.iterdir()) == []

@@ -272,12 +272,25 @@ def test_a_registry_of_an_earlier_boot_starts_afresh(host: Host) -> None:
     assert after.allocations() == {"y": 500}
 
 
-def test_writes_leave_no_temp_files_and_keep_the_registry_private(host: Host) -> None:
+def test_writes_leave_one_private_spare_and_keep_the_registry_private(host: Host) -> None:
+    """Each write goes over the spare and exchanges it with the registry: the same two
+    inodes from the second write on, the spare holding the version before."""
     alloc = host.agent("a")
-    for i in range(5):
+    alloc.allocate("d0")
+    alloc.allocate("d1")
+    spare = host.registry.with_name("registry.json.tmp")
+    inodes = {host.registry.stat().st_ino, spare.stat().st_ino}
+    before = host.registry.read_bytes()
+    for i in range(2, 5):
         alloc.allocate(f"d{i}")
-    assert sorted(os.listdir(host.registry.parent)) == ["registry.json", "registry.lock"]
+        assert {host.registry.stat().st_ino, spare.stat().st_ino} == inodes
+        assert spare.read_bytes() == before
+        before = host.registry.read_bytes()
+    assert sorted(os.listdir(host.registry.parent)) == [
+        "registry.json", "registry.json.tmp", "registry.lock"]
+    assert alloc.allocations().keys() == {f"d{i}" for i in range(5)}
     assert host.registry.stat().st_mode & 0o777 == 0o600
+    assert spare.stat().st_mode & 0o777 == 0o600
     assert host.registry.parent.stat().st_mode & 0o777 == 0o700
 
 
@@ -288,7 +301,9 @@ def test_a_writer_killed_mid_write_leaves_nothing_behind_the_next_write(host: Ho
     alloc.allocate("d0")
     (host.registry.parent / "registry.json.tmp").write_bytes(b'{"version": 1, "boot')
     alloc.allocate("d1")
-    assert sorted(os.listdir(host.registry.parent)) == ["registry.json", "registry.lock"]
+    # The half-written spare was written over (it now holds the version before).
+    assert sorted(os.listdir(host.registry.parent)) == [
+        "registry.json", "registry.json.tmp", "registry.lock"]
     assert alloc.allocations().keys() == {"d0", "d1"}
 
 
