@@ -625,8 +625,13 @@ class Daemon:
         if swept:
             log.warning("removed %d build workspaces left by an agent that stopped mid-build",
                         len(swept))
-        restored = supervisor.restore(held, moved_uids)
-        await self._sweep(restored)
+        # Restored dynos resume at once, but none places itself before the sweep is over.
+        runtime.hold_placements()
+        try:
+            restored = supervisor.restore(held, moved_uids)
+            await self._sweep(restored)
+        finally:
+            runtime.release_placements()
         await names.start()
         self._tasks.spawn(self._pump_holder_events(), "holder-events")
         # Build dynos of an agent that died mid-build: nobody waits for their slug any more.

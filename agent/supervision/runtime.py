@@ -226,6 +226,8 @@ class HostRuntime:
         # Namespace deletions under way (30-45 ms in the kernel, off the critical path): a
         # dyno placed again under the same id waits for its old namespace to be gone.
         self._teardowns: dict[str, concurrent.futures.Future[None]] = {}
+        # Closed (by the daemon) while its start-up sweep runs: see hold_placements.
+        self._placements_open: asyncio.Event | None = None
         # Dynos being unplaced in the background (unplace_later), by id.
         self._unplacing: dict[str, asyncio.Future[None]] = {}
         self._uid_releasing: dict[str, asyncio.Future[None]] = {}
@@ -311,8 +313,22 @@ class HostRuntime:
             raise DynoStartError(f"Error: the dyno could not be placed: "
                                  f"{type(exc).__name__}: {exc}") from None
 
+    def hold_placements(self) -> None:
+        """No placement begins until `release_placements`. An agent starting up closes this
+        while it sweeps what no record owns: a restored dyno whose last agent died while
+        placing it would otherwise race the sweep, finding its namespace still there (and
+        crashing), or having the one it just made swept."""
+        self._placements_open = asyncio.Event()
+
+    def release_placements(self) -> None:
+        if self._placements_open is not None:
+            self._placements_open.set()
+            self._placements_open = None
+
     async def _place(self, spec: DynoSpec, timings: dict[str, float]) -> Placement:
         mark = time.perf_counter()
+        if self._placements_open is not None:
+            await self._placements_open.wait()
         # The same id deleted a moment ago: its uid, cgroup and directory go first.
         await self.unplaced(spec.id)
         async with contextlib.AsyncExitStack() as undo:

@@ -113,3 +113,23 @@ async def test_a_failed_step_undoes_the_others(tmp_path: Path) -> None:
     assert steps.removed == [cgroup_rel("a", "w1")]
     assert not await asyncio.to_thread(os.path.exists, tmp_path / "run" / "dynos" / "w1")
     assert steps.destroyed == []  # the namespace itself was never made
+
+
+async def test_no_placement_begins_while_placements_are_held(tmp_path: Path) -> None:
+    """The daemon holds placements while its start-up sweep runs: a restored dyno's start
+    waits, and goes on once they are released."""
+    steps = _Steps()
+    runtime = _runtime(tmp_path, steps)
+    reached: list[str] = []
+
+    def slug_and_stack(spec: Any) -> tuple[Any, None]:
+        reached.append(spec.id)
+        return spec.release.slug, None
+    runtime._slug_and_stack = slug_and_stack  # type: ignore[method-assign]
+    runtime.hold_placements()
+    placing = asyncio.ensure_future(runtime.place(SPEC))
+    await asyncio.sleep(0.05)
+    assert reached == [] and not placing.done()
+    runtime.release_placements()
+    placement = await asyncio.wait_for(placing, WAIT_S)
+    assert reached == ["w1"] and placement.uid == 500
