@@ -43,7 +43,7 @@ def exchange_in(path: str, spare: str, data: bytes, mode: int = 0o600) -> None:
     names are exchanged (renameat2 RENAME_EXCHANGE), so `spare` then holds the version
     `path` had. A plain temporary file renamed over `path` frees an inode per write; on an
     ext4 without a journal each new inode is then checked against those freed in the last
-    seconds, which made file creation most of the agent's kernel time in a burst of starts.
+    seconds, which made file creation ~40 % of the agent's kernel time in a burst of starts.
     No fsync. The first write, and a filesystem without the exchange, rename as before.
     Raises OSError."""
     fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
