@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from netns import entries
 from netns.errors import AddressError, PoolExhaustedError, StateLockedError
 from netns.names import check_id
 
@@ -23,6 +24,7 @@ DEFAULT_POOL = IPv4Network("172.20.0.0/14")
 IPAM_DIR = "ipam"
 SPACES_FILE = "spaces.json"
 LOCK_FILE = "lock"
+ANCHOR_FILE = "entry"  # every member file is a hard link to it (netns.entries)
 _FORMAT_VERSION = 1
 _SEP = "@"  # member file name: "<address>@<owner>"; owners never contain '@'
 
@@ -403,7 +405,7 @@ class AddressBook:
 
     def _create(self, path: Path) -> None:
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            entries.add(self.root / ANCHOR_FILE, path, exclusive=True)
         except OSError as exc:
             raise AddressError("cannot write record", operation="assign", path=path,
                                errno=exc.errno) from exc

@@ -8,7 +8,7 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,23 +79,29 @@ def netlink_socket_in(path: Path) -> socket.socket:
                              socket.NETLINK_ROUTE)
 
 
-def write_sysctl_in(path: Path, key: str, value: str) -> None:
-    """Write `/proc/sys/<key>` (e.g. `net/ipv4/conf/default/arp_notify`) as the namespace at
-    `path` sees it: a net sysctl file belongs to the namespace of the thread that opens it."""
-    sysctl = Path("/proc/sys") / key
-    with entered(path):
-        try:
-            fd = os.open(sysctl, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise NamespaceError("cannot open sysctl", operation="sysctl", path=sysctl,
-                                 errno=exc.errno) from exc
+def write_sysctls_in(path: Path, settings: Mapping[str, str]) -> None:
+    """Write each `/proc/sys/<key>` of `settings` (e.g. `net/ipv4/conf/default/arp_notify`)
+    as the namespace at `path` sees it: a net sysctl file belongs to the namespace of the
+    thread that opens it. The namespace is entered once for all of them."""
+    fds: list[tuple[Path, int, str]] = []
     try:
-        os.write(fd, value.encode())
-    except OSError as exc:
-        raise NamespaceError("cannot write sysctl", operation="sysctl", path=sysctl,
-                             errno=exc.errno) from exc
+        with entered(path):
+            for key, value in settings.items():
+                sysctl = Path("/proc/sys") / key
+                try:
+                    fds.append((sysctl, os.open(sysctl, os.O_WRONLY | os.O_CLOEXEC), value))
+                except OSError as exc:
+                    raise NamespaceError("cannot open sysctl", operation="sysctl",
+                                         path=sysctl, errno=exc.errno) from exc
+        for sysctl, fd, value in fds:
+            try:
+                os.write(fd, value.encode())
+            except OSError as exc:
+                raise NamespaceError("cannot write sysctl", operation="sysctl", path=sysctl,
+                                     errno=exc.errno) from exc
     finally:
-        os.close(fd)
+        for _, fd, _ in fds:
+            os.close(fd)
 
 
 def namespace_id(path: Path) -> int:

@@ -39,7 +39,10 @@ IFLA_MTU = 4
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
+IFLA_AF_SPEC = 26
 IFLA_NET_NS_FD = 28
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
@@ -153,6 +156,17 @@ def set_alias(name: str, alias: str) -> Request:
     IFLA_IFALIAS when it creates a link, so this is a request of its own."""
     body = _ifinfo() + _string(IFLA_IFNAME, name) + _string(IFLA_IFALIAS, alias)
     return Request(RTM_NEWLINK, _SET, body, "set-alias", name)
+
+
+def set_no_ipv6_address(name: str) -> Request:
+    """The link called `name` never makes itself an IPv6 address (addrgenmode none): no
+    link-local, so no duplicate-address probe, router solicitation or MLD report when it
+    comes up. The kernel refuses this on a link it is creating, so it is a request of its
+    own, made before the link has a carrier."""
+    mode = _attr(socket.AF_INET6,
+                 _attr(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE])))
+    body = _ifinfo() + _string(IFLA_IFNAME, name) + _attr(IFLA_AF_SPEC, mode)
+    return Request(RTM_NEWLINK, _SET, body, "set-addrgenmode", name)
 
 
 def set_mac(index: int, name: str, address: str) -> Request:

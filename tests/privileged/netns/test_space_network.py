@@ -8,6 +8,7 @@ import errno
 import os
 import struct
 import subprocess
+import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.privileged.netns.helpers import (
 )
 from tests.support.names import unique
 from tests.support.testhost import Netns, TestHost
+from tests.support.wait import wait_for
 
 BLOCKED_TCP_PORT = 7071
 SERVICE_PORT = 8080
@@ -116,6 +118,36 @@ def test_attach_is_idempotent_and_repairs(net: HostNetwork, host: TestHost) -> N
     assert repaired.address == first.address
     other, _ = _dyno(net, "alpha")
     assert ping(other, str(first.address.ip))
+
+
+def test_dyno_links_make_no_ipv6_address(net: HostNetwork, host: TestHost) -> None:
+    """Spaces carry IPv4 only: neither end of a dyno's veth pair makes a link-local address
+    (and so sends no probe, solicitation or MLD report over the bridge); lo keeps ::1."""
+    dyno, _ = _dyno(net, "alpha")
+    _, peer_ip = _dyno(net, "alpha")
+    host_if = net.attach("alpha", dyno.name).host_ifname
+    # The pair's carrier comes up asynchronously, and with it any link-local address.
+    wait_for(lambda: "LOWER_UP" in dyno.run("ip", "-o", "link", "show", "eth0").stdout
+             and "LOWER_UP" in host.run("ip", "-o", "link", "show", host_if).stdout,
+             5, what="veth carrier")
+    time.sleep(0.2)
+    assert dyno.run("ip", "-o", "-6", "addr", "show", "dev", "eth0").stdout == ""
+    assert host.run("ip", "-o", "-6", "addr", "show", "dev", host_if).stdout == ""
+    assert "inet6 ::1/128" in dyno.run("ip", "-o", "-6", "addr", "show", "dev", "lo").stdout
+    assert ping(dyno, peer_ip)
+
+
+def test_namespace_markers_are_links_to_one_anchor(net: HostNetwork) -> None:
+    names = [unique("dt", 8) for _ in range(3)]
+    for name in names:
+        net.create_namespace(name)
+    markers = [net.config.state_dir / "namespaces" / n for n in names]
+    anchor = net.config.state_dir / "namespace-marker"
+    assert {m.stat().st_ino for m in markers} == {anchor.stat().st_ino}
+    assert set(net.namespaces()) >= set(names)
+    net.delete_namespace(names[0])
+    assert not markers[0].exists() and anchor.stat().st_nlink == 3
+    assert names[0] not in net.namespaces()
 
 
 def test_sweep_removes_only_what_is_not_live(net: HostNetwork, host: TestHost) -> None:

@@ -76,6 +76,16 @@ def test_link_up_by_name() -> None:
         "090003006574683000000000")
 
 
+def test_no_ipv6_address_by_name() -> None:
+    # RTM_NEWLINK, request + ack; IFLA_IFNAME "eth0"; IFLA_AF_SPEC { AF_INET6 {
+    # IFLA_INET6_ADDR_GEN_MODE: u8 1 (none) } }, as `ip link set eth0 addrgenmode none`.
+    request = rt.set_no_ipv6_address("eth0")
+    assert (request.operation, request.interface) == ("set-addrgenmode", "eth0")
+    assert rt.encode([request], 1).hex() == (
+        "3c000000100005000100000000000000" "00000000000000000000000000000000"
+        "090003006574683000000000" "10001a000c000a000500080001000000")
+
+
 def test_bad_mac_refused() -> None:
     with pytest.raises(ValueError):
         rt.set_mac(2, "eth0", "02:81:9c:7e:07")
