@@ -3,6 +3,7 @@ exhaustion, corruption and the single-owner lock."""
 
 from __future__ import annotations
 
+import os
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -186,3 +187,28 @@ def test_local_lease_avoids_host_networks(tmp_path: Path) -> None:
     lease = book.lease_space("a", avoid=[IPv4Network("10.10.0.0/23")])
     assert lease.subnet == IPv4Network("10.10.2.0/24")
     book.close()
+
+
+def test_only_changes_of_the_spaces_are_fsynced(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    book = AddressBook(tmp_path, POOL)  # durable
+    book.lease_space("a")
+    assert synced, "a new space is on disk before lease_space returns"
+    synced.clear()
+    book.assign("a", "n1")
+    book.assign("a", "n2")
+    book.release("a", "n1")
+    assert synced == [], "addresses die with their namespaces at a reboot: never fsynced"
+    book.close()
+    again = AddressBook(tmp_path, POOL)
+    assert again.address_of("a", "n2") == IPv4Interface("10.10.0.3/24")
+    assert again.address_of("a", "n1") is None
+    again.close()
