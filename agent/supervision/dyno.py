@@ -505,7 +505,9 @@ class Dyno:
     async def _begin_watch(self, placement: Placement, adopted: bool) -> watch.Watch:
         record = self.record
         clock = self.clock
-        stats = await self.runtime.stats_async(placement)
+        # The counters alone, on the loop: a start needs no full statistics (memory.stat's
+        # flush, pressure, cpu.stat of every hierarchy) and no thread hop.
+        stats = self.runtime.counters(placement)
         oom_now = (stats.oom_kill_events or 0) if stats is not None else 0
         wall = clock.wall()
         if not adopted or record.launched_at is None:

@@ -254,6 +254,19 @@ async def test_an_exit_is_decided_without_waiting_for_a_thread(h: Harness) -> No
     assert (crashed["reason"], crashed["exit_status"]) == ("crash", 1)
 
 
+async def test_a_start_reads_its_oom_base_without_a_thread(h: Harness) -> None:
+    """The OOM-kill count a watch starts from comes from the counters, read on the loop: a
+    start waits for no thread (nor for full statistics)."""
+    never = asyncio.Event()
+
+    async def thread_hop(*_args: object) -> Any:
+        await never.wait()
+
+    h.runtime.stats_async = thread_hop  # type: ignore[method-assign,assignment]
+    dyno_id = await h.create("worker.1")
+    await h.state(dyno_id, "up")
+
+
 def _agent_texts(h: Harness, name: str) -> list[str]:
     """The agent's lines about a dyno including `Process running mem=`, without metrics."""
     return [line.text for line in h.hub.tail(dyno=name)
