@@ -61,9 +61,9 @@ class SlugRoots:
         A path that does not exist (yet) is resolved as far as it exists; the dyno's start
         reports it missing, and resolves and checks it again then.
         """
-        real = os.path.realpath(path)
-        roots = [os.path.realpath(root) for root in self.roots]
-        protected = [(os.path.realpath(where), where, what) for where, what in self.protected]
+        real = real_path(path)
+        roots = [real_path(root) for root in self.roots]
+        protected = [(real_path(where), where, what) for where, what in self.protected]
         for target, where, what in protected:
             if _within(target, real):
                 raise SlugPathRefused(f"{_shown(path)} would show {what} ({where}) "
@@ -82,6 +82,27 @@ class SlugRoots:
                     for root in roots):
                 raise SlugPathRefused(f"{_shown(path)} lies inside {what} ({where})")
         return real
+
+
+def real_path(path: str) -> str:
+    """`os.path.realpath(path)`, resolved by the kernel in one go where the path exists: an
+    O_PATH open follows every symlink and `..` as any later open would, and /proc names
+    where it ended. realpath itself, a Python loop of one lstat per component, cost a start
+    about 0.5 ms for the dozen paths of a check. A path that does not exist (or a kernel
+    answer that is no plain path) is left to realpath, which resolves it as far as it
+    exists."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        where = ""
+    finally:
+        os.close(fd)
+    return where if where.startswith("/") and not where.endswith(" (deleted)") \
+        else os.path.realpath(path)
 
 
 def _shown(path: str) -> str:

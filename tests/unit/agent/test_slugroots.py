@@ -3,13 +3,14 @@ reaching its state, run_dir, socket or the directories every agent keeps state i
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.config import Config
-from agent.slugs.roots import SlugPathRefused, SlugRoots
+from agent.slugs.roots import SlugPathRefused, SlugRoots, real_path
 
 
 @pytest.fixture
@@ -157,3 +158,33 @@ def test_the_config_key_takes_a_list_of_absolute_paths() -> None:
                          "absolute path"), ([1], r"slug_roots\[0\]: must be a path string")):
         with pytest.raises(ConfigError, match=message):
             from_mapping({"slug_roots": bad})
+
+
+def test_real_path_is_realpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's resolution gives what os.path.realpath gives: symlinks (relative,
+    absolute, chained, to directories and files), `..` after a symlink, trailing slashes,
+    relative paths, and paths that exist only in part."""
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "e" / "f").write_text("")
+    (tmp_path / "up").symlink_to("d/e")
+    (tmp_path / "abs").symlink_to(tmp_path / "up")
+    (tmp_path / "file").symlink_to(tmp_path / "d" / "e" / "f")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    monkeypatch.chdir(tmp_path / "d")
+    cases = ["abs", "abs/", "abs/f", "up/..", "up/../..", "file", "dangling", "dangling/y",
+             "missing/a/../b", "e/f", ".", "..", "/", "//", "abs/f/"]
+    for case in cases:
+        for path in (case, str(tmp_path / case)):
+            assert real_path(path) == os.path.realpath(path), path
+
+
+def test_real_path_walks_in_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+
+    def refuse(path: str) -> str:
+        raise AssertionError("an existing path must not be walked in Python")
+
+    monkeypatch.setattr(os.path, "realpath", refuse)
+    assert real_path(str(tmp_path / "link")) == str(tmp_path / "a")
