@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import dns.asyncquery
 import dns.flags
@@ -21,6 +22,7 @@ import dns.rrset
 import pytest
 
 from agent.discovery import Member, ResolverError, SpaceResolver
+from agent.discovery import server as server_module
 from agent.discovery.server import read_upstreams
 
 PORT = 10053
@@ -162,6 +164,34 @@ async def test_a_space_answers_its_names_with_a_short_ttl(net: str, upstream: Fa
         assert addresses(app) == ["10.64.1.2", "10.64.1.3", "10.64.2.2"]
         assert upstream.queries == []
         assert server.counters.answered == 3
+
+
+async def test_names_are_worked_out_once_at_the_first_query_after_a_change(
+        net: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of starts sets a space's members every loop turn; the names are built when
+    asked for, from the latest members, once until the next change."""
+    built: list[int] = []
+    real = server_module.records
+
+    def counted(found: Any) -> Any:
+        built.append(1)
+        return real(found)
+
+    monkeypatch.setattr(server_module, "records", counted)
+    async with resolver(upstream) as server:
+        server.set_members("alpha", members("alpha", ALPHA[0]))  # before the space is bound
+        await server.add_space("alpha", IPv4Address(net + "1"))
+        for n in range(1, 21):
+            server.set_members("alpha", members("alpha", *[
+                (f"web.{i}", f"10.64.1.{i + 1}", "up") for i in range(1, n + 1)]))
+        assert built == []
+        first = await ask(net + "1", "web.alpha.app.localspace")
+        assert len(addresses(first)) == 20
+        assert addresses(await ask(net + "1", "20.web.alpha.app.localspace")) == ["10.64.1.21"]
+        assert len(built) == 1
+        server.set_members("alpha", members("alpha", ALPHA[0]))
+        assert addresses(await ask(net + "1", "web.alpha.app.localspace")) == ["10.64.1.2"]
+        assert len(built) == 2
 
 
 async def test_aaaa_is_empty_and_unknown_names_are_nxdomain(net: str, upstream: FakeUpstream,
