@@ -21,9 +21,9 @@ def _ms(samples: list[float]) -> str:
            f"{statistics.quantiles(samples, n=10)[-1]:6.2f} ms"
 
 
-def _library(host: TestHost, state_dir: Path, durable: bool) -> tuple[list[float], list[float]]:
+def _library(host: TestHost, state_dir: Path) -> tuple[list[float], list[float]]:
     config = HostNetworkConfig(state_dir=state_dir, link_prefix="dtb", table="dt_bench",
-                               host_netns=host.path, durable_state=durable)
+                               host_netns=host.path)
     create: list[float] = []
     destroy: list[float] = []
     with HostNetwork(config) as net:
@@ -79,13 +79,11 @@ def _ip_commands(host: TestHost) -> list[float]:
 
 def main() -> None:
     with new_test_host("dt") as host, tempfile.TemporaryDirectory() as tmp:
-        lib, lib_destroy = _library(host, Path(tmp) / "durable", durable=True)
-        lib_fast, _ = _library(host, Path(tmp) / "volatile", durable=False)
+        lib, lib_destroy = _library(host, Path(tmp) / "state")  # durable, as deployed
         ip = _ip_commands(host)
     ratio = statistics.median(ip) / statistics.median(lib)
     print(f"create namespace + attach to space, {ROUNDS} rounds each (goal <= 5 ms):")
-    print(f"  netns.HostNetwork (fsync'd IPAM)  {_ms(lib)}")
-    print(f"  netns.HostNetwork (no fsync)      {_ms(lib_fast)}")
+    print(f"  netns.HostNetwork                 {_ms(lib)}")
     print(f"  ip commands (8 processes)         {_ms(ip)}")
     print(f"  ratio ip / library                {ratio:6.1f}x")
     print(f"destroy (veth + namespace), 20 rounds: {_ms(lib_destroy)}")

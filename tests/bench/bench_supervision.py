@@ -28,6 +28,8 @@ from tests.support.bench import (
     KERNEL_FIELDS,
     ApiProbe,
     close_stream,
+    cpu_ticks,
+    cpu_use,
     kernel_kib,
     percentile,
     seq_pipe_rate,
@@ -140,6 +142,7 @@ def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, fl
     latencies: list[float] = []
     probe = ApiProbe(agent)
     try:
+        ticks = cpu_ticks()
         started = time.monotonic()
 
         def create(n: int) -> str:
@@ -152,6 +155,7 @@ def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, fl
             ids = list(pool.map(create, range(1, DYNOS + 1)))
         accepted_s = time.monotonic() - started
         wait_for(lambda: counter.all_up(ids), 300, interval_s=0.05, what=f"{DYNOS} dynos up")
+        cpu = cpu_use(ticks, cpu_ticks())
         all_up_s = max(counter.up_at[i] for i in ids) - started
         ups = sorted(counter.up_at[i] - started for i in ids)
     finally:
@@ -159,7 +163,8 @@ def _start_200(agent: AgentProcess, slug: Path) -> tuple[list[str], dict[str, fl
         counter.close()
     return ids, {"accepted_s": accepted_s, "all_up_s": all_up_s,
                  "info_median_ms": statistics.median(info_ms), "info_max_ms": max(info_ms),
-                 "median_up_s": statistics.median(ups),
+                 "median_up_s": statistics.median(ups), "cpu_busy_pct": cpu["busy"],
+                 "cpu_steal_pct": cpu["steal"],
                  "median_request_ms": statistics.median(latencies) * 1e3}
 
 
@@ -444,6 +449,8 @@ def main() -> None:
           f"(median request {start['median_request_ms']:.0f} ms)")
     print(f"  all {DYNOS} up                      {start['all_up_s']:7.2f} s  "
           f"(median dyno up at {start['median_up_s']:.2f} s)")
+    print(f"  the host's CPUs meanwhile: {start['cpu_busy_pct']:.0f} % busy, "
+          f"{start['cpu_steal_pct']:.0f} % taken by the hypervisor (steal)")
     print(f"  GET /v1/info meanwhile (every 50 ms): median {start['info_median_ms']:.1f} ms, "
           f"max {start['info_max_ms']:.0f} ms")
     print(f"  peer: {DYNOS} bare `unshare` sandboxes {peer_start_s:7.2f} s  "

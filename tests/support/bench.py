@@ -101,6 +101,23 @@ KERNEL_FIELDS = ("SUnreclaim", "SReclaimable", "KernelStack", "PageTables", "Per
 MEMINFO_FIELDS = (*KERNEL_FIELDS, "AnonPages", "Shmem", "MemAvailable")
 
 
+def cpu_ticks() -> list[int]:
+    """The host's CPU time by kind so far (/proc/stat's first line: user, nice, system,
+    idle, iowait, irq, softirq, steal), in clock ticks."""
+    with open("/proc/stat") as f:
+        return [int(field) for field in f.readline().split()[1:9]]
+
+
+def cpu_use(before: list[int], after: list[int]) -> dict[str, float]:
+    """How the host's CPUs spent the time between two `cpu_ticks()`, in % of it: `busy`
+    (anything run here), `idle` (idle and iowait), `steal` (taken by the hypervisor for
+    other guests: a figure timed meanwhile is slowed by it)."""
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(d) or 1
+    return {"busy": 100 * (d[0] + d[1] + d[2] + d[5] + d[6]) / total,
+            "idle": 100 * (d[3] + d[4]) / total, "steal": 100 * d[7] / total}
+
+
 def meminfo_kib() -> dict[str, int]:
     """MEMINFO_FIELDS from /proc/meminfo, in KiB."""
     values: dict[str, int] = {}
