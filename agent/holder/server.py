@@ -717,10 +717,20 @@ class Holder:
             launched: LaunchOutcome = stop.value
             self._launching_pids.pop(pending.wait.pid, None)
             pidfd, pending.pidfd = pending.pidfd, -1
+            failed: Exception | None = None
             if launched.pid != pending.wait.pid:
-                os.close(pidfd)  # not the child this launch ended with: cannot be
-                outcome = RequestFailed(f"launch returned pid {launched.pid}, "
-                                        f"not its child {pending.wait.pid}")
+                # A child forked again in this very step (after one the kernel killed at
+                # birth) whose report was whole at its first read, so no Wait named it.
+                # Nothing reaps between its fork and here (reaping waits for the loop), so a
+                # pidfd taken now holds it even if it has exited.
+                os.close(pidfd)
+                try:
+                    pidfd = os.pidfd_open(launched.pid)
+                except OSError as exc:
+                    failed = RequestFailed(f"launch returned pid {launched.pid}, not a child "
+                                           f"of this launch ({exc.strerror})")
+            if failed is not None:
+                outcome = failed
             else:
                 try:
                     outcome = self._launched(pending.dyno_id, launched, pending.pipe_r, pidfd,

@@ -7,7 +7,10 @@ Launch params: argv, env as the plain backend, and
   ends (so the test decides what the holder sees first: the report or the exit);
 - timeout_s: the launch's deadline (default 10);
 - refork: a first child that dies at once is waited for in a step of its own, and the
-  command forked after it (as the launcher does when the kernel kills a child at birth).
+  command forked after it (as the launcher does when the kernel kills a child at birth);
+- unseen: with refork, the first child lives 50 ms (so a step waits on it) and the command's
+  report is read whole in the step that forks it (it exec'd before its first read): no
+  step names the command's child.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ class GatedBackend(PlainBackend):
         env = {str(k): str(v) for k, v in params.get("env", [])}
         gate = params.get("gate")
         deadline = time.monotonic() + float(params.get("timeout_s", 10))
+        unseen = bool(params.get("unseen"))
         if params.get("refork"):
-            yield from _born_dead(deadline)
+            yield from _born_dead(deadline, 0.05 if unseen else 0.0)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -55,6 +59,9 @@ class GatedBackend(PlainBackend):
         pidfd = os.pidfd_open(pid)
         start_time = proc_start_time(pid)
         try:
+            if unseen:
+                while os.read(read_fd, 4096):  # blocking: until the exec closes it
+                    pass
             os.set_blocking(read_fd, False)
             yield from _until_eof(read_fd, deadline, pid)
             resume = params.get("resume")
@@ -78,10 +85,11 @@ class GatedBackend(PlainBackend):
         return LaunchOutcome(pid, start_time, {"gated": 0.0})
 
 
-def _born_dead(deadline: float) -> Steps[None]:
+def _born_dead(deadline: float, lives_s: float) -> Steps[None]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
+        time.sleep(lives_s)
         os._exit(0)
     os.close(write_fd)
     try:

@@ -173,3 +173,18 @@ async def test_a_child_forked_in_a_later_step_still_has_its_stdio(
     events = await collect(client, lambda got: bool(exits_of(got)))
     assert lines_of(events, "d-refork") == [b"got from stdin"]
     assert [e.status for e in exits_of(events)] == [0]
+
+
+async def test_a_child_no_step_named_is_held_all_the_same(
+        gated: tuple[HolderClient, Path]) -> None:
+    """The child forked again after one killed at birth may have exec'd before its report
+    is first read: the launch ends in the step that forked it, and no step named it. The
+    holder still holds it (it failed such a launch: "launch returned pid N, not its child
+    M", and a dyno crashed for it)."""
+    client, _tmp = gated
+    launched = await client.launch(_params("d-unseen", "echo unseen", refork=True,
+                                           unseen=True))
+    os.close(launched.pidfd)
+    events = await collect(client, lambda got: bool(exits_of(got)))
+    assert lines_of(events, "d-unseen") == [b"unseen"]
+    assert [e.status for e in exits_of(events)] == [0]
