@@ -240,9 +240,13 @@ class Supervisor:
             changed = uid is not None and record.placement is not None
             if uid is not None and record.placement is not None:
                 record = replace(record, placement=replace(record.placement, uid=uid, gid=uid))
-            if record.pid is None:
+            if record.pid is None and record.placement is not None:
                 # The agent died after the holder launched the process but before the record
                 # said so: that process is the dyno, adopt it rather than launch a second one.
+                # Not when the placement was not recorded either (the record is written in
+                # the background, and a launch can come first): nothing of the process's
+                # cgroup and namespace is known then, the start-up sweep removes them (and
+                # the process with them), and the dyno is placed and launched anew.
                 orphans = [p for p in unclaimed.values()
                            if p.dyno_id == record.id and p.running]
                 if len(orphans) == 1:

@@ -134,6 +134,31 @@ async def test_processes_no_holder_follows_are_ended_before_a_launch_beside_them
         await second.supervisor.detach_all()
 
 
+@pytest.mark.asyncio(loop_factories=[VIRTUAL_TIME])
+async def test_a_process_launched_before_its_placement_was_recorded_is_not_adopted(
+        tmp_path: Path) -> None:
+    """The agent died after the holder launched the process but before even the placement
+    was on disk (records are written in the background): there is nothing to supervise it
+    with, so it is left to the start-up sweep, and the dyno starts anew (it was adopted
+    without a placement, and its supervision failed on that for ever)."""
+    first, dyno_id, orphan = await _up_under_a_first_agent(tmp_path)
+    await first.supervisor.detach_all()
+    stored = next(r for r in first.records.load_all() if r.id == dyno_id)
+    first.records.save(replace(stored.parse(first.supervisor.config.sizes), pid=None,
+                               start_time=None, placement=None, state=DynoState.STARTING))
+
+    second = await virtual_harness(tmp_path)
+    second.runtime._pids = itertools.count(orphan + 1000)
+    try:
+        second.supervisor.restore([_held(dyno_id, orphan)])
+        status = await second.state(dyno_id, "up")
+        assert second.runtime.launches == [dyno_id]
+        assert status["pid"] != orphan
+        assert second.supervisor.dynos[dyno_id].placement is not None
+    finally:
+        await second.supervisor.detach_all()
+
+
 class _SlowStore(RecordStore):
     """Writes that take a while, on the writer's thread."""
 
