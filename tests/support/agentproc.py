@@ -241,13 +241,19 @@ class AgentProcess:
                     if holder_socket in (entry / "cmdline").read_bytes():
                         found.append(f"holder pid {entry.name}")
                         os.kill(int(entry.name), signal.SIGKILL)
+        namespaces: set[str] = set()
         for record in (self.base / "state" / "dynos").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                netns = json.loads(record.read_text())["placement"]["netns"]
-                if (Path("/run/netns") / netns).exists():
-                    found.append(f"netns {netns}")
-                    subprocess.run(["ip", "netns", "del", netns], check=False,
-                                   capture_output=True, timeout=30)
+                namespaces.add(json.loads(record.read_text())["placement"]["netns"])
+        # And those made before their dyno's placement was on disk (an agent ended mid-start):
+        # the agent marks every namespace it makes in its state directory first.
+        with contextlib.suppress(OSError):
+            namespaces.update(os.listdir(self.base / "state" / "network" / "namespaces"))
+        for netns in sorted(namespaces):
+            if (Path("/run/netns") / netns).exists():
+                found.append(f"netns {netns}")
+                subprocess.run(["ip", "netns", "del", netns], check=False,
+                               capture_output=True, timeout=30)
         root = self.settings["cgroup_root"]
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             top = hierarchy / root
