@@ -505,13 +505,20 @@ class Fuzzer:
         self.known.add(spec["id"])
         other = {**spec, "command": "sleep 700"}
         dyno_id = spec["id"]
+        # A desired set names each dyno once (app and name): the live dynos' new specs get
+        # names of their own (random ones can clash: CI met a set refused for it).
+        synced = [gen.valid_spec(self.rng, i, "fz", self.slug) for i in sorted(self.live)[:2]]
+        taken = {spec["name"]}
+        for body in synced:
+            while body["name"] in taken:
+                body["name"] = gen.valid_spec(self.rng, body["id"], "fz", self.slug)["name"]
+            taken.add(body["name"])
         moves = [("dyno.start", spec), ("dyno.start", other), ("dyno.stop", {"id": dyno_id}),
                  ("dyno.restart", {"id": dyno_id}),
                  ("dyno.signal", {"id": dyno_id, "signal": self.rng.choice(
                      ("USR1", "KILL", "TERM", *gen.UNICODE_NUMBERS))}),
                  ("dynos.sync", {"generation": self.next_generation(),
-                                 "dynos": [gen.valid_spec(self.rng, i, "fz", self.slug)
-                                           for i in sorted(self.live)[:2]] + [spec]}),
+                                 "dynos": [*synced, spec]}),
                  ("dynos.sync", {"generation": self.next_generation(), "dynos": []}),
                  ("agent.drain", {}), ("agent.drain", {"stop": True}), ("agent.info", {})]
         chosen = [self.rng.choice(moves) for _ in range(self.rng.randrange(4, 14))]
