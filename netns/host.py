@@ -69,9 +69,17 @@ _IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 # carries IPv4 only (the firewall drops IPv6 from space bridges). Left on, every new link
 # made a link-local address, probed it, solicited routers and sent MLD reports over the
 # bridge, each through the bridge's netfilter hooks: about an eighth of the host's CPU in a
-# burst of 200 starts.
-_INNER_DEFAULTS = {"net/ipv4/conf/default/arp_notify": "1",
-                   "net/ipv6/conf/default/disable_ipv6": "1"}
+# burst of 200 starts. On a kernel without IPv6 (booted with ipv6.disable=1) neither this
+# nor the host end's `addrgenmode none` exists, nor is needed.
+_ARP_NOTIFY = {"net/ipv4/conf/default/arp_notify": "1"}
+_NO_IPV6 = {"net/ipv6/conf/default/disable_ipv6": "1"}
+
+
+def host_has_ipv6() -> bool:
+    """Whether this kernel has IPv6 at all (its sysctls exist only then)."""
+    return os.path.isdir("/proc/sys/net/ipv6")
+
+
 # IPv4 VXLAN: inner Ethernet 14 + VXLAN 8 + UDP 8 + outer IPv4 20.
 VXLAN_OVERHEAD = 50
 _VNI_MAX = (1 << 24) - 1
@@ -223,6 +231,7 @@ class HostNetwork:
         self._markers = config.state_dir / _MARKERS
         self._marker_anchor = config.state_dir / _MARKER_ANCHOR
         self._markers.mkdir(parents=True, exist_ok=True)
+        self._ipv6 = host_has_ipv6()
         self._book = AddressBook(config.state_dir, config.pool, durable=config.durable_state)
         self._nft = Nft()
         self._spaces: dict[str, tuple[Space, int]] = {}
@@ -746,7 +755,7 @@ class HostNetwork:
             # it and look at what is there only when the kernel says EEXIST.
             try:
                 self._wire(raw, inner, path, host_if, alias, bridge_index, address,
-                           space.gateway.ip, mac, space.mtu)
+                           space.gateway.ip, mac, space.mtu, self._ipv6)
                 self._forget_neighbour(raw, space.bridge, bridge_index, address.ip)
                 return attachment
             except BaseException as exc:
@@ -763,7 +772,7 @@ class HostNetwork:
             rtnl.delete_link(host_if)  # half-made or moved: rebuild from scratch
             try:
                 self._wire(raw, inner, path, host_if, alias, bridge_index, address,
-                           space.gateway.ip, mac, space.mtu)
+                           space.gateway.ip, mac, space.mtu, self._ipv6)
                 self._forget_neighbour(raw, space.bridge, bridge_index, address.ip)
             except BaseException:
                 self._undo_attach(rtnl, space_id, namespace, host_if, had_address)
@@ -786,12 +795,12 @@ class HostNetwork:
     @staticmethod
     def _wire(host: RtnlSocket, inner: RtnlSocket, path: Path, host_if: str, alias: str,
               bridge_index: int, address: IPv4Interface, gateway: IPv4Address,
-              mac: str, mtu: int | None) -> None:
+              mac: str, mtu: int | None, ipv6: bool) -> None:
         # Each batch goes out only once the one before was acknowledged: the kernel runs a
         # batch to its end whatever fails in it, and everything after the veth is undone
         # with it (`_undo_attach`), but nothing may follow a failed veth (EEXIST: someone
         # else's link, or one `_attach` still has to look at).
-        write_sysctls_in(path, _INNER_DEFAULTS)
+        write_sysctls_in(path, {**_ARP_NOTIFY, **_NO_IPV6} if ipv6 else _ARP_NOTIFY)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -804,7 +813,8 @@ class HostNetwork:
             os.close(fd)
         # The host end is a bridge port and needs no IPv6 address either; set before the
         # inner end is up, that is before the pair has a carrier and would make one.
-        host.run([rtnlbatch.set_alias(host_if, alias), rtnlbatch.set_no_ipv6_address(host_if)])
+        host.run([rtnlbatch.set_alias(host_if, alias),
+                  *([rtnlbatch.set_no_ipv6_address(host_if)] if ipv6 else [])])
         # veth honours a requested peer ifindex only when the host end's index is given
         # too, so the inside index has to be asked for.
         # Up first (by name, in the same trip): the bridge enables the new port only once

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from netns import HostNetwork, LinkError, render, rtnlbatch
+from netns import HostNetwork, HostNetworkConfig, LinkError, render, rtnlbatch
+from netns import host as host_module
 from netns.firewall import FirewallSpec, SpaceRules
 from tests.privileged.netns.helpers import (
     ALLOWED_TCP_PORT,
@@ -135,6 +136,28 @@ def test_dyno_links_make_no_ipv6_address(net: HostNetwork, host: TestHost) -> No
     assert host.run("ip", "-o", "-6", "addr", "show", "dev", host_if).stdout == ""
     assert "inet6 ::1/128" in dyno.run("ip", "-o", "-6", "addr", "show", "dev", "lo").stdout
     assert ping(dyno, peer_ip)
+
+
+def test_a_kernel_without_ipv6_is_wired_all_the_same(host: TestHost, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Booted with ipv6.disable=1 there is no IPv6 sysctl to write nor address mode to set:
+    the attach leaves both out (here, where IPv6 is there, the links then make their
+    link-local addresses as before)."""
+    monkeypatch.setattr(host_module, "host_has_ipv6", lambda: False)
+    config = HostNetworkConfig(state_dir=tmp_path / "state", link_prefix=LINK_PREFIX,
+                               table=TABLE, host_netns=host.path, durable_state=False)
+    net = HostNetwork(config)
+    try:
+        dyno, _ = _dyno(net, "alpha")
+        _, peer_ip = _dyno(net, "alpha")
+        wait_for(lambda: "inet6 fe80" in dyno.run("ip", "-o", "-6", "addr", "show", "dev",
+                                                  "eth0").stdout, 5, what="a link-local")
+        assert ping(dyno, peer_ip)
+    finally:
+        try:
+            net.sweep((), ())
+        finally:
+            net.close()
 
 
 def test_namespace_markers_are_links_to_one_anchor(net: HostNetwork) -> None:
