@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 # Errors after which an entry is made as a file of its own: no hard links here (EPERM,
-# EOPNOTSUPP), or the anchor has as many as its filesystem allows (EMLINK).
+# EOPNOTSUPP), the entry's directory on another mount than the anchor (EXDEV), or the anchor
+# has as many links as its filesystem allows (EMLINK).
 _NO_LINK = frozenset({errno.EMLINK, errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV})
 
 
