@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from agent.holder.client import ExitEvent, HeldProcess, HolderClient, Launched, OutputEvent
+from typing import TYPE_CHECKING, Any
+
 from agent.holder.errors import (
     BadRequest,
     Conflict,
@@ -21,6 +22,22 @@ from agent.holder.errors import (
     RequestFailed,
 )
 from agent.holder.protocol import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from agent.holder.client import ExitEvent, HeldProcess, HolderClient, Launched, OutputEvent
+
+# The client is the daemon's (asyncio) side. The holder process imports this package too, and
+# every module it imports makes each of its forks dearer (more pages to copy and to fault), so
+# the client is loaded when one of its names is first asked for.
+_CLIENT_NAMES = frozenset(("ExitEvent", "HeldProcess", "HolderClient", "Launched", "OutputEvent"))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from agent.holder import client
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PROTOCOL_VERSION",
