@@ -9,6 +9,8 @@ Each watched group gets its own program, with its key written into it, so an eve
 its group whatever the process did since (a program attached once above every dyno could
 not tell them apart). A program only reports; it never changes what the socket does, and
 one that could not be attached (no cgroup v2, no BPF) leaves the caller with its probes.
+A program outlives a caller killed while it watched (it stays attached until its group is
+removed); watching the group again detaches it.
 
 Everything is plain syscalls through ctypes: bpf(2) to make the ring buffer, load and attach
 the program, and mmap(2) to read the ring buffer (one consumer, the caller's loop).
@@ -36,6 +38,9 @@ _BPF_MAP_CREATE = 0
 _BPF_PROG_LOAD = 5
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
+_BPF_PROG_GET_FD_BY_ID = 13
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_BPF_PROG_QUERY = 16
 _BPF_MAP_TYPE_RINGBUF = 27
 _BPF_PROG_TYPE_SOCK_OPS = 13
 _BPF_CGROUP_SOCK_OPS = 3
@@ -43,6 +48,10 @@ _BPF_F_ALLOW_MULTI = 2
 _BPF_SOCK_OPS_TCP_LISTEN_CB = 11
 _BPF_FUNC_RINGBUF_OUTPUT = 130
 _ATTR_BYTES = 128
+_NAME = b"dyno_listen"  # every listen program's name (at most 15 bytes)
+# struct bpf_prog_info: name (16 bytes) at 64; the kernel fills what fits.
+_INFO_NAME_OFFSET = 64
+_INFO_BYTES = 80
 
 # struct bpf_sock_ops: op at 0, local_port (host order) at 68.
 _OP_OFFSET = 0
@@ -96,6 +105,12 @@ _libc: ctypes.CDLL | None = None
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
+    return _bpf_out(cmd, attr)[0]
+
+
+def _bpf_out(cmd: int, attr: bytes) -> tuple[int, bytes]:
+    """bpf(2)'s result and the attributes as the kernel left them (some commands answer in
+    them)."""
     global _libc
     if _SYS_BPF is None:
         raise ListenWatchUnavailable(errno.ENOSYS, f"bpf(2) on {platform.machine()}")
@@ -106,7 +121,65 @@ def _bpf(cmd: int, attr: bytes) -> int:
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return result
+    return result, buf.raw
+
+
+def attached_listen_programs(group_fd: int) -> list[int]:
+    """fds on the listen programs (of any process: by name) attached to the cgroup v2 group
+    open as `group_fd`; the caller closes them."""
+    capacity = 64
+    while True:
+        ids = (ctypes.c_uint32 * capacity)()
+        attr = struct.pack("IIIIQI", group_fd, _BPF_CGROUP_SOCK_OPS, 0, 0,
+                           ctypes.addressof(ids), capacity)
+        try:
+            _result, out = _bpf_out(_BPF_PROG_QUERY, attr)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            capacity *= 4  # more attached than asked for: ask for all of them
+            continue
+        count = struct.unpack_from("I", out, 24)[0]
+        break
+    fds: list[int] = []
+    try:
+        for prog_id in ids[:count]:
+            try:
+                fd = _bpf(_BPF_PROG_GET_FD_BY_ID, struct.pack("III", prog_id, 0, 0))
+            except FileNotFoundError:
+                continue  # detached and freed since the query
+            info = ctypes.create_string_buffer(_INFO_BYTES)
+            _bpf(_BPF_OBJ_GET_INFO_BY_FD, struct.pack("IIQ", fd, _INFO_BYTES,
+                                                      ctypes.addressof(info)))
+            name = info.raw[_INFO_NAME_OFFSET:_INFO_NAME_OFFSET + 16].rstrip(b"\0")
+            if name == _NAME:
+                fds.append(fd)
+            else:
+                os.close(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _detach_left_behind(group_fd: int, unified_dir: str) -> None:
+    """Detach the listen programs an agent killed while its dyno booted left on the group:
+    the group is watched anew, and theirs would report to a ring buffer no one reads for as
+    long as the group lives. Best effort: the new watch works with or without it."""
+    try:
+        fds = attached_listen_programs(group_fd)
+    except OSError as exc:
+        log.debug("cannot list the listen programs on %s: %s", unified_dir, exc)
+        return
+    for fd in fds:
+        try:
+            _bpf(_BPF_PROG_DETACH, struct.pack("IIII", group_fd, fd, _BPF_CGROUP_SOCK_OPS, 0))
+            log.info("detached a listen program left on %s", unified_dir)
+        except OSError as exc:
+            log.debug("cannot detach a listen program from %s: %s", unified_dir, exc)
+        finally:
+            os.close(fd)
 
 
 class ListenWatch:
@@ -137,6 +210,7 @@ class ListenWatch:
         try:
             group_fd = os.open(unified_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
+                _detach_left_behind(group_fd, unified_dir)
                 _bpf(_BPF_PROG_ATTACH, struct.pack("IIII", group_fd, prog_fd,
                                                    _BPF_CGROUP_SOCK_OPS, _BPF_F_ALLOW_MULTI))
             except OSError:
@@ -176,7 +250,7 @@ class ListenWatch:
         code = _program(self._ring_fd, key)
         insns = ctypes.create_string_buffer(code, len(code))
         license_ = ctypes.create_string_buffer(b"GPL")
-        name = b"dyno_listen".ljust(16, b"\0")
+        name = _NAME.ljust(16, b"\0")
         attr = struct.pack("IIQQIIQII16s", _BPF_PROG_TYPE_SOCK_OPS, len(code) // 8,
                            ctypes.addressof(insns), ctypes.addressof(license_), 0, 0, 0, 0, 0,
                            name)

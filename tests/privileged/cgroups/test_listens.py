@@ -1,18 +1,24 @@
 """cgroups.listens on the real kernel: a process of a watched group that starts to listen is
 heard at once, with its port; other groups are not heard; a closed watch hears nothing more
-and leaves no program attached."""
+and leaves no program attached; a program left by a watcher that died is detached by the next
+watch of its group."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from cgroups import Limits, Tree
-from cgroups.listens import ListenWatch, ListenWatchUnavailable
+from cgroups.listens import ListenWatch, ListenWatchUnavailable, attached_listen_programs
 from tests.privileged.cgroups.conftest import spawn
+
+ROOT = Path(__file__).resolve().parents[3]
 
 # Listens on an ephemeral port after reading a line, prints the port, then waits.
 LISTENER = """\
@@ -95,3 +101,54 @@ async def test_watches_of_many_groups_tell_them_apart(tree: Tree) -> None:
     finally:
         for one in opened:
             one.close()
+
+
+# Attaches a watch to the group named in argv, says so, and dies without closing it, as an
+# agent killed while its web dyno booted does.
+WATCH_AND_DIE = """\
+import asyncio, os, sys
+from cgroups.listens import ListenWatch
+
+async def main():
+    ListenWatch().watch(sys.argv[1], lambda port: None)
+    print("attached", flush=True)
+    os._exit(0)
+
+asyncio.run(main())
+"""
+
+
+def _listen_programs(unified_dir: str) -> int:
+    fd = os.open(unified_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        programs = attached_listen_programs(fd)
+        for program in programs:
+            os.close(program)
+        return len(programs)
+    finally:
+        os.close(fd)
+
+
+async def test_a_program_left_by_a_killed_watcher_is_detached_by_the_next_watch(
+        tree: Tree) -> None:
+    rel = "app-l.slice/web-again.scope"
+    tree.create_group(rel, Limits(pids_max=20))
+    unified = _unified_dir(tree, rel)
+    dead = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", WATCH_AND_DIE, unified], capture_output=True,
+        text=True, timeout=30, check=False, cwd=ROOT)
+    if "attached" not in dead.stdout:
+        if "ListenWatchUnavailable" in dead.stderr:
+            pytest.skip(f"needs BPF sock_ops programs on cgroup v2 (CAP_BPF): {dead.stderr}")
+        pytest.fail(f"the watcher did not attach: {dead.stderr}")
+    assert _listen_programs(unified) == 1  # its watcher is gone; the program is not
+    heard: list[int] = []
+    listens = ListenWatch().watch(unified, heard.append)
+    try:
+        assert _listen_programs(unified) == 1  # this watch's own, and nothing else
+        port, _ = await _listen_in(tree, rel)
+        await asyncio.sleep(0.05)
+        assert heard == [port]
+    finally:
+        listens.close()
+    assert _listen_programs(unified) == 0
