@@ -43,6 +43,9 @@ _T = TypeVar("_T")
 
 REAPER = "/usr/bin/tini"
 BOOT_PROBE_TIMEOUT_S = 0.5
+# The placement's steps that run at the same time, in the order of their results (their
+# timings overlap: a start waits for the slowest, not for their sum).
+PLACED_AT_ONCE = ("uid", "dir", "cgroup", "netns")
 # Threads that free dynos' cgroups, users and runtime dirs: enough to overlap the kernel's
 # waits, few enough that a mass delete does not crowd the loop's thread out of the GIL.
 TEARDOWN_THREADS = 4
@@ -345,8 +348,8 @@ class HostRuntime:
                 _timed(self._place_uid(spec, undo)), _timed(self._place_dir(spec, undo)),
                 _timed(self._place_cgroup(spec, undo)), _timed(self._place_netns(spec, undo)),
                 return_exceptions=True)
-            for phase, result in (("uid", uid_r), ("dir", dir_r), ("cgroup", cgroup_r),
-                                  ("netns", netns_r)):
+            for phase, result in zip(PLACED_AT_ONCE, (uid_r, dir_r, cgroup_r, netns_r),
+                                     strict=True):
                 if not isinstance(result, BaseException):
                     timings[phase] = result[1]
             # The first failure is raised once every step has ended; the stack undoes what

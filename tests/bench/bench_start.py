@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.supervision.runtime import PLACED_AT_ONCE
 from tests.bench.bench_launch import _build_rootfs, _oci, _oci_bundle, _percentile
 from tests.support.agentproc import BIN, AgentProcess
 from tests.support.bench import close_stream, launch_bench_skipped
@@ -31,8 +32,6 @@ WARMUP = 3
 # The phases a dyno times, in the order they happen (agent/cli/dynoctl.py START_PHASES).
 PHASES = ("record", "queue", "slug", "uid", "dir", "cgroup", "netns", "prepare", "launch",
           "up", "run", "exit_event", "exit")
-# The placement's steps, made at once (agent/supervision/runtime.py HostRuntime._place).
-AT_ONCE = ("uid", "dir", "cgroup", "netns")
 
 
 class StateWatch:
@@ -203,9 +202,9 @@ def main() -> None:
     print("    " + ", ".join(f"{name} {ms:.2f}" for name, ms in top))
     # "up" overlaps "run" (the process runs while its state changes): not in the sum. The
     # placement's steps run at once: the slowest of each start counts.
-    serial = {name: ms for name, ms in top if name != "up" and name not in AT_ONCE}
+    serial = {name: ms for name, ms in top if name != "up" and name not in PLACED_AT_ONCE}
     serial["placement steps"] = statistics.median(
-        max(t.get(name, 0.0) for name in AT_ONCE) for t in ones.timings)
+        max(t.get(name, 0.0) for name in PLACED_AT_ONCE) for t in ones.timings)
     ours = statistics.median(results["API one-off `true` POST → complete"])
     launch = serial.get("launch", float("nan"))
     print(f"    sum of the medians but up's (of the placement's steps, the slowest): "
