@@ -149,8 +149,12 @@ def attached_listen_programs(group_fd: int) -> list[int]:
             except FileNotFoundError:
                 continue  # detached and freed since the query
             info = ctypes.create_string_buffer(_INFO_BYTES)
-            _bpf(_BPF_OBJ_GET_INFO_BY_FD, struct.pack("IIQ", fd, _INFO_BYTES,
-                                                      ctypes.addressof(info)))
+            try:
+                _bpf(_BPF_OBJ_GET_INFO_BY_FD, struct.pack("IIQ", fd, _INFO_BYTES,
+                                                          ctypes.addressof(info)))
+            except BaseException:
+                os.close(fd)
+                raise
             name = info.raw[_INFO_NAME_OFFSET:_INFO_NAME_OFFSET + 16].rstrip(b"\0")
             if name == _NAME:
                 fds.append(fd)

@@ -72,7 +72,7 @@ _IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 # burst of 200 starts. On a kernel without IPv6 (booted with ipv6.disable=1) neither this
 # nor the host end's `addrgenmode none` exists, nor is needed.
 _ARP_NOTIFY = {"net/ipv4/conf/default/arp_notify": "1"}
-_NO_IPV6 = {"net/ipv6/conf/default/disable_ipv6": "1"}
+_ARP_NOTIFY_NO_IPV6 = {**_ARP_NOTIFY, "net/ipv6/conf/default/disable_ipv6": "1"}
 
 
 def host_has_ipv6() -> bool:
@@ -800,7 +800,7 @@ class HostNetwork:
         # batch to its end whatever fails in it, and everything after the veth is undone
         # with it (`_undo_attach`), but nothing may follow a failed veth (EEXIST: someone
         # else's link, or one `_attach` still has to look at).
-        write_sysctls_in(path, {**_ARP_NOTIFY, **_NO_IPV6} if ipv6 else _ARP_NOTIFY)
+        write_sysctls_in(path, _ARP_NOTIFY_NO_IPV6 if ipv6 else _ARP_NOTIFY)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
